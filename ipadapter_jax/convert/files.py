@@ -1,0 +1,176 @@
+"""Reading and writing checkpoint files: diffusers/transformers model folders,
+``.safetensors`` (no torch needed) and ``.bin`` pickles (``torch.load`` with
+``weights_only=True``, only when torch is installed).
+
+Everything is returned as float32-castable numpy arrays keyed by the torch
+parameter name; nothing here knows about Flax.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or its contents do not fit what was asked of it."""
+
+
+FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def load_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
+    """Read ``folder/name`` as JSON, with errors that name the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a diffusers/transformers model folder holds {name} "
+                                "beside its weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+
+
+def find_weights(folder: str | os.PathLike, base_name: str, variant: str | None = None) -> list[Path]:
+    """Weight files of a model folder, preferring safetensors over .bin.
+
+    ``base_name`` is e.g. ``diffusion_pytorch_model`` (diffusers) or ``model``
+    (transformers); ``variant`` selects ``base_name.{variant}.safetensors``
+    (e.g. ``fp16``). Sharded checkpoints (``*.safetensors.index.json``) return
+    every shard.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"model folder not found: {folder}")
+    stem = f"{base_name}.{variant}" if variant else base_name
+    candidates = []
+    for ext in ("safetensors", "bin"):
+        index = folder / f"{stem}.{ext}.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (folder / s).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+            return [folder / s for s in shards]
+        single = folder / f"{stem}.{ext}"
+        if single.is_file():
+            return [single]
+        candidates.append(single.name)
+    present = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(f"no weights in {folder}: looked for {' or '.join(candidates)} "
+                            f"(and sharded .index.json forms); the folder holds {present}")
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    out = {}
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():
+                try:
+                    out[key] = f.get_tensor(key)
+                except TypeError:
+                    # numpy has no bfloat16; safetensors' numpy backend refuses it.
+                    out[key] = _read_raw_tensor(path, key)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+    return out
+
+
+_RAW_DTYPES = {"BF16": "bfloat16"}
+
+
+def _read_raw_tensor(path: Path, key: str) -> np.ndarray:
+    import ml_dtypes
+
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        entry = header[key]
+        name = _RAW_DTYPES.get(entry["dtype"])
+        if name is None:
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+        start, end = entry["data_offsets"]
+        f.seek(8 + n + start)
+        buf = f.read(end - start)
+    return np.frombuffer(buf, dtype=getattr(ml_dtypes, name)).reshape(entry["shape"])
+
+
+def _read_bin(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path} is a PyTorch pickle (.bin); reading it needs torch "
+                          "(pip install 'ipadapter-jax[torch]'), or convert it to .safetensors") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt/unsafe pickles
+        raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint: {e}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    return _flatten_torch(obj, str(path))
+
+
+def _flatten_torch(obj: dict, source: str, prefix: str = "") -> dict[str, np.ndarray]:
+    import torch
+
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten_torch(value, source, name + "."))
+        elif isinstance(value, torch.Tensor):
+            if value.dtype == torch.bfloat16:
+                value = value.float()
+            out[name] = value.numpy()
+        else:
+            raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, expected a tensor")
+    return out
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """One weights file -> {torch key: numpy array}. ``.bin`` nested dicts are
+    flattened with ``.`` (so ``{"image_proj": {"proj.weight": ...}}`` becomes
+    ``image_proj.proj.weight``, the safetensors layout)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
+    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
+        return _read_bin(path)
+    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or .bin")
+
+
+def read_weights(paths: list[Path]) -> dict[str, np.ndarray]:
+    state: dict[str, np.ndarray] = {}
+    for path in paths:
+        state.update(read_state_dict(path))
+    return state
+
+
+def save_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically (temp file + rename), so a crash never leaves half a file."""
+    from safetensors.numpy import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

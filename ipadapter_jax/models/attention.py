@@ -1,0 +1,92 @@
+"""Attention: the one attention function every model uses, and the
+diffusers-named ``Attention`` module (``to_q``/``to_k``/``to_v``/``to_out.0``).
+
+Layout convention: ``q`` is [batch, q_len, heads, head_dim], ``k``/``v`` are
+[batch, kv_len, heads, head_dim] (the layout of ``jax.nn.dot_product_attention``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.models import layers
+
+BACKENDS = ("xla", "jax")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
+                          mask: jax.Array | None = None, backend: str = "xla") -> jax.Array:
+    """softmax(q k^T * scale + mask) v, softmax in float32.
+
+    Args:
+      q, k, v: [B, L, H, D] arrays (k and v share their length).
+      scale: multiplier of the logits (usually ``head_dim ** -0.5``).
+      mask: optional boolean array broadcastable to [B, H, Lq, Lk]; True keeps.
+      backend: ``"xla"`` (plain einsum reference path, works everywhere) or
+        ``"jax"`` (``jax.nn.dot_product_attention``, which picks cuDNN flash
+        attention on GPUs where it can).
+    """
+    if backend == "jax":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    if backend != "xla":
+        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+class Attention(nnx.Module):
+    """Multi-head attention with diffusers' parameter names.
+
+    Covers the UNet's self/cross attention (bias-free q/k/v, biased ``to_out.0``)
+    and the VAE mid-block attention (biased q/k/v, a ``group_norm`` before it
+    and a residual connection around it, on NHWC feature maps).
+    """
+
+    def __init__(self, query_dim: int, *, heads: int, dim_head: int,
+                 cross_attention_dim: int | None = None, bias: bool = False,
+                 out_bias: bool = True, norm_num_groups: int | None = None,
+                 norm_eps: float = 1e-5, residual_connection: bool = False,
+                 dtype=jnp.float32, backend: str = "xla", rngs: nnx.Rngs):
+        inner = heads * dim_head
+        kv_dim = cross_attention_dim or query_dim
+        self.heads, self.dim_head = heads, dim_head
+        self.scale = dim_head ** -0.5
+        self.residual_connection = residual_connection
+        self.backend = backend
+        self.group_norm = (layers.group_norm(norm_num_groups, query_dim, eps=norm_eps, dtype=dtype, rngs=rngs)
+                           if norm_num_groups else None)
+        self.to_q = layers.linear(query_dim, inner, bias=bias, dtype=dtype, rngs=rngs)
+        self.to_k = layers.linear(kv_dim, inner, bias=bias, dtype=dtype, rngs=rngs)
+        self.to_v = layers.linear(kv_dim, inner, bias=bias, dtype=dtype, rngs=rngs)
+        # A list so that torch's ``to_out.0`` maps by name; ``to_out.1`` is Dropout.
+        self.to_out = nnx.List([layers.linear(inner, query_dim, bias=out_bias, dtype=dtype, rngs=rngs)])
+
+    def heads_split(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.heads, self.dim_head)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, C] tokens, or [B, H, W, C] feature maps (VAE); context:
+        [B, S, C_ctx] for cross-attention (None: self-attention)."""
+        residual = x
+        spatial_shape = x.shape if x.ndim == 4 else None
+        if self.group_norm is not None:
+            x = self.group_norm(x)
+        if spatial_shape is not None:
+            x = x.reshape(x.shape[0], -1, x.shape[-1])
+        context = x if context is None else context
+        q = self.heads_split(self.to_q(x))
+        k = self.heads_split(self.to_k(context))
+        v = self.heads_split(self.to_v(context))
+        h = dot_product_attention(q, k, v, scale=self.scale, mask=mask, backend=self.backend)
+        h = self.to_out[0](h.reshape(*h.shape[:2], -1))
+        if spatial_shape is not None:
+            h = h.reshape(spatial_shape)
+        if self.residual_connection:
+            h = h + residual
+        return h

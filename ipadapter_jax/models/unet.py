@@ -1,0 +1,445 @@
+"""UNet2DConditionModel (diffusers) in Flax NNX, NHWC.
+
+The module tree mirrors diffusers so checkpoint conversion is a rename:
+``down_blocks[i].attentions[j].transformer_blocks[k].attn2.to_k`` here is
+``down_blocks.i.attentions.j.transformer_blocks.k.attn2.to_k`` there.
+
+Covers the SD 1.x / 2.x family (CrossAttn/plain down and up blocks, the
+cross-attention mid block, linear or conv projections, per-block head counts,
+``scale_shift`` time conditioning). Config options outside that family raise a
+clear error; SDXL's ``addition_embed_type="text_time"`` slots in as an extra
+embedding added to ``emb`` in ``UNet2DConditionModel.time_conditioning``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ipadapter_jax.convert.pretrained import PretrainedMixin
+from ipadapter_jax.models import layers
+from ipadapter_jax.models.attention import Attention
+from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", None)
+
+
+# --------------------------------------------------------------------------- config
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """The fields of a diffusers ``unet/config.json`` this implementation reads.
+
+    Defaults are diffusers' defaults. ``from_dict`` rejects values this
+    implementation cannot compute, naming the key, instead of ignoring them.
+    """
+
+    sample_size: int | None = 64
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    only_cross_attention: Any = False
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: Any = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: Any = 1280
+    transformer_layers_per_block: Any = 1
+    attention_head_dim: Any = 8
+    num_attention_heads: Any = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    resnet_time_scale_shift: str = "default"
+    time_embedding_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    addition_embed_type: str | None = None
+
+    # Options with a single supported value here: (key, supported values).
+    _FIXED = {
+        "dual_cross_attention": (False, None),
+        "class_embed_type": (None,),
+        "num_class_embeds": (None,),
+        "encoder_hid_dim": (None,),
+        "encoder_hid_dim_type": (None,),
+        "time_embedding_type": ("positional",),
+        "time_embedding_act_fn": (None,),
+        "timestep_post_act": (None,),
+        "time_cond_proj_dim": (None,),
+        "attention_type": ("default",),
+        "cross_attention_norm": (None,),
+        "resnet_skip_time_act": (False,),
+        "resnet_out_scale_factor": (1.0, 1),
+        "mid_block_only_cross_attention": (None, False),
+        "class_embeddings_concat": (False,),
+        "reverse_transformer_layers_per_block": (None,),
+        "dropout": (0.0, 0),
+    }
+
+    @classmethod
+    def from_dict(cls, cfg: dict, source: str = "config") -> "UNetConfig":
+        for key, allowed in cls._FIXED.items():
+            if key in cfg and cfg[key] not in allowed:
+                raise NotImplementedError(f"{source}: {key}={cfg[key]!r} is not supported "
+                                          f"(supported: {allowed})")
+        if cfg.get("addition_embed_type") is not None:
+            raise NotImplementedError(f"{source}: addition_embed_type={cfg['addition_embed_type']!r} "
+                                      "(SDXL-style added conditioning) is not supported yet")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
+        config = cls(**kwargs)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        n = len(self.down_block_types)
+        for t in self.down_block_types:
+            if t not in DOWN_BLOCK_TYPES:
+                raise ValueError(f"{source}: unknown down block type {t!r}; supported: {DOWN_BLOCK_TYPES}")
+        for t in self.up_block_types:
+            if t not in UP_BLOCK_TYPES:
+                raise ValueError(f"{source}: unknown up block type {t!r}; supported: {UP_BLOCK_TYPES}")
+        if self.mid_block_type not in MID_BLOCK_TYPES:
+            raise ValueError(f"{source}: unknown mid block type {self.mid_block_type!r}; "
+                             f"supported: {MID_BLOCK_TYPES}")
+        if len(self.up_block_types) != n or len(self.block_out_channels) != n:
+            raise ValueError(f"{source}: down_block_types, up_block_types and block_out_channels "
+                             f"must have the same length, got {n}, {len(self.up_block_types)}, "
+                             f"{len(self.block_out_channels)}")
+        for key in ("only_cross_attention", "attention_head_dim", "num_attention_heads",
+                    "cross_attention_dim", "layers_per_block", "transformer_layers_per_block"):
+            value = getattr(self, key)
+            if isinstance(value, tuple) and len(value) != n:
+                raise ValueError(f"{source}: {key} has {len(value)} entries, expected one per block ({n})")
+            if isinstance(value, tuple) and any(isinstance(v, (tuple, list)) for v in value):
+                raise NotImplementedError(f"{source}: nested lists in {key} are not supported")
+
+    def per_block(self, key: str) -> tuple:
+        value = getattr(self, key)
+        return tuple(value) if isinstance(value, tuple) else (value,) * len(self.down_block_types)
+
+    @property
+    def heads(self) -> tuple:
+        # diffusers' historical naming: ``attention_head_dim`` holds the number
+        # of heads unless ``num_attention_heads`` is given.
+        value = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return tuple(value) if isinstance(value, tuple) else (value,) * len(self.down_block_types)
+
+
+# --------------------------------------------------------------------------- time embedding
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool,
+                       downscale_freq_shift: float, max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps -> [B, dim], float32."""
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+    args = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None]
+    sin, cos = jnp.sin(args), jnp.cos(args)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nnx.Module):
+    def __init__(self, in_channels: int, time_embed_dim: int, *, act_fn: str = "silu",
+                 dtype=jnp.float32, rngs: nnx.Rngs):
+        self.act = layers.activation(act_fn)
+        self.linear_1 = layers.linear(in_channels, time_embed_dim, dtype=dtype, rngs=rngs)
+        self.linear_2 = layers.linear(time_embed_dim, time_embed_dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+# --------------------------------------------------------------------------- transformer
+
+class GEGLU(nnx.Module):
+    def __init__(self, dim_in: int, dim_out: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.proj = layers.linear(dim_in, dim_out * 2, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x):
+        h, gate = jnp.split(self.proj(x), 2, axis=-1)
+        return h * layers.gelu(gate)
+
+
+class FeedForward(nnx.Module):
+    """``net.0`` GEGLU, ``net.1`` dropout (no params), ``net.2`` Linear."""
+
+    def __init__(self, dim: int, *, mult: int = 4, dtype=jnp.float32, rngs: nnx.Rngs):
+        inner = dim * mult
+        self.net = nnx.List([GEGLU(dim, inner, dtype=dtype, rngs=rngs), layers.Identity(),
+                             layers.linear(inner, dim, dtype=dtype, rngs=rngs)])
+
+    def __call__(self, x):
+        for layer in self.net:
+            x = layer(x)
+        return x
+
+
+class BasicTransformerBlock(nnx.Module):
+    """Pre-LN self-attention, cross-attention and GEGLU feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, *, cross_attention_dim: int,
+                 only_cross_attention: bool = False, dtype=jnp.float32, attention_backend: str = "xla",
+                 rngs: nnx.Rngs):
+        self.only_cross_attention = only_cross_attention
+        attn = dict(heads=heads, dim_head=dim_head, dtype=dtype, backend=attention_backend, rngs=rngs)
+        self.norm1 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None,
+                               **attn)
+        self.norm2 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.attn2 = Attention(dim, cross_attention_dim=cross_attention_dim, **attn)
+        self.norm3 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
+        self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
+        x = self.attn2(self.norm2(x), context) + x
+        return self.ff(self.norm3(x)) + x
+
+
+class Transformer2DModel(nnx.Module):
+    """GroupNorm -> proj_in -> transformer blocks over H*W tokens -> proj_out, residual."""
+
+    def __init__(self, heads: int, dim_head: int, in_channels: int, *, num_layers: int,
+                 cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool,
+                 only_cross_attention: bool, dtype=jnp.float32, attention_backend: str = "xla",
+                 rngs: nnx.Rngs):
+        inner = heads * dim_head
+        self.use_linear_projection = use_linear_projection
+        self.norm = layers.group_norm(norm_num_groups, in_channels, eps=1e-6, dtype=dtype, rngs=rngs)
+        if use_linear_projection:
+            self.proj_in = layers.linear(in_channels, inner, dtype=dtype, rngs=rngs)
+            self.proj_out = layers.linear(inner, in_channels, dtype=dtype, rngs=rngs)
+        else:
+            self.proj_in = layers.conv(in_channels, inner, 1, dtype=dtype, rngs=rngs)
+            self.proj_out = layers.conv(inner, in_channels, 1, dtype=dtype, rngs=rngs)
+        self.transformer_blocks = nnx.List([
+            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim=cross_attention_dim,
+                                  only_cross_attention=only_cross_attention, dtype=dtype,
+                                  attention_backend=attention_backend, rngs=rngs)
+            for _ in range(num_layers)])
+
+    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+        b, h, w, _ = x.shape
+        residual = x
+        x = self.norm(x)
+        # A 1x1 conv and a Linear are the same map on NHWC; only the key layout differs.
+        x = self.proj_in(x).reshape(b, h * w, -1)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        x = self.proj_out(x.reshape(b, h, w, -1))
+        return x + residual
+
+
+# --------------------------------------------------------------------------- blocks
+
+class DownBlock(nnx.Module):
+    """``DownBlock2D`` (no ``attentions``) and ``CrossAttnDownBlock2D``."""
+
+    def __init__(self, in_channels: int, out_channels: int, *, num_layers: int, has_attention: bool,
+                 add_downsample: bool, temb_channels: int, cfg: UNetConfig, heads: int,
+                 transformer_layers: int, cross_attention_dim: int, only_cross_attention: bool,
+                 dtype, attention_backend: str, rngs: nnx.Rngs):
+        self.resnets = nnx.List([
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels=temb_channels,
+                          groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
+                          time_embedding_norm=cfg.resnet_time_scale_shift, dtype=dtype, rngs=rngs)
+            for i in range(num_layers)])
+        self.attentions = nnx.List([
+            Transformer2DModel(heads, out_channels // heads, out_channels, num_layers=transformer_layers,
+                               cross_attention_dim=cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
+                               use_linear_projection=cfg.use_linear_projection,
+                               only_cross_attention=only_cross_attention, dtype=dtype,
+                               attention_backend=attention_backend, rngs=rngs)
+            for _ in range(num_layers)]) if has_attention else None
+        self.downsamplers = nnx.List([
+            Downsample2D(out_channels, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)
+        ]) if add_downsample else None
+
+    def __call__(self, x, temb, context):
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class UpBlock(nnx.Module):
+    """``UpBlock2D`` and ``CrossAttnUpBlock2D``: each resnet eats one skip."""
+
+    def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, *, num_layers: int,
+                 has_attention: bool, add_upsample: bool, temb_channels: int, cfg: UNetConfig, heads: int,
+                 transformer_layers: int, cross_attention_dim: int, only_cross_attention: bool,
+                 dtype, attention_backend: str, rngs: nnx.Rngs):
+        def resnet(i):
+            skip_channels = in_channels if i == num_layers - 1 else out_channels
+            res_in = prev_output_channels if i == 0 else out_channels
+            return ResnetBlock2D(res_in + skip_channels, out_channels, temb_channels=temb_channels,
+                                 groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
+                                 time_embedding_norm=cfg.resnet_time_scale_shift, dtype=dtype, rngs=rngs)
+
+        self.resnets = nnx.List([resnet(i) for i in range(num_layers)])
+        self.attentions = nnx.List([
+            Transformer2DModel(heads, out_channels // heads, out_channels, num_layers=transformer_layers,
+                               cross_attention_dim=cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
+                               use_linear_projection=cfg.use_linear_projection,
+                               only_cross_attention=only_cross_attention, dtype=dtype,
+                               attention_backend=attention_backend, rngs=rngs)
+            for _ in range(num_layers)]) if has_attention else None
+        self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
+
+    def __call__(self, x, skips, temb, context, upsample_size=None):
+        for i, resnet in enumerate(self.resnets):
+            x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
+            if self.attentions is not None:
+                x = self.attentions[i](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nnx.Module):
+    def __init__(self, channels: int, *, temb_channels: int, cfg: UNetConfig, heads: int,
+                 transformer_layers: int, cross_attention_dim: int, dtype, attention_backend: str,
+                 rngs: nnx.Rngs):
+        def resnet():
+            return ResnetBlock2D(channels, channels, temb_channels=temb_channels, groups=cfg.norm_num_groups,
+                                 eps=cfg.norm_eps, act_fn=cfg.act_fn,
+                                 time_embedding_norm=cfg.resnet_time_scale_shift,
+                                 output_scale_factor=cfg.mid_block_scale_factor, dtype=dtype, rngs=rngs)
+
+        self.resnets = nnx.List([resnet(), resnet()])
+        self.attentions = nnx.List([
+            Transformer2DModel(heads, channels // heads, channels, num_layers=transformer_layers,
+                               cross_attention_dim=cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
+                               use_linear_projection=cfg.use_linear_projection, only_cross_attention=False,
+                               dtype=dtype, attention_backend=attention_backend, rngs=rngs)])
+
+    def __call__(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+# --------------------------------------------------------------------------- model
+
+class UNet2DConditionModel(PretrainedMixin, nnx.Module):
+    """Conditional UNet: ``model(sample, timesteps, encoder_hidden_states)``.
+
+    Args of ``__call__``:
+      sample: [B, H, W, C] noisy latents (NHWC).
+      timesteps: scalar or [B] (int or float).
+      encoder_hidden_states: [B, S, cross_attention_dim] text tokens.
+    Returns the [B, H, W, out_channels] prediction (diffusers' ``.sample``).
+    """
+
+    weights_name = "diffusion_pytorch_model"
+
+    @classmethod
+    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options) -> "UNet2DConditionModel":
+        return cls(UNetConfig.from_dict(config, source="unet config"), rngs=rngs, **options)
+
+    def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, attention_backend: str = "xla",
+                 rngs: nnx.Rngs):
+        cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
+        self.config = cfg
+        self.config_json = json.dumps(dataclasses.asdict(cfg))
+        self.dtype = dtype
+        boc = cfg.block_out_channels
+        n = len(boc)
+        heads = cfg.heads
+        cross_dims = cfg.per_block("cross_attention_dim")
+        only_cross = cfg.per_block("only_cross_attention")
+        layers_per_block = cfg.per_block("layers_per_block")
+        transformer_layers = cfg.per_block("transformer_layers_per_block")
+        time_embed_dim = cfg.time_embedding_dim or boc[0] * 4
+        common = dict(cfg=cfg, temb_channels=time_embed_dim, dtype=dtype,
+                      attention_backend=attention_backend, rngs=rngs)
+
+        self.conv_in = layers.conv(cfg.in_channels, boc[0], cfg.conv_in_kernel,
+                                   padding=(cfg.conv_in_kernel - 1) // 2, dtype=dtype, rngs=rngs)
+        self.time_embedding = TimestepEmbedding(boc[0], time_embed_dim, act_fn=cfg.act_fn, dtype=dtype, rngs=rngs)
+
+        down = []
+        for i, block_type in enumerate(cfg.down_block_types):
+            down.append(DownBlock(boc[max(i - 1, 0)], boc[i], num_layers=layers_per_block[i],
+                                  has_attention=block_type.startswith("CrossAttn"), add_downsample=i < n - 1,
+                                  heads=heads[i], transformer_layers=transformer_layers[i],
+                                  cross_attention_dim=cross_dims[i], only_cross_attention=only_cross[i],
+                                  **common))
+        self.down_blocks = nnx.List(down)
+
+        self.mid_block = UNetMidBlock2DCrossAttn(
+            boc[-1], heads=heads[-1], transformer_layers=transformer_layers[-1],
+            cross_attention_dim=cross_dims[-1], **common) if cfg.mid_block_type else None
+
+        up = []
+        rev_boc, rev_heads = boc[::-1], heads[::-1]
+        rev_layers, rev_tl = layers_per_block[::-1], transformer_layers[::-1]
+        rev_cross, rev_only = cross_dims[::-1], only_cross[::-1]
+        for i, block_type in enumerate(cfg.up_block_types):
+            up.append(UpBlock(rev_boc[min(i + 1, n - 1)], rev_boc[max(i - 1, 0)], rev_boc[i],
+                              num_layers=rev_layers[i] + 1, has_attention=block_type.startswith("CrossAttn"),
+                              add_upsample=i < n - 1, heads=rev_heads[i], transformer_layers=rev_tl[i],
+                              cross_attention_dim=rev_cross[i], only_cross_attention=rev_only[i], **common))
+        self.up_blocks = nnx.List(up)
+
+        self.conv_norm_out = layers.group_norm(cfg.norm_num_groups, boc[0], eps=cfg.norm_eps, dtype=dtype,
+                                               rngs=rngs)
+        self.conv_out = layers.conv(boc[0], cfg.out_channels, cfg.conv_out_kernel,
+                                    padding=(cfg.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
+
+    def time_conditioning(self, timesteps: jax.Array, batch: int) -> jax.Array:
+        """Timesteps -> the ``emb`` every resnet receives ([B, time_embed_dim])."""
+        t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
+        t_emb = timestep_embedding(t, self.config.block_out_channels[0],
+                                   flip_sin_to_cos=self.config.flip_sin_to_cos,
+                                   downscale_freq_shift=self.config.freq_shift)
+        return self.time_embedding(t_emb.astype(self.dtype))
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+        cfg = self.config
+        if cfg.center_input_sample:
+            sample = 2 * sample - 1.0
+        sample = sample.astype(self.dtype)
+        context = encoder_hidden_states.astype(self.dtype)
+        emb = self.time_conditioning(timesteps, sample.shape[0])
+
+        x = self.conv_in(sample)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, context)
+            skips.extend(block_skips)
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, context)
+        for i, block in enumerate(self.up_blocks):
+            n_res = len(block.resnets)
+            block_skips, skips = skips[-n_res:], skips[:-n_res]
+            # Upsample to the next skip's size so odd latent sizes round as in diffusers.
+            size = skips[-1].shape[1:3] if skips and block.upsamplers is not None else None
+            x = block(x, block_skips, emb, context, upsample_size=size)
+        x = self.conv_out(layers.activation(cfg.act_fn)(self.conv_norm_out(x)))
+        return x.astype(jnp.float32)
