@@ -1,0 +1,10 @@
+"""Flax NNX models whose module trees mirror diffusers/transformers."""
+
+from ipadapter_jax.models.clip import (CLIPTextModel, CLIPTextModelWithProjection, CLIPTextOutput,
+                                       CLIPVisionModelWithProjection, CLIPVisionOutput)
+from ipadapter_jax.models.unet import UNet2DConditionModel, UNetConfig
+from ipadapter_jax.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
+
+__all__ = ["AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTextOutput",
+           "CLIPVisionModelWithProjection", "CLIPVisionOutput", "DiagonalGaussian", "UNet2DConditionModel",
+           "UNetConfig", "VAEConfig"]
