@@ -15,14 +15,18 @@ from ipadapter_jax.convert.params import LoadReport, Rename, load_state_dict_int
 
 def load_pretrained(folder: str | os.PathLike, build: Callable[[dict], nnx.Module], *, weights_name: str,
                     variant: str | None = None, strict: bool = True, rename: Rename | None = None,
+                    check_config: Callable[[dict], object] | None = None,
                     ) -> tuple[nnx.Module, LoadReport]:
     """Read ``folder/config.json`` and the folder's weights into ``build(config)``.
 
     ``build`` must construct the module from the config dict (it is traced
-    abstractly first, so building is cheap). Errors name the folder/file/key.
+    abstractly first, so building is cheap). ``check_config`` runs before any
+    weights are read, so a bad config fails fast. Errors name the folder/file/key.
     """
     folder = Path(folder)
     config = load_config(folder)
+    if check_config is not None:
+        check_config(config)
     files = find_weights(folder, weights_name, variant)
     state_dict = read_weights(files)
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
@@ -44,8 +48,9 @@ class PretrainedMixin:
     """``from_pretrained`` / ``save_pretrained`` for a model class.
 
     A model sets ``weights_name`` (``diffusion_pytorch_model`` or ``model``),
-    implements ``from_config(config_dict, *, rngs, **options)``, and may
-    override ``rename_key`` for legacy checkpoint names. The source config is
+    implements ``parse_config(config_dict)`` (returning the typed config its
+    constructor takes, raising on values it cannot compute), and may override
+    ``rename_key`` for legacy checkpoint names. The source config is
     kept as JSON text (hashable, so it can live on an NNX module as static data)
     so that ``save_pretrained`` writes back what was read.
     """
@@ -54,8 +59,13 @@ class PretrainedMixin:
     config_json: str = "{}"
 
     @classmethod
-    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options):
+    def parse_config(cls, config: dict):
         raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options):
+        """Build a randomly initialised model from a config dict."""
+        return cls(cls.parse_config(config), rngs=rngs, **options)
 
     @staticmethod
     def rename_key(key: str, value):
@@ -76,7 +86,8 @@ class PretrainedMixin:
             return module
 
         module, report = load_pretrained(folder, build, weights_name=cls.weights_name, variant=variant,
-                                         strict=strict, rename=cls.rename_key)
+                                         strict=strict, rename=cls.rename_key,
+                                         check_config=cls.parse_config)
         return (module, report) if return_report else module
 
     @property

@@ -196,8 +196,8 @@ class CLIPTextModel(PretrainedMixin, nnx.Module):
         self.text_model = CLIPTextTransformer(cfg, dtype=dtype, backend=attention_backend, rngs=rngs)
 
     @classmethod
-    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options):
-        return cls(CLIPConfig.from_dict(config, "text"), rngs=rngs, **options)
+    def parse_config(cls, config: dict) -> CLIPConfig:
+        return CLIPConfig.from_dict(config, "text")
 
     def __call__(self, input_ids, attention_mask=None) -> CLIPTextOutput:
         return self.text_model(input_ids, attention_mask)
@@ -278,8 +278,8 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nnx.Module):
                                                rngs=rngs)
 
     @classmethod
-    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options):
-        return cls(CLIPConfig.from_dict(config, "vision"), rngs=rngs, **options)
+    def parse_config(cls, config: dict) -> CLIPConfig:
+        return CLIPConfig.from_dict(config, "vision")
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
         states, pooled = self.vision_model(pixel_values)

@@ -359,8 +359,8 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     weights_name = "diffusion_pytorch_model"
 
     @classmethod
-    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options) -> "UNet2DConditionModel":
-        return cls(UNetConfig.from_dict(config, source="unet config"), rngs=rngs, **options)
+    def parse_config(cls, config: dict) -> UNetConfig:
+        return UNetConfig.from_dict(config, source="unet config")
 
     def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, attention_backend: str = "xla",
                  rngs: nnx.Rngs):

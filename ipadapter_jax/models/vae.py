@@ -192,8 +192,8 @@ class AutoencoderKL(PretrainedMixin, nnx.Module):
                                 if cfg.use_post_quant_conv else None)
 
     @classmethod
-    def from_config(cls, config: dict, *, rngs: nnx.Rngs, **options) -> "AutoencoderKL":
-        return cls(VAEConfig.from_dict(config), rngs=rngs, **options)
+    def parse_config(cls, config: dict) -> VAEConfig:
+        return VAEConfig.from_dict(config)
 
     @staticmethod
     def rename_key(key: str, value):

@@ -1,0 +1,1 @@
+"""Python configs (get_config() -> ml_collections.ConfigDict) arrive with the training milestone."""
