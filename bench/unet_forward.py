@@ -38,7 +38,7 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="compute dtype (JAX params stay float32; torch casts the model)")
     parser.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
-    parser.add_argument("--attention", default="xla", choices=["xla", "jax"], help="JAX attention backend")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "jax"], help="JAX attention backend")
     parser.add_argument("--skip-torch", action="store_true", help="time JAX only")
     args = parser.parse_args()
 

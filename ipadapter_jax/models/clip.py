@@ -20,7 +20,7 @@ from flax import nnx
 
 from ipadapter_jax.convert.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
-from ipadapter_jax.models.attention import dot_product_attention
+from ipadapter_jax.models.attention import dot_product_attention, resolve_backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,7 @@ class CLIPAttention(nnx.Module):
         d = cfg.hidden_size
         self.heads = cfg.num_attention_heads
         self.head_dim = d // self.heads
-        self.backend = backend
+        self.backend = resolve_backend(backend)
         self.q_proj = layers.linear(d, d, dtype=dtype, rngs=rngs)
         self.k_proj = layers.linear(d, d, dtype=dtype, rngs=rngs)
         self.v_proj = layers.linear(d, d, dtype=dtype, rngs=rngs)
@@ -188,7 +188,7 @@ class CLIPTextModel(PretrainedMixin, nnx.Module):
     weights_name = "model"
     rename_key = _drop_keys("vision_model.", "visual_projection.", "text_projection.")
 
-    def __init__(self, config: CLIPConfig | dict, *, dtype=jnp.float32, attention_backend: str = "xla",
+    def __init__(self, config: CLIPConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
         cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config, "text")
         self.config = cfg
@@ -208,7 +208,7 @@ class CLIPTextModelWithProjection(CLIPTextModel):
 
     rename_key = _drop_keys("vision_model.", "visual_projection.")
 
-    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "xla", rngs: nnx.Rngs):
+    def __init__(self, config, *, dtype=jnp.float32, attention_backend: str = "auto", rngs: nnx.Rngs):
         super().__init__(config, dtype=dtype, attention_backend=attention_backend, rngs=rngs)
         self.text_projection = layers.linear(self.config.hidden_size, self.config.projection_dim, bias=False,
                                              dtype=dtype, rngs=rngs)
@@ -268,7 +268,7 @@ class CLIPVisionModelWithProjection(PretrainedMixin, nnx.Module):
     weights_name = "model"
     rename_key = _drop_keys("text_model.", "text_projection.", tower="vision_model.")
 
-    def __init__(self, config: CLIPConfig | dict, *, dtype=jnp.float32, attention_backend: str = "xla",
+    def __init__(self, config: CLIPConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
         cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config, "vision")
         self.config = cfg

@@ -197,7 +197,7 @@ class BasicTransformerBlock(nnx.Module):
     """Pre-LN self-attention, cross-attention and GEGLU feed-forward."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, *, cross_attention_dim: int,
-                 only_cross_attention: bool = False, dtype=jnp.float32, attention_backend: str = "xla",
+                 only_cross_attention: bool = False, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
         self.only_cross_attention = only_cross_attention
         attn = dict(heads=heads, dim_head=dim_head, dtype=dtype, backend=attention_backend, rngs=rngs)
@@ -220,7 +220,7 @@ class Transformer2DModel(nnx.Module):
 
     def __init__(self, heads: int, dim_head: int, in_channels: int, *, num_layers: int,
                  cross_attention_dim: int, norm_num_groups: int, use_linear_projection: bool,
-                 only_cross_attention: bool, dtype=jnp.float32, attention_backend: str = "xla",
+                 only_cross_attention: bool, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
         inner = heads * dim_head
         self.use_linear_projection = use_linear_projection
@@ -362,7 +362,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     def parse_config(cls, config: dict) -> UNetConfig:
         return UNetConfig.from_dict(config, source="unet config")
 
-    def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, attention_backend: str = "xla",
+    def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         self.config = cfg

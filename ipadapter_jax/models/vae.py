@@ -178,7 +178,7 @@ class AutoencoderKL(PretrainedMixin, nnx.Module):
 
     weights_name = "diffusion_pytorch_model"
 
-    def __init__(self, config: VAEConfig | dict, *, dtype=jnp.float32, attention_backend: str = "xla",
+    def __init__(self, config: VAEConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
         cfg = config if isinstance(config, VAEConfig) else VAEConfig.from_dict(config)
         self.config = cfg
