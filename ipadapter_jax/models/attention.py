@@ -117,14 +117,29 @@ class Attention(nnx.Module):
         self.to_v = layers.linear(kv_dim, inner, bias=bias, dtype=dtype, rngs=rngs)
         # A list so that torch's ``to_out.0`` maps by name; ``to_out.1`` is Dropout.
         self.to_out = nnx.List([layers.linear(inner, query_dim, bias=out_bias, dtype=dtype, rngs=rngs)])
+        # Position among the UNet's attention processors (diffusers' ``attn_processors``
+        # order) and among its cross-attention layers; set by the UNet, None elsewhere.
+        self.processor_index: int | None = None
+        self.cross_index: int | None = None
 
     def heads_split(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-1], self.heads, self.dim_head)
 
-    def __call__(self, x: jax.Array, context: jax.Array | None = None,
-                 mask: jax.Array | None = None) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask=None) -> jax.Array:
+        """[B, Lq, inner] x [B, Lk, inner] -> [B, Lq, inner]."""
+        h = dot_product_attention(self.heads_split(q), self.heads_split(k), self.heads_split(v),
+                                  scale=self.scale, mask=mask, backend=self.backend)
+        return h.reshape(*h.shape[:2], -1)
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, mask: jax.Array | None = None,
+                 ip: tuple = ()) -> jax.Array:
         """x: [B, L, C] tokens, or [B, H, W, C] feature maps (VAE); context:
-        [B, S, C_ctx] for cross-attention (None: self-attention)."""
+        [B, S, C_ctx] for cross-attention (None: self-attention).
+
+        ``ip``: ``((adapter, ImagePrompt), ...)`` from the UNet: image
+        branches on cross-attention layers (decoupled cross-attention) and,
+        for adapters that carry them (FaceID), LoRA deltas on every layer.
+        """
         residual = x
         spatial_shape = x.shape if x.ndim == 4 else None
         if self.group_norm is not None:
@@ -132,13 +147,42 @@ class Attention(nnx.Module):
         if spatial_shape is not None:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
         context = x if context is None else context
-        q = self.heads_split(self.to_q(x))
-        k = self.heads_split(self.to_k(context))
-        v = self.heads_split(self.to_v(context))
-        h = dot_product_attention(q, k, v, scale=self.scale, mask=mask, backend=self.backend)
-        h = self.to_out[0](h.reshape(*h.shape[:2], -1))
+        loras = [(adapter.lora[self.processor_index], prompt.lora_scale) for adapter, prompt in ip
+                 if adapter.lora is not None and self.processor_index is not None]
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        for lora, s in loras:
+            q = q + s * lora.to_q_lora(x)
+            k = k + s * lora.to_k_lora(context)
+            v = v + s * lora.to_v_lora(context)
+        h = self.attend(q, k, v, mask)
+        if self.cross_index is not None:
+            for adapter, prompt in ip:
+                h = h + self.image_attention(q, adapter.layers[self.cross_index], prompt)
+        out = self.to_out[0](h)
+        for lora, s in loras:
+            out = out + s * lora.to_out_lora(h)
         if spatial_shape is not None:
-            h = h.reshape(spatial_shape)
+            out = out.reshape(spatial_shape)
         if self.residual_connection:
-            h = h + residual
-        return h
+            out = out + residual
+        return out
+
+    def image_attention(self, q: jax.Array, layer, prompt) -> jax.Array:
+        """scale * Attn(q, to_k_ip(image tokens), to_v_ip(image tokens)).
+
+        Without masks the images' tokens are one sequence; with masks each
+        image is attended separately and its output multiplied by its mask at
+        this layer's resolution (diffusers' ``ip_adapter_masks``).
+        """
+        tokens = prompt.tokens.astype(q.dtype)                 # [B, N, T, C]
+        b, n, t, c = tokens.shape
+        scale = prompt.scale[self.cross_index].astype(q.dtype)
+        if prompt.masks is None:
+            flat = tokens.reshape(b, n * t, c)
+            return scale * self.attend(q, layer.to_k_ip(flat), layer.to_v_ip(flat))
+        masks = prompt.masks[q.shape[1]].astype(q.dtype)       # [B, N, Lq]
+        out = 0
+        for i in range(n):
+            image = tokens[:, i]
+            out = out + self.attend(q, layer.to_k_ip(image), layer.to_v_ip(image)) * masks[:, i, :, None]
+        return scale * out

@@ -209,9 +209,9 @@ class BasicTransformerBlock(nnx.Module):
         self.norm3 = layers.layer_norm(dim, dtype=dtype, rngs=rngs)
         self.ff = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x
-        x = self.attn2(self.norm2(x), context) + x
+    def __call__(self, x: jax.Array, context: jax.Array, ip: tuple = ()) -> jax.Array:
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, ip=ip) + x
+        x = self.attn2(self.norm2(x), context, ip=ip) + x
         return self.ff(self.norm3(x)) + x
 
 
@@ -237,14 +237,14 @@ class Transformer2DModel(nnx.Module):
                                   attention_backend=attention_backend, rngs=rngs)
             for _ in range(num_layers)])
 
-    def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, context: jax.Array, ip: tuple = ()) -> jax.Array:
         b, h, w, _ = x.shape
         residual = x
         x = self.norm(x)
         # A 1x1 conv and a Linear are the same map on NHWC; only the key layout differs.
         x = self.proj_in(x).reshape(b, h * w, -1)
         for block in self.transformer_blocks:
-            x = block(x, context)
+            x = block(x, context, ip)
         x = self.proj_out(x.reshape(b, h, w, -1))
         return x + residual
 
@@ -274,12 +274,12 @@ class DownBlock(nnx.Module):
             Downsample2D(out_channels, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)
         ]) if add_downsample else None
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, ip=()):
         skips = []
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, ip)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)
@@ -311,11 +311,11 @@ class UpBlock(nnx.Module):
             for _ in range(num_layers)]) if has_attention else None
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
-    def __call__(self, x, skips, temb, context, upsample_size=None):
+    def __call__(self, x, skips, temb, context, ip=(), upsample_size=None):
         for i, resnet in enumerate(self.resnets):
             x = resnet(jnp.concatenate([x, skips.pop()], axis=-1), temb)
             if self.attentions is not None:
-                x = self.attentions[i](x, context)
+                x = self.attentions[i](x, context, ip)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
@@ -338,13 +338,29 @@ class UNetMidBlock2DCrossAttn(nnx.Module):
                                use_linear_projection=cfg.use_linear_projection, only_cross_attention=False,
                                dtype=dtype, attention_backend=attention_backend, rngs=rngs)])
 
-    def __call__(self, x, temb, context):
+    def __call__(self, x, temb, context, ip=()):
         x = self.resnets[0](x, temb)
-        x = self.attentions[0](x, context)
+        x = self.attentions[0](x, context, ip)
         return self.resnets[1](x, temb)
 
 
 # --------------------------------------------------------------------------- model
+
+@dataclasses.dataclass(frozen=True)
+class CrossAttentionLayer:
+    """Where one cross-attention layer sits: ``index`` in processor order
+    (official ``ip_adapter`` key ``2 * index + 1``), diffusers ``name``,
+    ``group`` (down/mid/up), ``block`` and ``attention_index`` within it."""
+
+    index: int
+    name: str
+    group: str
+    block: int
+    attention_index: int
+    attention: Any = dataclasses.field(repr=False, compare=False)
+    hidden_size: int = 0
+    token_dim: int = 0
+
 
 class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     """Conditional UNet: ``model(sample, timesteps, encoder_hidden_states)``.
@@ -353,6 +369,8 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
       sample: [B, H, W, C] noisy latents (NHWC).
       timesteps: scalar or [B] (int or float).
       encoder_hidden_states: [B, S, cross_attention_dim] text tokens.
+      image_prompts: optional, one ``ipadapter_jax.adapters.ImagePrompt`` per
+        attached IP-Adapter (image tokens, per-layer scales, masks).
     Returns the [B, H, W, out_channels] prediction (diffusers' ``.sample``).
     """
 
@@ -412,6 +430,47 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         self.conv_out = layers.conv(boc[0], cfg.out_channels, cfg.conv_out_kernel,
                                     padding=(cfg.conv_out_kernel - 1) // 2, dtype=dtype, rngs=rngs)
 
+        for i, (_, attn) in enumerate(self.attention_processors()):
+            attn.processor_index = i
+        for layer in self.cross_attention_layers():
+            layer.attention.cross_index = layer.index
+        # IP-Adapters attached with ``ipadapter_jax.adapters.attach``; the i-th
+        # entry of ``image_prompts`` in ``__call__`` conditions the i-th adapter.
+        self.ip_adapters = nnx.List([])
+
+    def attention_processors(self) -> list[tuple[str, Attention]]:
+        """Every attention layer with its diffusers name, in diffusers'
+        ``attn_processors`` order (down blocks, up blocks, then the mid block:
+        module registration order), attn1 before attn2. Official IP-Adapter
+        files number their layers by this order."""
+        out = []
+        groups = [("down_blocks", self.down_blocks), ("up_blocks", self.up_blocks)]
+        if self.mid_block is not None:
+            groups.append(("mid_block", [self.mid_block]))
+        for group, blocks in groups:
+            for b, block in enumerate(blocks):
+                prefix = f"{group}.{b}" if group != "mid_block" else group
+                for a, transformer in enumerate(block.attentions or []):
+                    for t, tb in enumerate(transformer.transformer_blocks):
+                        name = f"{prefix}.attentions.{a}.transformer_blocks.{t}"
+                        out += [(f"{name}.attn1", tb.attn1), (f"{name}.attn2", tb.attn2)]
+        return out
+
+    def cross_attention_layers(self) -> list["CrossAttentionLayer"]:
+        """The attn2 layers (where image branches go), in processor order."""
+        layers_ = []
+        for name, attn in self.attention_processors():
+            if name.endswith("attn2"):
+                parts = name.split(".")
+                group = parts[0].split("_")[0]                    # down / up / mid
+                block = int(parts[1]) if group != "mid" else 0
+                attention = int(parts[-4])
+                layers_.append(CrossAttentionLayer(index=len(layers_), name=name, group=group, block=block,
+                                                   attention_index=attention, attention=attn,
+                                                   hidden_size=attn.heads * attn.dim_head,
+                                                   token_dim=attn.to_k.in_features))
+        return layers_
+
     def time_conditioning(self, timesteps: jax.Array, batch: int) -> jax.Array:
         """Timesteps -> the ``emb`` every resnet receives ([B, time_embed_dim])."""
         t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
@@ -420,8 +479,15 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
                                    downscale_freq_shift=self.config.freq_shift)
         return self.time_embedding(t_emb.astype(self.dtype))
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+                 image_prompts: tuple | list | None = None) -> jax.Array:
         cfg = self.config
+        ip = ()
+        if image_prompts is not None and len(image_prompts):
+            if len(image_prompts) != len(self.ip_adapters):
+                raise ValueError(f"got {len(image_prompts)} image prompts for {len(self.ip_adapters)} attached "
+                                 "IP-Adapters; pass one ImagePrompt per adapter (in attach order)")
+            ip = tuple(zip(self.ip_adapters, image_prompts))
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         sample = sample.astype(self.dtype)
@@ -431,15 +497,15 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context)
+            x, block_skips = block(x, emb, context, ip)
             skips.extend(block_skips)
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, context)
+            x = self.mid_block(x, emb, context, ip)
         for i, block in enumerate(self.up_blocks):
             n_res = len(block.resnets)
             block_skips, skips = skips[-n_res:], skips[:-n_res]
             # Upsample to the next skip's size so odd latent sizes round as in diffusers.
             size = skips[-1].shape[1:3] if skips and block.upsamplers is not None else None
-            x = block(x, block_skips, emb, context, upsample_size=size)
+            x = block(x, block_skips, emb, context, ip, upsample_size=size)
         x = self.conv_out(layers.activation(cfg.act_fn)(self.conv_norm_out(x)))
         return x.astype(jnp.float32)
