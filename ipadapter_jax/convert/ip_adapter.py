@@ -207,7 +207,7 @@ def save_ip_adapter(adapter, path: str | os.PathLike) -> Path:
         nested = {"image_proj": {}, "ip_adapter": {}}
         for key, value in state.items():
             group, name = key.split(".", 1)
-            nested[group][name] = torch.from_numpy(np.ascontiguousarray(value))
+            nested[group][name] = torch.from_numpy(np.array(value))  # a writable copy
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
         os.close(fd)
