@@ -244,6 +244,15 @@ def image_prompt(adapter_or_unet, tokens: jax.Array, scale: Any = 1.0, *, masks:
     return ImagePrompt(tokens=tokens, scale=scale, masks=masks, lora_scale=jnp.float32(lora_scale))
 
 
+def split_concatenated(encoder_hidden_states: jax.Array, num_image_tokens: int) -> tuple[jax.Array, jax.Array]:
+    """The official code's layout, image tokens appended after the text tokens
+    ([B, 77 + T, C]) -> (text [B, 77, C], image tokens [B, 1, T, C])."""
+    ehs = jnp.asarray(encoder_hidden_states)
+    if not 0 < num_image_tokens < ehs.shape[1]:
+        raise ValueError(f"cannot split {num_image_tokens} image tokens off a sequence of {ehs.shape[1]}")
+    return ehs[:, :-num_image_tokens], ehs[:, -num_image_tokens:][:, None]
+
+
 # --------------------------------------------------------------------------- per-layer scales
 
 WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak middle",

@@ -184,3 +184,28 @@ def test_masks_on_two_reference_images(unet_folder, tmp_path):
     pyramid = adapters.mask_pyramid(masks, unet, HW, HW)
     prompt = adapters.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet, masks=pyramid)
     assert rel_err(unet(x, t, text, [prompt]), expected) <= TOL
+
+
+def test_official_concatenated_layout(unet_folder, tmp_path):
+    """Official code appends the image tokens to the 77 text tokens; splitting
+    them off gives the same output as passing them separately."""
+    tu = torch_unet(unet_folder)
+    proj, ip = fx.image_proj("base", fx.UNET["cross_attention_dim"]), fx.ip_layers(tu)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    adapter = load_ip_adapter(write_official(tmp_path, proj, ip), unet)
+    tokens = project(adapter, embeds_for("base")[0])
+    x, t, text = inputs()
+    concatenated = np.concatenate([text, np.asarray(tokens[:, 0])], axis=1)
+    text2, tokens2 = adapters.split_concatenated(concatenated, adapter.num_tokens)
+    a = unet(x, t, text, [adapters.image_prompt(adapter, tokens, 0.7, unet=unet)])
+    b = unet(x, t, text2, [adapters.image_prompt(adapter, tokens2, 0.7, unet=unet)])
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unet_without_prompts_is_the_plain_unet(unet_folder, tmp_path):
+    tu = torch_unet(unet_folder)
+    plain = UNet2DConditionModel.from_pretrained(unet_folder)
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    load_ip_adapter(write_official(tmp_path, fx.image_proj("base", 64), fx.ip_layers(tu)), unet)
+    x, t, text = inputs()
+    np.testing.assert_array_equal(np.asarray(unet(x, t, text)), np.asarray(plain(x, t, text)))
