@@ -1,11 +1,157 @@
-"""Sampling entry point (text + image prompt -> images).
+"""Generate images from a text prompt and reference images with IP-Adapter (JAX).
 
-Not implemented yet: it arrives with the sampling milestone. This stub exits
-with an explanation instead of pretending to work.
+Examples:
+  python sample.py --model stable-diffusion-v1-5 --image-encoder IP-Adapter/models/image_encoder \\
+      --ip-adapter IP-Adapter/models/ip-adapter_sd15.safetensors --image ref.png \\
+      --prompt "a cat, best quality" --scale 0.6 --steps 30 --num-images 4 --out outputs/cat.png
+  python sample.py --model SD --ip-adapter a.safetensors --image x.png --ip-adapter b.bin --image y.png \\
+      --scale 0.5 --scale 0.8          # two adapters, one reference image each
+  python sample.py --model SD --prompt "a house" --init-image sketch.png --strength 0.6   # img2img
+
+Reproducibility / cross-framework checks: --init-latents noise.npy (unit variance NHWC; overrides --seed,
+scaled by the scheduler's initial sigma as diffusers does) and --save-latents final.npy (NHWC, before the VAE).
 """
 
+from __future__ import annotations
+
+import argparse
+import os
 import sys
+import time
+from pathlib import Path
+
+SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karras")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, "
+                                                  "tokenizer/, scheduler/)")
+    p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
+                   help="official IP-Adapter file (.safetensors or .bin); repeat for several adapters")
+    p.add_argument("--image-encoder", help="CLIP image encoder folder (transformers layout), e.g. "
+                                           "IP-Adapter/models/image_encoder; needed to encode --image")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="reference image; with several adapters, the i-th --image goes to the i-th adapter; "
+                        "with one adapter, all images condition it (tokens concatenated)")
+    p.add_argument("--mask", action="append", default=[], metavar="PATH",
+                   help="attention mask per reference image (white = where that image applies)")
+    p.add_argument("--scale", action="append", type=float, default=[],
+                   help="IP-Adapter scale; once for all adapters or once per adapter (default 1.0)")
+    p.add_argument("--prompt", default="", help="text prompt (default: empty, image-only prompting)")
+    p.add_argument("--negative-prompt", default="", help="negative text prompt")
+    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale factor (default 0)")
+    p.add_argument("--scheduler", default="ddim", help=f"one of {', '.join(SCHEDULER_NAMES)} (default ddim)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
+    p.add_argument("--height", type=int, default=512, help="image height, multiple of 8 (default 512)")
+    p.add_argument("--width", type=int, default=512, help="image width, multiple of 8 (default 512)")
+    p.add_argument("--init-image", help="img2img: start from this image")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
+    p.add_argument("--init-latents", help="initial noise .npy [N, H/8, W/8, 4], unit variance; overrides --seed")
+    p.add_argument("--save-latents", help="write the final latents (NHWC, before the VAE) to this .npy")
+    p.add_argument("--out", default="outputs/sample.png",
+                   help="output PNG; several images are written as NAME-0.png, NAME-1.png, ... plus NAME-grid.png")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="UNet/text-encoder compute dtype (default float32; bfloat16 on accelerators)")
+    p.add_argument("--cache-dir", default=os.environ.get("IPADAPTER_JAX_CACHE",
+                                                         str(Path.home() / ".cache" / "ipadapter_jax")),
+                   help="persistent XLA compilation cache (a second run skips compiling); '' disables")
+    args = p.parse_args(argv)
+    if args.scheduler not in SCHEDULER_NAMES:
+        p.error(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+    if args.height % 8 or args.width % 8:
+        p.error(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
+    if args.image and not args.ip_adapter:
+        p.error("--image needs an --ip-adapter")
+    if args.ip_adapter and not args.image:
+        p.error("--ip-adapter needs at least one --image")
+    if len(args.scale) not in (0, 1, len(args.ip_adapter)):
+        p.error(f"give --scale once or once per adapter ({len(args.ip_adapter)}), got {len(args.scale)}")
+    if len(args.ip_adapter) > 1 and len(args.image) != len(args.ip_adapter):
+        p.error(f"with {len(args.ip_adapter)} adapters give one --image per adapter, got {len(args.image)}")
+    if args.mask and len(args.mask) != len(args.image):
+        p.error(f"{len(args.mask)} masks for {len(args.image)} images: give one --mask per --image")
+    for path in [*args.image, *args.mask, *args.ip_adapter, args.init_image, args.init_latents]:
+        if path and not Path(path).is_file():
+            p.error(f"file not found: {path}")
+    return args
+
+
+def save_images(images, out: Path) -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    as_uint8 = (np.clip(images, 0, 1) * 255).round().astype("uint8")
+    if len(as_uint8) == 1:
+        Image.fromarray(as_uint8[0]).save(out)
+        return [out]
+    paths = []
+    for i, img in enumerate(as_uint8):
+        path = out.with_name(f"{out.stem}-{i}{out.suffix}")
+        Image.fromarray(img).save(path)
+        paths.append(path)
+    cols = int(np.ceil(np.sqrt(len(as_uint8))))
+    rows = int(np.ceil(len(as_uint8) / cols))
+    h, w = as_uint8.shape[1:3]
+    grid = np.zeros((rows * h, cols * w, 3), np.uint8)
+    for i, img in enumerate(as_uint8):
+        grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
+    grid_path = out.with_name(f"{out.stem}-grid{out.suffix}")
+    Image.fromarray(grid).save(grid_path)
+    return paths + [grid_path]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    if args.cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
+
+    dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, image_encoder=args.image_encoder, dtype=dtype)
+    specs = []
+    for i, path in enumerate(args.ip_adapter):
+        pipe.load_ip_adapter(path)
+        scale = args.scale[i] if len(args.scale) > 1 else (args.scale[0] if args.scale else 1.0)
+        images = args.image if len(args.ip_adapter) == 1 else [args.image[i]]
+        masks = (args.mask if len(args.ip_adapter) == 1 else [args.mask[i]]) if args.mask else None
+        specs.append(ImagePromptSpec(images=images, scale=scale, masks=masks))
+    latents = None
+    if args.init_latents:
+        latents = np.load(args.init_latents, allow_pickle=False)
+        if latents.shape[0] != args.num_images:
+            print(f"sample.py: --init-latents holds {latents.shape[0]} samples; generating that many",
+                  file=sys.stderr)
+            args.num_images = latents.shape[0]
+    options = {"eta": args.eta} if args.eta is not None else None
+    result = pipe(args.prompt, negative_prompt=args.negative_prompt, ip_adapter_prompts=specs,
+                  num_inference_steps=args.steps, guidance_scale=args.guidance,
+                  guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, scheduler_options=options,
+                  height=args.height, width=args.width, num_images=args.num_images, seed=args.seed,
+                  latents=latents, init_image=args.init_image, strength=args.strength, progress=True)
+    if args.save_latents:
+        Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
+        np.save(args.save_latents, result.latents)
+    paths = save_images(result.images, Path(args.out))
+    t = result.timings
+    print(f"compile {t['compile_s']:.2f} s | denoise {t['denoise_s']:.2f} s ({t['steps']} steps, "
+          f"{t['steps_per_s']:.2f} steps/s) | decode {t['decode_s']:.2f} s | total "
+          f"{time.perf_counter() - t_start:.2f} s")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
 
 if __name__ == "__main__":
-    sys.exit("sample.py: sampling is not implemented yet (see README 'Status'); "
-             "the models load with ipadapter_jax.models.*.from_pretrained.")
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""End-to-end parity with diffusers' StableDiffusionPipeline + load_ip_adapter
+(same initial latents): final latents <= 1e-4 relative, decoded images <= 2e-3
+max abs; the same through sample.py; and the pipeline's bad inputs."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import sd_fixtures
+from conftest import nchw, nhwc, rel_err
+from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red striped circle on the blue background"
+LATENT_SHAPE = (1, 8, 8, 4)
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd")
+    paths = sd_fixtures.build_pipeline_folder(root)
+    paths["image"] = sd_fixtures.reference_image(root / "ref.png")
+    paths["latents"] = root / "noise.npy"
+    np.save(paths["latents"], np.random.default_rng(0).standard_normal(LATENT_SHAPE).astype(np.float32))
+    return paths
+
+
+def diffusers_run(paths, scheduler: str, steps: int, scale: float = 0.7, output_type: str = "latent"):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import StableDiffusionPipeline as TorchPipeline
+    from PIL import Image
+    from transformers import CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    pipe = TorchPipeline.from_pretrained(
+        paths["sd"], safety_checker=None, requires_safety_checker=False, feature_extractor=CLIPImageProcessorPil(),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]))
+    cls = {"ddim": DDIMScheduler, "dpm++2m": DPMSolverMultistepScheduler}[scheduler]
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+    pipe.load_ip_adapter(str(paths["adapter"].parent), subfolder="", weight_name=paths["adapter"].name,
+                         image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(scale)
+    latents = nchw(np.load(paths["latents"]))
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt="", ip_adapter_image=Image.open(paths["image"]),
+                   num_inference_steps=steps, guidance_scale=7.5, height=sd_fixtures.HEIGHT,
+                   width=sd_fixtures.WIDTH, latents=latents, output_type=output_type)
+    return nhwc(out.images) if output_type == "latent" else np.asarray(out.images)
+
+
+@pytest.fixture(scope="module")
+def jax_pipe(paths):
+    pipe = StableDiffusionPipeline.from_pretrained(paths["sd"], image_encoder=paths["image_encoder"])
+    pipe.load_ip_adapter(paths["adapter"])
+    return pipe
+
+
+def jax_run(pipe, paths, scheduler, steps, scale=0.7):
+    return pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=scale)],
+                num_inference_steps=steps, guidance_scale=7.5, scheduler=scheduler, height=sd_fixtures.HEIGHT,
+                width=sd_fixtures.WIDTH, latents=np.load(paths["latents"]))
+
+
+@pytest.mark.parametrize("scheduler, steps", [("ddim", 10), ("dpm++2m", 8)])
+def test_end_to_end_parity(paths, jax_pipe, scheduler, steps):
+    expected_latents = diffusers_run(paths, scheduler, steps)
+    expected_images = diffusers_run(paths, scheduler, steps, output_type="np")
+    out = jax_run(jax_pipe, paths, scheduler, steps)
+    assert rel_err(out.latents, expected_latents) <= 1e-4
+    assert np.abs(out.images - expected_images).max() <= 2e-3
+    # The image prompt matters: without it the latents are far off.
+    plain = jax_run(jax_pipe, paths, scheduler, steps, scale=0.0)
+    assert rel_err(plain.latents, expected_latents) > 1e-3
+
+
+def test_sample_py_matches_diffusers(paths, tmp_path):
+    expected = diffusers_run(paths, "ddim", 10)
+    out_latents = tmp_path / "final.npy"
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(paths["sd"]), "--image-encoder",
+           str(paths["image_encoder"]), "--ip-adapter", str(paths["adapter"]), "--image", str(paths["image"]),
+           "--scale", "0.7", "--prompt", PROMPT, "--steps", "10", "--scheduler", "ddim", "--height", "16",
+           "--width", "16", "--init-latents", str(paths["latents"]), "--save-latents", str(out_latents),
+           "--out", str(tmp_path / "img.png"), "--cache-dir", ""]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote" in result.stdout and (tmp_path / "img.png").is_file()
+    assert "steps/s" in result.stdout
+    assert rel_err(np.load(out_latents), expected) <= 1e-4
+
+
+def test_same_seed_same_images(jax_pipe, paths):
+    spec = [ImagePromptSpec(images=[paths["image"]], scale=0.5)]
+    kwargs = dict(ip_adapter_prompts=spec, num_inference_steps=3, height=16, width=16, num_images=2,
+                  scheduler="euler-a")
+    a, b = jax_pipe(PROMPT, seed=3, **kwargs), jax_pipe(PROMPT, seed=3, **kwargs)
+    np.testing.assert_array_equal(a.images, b.images)
+    assert not np.array_equal(a.images, jax_pipe(PROMPT, seed=4, **kwargs).images)
+    assert b.timings["compile_s"] < a.timings["compile_s"] or b.timings["compile_s"] < 0.5  # no recompile
+
+
+def test_img2img_runs_from_part_way(jax_pipe, paths):
+    out = jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]])], num_inference_steps=10,
+                   height=16, width=16, init_image=paths["image"], strength=0.5)
+    assert out.timings["steps"] == 5 and out.images.shape == (1, 16, 16, 3)
+
+
+# ------------------------------------------------------------------ bad input
+
+def test_missing_image_named(jax_pipe, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.png"):
+        jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[tmp_path / "nope.png"])],
+                 num_inference_steps=2, height=16, width=16)
+
+
+def test_size_not_multiple_of_8(jax_pipe):
+    with pytest.raises(ValueError, match="multiples of 8, got 20x16"):
+        jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(embeds=np.zeros((1, 24), np.float32))],
+                 height=20, width=16)
+
+
+def test_more_masks_than_images(jax_pipe, paths):
+    mask = np.ones((16, 16), np.float32)
+    with pytest.raises(ValueError, match="2 masks for 1 reference images"):
+        jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], masks=[mask, mask])],
+                 num_inference_steps=2, height=16, width=16)
+
+
+def test_unknown_scheduler_lists_valid(jax_pipe):
+    with pytest.raises(ValueError, match="ddim.*pndm.*euler"):
+        jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(embeds=np.zeros((1, 24), np.float32))],
+                 scheduler="heun", height=16, width=16)
+
+
+def test_long_prompt_truncated_with_warning(jax_pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        emb = jax_pipe.encode_prompt(["word " * 100])
+    assert emb.shape == (1, 77, 64)
+    assert "truncated" in caplog.text
+
+
+def test_nan_embeddings_refused(jax_pipe):
+    bad = np.full((1, 24), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN"):
+        jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(embeds=bad)], num_inference_steps=2, height=16,
+                 width=16)
+
+
+def test_adapter_for_other_width_refused(jax_pipe, tmp_path):
+    from safetensors.numpy import save_file
+
+    import ipadapter_fixtures as fx
+    from ipadapter_jax.convert import CheckpointError
+
+    r = fx.Rand(0)
+    ip = {f"{2 * n + 1}.{kv}.weight": r.w(8, 1024) for n in range(7) for kv in ("to_k_ip", "to_v_ip")}
+    save_file(fx.flat({**r.lin("proj", 24, 4 * 1024), **r.ln("norm", 1024)}, ip), tmp_path / "sd2.safetensors")
+    with pytest.raises(CheckpointError, match="width 1024 \\(SD 2.x\\)"):
+        jax_pipe.load_ip_adapter(tmp_path / "sd2.safetensors")
+
+
+def test_sample_py_errors(paths, tmp_path):
+    base = [sys.executable, str(ROOT / "sample.py"), "--model", str(paths["sd"])]
+    for extra, message in [(["--ip-adapter", str(paths["adapter"]), "--image", str(tmp_path / "x.png")],
+                            "file not found"),
+                           (["--height", "20"], "multiples of 8"),
+                           (["--scheduler", "heun"], "valid: ddim, pndm")]:
+        result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
