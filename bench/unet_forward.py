@@ -37,6 +37,8 @@ def main():
     parser.add_argument("--runs", type=int, default=3, help="timed runs per framework (median reported)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="compute dtype (JAX params stay float32; torch casts the model)")
+    parser.add_argument("--torch-dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="torch compute dtype (default: --dtype); float16 is diffusers' usual GPU setting")
     parser.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
     parser.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "jax"], help="JAX attention backend")
     parser.add_argument("--skip-torch", action="store_true", help="time JAX only")
@@ -76,7 +78,8 @@ def main():
                   jax_median_s=round(median(jax_times), 4), jax_times=[round(v, 4) for v in jax_times])
 
     if not args.skip_torch:
-        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16,
+                  "float16": torch.float16}[args.torch_dtype or args.dtype]
         torch_model = torch_model.to(args.device, tdtype)
         xt = torch.from_numpy(x).permute(0, 3, 1, 2).to(args.device, tdtype)
         ct = torch.from_numpy(c).to(args.device, tdtype)
@@ -90,7 +93,8 @@ def main():
 
         warm = time_runs(torch_forward, 1)[0]
         torch_times = time_runs(torch_forward, args.runs)
-        record.update(torch_device=args.device, torch_threads=torch.get_num_threads(),
+        record.update(torch_device=args.device, torch_dtype=str(tdtype).replace("torch.", ""),
+                      torch_threads=torch.get_num_threads(),
                       torch_warmup_s=round(warm, 3), torch_median_s=round(median(torch_times), 4),
                       torch_times=[round(v, 4) for v in torch_times],
                       ratio_jax_over_torch=round(median(jax_times) / median(torch_times), 3))
