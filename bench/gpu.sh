@@ -7,6 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
+  rm -rf /tmp/site
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
 else
@@ -15,6 +16,6 @@ fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, flax, torch, diffusers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, jax.devices())"
-python3 bench/unet_forward.py --config sd15 --batch 2 --dtype bfloat16 --torch-dtype float16 --device cuda --runs 10
+[ -n "${SKIP_UNET:-}" ] || python3 bench/unet_forward.py --config sd15 --batch 2 --dtype bfloat16 --torch-dtype float16 --device cuda --runs 10
 python3 bench/sampling.py --config sd15 --steps 50 --batch 1 --batch 8 --dtype bfloat16 --device cuda --runs 2
 if [ -n "${OUT:-}" ]; then cp bench/results/*.jsonl "$OUT"/; fi

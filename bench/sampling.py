@@ -57,6 +57,7 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                         help="JAX compute dtype (torch uses float16 on CUDA, float32 on CPU)")
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
+    parser.add_argument("--attention", default="auto", help="JAX attention backend (auto, xla, blocked, jax, cudnn)")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
     batches = args.batch or [1]
@@ -80,7 +81,9 @@ def main():
     torch_unet = TorchUNet(**config).eval()
     ip_state = random_ip_adapter(torch_unet, clip_dim)
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    unet, _ = load_state_dict_into(lambda: UNet2DConditionModel(config, dtype=jdtype, rngs=nnx.Rngs(0)),
+    unet, _ = load_state_dict_into(lambda: UNet2DConditionModel(config, dtype=jdtype,
+                                                                        attention_backend=args.attention,
+                                                                        rngs=nnx.Rngs(0)),
                                    {k: v.numpy() for k, v in torch_unet.state_dict().items()})
     with tempfile.TemporaryDirectory() as tmp:
         save_file(ip_state, f"{tmp}/ip.safetensors")
@@ -106,7 +109,7 @@ def main():
         compile_s = time_runs(lambda: loop(*jargs).block_until_ready(), 1)[0]
         jax_times = time_runs(lambda: loop(*jargs).block_until_ready(), args.runs)
         jax_latents = np.asarray(loop(*jargs), np.float32)
-        record = dict(config=args.config, batch=batch, latent=args.size, steps=args.steps, dtype=args.dtype,
+        record = dict(config=args.config, attention=args.attention, batch=batch, latent=args.size, steps=args.steps, dtype=args.dtype,
                       runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                       jax_it_per_s=round(args.steps / median(jax_times), 3))
         dev = jax.devices()[0]

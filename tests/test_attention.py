@@ -19,7 +19,7 @@ def reference(q, k, v, scale, mask=None):
     return (p @ v).transpose(0, 2, 1, 3)
 
 
-@pytest.mark.parametrize("backend", ["xla", "blocked", "jax", "auto"])
+@pytest.mark.parametrize("backend", ["xla", "blocked", "jax", "cudnn", "auto"])
 @pytest.mark.parametrize("lq, lk", [(1500, 1100), (2048, 77), (64, 64)])
 def test_backends_match_reference(backend, lq, lk, monkeypatch):
     # Small blocks so that the blocked path (with query padding) runs at test sizes.
