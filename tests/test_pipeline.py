@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -32,7 +33,8 @@ def paths(tmp_path_factory):
     return paths
 
 
-def diffusers_run(paths, scheduler: str, steps: int, scale: float = 0.7, output_type: str = "latent"):
+def diffusers_run(paths, scheduler: str, steps: int, scale: float = 0.7, output_type: str = "latent",
+                  guidance_rescale: float = 0.0):
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
     from diffusers import StableDiffusionPipeline as TorchPipeline
     from PIL import Image
@@ -51,7 +53,8 @@ def diffusers_run(paths, scheduler: str, steps: int, scale: float = 0.7, output_
     with torch.no_grad():
         out = pipe(PROMPT, negative_prompt="", ip_adapter_image=Image.open(paths["image"]),
                    num_inference_steps=steps, guidance_scale=7.5, height=sd_fixtures.HEIGHT,
-                   width=sd_fixtures.WIDTH, latents=latents, output_type=output_type)
+                   width=sd_fixtures.WIDTH, latents=latents, output_type=output_type,
+                   guidance_rescale=guidance_rescale)
     return nhwc(out.images) if output_type == "latent" else np.asarray(out.images)
 
 
@@ -62,10 +65,10 @@ def jax_pipe(paths):
     return pipe
 
 
-def jax_run(pipe, paths, scheduler, steps, scale=0.7):
+def jax_run(pipe, paths, scheduler, steps, scale=0.7, guidance_rescale=0.0):
     return pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=scale)],
                 num_inference_steps=steps, guidance_scale=7.5, scheduler=scheduler, height=sd_fixtures.HEIGHT,
-                width=sd_fixtures.WIDTH, latents=np.load(paths["latents"]))
+                width=sd_fixtures.WIDTH, latents=np.load(paths["latents"]), guidance_rescale=guidance_rescale)
 
 
 @pytest.mark.parametrize("scheduler, steps", [("ddim", 10), ("dpm++2m", 8)])
@@ -78,6 +81,51 @@ def test_end_to_end_parity(paths, jax_pipe, scheduler, steps):
     # The image prompt matters: without it the latents are far off.
     plain = jax_run(jax_pipe, paths, scheduler, steps, scale=0.0)
     assert rel_err(plain.latents, expected_latents) > 1e-3
+
+
+def test_guidance_rescale_parity(paths, jax_pipe):
+    expected = diffusers_run(paths, "ddim", 6, guidance_rescale=0.7)
+    out = jax_run(jax_pipe, paths, "ddim", 6, guidance_rescale=0.7)
+    assert rel_err(out.latents, expected) <= 1e-4
+    assert rel_err(jax_run(jax_pipe, paths, "ddim", 6).latents, expected) > 1e-3
+
+
+def test_bfloat16_compute_is_close(paths, jax_pipe):
+    bf16 = StableDiffusionPipeline.from_pretrained(paths["sd"], image_encoder=paths["image_encoder"],
+                                                   dtype=jax.numpy.bfloat16)
+    bf16.load_ip_adapter(paths["adapter"])
+    ref = jax_run(jax_pipe, paths, "ddim", 5)
+    out = jax_run(bf16, paths, "ddim", 5)
+    assert bf16.unet.conv_in.kernel[...].dtype == np.float32           # master weights stay float32
+    assert rel_err(out.latents, ref.latents) <= 5e-2                    # bf16 has 8 mantissa bits
+
+
+SHARDED = """
+import os, sys, numpy as np, jax
+sys.path.insert(0, {tests!r})
+assert jax.device_count() == 8, jax.devices()
+from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({sd!r}, image_encoder={enc!r})
+pipe.load_ip_adapter({adapter!r})
+out = pipe("a red circle", ip_adapter_prompts=[ImagePromptSpec(images=[{image!r}], scale=0.7)],
+           num_inference_steps=4, height=16, width=16, num_images=8, seed=1)
+np.save({out!r}, out.latents)
+"""
+
+
+def test_batch_sharded_over_eight_devices_matches_one(paths, jax_pipe, tmp_path):
+    """The same call on 8 (virtual CPU) devices, batch split over the data axis,
+    gives the latents of 1 device."""
+    import os
+
+    script = SHARDED.format(tests=str(ROOT / "tests"), sd=str(paths["sd"]), enc=str(paths["image_encoder"]),
+                            adapter=str(paths["adapter"]), image=str(paths["image"]), out=str(tmp_path / "x.npy"))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = jax_pipe("a red circle", ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=0.7)],
+                   num_inference_steps=4, height=16, width=16, num_images=8, seed=1)
+    assert rel_err(np.load(tmp_path / "x.npy"), one.latents) <= 1e-5
 
 
 def test_sample_py_matches_diffusers(paths, tmp_path):
