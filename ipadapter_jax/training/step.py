@@ -1,0 +1,199 @@
+"""The IP-Adapter training step as pure functions (paper section 4.1.2 and the
+official tutorial_train scripts).
+
+Per sample: VAE-encode the image (or take cached latents) and scale them;
+draw t ~ U{0..999} and Gaussian noise; DDPM ``add_noise``; encode the caption
+with the frozen text encoder (or take cached embeddings); encode the reference
+image with the frozen CLIP vision tower (or take cached embeddings); apply the
+conditioning dropout (one uniform r per sample: r < 0.05 image dropped,
+0.05 <= r < 0.10 caption set to "", 0.10 <= r < 0.15 both); project the image
+embedding to tokens; predict with the UNet and its image branches; MSE in
+float32 against the noise (or the velocity for v-prediction).
+
+Only the parameters whose path matches ``trainable`` (a regex over
+"/"-joined state paths, default the attached adapter: image projection and
+``to_k_ip``/``to_v_ip``) are differentiated and updated; everything else is
+frozen input. ``train_step`` is one jittable function of
+``(trainable, opt_state, frozen, batch, rng, step)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from ipadapter_jax import adapters as adapters_lib
+from ipadapter_jax import schedulers
+
+ADAPTER_ONLY = r"^ip_adapters/"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    """Static settings of the step (resolved in Python before jit)."""
+
+    prediction_type: str = "epsilon"          # or "v_prediction"
+    image_input: str = "image_embeds"         # what the adapter projects: "image_embeds" | "hidden_states"
+    image_drop_rate: float = 0.05
+    text_drop_rate: float = 0.05
+    both_drop_rate: float = 0.05
+    num_train_timesteps: int = 1000
+    scaling_factor: float = 0.18215
+    compute_dtype: Any = jnp.float32
+
+
+def path_filter(pattern: str) -> Callable:
+    """An nnx filter selecting ``Param``s whose "/"-joined path matches ``pattern``."""
+    regex = re.compile(pattern)
+
+    def select(path, value) -> bool:
+        return isinstance(value, nnx.Param) and bool(regex.search("/".join(str(p) for p in path)))
+
+    return select
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Graph definitions of the frozen encoders and of the UNet (with its attached
+    adapter), and the pure functions over their states.
+
+    ``frozen`` holds ``{"unet": rest-of-UNet state, "vae", "text_encoder",
+    "image_encoder"}`` (encoders may be absent when the batch carries cached
+    latents / embeddings); ``trainable`` is the UNet state selected by the rule.
+    """
+
+    unet_graphdef: Any
+    encoder_graphdefs: dict
+    config: StepConfig
+    optimizer: optax.GradientTransformation
+    alphas_cumprod: np.ndarray
+    vae_factor: int = 8
+    latent_channels: int = 4
+
+    @classmethod
+    def create(cls, unet, *, vae=None, text_encoder=None, image_encoder=None, optimizer=None,
+               trainable: str = ADAPTER_ONLY, config: StepConfig = StepConfig(),
+               scheduler_config: dict | None = None):
+        """Returns ``(trainer, trainable_state, frozen_state)``."""
+        if len(unet.ip_adapters) != 1:
+            raise ValueError(f"training expects exactly one attached IP-Adapter, found {len(unet.ip_adapters)}")
+        graphdef, trainable_state, rest = nnx.split(unet, path_filter(trainable), ...)
+        if not jax.tree.leaves(trainable_state):
+            raise ValueError(f"the trainable rule {trainable!r} selects no parameter")
+        frozen = {"unet": rest}
+        graphdefs = {}
+        for name, module in (("vae", vae), ("text_encoder", text_encoder), ("image_encoder", image_encoder)):
+            if module is not None:
+                graphdefs[name], frozen[name] = nnx.split(module)
+        optimizer = optimizer or optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
+        alphas = schedulers.ddpm_alphas_cumprod(scheduler_config or {})
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        trainer = cls(graphdef, graphdefs, config, optimizer, np.asarray(alphas), factor,
+                      unet.config.in_channels)
+        return trainer, trainable_state, frozen
+
+    def init_optimizer(self, trainable_state):
+        return self.optimizer.init(trainable_state)
+
+    # ------------------------------------------------------------------ pieces
+
+    def _module(self, name, frozen):
+        return nnx.merge(self.encoder_graphdefs[name], frozen[name])
+
+    def draw(self, rng, batch_size: int, latent_shape) -> dict:
+        """Timesteps, noise and dropout decisions for one batch (one uniform r per sample)."""
+        k_t, k_n, k_r, k_v = jax.random.split(rng, 4)
+        c = self.config
+        r = jax.random.uniform(k_r, (batch_size,))
+        drop_image = (r < c.image_drop_rate) | ((r >= c.image_drop_rate + c.text_drop_rate)
+                                                & (r < c.image_drop_rate + c.text_drop_rate + c.both_drop_rate))
+        drop_text = (r >= c.image_drop_rate) & (r < c.image_drop_rate + c.text_drop_rate + c.both_drop_rate)
+        return {"timesteps": jax.random.randint(k_t, (batch_size,), 0, c.num_train_timesteps),
+                "noise": jax.random.normal(k_n, latent_shape, jnp.float32),
+                "drop_image": drop_image, "drop_text": drop_text, "vae_key": k_v}
+
+    def encode(self, frozen, batch: dict, draws: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """-> (latents, text embeddings, image embeddings) with the dropout applied.
+
+        batch keys: ``pixels`` [B,H,W,3] in [-1,1] or ``latents`` (scaled);
+        ``input_ids`` [B,77] or ``text_embeds``; ``clip_pixels`` (normalised) or
+        ``image_embeds``; ``empty_text`` (ids [77] or embedding [77,C] of "");
+        ``uncond_image`` (what a dropped image becomes: zeros for image_embeds,
+        the encoder on zero pixels for hidden states; only needed with cached
+        hidden states).
+        """
+        c = self.config
+        if "latents" in batch:
+            latents = batch["latents"].astype(jnp.float32)
+        else:
+            vae = self._module("vae", frozen)
+            latents = vae.encode(batch["pixels"]).sample(draws["vae_key"]) * c.scaling_factor
+
+        drop_text = draws["drop_text"]
+        if "text_embeds" in batch:
+            text = jnp.where(drop_text[:, None, None], batch["empty_text"][None], batch["text_embeds"])
+        else:
+            ids = jnp.where(drop_text[:, None], batch["empty_text"][None], batch["input_ids"])
+            text = self._module("text_encoder", frozen)(ids).last_hidden_state
+
+        drop_image = draws["drop_image"]
+        if "image_embeds" in batch:
+            embeds = batch["image_embeds"].astype(jnp.float32)
+            uncond = batch.get("uncond_image", jnp.zeros_like(embeds[0]))
+            mask = drop_image.reshape((-1,) + (1,) * (embeds.ndim - 1))
+            embeds = jnp.where(mask, uncond[None], embeds)
+        else:
+            encoder = self._module("image_encoder", frozen)
+            pixels = batch["clip_pixels"]
+            if c.image_input == "hidden_states":
+                # Plus recipe: a dropped image is zero CLIP pixels through the encoder.
+                pixels = jnp.where(drop_image[:, None, None, None], 0.0, pixels)
+                embeds = encoder(pixels).hidden_states[-2].astype(jnp.float32)
+            else:
+                out = encoder(pixels).image_embeds.astype(jnp.float32)
+                embeds = jnp.where(drop_image[:, None], 0.0, out)
+        return latents, text, embeds
+
+    def loss(self, trainable, frozen, latents, text, image_embeds, noise, timesteps) -> jax.Array:
+        """MSE (float32) of the UNet's prediction, given everything sampled."""
+        c = self.config
+        unet = nnx.merge(self.unet_graphdef, trainable, frozen["unet"])
+        adapter = unet.ip_adapters[0]
+        alphas = jnp.asarray(self.alphas_cumprod, jnp.float32)
+        noisy = schedulers.ddpm_add_noise(alphas, latents, noise, timesteps)
+        tokens = adapter.project(image_embeds)
+        scale = jnp.ones((len(adapter.layers),), jnp.float32)
+        prompt = adapters_lib.ImagePrompt(tokens=tokens[:, None], scale=scale)
+        pred = unet(noisy, timesteps, text, [prompt]).astype(jnp.float32)
+        target = noise if c.prediction_type == "epsilon" else schedulers.ddpm_velocity(alphas, latents, noise,
+                                                                                        timesteps)
+        return jnp.mean((pred - target.astype(jnp.float32)) ** 2)
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array, step: jax.Array):
+        """One optimisation step; returns ``(trainable, opt_state, metrics)``."""
+        rng = jax.random.fold_in(rng, step)
+        latent_shape = self.latent_shape(frozen, batch)
+        draws = self.draw(rng, latent_shape[0], latent_shape)
+        latents, text, embeds = self.encode(frozen, batch, draws)
+        latents, text, embeds = jax.lax.stop_gradient((latents, text, embeds))
+        loss, grads = jax.value_and_grad(self.loss)(trainable, frozen, latents, text, embeds, draws["noise"],
+                                                   draws["timesteps"])
+        updates, opt_state = self.optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, metrics
+
+    def latent_shape(self, frozen, batch) -> tuple:
+        if "latents" in batch:
+            return batch["latents"].shape
+        b, h, w, _ = batch["pixels"].shape
+        return (b, h // self.vae_factor, w // self.vae_factor, self.latent_channels)
