@@ -1,1 +1,1 @@
-"""Python configs (get_config() -> ml_collections.ConfigDict) arrive with the training milestone."""
+"""Training configs: Python files whose get_config() returns an ml_collections.ConfigDict."""

@@ -185,8 +185,9 @@ class IPAdapter(nnx.Module):
         """Start ``to_k_ip``/``to_v_ip`` from the UNet's ``to_k``/``to_v`` (the
         paper's initialisation for training)."""
         for layer, info in zip(self.layers, unet.cross_attention_layers()):
-            layer.to_k_ip.kernel.set_value(info.attention.to_k.kernel[...])
-            layer.to_v_ip.kernel.set_value(info.attention.to_v.kernel[...])
+            # Copies: sharing buffers with the frozen UNet would break buffer donation.
+            layer.to_k_ip.kernel.set_value(jnp.array(info.attention.to_k.kernel[...], copy=True))
+            layer.to_v_ip.kernel.set_value(jnp.array(info.attention.to_v.kernel[...], copy=True))
 
 
 def attach(unet, adapter: IPAdapter) -> int:

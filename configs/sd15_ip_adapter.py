@@ -1,0 +1,67 @@
+"""IP-Adapter (base) on SD 1.5, the paper's recipe (section 4.1.2).
+
+    python train.py --config configs/sd15_ip_adapter.py \\
+        --config.model.pretrained=stable-diffusion-v1-5 \\
+        --config.model.image_encoder=IP-Adapter/models/image_encoder \\
+        --config.data.json_file=data.json --config.data.image_root=images/
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.workdir = "runs/sd15_ip_adapter"
+    c.seed = 0
+
+    c.model = ml_collections.ConfigDict()
+    c.model.pretrained = ""          # diffusers SD folder (unet, vae, text_encoder, tokenizer, scheduler)
+    c.model.image_encoder = ""       # CLIP vision folder (OpenCLIP ViT-H/14 for the official SD1.5 adapters)
+    c.model.variant = "base"         # base | plus (a new adapter); ignored with adapter_init
+    c.model.num_tokens = 4           # image tokens (base: 4; plus: 16)
+    c.model.adapter_init = ""        # optional official adapter file to continue from
+
+    c.data = ml_collections.ConfigDict()
+    c.data.kind = "json"             # json | tfds | cached
+    c.data.json_file = ""
+    c.data.image_root = ""
+    c.data.tfds_name = ""
+    c.data.tfds_dir = ""
+    c.data.split = "train"
+    c.data.image_key = "image"
+    c.data.text_key = "text"
+    c.data.cache_dir = ""
+    c.data.resolution = 512
+    c.data.batch_size = 8            # global, over all processes
+    c.data.workers = 4
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.lr = 1e-4
+    c.optimizer.weight_decay = 0.01
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.clip_norm = 0.0      # 0: no clipping (paper)
+    c.optimizer.accumulate = 1       # gradient accumulation steps
+    c.optimizer.schedule = "constant"  # constant | cosine
+    c.optimizer.warmup_steps = 0
+
+    c.step = ml_collections.ConfigDict()
+    c.step.prediction_type = "epsilon"   # epsilon | v_prediction
+    c.step.compute_dtype = "float32"     # float32 | bfloat16 (float32 master weights either way)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1_000_000
+    c.train.log_every = 50
+    c.train.save_every = 2000
+    c.train.keep = 3
+    c.train.trainable = r"^ip_adapters/"   # regex over state paths: what the optimizer sees
+    c.train.export = ""                    # default: <workdir>/ip_adapter.safetensors
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                 # -1: all devices not used by fsdp
+    c.mesh.fsdp = 1
+    # (path regex, PartitionSpec axes) rules; unmatched parameters are replicated. Example for FSDP of the
+    # frozen UNet's large kernels: [(r"^unet/.*kernel$", (None, "fsdp"))]
+    c.sharding_rules = []
+    return c

@@ -1,0 +1,220 @@
+"""Training data: random-access sources and a grain loader.
+
+Sources (each ``__len__`` / ``__getitem__`` -> dict of numpy arrays):
+* ``JsonImageTextSource``: the official tutorial format, a json list of
+  ``{"image_file": "1.png", "text": "A dog"}`` plus an image root;
+* ``TFDSImageTextSource``: any TFDS dataset with an image and a text feature,
+  read through TFDS' TF-free ``as_data_source`` API;
+* ``CachedSource``: latents / text embeddings / image embeddings precomputed
+  by ``cache_features`` (skips the VAE and encoders in every step).
+
+Every image is resized on its shortest side and center-cropped to the
+resolution, normalised to [-1, 1] (``pixels``), and also prepared for CLIP
+(``clip_pixels``, the ``CLIPImageProcessor`` recipe). A corrupt or unreadable
+image is skipped (the next record is used) and counted in the record's
+``skipped`` field, which the training loop sums into its logs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ipadapter_jax import image_encoding
+
+log = logging.getLogger(__name__)
+
+
+def load_rgb(image) -> "Image.Image":  # noqa: F821
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = image_encoding.load_image(image)
+    elif isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return Image.fromarray(image_encoding.to_rgb(image))
+
+
+def train_pixels(image, resolution: int) -> np.ndarray:
+    """Shortest side -> ``resolution`` (bilinear, as the official transforms),
+    center crop, [-1, 1], HWC float32."""
+    from PIL import Image
+
+    rgb = load_rgb(image)
+    w, h = rgb.size
+    scale = resolution / min(w, h)
+    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    rgb = rgb.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    pixels = np.asarray(rgb.crop((left, top, left + resolution, top + resolution)), np.float32)
+    return pixels / 127.5 - 1.0
+
+
+class _ImageTextBase:
+    """Shared record building: image -> pixels + clip_pixels, text -> input_ids."""
+
+    def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16):
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.clip_size = clip_size
+        self.max_retries = max_retries
+
+    def _raw(self, index: int) -> tuple[Any, str]:
+        raise NotImplementedError
+
+    def _describe(self, index: int) -> str:
+        return f"record {index}"
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = 0
+        for attempt in range(self.max_retries):
+            i = (index + attempt) % len(self)
+            try:
+                image, text = self._raw(i)
+                rgb = load_rgb(image)
+                pixels = train_pixels(rgb, self.resolution)
+                clip = image_encoding.preprocess([rgb], self.clip_size, self.clip_size)[0]
+            except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
+                log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
+                skipped += 1
+                continue
+            ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="np").input_ids[0].astype(np.int32)
+            return {"pixels": pixels, "clip_pixels": clip, "input_ids": ids, "skipped": np.int32(skipped)}
+        raise RuntimeError(f"{self.max_retries} unreadable images in a row from {self._describe(index)}; "
+                           "is the image root right?")
+
+
+class JsonImageTextSource(_ImageTextBase):
+    """The official tutorial's data: ``[{"image_file": ..., "text": ...}, ...]``."""
+
+    def __init__(self, json_file: str | os.PathLike, image_root: str | os.PathLike, tokenizer, resolution: int,
+                 **kwargs):
+        super().__init__(tokenizer, resolution, **kwargs)
+        json_file, self.image_root = Path(json_file), Path(image_root)
+        self.json_file = json_file
+        if not json_file.is_file():
+            raise FileNotFoundError(f"data json not found: {json_file}")
+        if not self.image_root.is_dir():
+            raise FileNotFoundError(f"image root folder not found: {self.image_root}")
+        try:
+            records = json.loads(json_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{json_file} is not valid JSON: {e}") from None
+        if not isinstance(records, list) or not records:
+            raise ValueError(f"{json_file}: expected a non-empty list of {{'image_file', 'text'}} records")
+        for i, r in enumerate(records[:1000]):
+            if not isinstance(r, dict) or "image_file" not in r or "text" not in r:
+                raise ValueError(f"{json_file}: record {i} lacks 'image_file' or 'text': {r!r}")
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __repr__(self) -> str:
+        # grain checks the data source on restore by its repr: it must be stable across processes.
+        return (f"JsonImageTextSource(json_file={self.json_file}, image_root={self.image_root}, "
+                f"resolution={self.resolution}, records={len(self)})")
+
+    def _raw(self, index):
+        r = self.records[index]
+        return self.image_root / r["image_file"], r["text"]
+
+    def _describe(self, index):
+        return str(self.image_root / self.records[index]["image_file"])
+
+
+class TFDSImageTextSource(_ImageTextBase):
+    """A TFDS dataset (prepared in ``data_dir``) with an image and a text feature,
+    read with ``builder.as_data_source`` (no TensorFlow needed)."""
+
+    def __init__(self, name: str, data_dir: str | os.PathLike, tokenizer, resolution: int, *, split: str = "train",
+                 image_key: str = "image", text_key: str = "text", **kwargs):
+        super().__init__(tokenizer, resolution, **kwargs)
+        import tensorflow_datasets as tfds
+
+        if not Path(data_dir).is_dir():
+            raise FileNotFoundError(f"TFDS data_dir not found: {data_dir}")
+        builder = tfds.builder(name, data_dir=str(data_dir))
+        self.source = builder.as_data_source(split=split)
+        if len(self.source) == 0:
+            raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
+        self.image_key, self.text_key = image_key, text_key
+        self.description = f"TFDSImageTextSource({name}, data_dir={data_dir}, split={split}, resolution={resolution})"
+
+    def __len__(self):
+        return len(self.source)
+
+    def __repr__(self):
+        return self.description
+
+    def _raw(self, index):
+        ex = self.source[index]
+        text = ex[self.text_key]
+        return np.asarray(ex[self.image_key]), text.decode() if isinstance(text, bytes) else str(text)
+
+
+class CachedSource:
+    """Precomputed features (``cache_features``): ``latents``, ``text_embeds``,
+    ``image_embeds`` per record, memory-mapped from one .npz-like folder."""
+
+    def __init__(self, folder: str | os.PathLike):
+        folder = Path(folder)
+        self.folder = folder
+        if not folder.is_dir():
+            raise FileNotFoundError(f"feature cache not found: {folder}")
+        self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
+        needed = {"latents", "text_embeds", "image_embeds"}
+        if not needed <= self.arrays.keys():
+            raise ValueError(f"{folder} lacks {sorted(needed - self.arrays.keys())}.npy (see cache_features)")
+        n = {len(a) for k, a in self.arrays.items() if k in needed}
+        if len(n) != 1 or 0 in n:
+            raise ValueError(f"{folder}: feature arrays have different or zero lengths {n}")
+
+    def __len__(self):
+        return len(self.arrays["latents"])
+
+    def __repr__(self):
+        return f"CachedSource({self.folder}, records={len(self)})"
+
+    def __getitem__(self, index):
+        out = {k: np.asarray(self.arrays[k][index]) for k in ("latents", "text_embeds", "image_embeds")}
+        out["skipped"] = np.int32(0)
+        return out
+
+
+def make_loader(source, *, batch_size: int, seed: int, workers: int = 0, shard_by_process: bool = True):
+    """A grain DataLoader: deterministic shuffling by seed, endless epochs,
+    per-process shards, batches of ``batch_size`` (per process)."""
+    import grain.python as grain
+
+    if len(source) < batch_size:
+        raise ValueError(f"the dataset has {len(source)} records, fewer than one batch of {batch_size}")
+    sampler = grain.IndexSampler(num_records=len(source), shuffle=True, seed=seed, num_epochs=None,
+                                 shard_options=grain.ShardByJaxProcess(drop_remainder=True) if shard_by_process
+                                 else grain.NoSharding())
+    return grain.DataLoader(data_source=source, sampler=sampler,
+                            operations=[grain.Batch(batch_size, drop_remainder=True)], worker_count=workers)
+
+
+def cache_features(source, folder: str | os.PathLike, encode_fn, *, batch_size: int = 16) -> Path:
+    """Run ``encode_fn(batch) -> {"latents", "text_embeds", "image_embeds"}``
+    (the frozen encoders, jitted) over ``source`` once and write the arrays."""
+    from tqdm.auto import tqdm
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    chunks: dict[str, list] = {}
+    for start in tqdm(range(0, len(source), batch_size), desc="caching features"):
+        items = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+        batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
+        for k, v in encode_fn(batch).items():
+            chunks.setdefault(k, []).append(np.asarray(v, np.float32))
+    for k, parts in chunks.items():
+        np.save(folder / f"{k}.npy", np.concatenate(parts))
+    return folder

@@ -1,0 +1,258 @@
+"""The training loop: build models and data from a config, shard, step,
+log, checkpoint (orbax, async, resumable), export the adapter.
+
+Read top to bottom: ``train(config)`` is the whole recipe in sections.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ipadapter_jax import adapters as adapters_lib
+from ipadapter_jax.training import data as data_lib
+from ipadapter_jax.training import sharding as sharding_lib
+from ipadapter_jax.training.step import StepConfig, Trainer, path_filter
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    """AdamW (paper: lr 1e-4, weight decay 0.01, no clipping) with optional
+    warmup/cosine schedule, global-norm clipping and gradient accumulation."""
+    o = cfg.optimizer
+    if o.schedule == "constant":
+        lr = optax.constant_schedule(o.lr) if not o.warmup_steps else optax.linear_schedule(0.0, o.lr, o.warmup_steps)
+        if o.warmup_steps:
+            lr = optax.join_schedules([lr, optax.constant_schedule(o.lr)], [o.warmup_steps])
+    elif o.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), cfg.train.steps)
+    else:
+        raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+    chain = []
+    if o.clip_norm:
+        chain.append(optax.clip_by_global_norm(o.clip_norm))
+    chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    opt = optax.chain(*chain) if len(chain) > 1 else chain[0]
+    if o.accumulate > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=o.accumulate)
+    return opt, lr
+
+
+def build_models(cfg):
+    """UNet (+ a new or loaded IP-Adapter), VAE, text encoder, tokenizer, image
+    encoder and scheduler config from ``cfg.model``."""
+    from transformers import CLIPTokenizer
+
+    from ipadapter_jax import schedulers
+    from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+    from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection,
+                                      UNet2DConditionModel)
+    from ipadapter_jax.models.image_proj import ImageProjModel, Resampler
+
+    m = cfg.model
+    root = Path(m.pretrained)
+    if not m.pretrained or not root.is_dir():
+        raise FileNotFoundError(f"model.pretrained must be a diffusers SD folder, got {m.pretrained!r}")
+    dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(root / "vae")
+    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype)
+    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
+    if not m.image_encoder:
+        raise FileNotFoundError("model.image_encoder must be a CLIP vision folder (transformers layout)")
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(m.image_encoder, dtype=dtype)
+    if m.adapter_init:
+        adapter = load_ip_adapter(m.adapter_init, unet)
+    else:
+        rngs = nnx.Rngs(cfg.seed)
+        c = unet.cross_attention_layers()[0].token_dim
+        enc = image_encoder.config
+        if m.variant == "base":
+            proj = ImageProjModel(enc.projection_dim, c, m.num_tokens, rngs=rngs)
+        elif m.variant == "plus":
+            proj = Resampler(dim=c, depth=4, dim_head=64, heads=max(c // 64, 1), num_queries=m.num_tokens,
+                             embedding_dim=enc.hidden_size, output_dim=c, rngs=rngs)
+        else:
+            raise ValueError(f"model.variant must be 'base' or 'plus' to train a new adapter, got {m.variant!r}")
+        adapter = adapters_lib.IPAdapter.for_unet(unet, proj, variant=m.variant, rngs=rngs)
+        adapter.init_from_unet(unet)
+        adapters_lib.attach(unet, adapter)
+    return unet, vae, text_encoder, tokenizer, image_encoder, schedulers.load_scheduler_config(root)
+
+
+def build_source(cfg, tokenizer):
+    d = cfg.data
+    if d.kind == "json":
+        return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution)
+    if d.kind == "tfds":
+        return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
+                                            image_key=d.image_key, text_key=d.text_key)
+    if d.kind == "cached":
+        return data_lib.CachedSource(d.cache_dir)
+    raise ValueError(f"data.kind must be 'json', 'tfds' or 'cached', got {d.kind!r}")
+
+
+def _metrics_writer(path: Path, resume_step: int):
+    """CSV of per-step metrics; on resume, rows past the restored step are dropped."""
+    fields = ["step", "loss", "grad_norm", "lr", "steps_per_s", "samples_per_s", "skipped_images"]
+    rows = []
+    if path.exists() and resume_step:
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    f.flush()
+    return f, writer
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train(cfg) -> dict:
+    """Train an IP-Adapter as ``cfg`` says; returns a summary. Resumes from the
+    latest checkpoint in ``cfg.workdir`` when there is one."""
+    import grain.python as grain
+    import orbax.checkpoint as ocp
+    from tqdm.auto import tqdm
+
+    from ipadapter_jax.convert.ip_adapter import save_ip_adapter
+
+    workdir = Path(cfg.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    # --- models and data (errors here come before any compilation)
+    unet, vae, text_encoder, tokenizer, image_encoder, sched_cfg = build_models(cfg)
+    source = build_source(cfg, tokenizer)
+    per_process_batch = cfg.data.batch_size // jax.process_count()
+    loader = data_lib.make_loader(source, batch_size=per_process_batch, seed=cfg.seed, workers=cfg.data.workers)
+    data_iter = iter(loader)
+    cached = cfg.data.kind == "cached"
+    constants = {"empty_text": (np.asarray(tokenizer("", padding="max_length",
+                                                     max_length=tokenizer.model_max_length,
+                                                     return_tensors="np").input_ids[0], np.int32))}
+
+    # --- the step
+    optimizer, lr_schedule = make_optimizer(cfg)
+    step_cfg = StepConfig(prediction_type=cfg.step.prediction_type,
+                          image_input="hidden_states" if cfg.model.variant == "plus" else "image_embeds",
+                          scaling_factor=vae.scaling_factor)
+    trainer, trainable, frozen = Trainer.create(
+        unet, vae=None if cached else vae, text_encoder=None if cached else text_encoder,
+        image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,
+        config=step_cfg, scheduler_config=sched_cfg)
+    if cached:
+        text_encoder_fn = nnx.split(text_encoder)
+        constants["empty_text"] = np.asarray(nnx.merge(*text_encoder_fn)(constants["empty_text"][None])
+                                             .last_hidden_state[0])
+    opt_state = trainer.init_optimizer(trainable)
+
+    # --- sharding: params by rules, batch over (data, fsdp)
+    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    rules = [(pattern, P(*spec)) for pattern, spec in cfg.sharding_rules]
+    put = lambda tree: jax.device_put(tree, sharding_lib.param_shardings(tree, mesh, rules))
+    trainable, opt_state, frozen = put(trainable), put(opt_state), put(frozen)
+    step_fn = jax.jit(trainer.train_step, donate_argnums=(0, 1))
+    base_rng = jax.random.key(cfg.seed)
+
+    # --- checkpoints: resume from the latest in workdir, else an explicit resume path
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep, enable_async_checkpointing=True)
+    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(), options=options,
+                                    item_names=("state", "data", "config"))
+    start = 0
+    restore_from = manager.latest_step()
+    if restore_from is not None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt_state": opt_state})
+        restored = manager.restore(restore_from, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), data=grain.PyGrainCheckpointRestore(data_iter)))
+        trainable, opt_state = restored.state["trainable"], restored.state["opt_state"]
+        start = restore_from
+        log.info("resumed from %s at step %d", manager.directory, start)
+    metrics_file, writer = _metrics_writer(workdir / "metrics.csv", start)
+
+    # --- loop
+    skipped_total = 0
+    last = time.perf_counter()
+    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="training",
+               disable=jax.process_index() != 0)
+    loss_value = math.nan
+    try:
+        for step in bar:
+            host_batch = next(data_iter)
+            skipped_total += int(np.sum(host_batch.pop("skipped")))
+            if cached:
+                host_batch = {"latents": host_batch["latents"], "text_embeds": host_batch["text_embeds"],
+                              "image_embeds": host_batch["image_embeds"]}
+            batch = sharding_lib.put_batch({**host_batch, **constants}, mesh)
+            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, base_rng,
+                                                    jnp.int32(step))
+            if (step + 1) % cfg.train.log_every == 0 or step + 1 == cfg.train.steps:
+                loss_value = float(metrics["loss"])
+                if not math.isfinite(loss_value):
+                    raise TrainingError(f"loss is {loss_value} at step {step + 1}; stopping. The last good "
+                                        f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}")
+                now = time.perf_counter()
+                sps = cfg.train.log_every / max(now - last, 1e-9)
+                last = now
+                row = {"step": step + 1, "loss": loss_value, "grad_norm": float(metrics["grad_norm"]),
+                       "lr": float(lr_schedule(step)), "steps_per_s": sps,
+                       "samples_per_s": sps * cfg.data.batch_size, "skipped_images": skipped_total}
+                writer.writerow(row)
+                metrics_file.flush()
+                bar.set_postfix(loss=f"{loss_value:.4f}", skipped=skipped_total)
+            if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+                manager.save(step + 1, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
+                    data=grain.PyGrainCheckpointSave(data_iter), config=ocp.args.JsonSave(cfg.to_dict())))
+    finally:
+        manager.wait_until_finished()
+        metrics_file.close()
+
+    # --- export the adapter in the official format
+    adapter = nnx.merge(trainer.unet_graphdef, trainable, frozen["unet"]).ip_adapters[0]
+    export = Path(cfg.train.export or workdir / "ip_adapter.safetensors")
+    if jax.process_index() == 0:
+        save_ip_adapter(adapter, export)
+    return {"steps": cfg.train.steps, "final_loss": loss_value, "export": str(export),
+            "skipped_images": skipped_total, "resumed_from": start}
+
+
+def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | None = None) -> Path:
+    """Export the adapter of any saved checkpoint (default: the latest) to the
+    official ``.safetensors`` format."""
+    import orbax.checkpoint as ocp
+
+    from ipadapter_jax.convert.ip_adapter import save_ip_adapter
+
+    unet, *_ = build_models(cfg)
+    graphdef, trainable, rest = nnx.split(unet, path_filter(cfg.train.trainable), ...)
+    optimizer, _ = make_optimizer(cfg)
+    target = {"trainable": trainable, "opt_state": optimizer.init(trainable)}
+    manager = ocp.CheckpointManager((Path(cfg.workdir) / "checkpoints").absolute(),
+                                    item_names=("state", "data", "config"))
+    step = step if step is not None else manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {cfg.workdir}/checkpoints")
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+    adapter = nnx.merge(graphdef, restored.state["trainable"], rest).ip_adapters[0]
+    return save_ip_adapter(adapter, out or Path(cfg.workdir) / f"ip_adapter_step{step}.safetensors")
