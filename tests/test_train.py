@@ -131,3 +131,15 @@ def test_config_typo_fails(setup, tmp_path):
     result = subprocess.run(command(setup, tmp_path / "x", extra=["--config.optimizer.learning_rate=1"]),
                             capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert result.returncode != 0 and "learning_rate" in result.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
+    workdir = tmp_path / "nan"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    cmd = command(setup, workdir, steps=8, extra=["--config.optimizer.lr=1e30", "--config.train.save_every=1"])
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode != 0
+    assert "stopping. The last good checkpoint" in result.stderr, result.stderr[-2000:]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    bad_step = len(losses(workdir)) + 1
+    assert saved and max(saved) < bad_step

@@ -28,10 +28,11 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence | None = None) ->
 
 
 def _path_str(path) -> str:
-    parts = []
-    for p in path:
-        key = getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))
-        parts.append(str(key))
+    """"/"-joined pytree path, without the ``value`` attribute of NNX Variables
+    (so rules read like state paths: ``unet/down_blocks/0/.../kernel``)."""
+    parts = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
+    if parts and parts[-1] == "value" and type(path[-1]).__name__ == "GetAttrKey":
+        parts.pop()
     return "/".join(parts)
 
 
