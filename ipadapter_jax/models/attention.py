@@ -86,7 +86,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         kernel, bf16/fp16 on NVIDIA GPUs) or ``"auto"`` (see ``resolve_backend``).
     """
     backend = resolve_backend(backend)
-    if backend == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16):
+    # cuDNN's fused backward rejects key lengths such as 77 text tokens; those short
+    # cross-attentions are cheap, so only long self-attention goes to cuDNN.
+    if backend == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and k.shape[1] % 64 == 0:
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if backend in ("jax", "cudnn"):  # cuDNN's fused kernels take half precision only
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
