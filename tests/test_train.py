@@ -143,3 +143,33 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(setup, tmp_path):
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     bad_step = len(losses(workdir)) + 1
     assert saved and max(saved) < bad_step
+
+
+def test_train_on_a_tfds_dataset(setup, tmp_path):
+    """A TFDS dataset prepared in a data_dir (uint8 Tensor image + Text: no
+    TensorFlow needed), read by name through the TF-free data-source API."""
+    import tensorflow_datasets as tfds
+
+    class TinyPictures(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Tensor(shape=(24, 20, 3), dtype=np.uint8), "caption": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng = np.random.default_rng(0)
+            for i in range(8):
+                yield i, {"image": rng.integers(0, 256, (24, 20, 3), dtype=np.uint8), "caption": f"picture {i}"}
+
+    data_dir = tmp_path / "tfds"
+    TinyPictures(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    workdir = tmp_path / "run"
+    cmd = command(setup, workdir, steps=6, extra=["--config.data.kind=tfds", "--config.data.tfds_name=tiny_pictures",
+                                                  f"--config.data.tfds_dir={data_dir}",
+                                                  "--config.data.text_key=caption"])
+    run(cmd)
+    assert len(losses(workdir)) == 6 and (workdir / "ip_adapter.safetensors").is_file()
