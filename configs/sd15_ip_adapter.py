@@ -30,7 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.split = "train"
     c.data.image_key = "image"
     c.data.text_key = "text"
-    c.data.cache_dir = ""
+    c.data.cache_dir = ""            # kind=cached: read it; json/tfds: encode once into it, then train from it
     c.data.resolution = 512
     c.data.batch_size = 8            # global, over all processes
     c.data.workers = 4

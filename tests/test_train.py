@@ -173,3 +173,15 @@ def test_train_on_a_tfds_dataset(setup, tmp_path):
                                                   "--config.data.text_key=caption"])
     run(cmd)
     assert len(losses(workdir)) == 6 and (workdir / "ip_adapter.safetensors").is_file()
+
+
+def test_train_from_cached_features(setup, tmp_path):
+    """data.cache_dir: the json dataset is encoded once by the frozen encoders, then
+    training reads only the cached latents / embeddings (and reuses the cache)."""
+    workdir, cache = tmp_path / "run", tmp_path / "cache"
+    run(command(setup, workdir, steps=6, extra=[f"--config.data.cache_dir={cache}"]))
+    assert {p.name for p in cache.iterdir()} >= {"latents.npy", "text_embeds.npy", "image_embeds.npy"}
+    assert np.load(cache / "latents.npy").shape[1:] == (8, 8, 4)
+    assert len(losses(workdir)) == 6 and np.isfinite(losses(workdir)).all()
+    run(command(setup, tmp_path / "run2", steps=3, extra=[f"--config.data.cache_dir={cache}",
+                                                          "--config.data.kind=cached"]))

@@ -111,6 +111,35 @@ def build_source(cfg, tokenizer):
     raise ValueError(f"data.kind must be 'json', 'tfds' or 'cached', got {d.kind!r}")
 
 
+def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) -> data_lib.CachedSource:
+    """Encode the dataset once with the frozen VAE / text / image encoders into
+    ``data.cache_dir`` (reused when it exists) and train from the cache. The
+    cache holds the posterior mean of each latent (one fixed draw instead of a
+    fresh sample per step: the usual trade of feature caching)."""
+    folder = Path(cfg.data.cache_dir)
+    if (folder / "latents.npy").exists():
+        log.info("using cached features in %s", folder)
+        return data_lib.CachedSource(folder)
+    graphs = {name: nnx.split(m) for name, m in
+              (("vae", vae), ("text", text_encoder), ("image", image_encoder))}
+
+    @jax.jit
+    def encode(states, pixels, ids, clip):
+        vae_m = nnx.merge(graphs["vae"][0], states["vae"])
+        text_m = nnx.merge(graphs["text"][0], states["text"])
+        image_m = nnx.merge(graphs["image"][0], states["image"])
+        image_out = image_m(clip)
+        return {"latents": vae_m.encode(pixels).mean * vae_m.scaling_factor,
+                "text_embeds": text_m(ids).last_hidden_state,
+                "image_embeds": image_out.hidden_states[-2] if plus else image_out.image_embeds}
+
+    states = {name: g[1] for name, g in graphs.items()}
+    if jax.process_index() == 0:
+        data_lib.cache_features(source, folder, lambda b: encode(states, b["pixels"], b["input_ids"],
+                                                                  b["clip_pixels"]))
+    return data_lib.CachedSource(folder)
+
+
 def _metrics_writer(path: Path, resume_step: int):
     """CSV of per-step metrics; on resume, rows past the restored step are dropped."""
     fields = ["step", "loss", "grad_norm", "lr", "steps_per_s", "samples_per_s", "skipped_images"]
@@ -143,10 +172,13 @@ def train(cfg) -> dict:
     # --- models and data (errors here come before any compilation)
     unet, vae, text_encoder, tokenizer, image_encoder, sched_cfg = build_models(cfg)
     source = build_source(cfg, tokenizer)
+    plus = cfg.model.variant == "plus"
+    if cfg.data.kind != "cached" and cfg.data.cache_dir:
+        source = _cached_source(cfg, source, vae, text_encoder, image_encoder, plus)
     per_process_batch = cfg.data.batch_size // jax.process_count()
     loader = data_lib.make_loader(source, batch_size=per_process_batch, seed=cfg.seed, workers=cfg.data.workers)
     data_iter = iter(loader)
-    cached = cfg.data.kind == "cached"
+    cached = isinstance(source, data_lib.CachedSource)
     constants = {"empty_text": (np.asarray(tokenizer("", padding="max_length",
                                                      max_length=tokenizer.model_max_length,
                                                      return_tensors="np").input_ids[0], np.int32))}
@@ -161,9 +193,13 @@ def train(cfg) -> dict:
         image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,
         config=step_cfg, scheduler_config=sched_cfg)
     if cached:
-        text_encoder_fn = nnx.split(text_encoder)
-        constants["empty_text"] = np.asarray(nnx.merge(*text_encoder_fn)(constants["empty_text"][None])
-                                             .last_hidden_state[0])
+        # Dropped captions / images become these constants (the encoders are not in the step).
+        constants["empty_text"] = np.asarray(text_encoder(constants["empty_text"][None]).last_hidden_state[0],
+                                             np.float32)
+        if plus:
+            size = image_encoder.config.image_size
+            zero = np.zeros((1, size, size, 3), np.float32)
+            constants["uncond_image"] = np.asarray(image_encoder(zero).hidden_states[-2][0], np.float32)
     opt_state = trainer.init_optimizer(trainable)
 
     # --- sharding: params by rules, batch over (data, fsdp)
