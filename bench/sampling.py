@@ -47,6 +47,41 @@ def random_ip_adapter(torch_unet, clip_dim: int, seed: int = 0) -> dict[str, np.
     return state
 
 
+def paired_models(config: dict, clip_dim: int, dtype, attention: str):
+    """The same random SD UNet in diffusers and in JAX, and a random base
+    IP-Adapter attached to the JAX one; returns (torch_unet, ip_state, unet, adapter)."""
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+    from ipadapter_jax.models import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    torch_unet = TorchUNet(**config).eval()
+    ip_state = random_ip_adapter(torch_unet, clip_dim)
+    unet, _ = load_state_dict_into(
+        lambda: UNet2DConditionModel(config, dtype=dtype, attention_backend=attention, rngs=nnx.Rngs(0)),
+        {k: v.numpy() for k, v in torch_unet.state_dict().items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(ip_state, f"{tmp}/ip.safetensors")
+        adapter = load_ip_adapter(f"{tmp}/ip.safetensors", unet)
+    return torch_unet, ip_state, unet, adapter
+
+
+def torch_ip_state(ip_state: dict) -> dict:
+    """Official flat layout -> the nested dict diffusers' ``_load_ip_adapter_weights`` takes."""
+    import torch
+
+    nested = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in ip_state.items():
+        group, name = key.split(".", 1)
+        nested[group][name] = torch.from_numpy(value)
+    return nested
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=["sd15", "small"], default="small")
@@ -67,27 +102,14 @@ def main():
     import torch
     from diffusers import DDIMScheduler, UNet2DConditionModel as TorchUNet
     from flax import nnx
-    from safetensors.numpy import save_file
 
     from ipadapter_jax import adapters, schedulers
-    from ipadapter_jax.convert import load_state_dict_into
-    from ipadapter_jax.convert.ip_adapter import load_ip_adapter
-    from ipadapter_jax.models import UNet2DConditionModel
     from ipadapter_jax.pipeline import make_denoise_loop
 
     config = SD15 if args.config == "sd15" else SMALL
     clip_dim = 1024 if args.config == "sd15" else 32
-    torch.manual_seed(0)
-    torch_unet = TorchUNet(**config).eval()
-    ip_state = random_ip_adapter(torch_unet, clip_dim)
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    unet, _ = load_state_dict_into(lambda: UNet2DConditionModel(config, dtype=jdtype,
-                                                                        attention_backend=args.attention,
-                                                                        rngs=nnx.Rngs(0)),
-                                   {k: v.numpy() for k, v in torch_unet.state_dict().items()})
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(ip_state, f"{tmp}/ip.safetensors")
-        adapter = load_ip_adapter(f"{tmp}/ip.safetensors", unet)
+    torch_unet, ip_state, unet, adapter = paired_models(config, clip_dim, jdtype, args.attention)
     scales = adapters.layer_scales(unet, 0.7)
 
     sched = schedulers.make_scheduler("ddim", SCHEDULER)
@@ -124,11 +146,7 @@ def main():
             tdtype = torch.float16 if args.device.startswith("cuda") else torch.float32
             tu = TorchUNet(**config).eval()
             tu.load_state_dict(torch_unet.state_dict())
-            nested = {"image_proj": {}, "ip_adapter": {}}
-            for k, v in ip_state.items():
-                group, name = k.split(".", 1)
-                nested[group][name] = torch.from_numpy(v)
-            tu._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
+            tu._load_ip_adapter_weights([torch_ip_state(ip_state)], low_cpu_mem_usage=False)
             for proc in tu.attn_processors.values():
                 if hasattr(proc, "scale"):
                     proc.scale = [0.7]

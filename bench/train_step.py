@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from harness import median, report, time_runs  # noqa: E402
-from sampling import PEAK_BF16, SCHEDULER, random_ip_adapter  # noqa: E402
+from sampling import PEAK_BF16, SCHEDULER, paired_models, torch_ip_state  # noqa: E402
 from unet_forward import SD15, SMALL  # noqa: E402
 
 
@@ -44,29 +43,16 @@ def main():
     import jax
     import jax.numpy as jnp
     import torch
-    from diffusers import DDPMScheduler, UNet2DConditionModel as TorchUNet
-    from flax import nnx
-    from safetensors.numpy import save_file
+    from diffusers import DDPMScheduler
 
-    from ipadapter_jax.convert import load_state_dict_into
-    from ipadapter_jax.convert.ip_adapter import load_ip_adapter
-    from ipadapter_jax.models import UNet2DConditionModel
     from ipadapter_jax.training.step import StepConfig, Trainer
 
     config = SD15 if args.config == "sd15" else SMALL
     clip_dim = 1024 if args.config == "sd15" else 32
     c = config["cross_attention_dim"]
-    torch.manual_seed(0)
-    torch_unet = TorchUNet(**config).train()
-    ip_state = random_ip_adapter(torch_unet, clip_dim)
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    unet, _ = load_state_dict_into(lambda: UNet2DConditionModel(config, dtype=jdtype,
-                                                                        attention_backend=args.attention,
-                                                                        rngs=nnx.Rngs(0)),
-                                   {k: v.numpy() for k, v in torch_unet.state_dict().items()})
-    with tempfile.TemporaryDirectory() as tmp:
-        save_file(ip_state, f"{tmp}/ip.safetensors")
-        load_ip_adapter(f"{tmp}/ip.safetensors", unet)
+    torch_unet, ip_state, unet, _ = paired_models(config, clip_dim, jdtype, args.attention)
+    torch_unet.train()
     trainer, trainable, frozen = Trainer.create(unet, config=StepConfig(), scheduler_config=SCHEDULER)
     opt_state = trainer.init_optimizer(trainable)
 
@@ -102,11 +88,7 @@ def main():
     if not args.skip_torch:
         device = args.device
         tu = torch_unet.to(device)
-        nested = {"image_proj": {}, "ip_adapter": {}}
-        for k, v in ip_state.items():
-            group, name = k.split(".", 1)
-            nested[group][name] = torch.from_numpy(v)
-        tu._load_ip_adapter_weights([nested], low_cpu_mem_usage=False)
+        tu._load_ip_adapter_weights([torch_ip_state(ip_state)], low_cpu_mem_usage=False)
         tu.to(device)
         for p in tu.parameters():
             p.requires_grad_(False)

@@ -14,17 +14,8 @@ from ipadapter_jax import adapters
 from ipadapter_jax.convert import CheckpointError
 from ipadapter_jax.convert.ip_adapter import load_ip_adapter, save_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
-from test_ip_adapter import B, embeds_for, inputs, project, torch_forward, torch_unet, write_official
-
-
-@pytest.fixture(scope="module")
-def unet_folder(tmp_path_factory):
-    from diffusers import UNet2DConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("unet")
-    TorchUNet(**fx.UNET).save_pretrained(folder)
-    return folder
+from test_ip_adapter import (B, embeds_for, inputs, project, torch_forward, torch_unet,  # noqa: F401
+                             unet_folder, write_official)
 
 
 @pytest.mark.parametrize("variant, lora", [("base", None), ("plus", None), ("faceid", 4), ("faceid-plus", None),

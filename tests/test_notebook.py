@@ -4,7 +4,6 @@ no real weights are configured): its code cells are executed in order."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "quickstart.ipynb"

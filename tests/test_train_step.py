@@ -121,7 +121,6 @@ def test_train_step_jits_and_lowers_the_loss(setup):
     batch = {"latents": data["latents"], "text_embeds": data["text"], "empty_text": np.zeros_like(data["text"][0]),
              "image_embeds": data["embeds"]}
     step = jax.jit(trainer.train_step)
-    rng = jax.random.key(0)
     losses = []
     for i in range(30):
         trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch, jax.random.key(1), np.int32(0))

@@ -30,7 +30,7 @@ from ipadapter_jax import image_encoding
 log = logging.getLogger(__name__)
 
 
-def load_rgb(image) -> "Image.Image":  # noqa: F821
+def load_rgb(image):
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):

@@ -7,7 +7,6 @@ Read top to bottom: ``train(config)`` is the whole recipe in sections.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import os
@@ -19,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax import adapters as adapters_lib
 from ipadapter_jax.training import data as data_lib
