@@ -45,6 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optimizer.accumulate = 1       # gradient accumulation steps
     c.optimizer.schedule = "constant"  # constant | cosine
     c.optimizer.warmup_steps = 0
+    c.optimizer.ema_decay = 0.0      # > 0: keep an EMA of the trained weights and export it
 
     c.step = ml_collections.ConfigDict()
     c.step.prediction_type = "epsilon"   # epsilon | v_prediction

@@ -12,6 +12,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,9 +35,38 @@ class TrainingError(RuntimeError):
 
 # --------------------------------------------------------------------------- building blocks
 
+class EmaState(NamedTuple):
+    """Exponential moving average of the parameters, kept in the optimizer
+    state so that it is sharded, donated and checkpointed with it."""
+
+    ema: Any
+
+
+def ema_tracker(decay: float) -> optax.GradientTransformation:
+    """Passes updates through unchanged; tracks ``ema = decay * ema + (1 - decay) * new_params``."""
+
+    def init(params):
+        return EmaState(jax.tree.map(lambda p: jnp.array(p, copy=True), params))
+
+    def update(updates, state, params):
+        new = optax.apply_updates(params, updates)
+        return updates, EmaState(jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, new))
+
+    return optax.GradientTransformation(init, update)
+
+
+def find_ema(opt_state):
+    """The EMA parameters inside an optimizer state, or None."""
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, EmaState))
+             if isinstance(s, EmaState)]
+    return found[0].ema if found else None
+
+
 def make_optimizer(cfg) -> optax.GradientTransformation:
     """AdamW (paper: lr 1e-4, weight decay 0.01, no clipping) with optional
-    warmup/cosine schedule, global-norm clipping and gradient accumulation."""
+    warmup/cosine schedule, global-norm clipping, gradient accumulation and a
+    parameter EMA (``optimizer.ema_decay`` > 0; exported instead of the raw
+    weights)."""
     o = cfg.optimizer
     if o.schedule == "constant":
         lr = optax.constant_schedule(o.lr) if not o.warmup_steps else optax.linear_schedule(0.0, o.lr, o.warmup_steps)
@@ -50,6 +80,8 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     if o.clip_norm:
         chain.append(optax.clip_by_global_norm(o.clip_norm))
     chain.append(optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+    if o.ema_decay:
+        chain.append(ema_tracker(o.ema_decay))
     opt = optax.chain(*chain) if len(chain) > 1 else chain[0]
     if o.accumulate > 1:
         opt = optax.MultiSteps(opt, every_k_schedule=o.accumulate)
@@ -262,8 +294,9 @@ def train(cfg) -> dict:
         manager.wait_until_finished()
         metrics_file.close()
 
-    # --- export the adapter in the official format
-    adapter = nnx.merge(trainer.unet_graphdef, trainable, frozen["unet"]).ip_adapters[0]
+    # --- export the adapter in the official format (the EMA weights when tracked)
+    ema = find_ema(opt_state)
+    adapter = nnx.merge(trainer.unet_graphdef, ema if ema is not None else trainable, frozen["unet"]).ip_adapters[0]
     export = Path(cfg.train.export or workdir / "ip_adapter.safetensors")
     if jax.process_index() == 0:
         save_ip_adapter(adapter, export)
@@ -289,5 +322,6 @@ def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | Non
         raise FileNotFoundError(f"no checkpoint in {cfg.workdir}/checkpoints")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-    adapter = nnx.merge(graphdef, restored.state["trainable"], rest).ip_adapters[0]
+    ema = find_ema(restored.state["opt_state"])
+    adapter = nnx.merge(graphdef, ema if ema is not None else restored.state["trainable"], rest).ip_adapters[0]
     return save_ip_adapter(adapter, out or Path(cfg.workdir) / f"ip_adapter_step{step}.safetensors")
