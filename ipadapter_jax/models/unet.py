@@ -381,9 +381,10 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         return UNetConfig.from_dict(config, source="unet config")
 
     def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
-                 rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         self.config = cfg
+        self.remat = remat
         self.config_json = json.dumps(dataclasses.asdict(cfg))
         self.dtype = dtype
         boc = cfg.block_out_channels
@@ -494,18 +495,22 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         context = encoder_hidden_states.astype(self.dtype)
         emb = self.time_conditioning(timesteps, sample.shape[0])
 
+        # remat=True recomputes each block's activations in the backward pass
+        # (jax.checkpoint per UNet block): training memory for compute.
+        run = (lambda fn, *a: jax.checkpoint(fn)(*a)) if self.remat else (lambda fn, *a: fn(*a))
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, context, ip)
+            x, block_skips = run(lambda x, e, c, block=block: block(x, e, c, ip), x, emb, context)
             skips.extend(block_skips)
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, context, ip)
+            x = run(lambda x, e, c: self.mid_block(x, e, c, ip), x, emb, context)
         for i, block in enumerate(self.up_blocks):
             n_res = len(block.resnets)
             block_skips, skips = skips[-n_res:], skips[:-n_res]
             # Upsample to the next skip's size so odd latent sizes round as in diffusers.
             size = skips[-1].shape[1:3] if skips and block.upsamplers is not None else None
-            x = block(x, block_skips, emb, context, ip, upsample_size=size)
+            x = run(lambda x, s, e, c, block=block, size=size: block(x, list(s), e, c, ip, upsample_size=size),
+                    x, tuple(block_skips), emb, context)
         x = self.conv_out(layers.activation(cfg.act_fn)(self.conv_norm_out(x)))
         return x.astype(jnp.float32)

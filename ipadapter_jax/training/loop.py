@@ -104,7 +104,7 @@ def build_models(cfg):
     if not m.pretrained or not root.is_dir():
         raise FileNotFoundError(f"model.pretrained must be a diffusers SD folder, got {m.pretrained!r}")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(root / "unet", dtype=dtype, remat=cfg.train.remat)
     vae = AutoencoderKL.from_pretrained(root / "vae")
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
