@@ -37,6 +37,7 @@ def main():
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--attention", default="auto", help="JAX attention backend (auto, xla, blocked, jax, cudnn)")
+    parser.add_argument("--remat", action="store_true", help="rematerialise UNet blocks in the backward pass")
     parser.add_argument("--skip-torch", action="store_true")
     args = parser.parse_args()
 
@@ -53,6 +54,7 @@ def main():
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     torch_unet, ip_state, unet, _ = paired_models(config, clip_dim, jdtype, args.attention)
     torch_unet.train()
+    unet.remat = args.remat
     trainer, trainable, frozen = Trainer.create(unet, config=StepConfig(), scheduler_config=SCHEDULER)
     opt_state = trainer.init_optimizer(trainable)
 
@@ -64,6 +66,10 @@ def main():
              "empty_text": np.zeros((77, c), np.float32)}
     batch = jax.device_put(batch)
     step = jax.jit(trainer.train_step, donate_argnums=(0, 1))
+    # XLA's own memory estimate of the compiled step (arguments, outputs, temporaries).
+    mem = step.lower(trainable, opt_state, frozen, batch, jax.random.key(0), jnp.int32(0)).compile().memory_analysis()
+    memory = {k: round(getattr(mem, f"{k}_size_in_bytes") / 2**30, 3) for k in ("argument", "output", "temp")
+              } if mem is not None else {}
     state = {"t": trainable, "o": opt_state, "i": 0}
 
     def jax_step():
@@ -74,7 +80,7 @@ def main():
 
     compile_s = time_runs(jax_step, 1)[0]
     jax_times = time_runs(jax_step, args.runs)
-    record = dict(config=args.config, attention=args.attention, batch=b, latent=args.size, dtype=args.dtype, runs=args.runs,
+    record = dict(config=args.config, attention=args.attention, remat=args.remat, memory_gib=memory, batch=b, latent=args.size, dtype=args.dtype, runs=args.runs,
                   jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                   jax_samples_per_s=round(b / median(jax_times), 3))
     dev = jax.devices()[0]
