@@ -69,6 +69,14 @@ def parse_args(argv=None):
         p.error(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
     if args.height % 8 or args.width % 8:
         p.error(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
+    if args.num_images < 1:
+        p.error(f"--num-images must be at least 1, got {args.num_images}")
+    if args.eta is not None and args.scheduler != "ddim":
+        p.error("--eta applies to the ddim scheduler only")
+    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        p.error(f"--out must name an image file (.png, .jpg, .webp), got {args.out!r}")
+    if args.image and not args.image_encoder:
+        p.error("--image needs --image-encoder (the CLIP vision folder the adapter was trained with)")
     if args.image and not args.ip_adapter:
         p.error("--image needs an --ip-adapter")
     if args.ip_adapter and not args.image:

@@ -77,7 +77,7 @@ def _load_mask(mask, height: int, width: int) -> np.ndarray:
         mask = np.asarray(mask, np.float32)
         if mask.ndim != 2:
             raise ValueError(f"array masks must be [H, W], got shape {mask.shape}")
-        mask = Image.fromarray(np.clip(mask * 255.0, 0, 255).astype(np.uint8), "L")
+        mask = Image.fromarray(np.clip(np.round(mask * 255.0), 0, 255).astype(np.uint8), "L")
     grey = np.asarray(mask.convert("L").resize((width, height), Image.LANCZOS), np.float32) / 255.0
     return (grey >= 0.5).astype(np.float32)
 
@@ -233,9 +233,6 @@ class StableDiffusionPipeline:
                 tokens = np.concatenate([np.repeat(uncond, batch, axis=0), tokens])
             masks = None
             if spec.masks is not None:
-                if len(spec.masks) > cond.shape[1]:
-                    raise ValueError(f"{len(spec.masks)} masks for {cond.shape[1]} reference images: give at most "
-                                     "one mask per image")
                 if len(spec.masks) != cond.shape[1]:
                     raise ValueError(f"{len(spec.masks)} masks for {cond.shape[1]} reference images: give one mask "
                                      "per image")
@@ -255,10 +252,10 @@ class StableDiffusionPipeline:
         if self._bar is not None:
             self._bar.update(1)
 
-    def _denoise_fn(self, scheduler, cfg: bool, progress: bool):
-        key = (scheduler.name, repr(sorted(vars(scheduler).items(), key=lambda kv: kv[0])), cfg, progress)
+    def _denoise_fn(self, graphdef, scheduler, cfg: bool, progress: bool):
+        # The UNet's graphdef is part of the key: attaching or detaching adapters changes it.
+        key = (graphdef, scheduler.name, repr(sorted(vars(scheduler).items(), key=lambda kv: kv[0])), cfg, progress)
         if key not in self._compiled:
-            graphdef, _ = nnx.split(self.unet)
             self._compiled[key] = make_denoise_loop(graphdef, scheduler, cfg=cfg,
                                                     on_step=self._tick if progress else None)
         return self._compiled[key]
@@ -332,8 +329,8 @@ class StableDiffusionPipeline:
             x = jnp.asarray(noise) * sched.init_noise_sigma(state)
         timings["encode_s"] = time.perf_counter() - t0
 
-        fn = self._denoise_fn(sched, cfg, progress)
-        _, params = nnx.split(self.unet)
+        graphdef, params = nnx.split(self.unet)
+        fn = self._denoise_fn(graphdef, sched, cfg, progress)
         args = (params, state, self._shard(x), self._shard(context), [self._shard_prompt(p) for p in prompts_ip],
                 jnp.asarray(gates), jnp.float32(guidance_scale), jnp.float32(guidance_rescale), noise_key,
                 jnp.int32(start))

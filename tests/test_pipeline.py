@@ -215,8 +215,12 @@ def test_adapter_for_other_width_refused(jax_pipe, tmp_path):
 
 def test_sample_py_errors(paths, tmp_path):
     base = [sys.executable, str(ROOT / "sample.py"), "--model", str(paths["sd"])]
-    for extra, message in [(["--ip-adapter", str(paths["adapter"]), "--image", str(tmp_path / "x.png")],
-                            "file not found"),
+    for extra, message in [(["--ip-adapter", str(paths["adapter"]), "--image", str(tmp_path / "x.png"),
+                             "--image-encoder", str(paths["image_encoder"])], "file not found"),
+                           (["--ip-adapter", str(paths["adapter"]), "--image", str(paths["image"])],
+                            "--image needs --image-encoder"),
+                           (["--scheduler", "euler", "--eta", "0.5"], "ddim scheduler only"),
+                           (["--num-images", "0"], "at least 1"),
                            (["--height", "20"], "multiples of 8"),
                            (["--scheduler", "heun"], "valid: ddim, pndm")]:
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)

@@ -209,3 +209,24 @@ def test_ema_accumulation_and_clipping(setup, tmp_path):
     again = load_file(workdir / "ip_adapter_step8.safetensors")
     for key in final:
         np.testing.assert_array_equal(again[key], final[key])
+
+
+def test_continue_training_a_plus_adapter(setup, tmp_path):
+    """adapter_init with an official Plus file: the variant comes from the file
+    (CLIP hidden states, zero-pixel image dropout), whatever model.variant says."""
+    workdir = tmp_path / "plus"
+    run(command(setup, workdir, steps=4, extra=[f"--config.model.adapter_init={setup['plus']}"]))
+    assert len(losses(workdir)) == 4 and np.isfinite(losses(workdir)).all()
+    from safetensors.numpy import load_file
+
+    assert "image_proj.latents" in load_file(workdir / "ip_adapter.safetensors")
+
+
+def test_feature_cache_of_another_setting_is_refused(setup, tmp_path):
+    cache = tmp_path / "cache"
+    run(command(setup, tmp_path / "a", steps=2, extra=[f"--config.data.cache_dir={cache}"]))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(command(setup, tmp_path / "b", steps=2, extra=[f"--config.data.cache_dir={cache}",
+                                                                           "--config.data.resolution=32"]),
+                            capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert result.returncode != 0 and "was made for" in result.stderr

@@ -182,6 +182,14 @@ class CachedSource:
     def __repr__(self):
         return f"CachedSource({self.folder}, records={len(self)})"
 
+    # grain pickles sources for its worker processes: send the folder, not the
+    # memory-mapped arrays (pickling a memmap copies the whole file).
+    def __getstate__(self):
+        return {"folder": str(self.folder)}
+
+    def __setstate__(self, state):
+        self.__init__(state["folder"])
+
     def __getitem__(self, index):
         out = {k: np.asarray(self.arrays[k][index]) for k in ("latents", "text_embeds", "image_embeds")}
         out["skipped"] = np.int32(0)
@@ -202,19 +210,34 @@ def make_loader(source, *, batch_size: int, seed: int, workers: int = 0, shard_b
                             operations=[grain.Batch(batch_size, drop_remainder=True)], worker_count=workers)
 
 
-def cache_features(source, folder: str | os.PathLike, encode_fn, *, batch_size: int = 16) -> Path:
+def cache_features(source, folder: str | os.PathLike, encode_fn, *, batch_size: int = 16,
+                   manifest: dict | None = None) -> Path:
     """Run ``encode_fn(batch) -> {"latents", "text_embeds", "image_embeds"}``
-    (the frozen encoders, jitted) over ``source`` once and write the arrays."""
+    (the frozen encoders, jitted) over ``source`` once and write the arrays.
+    Written to a temporary folder and renamed, with ``manifest.json`` last, so
+    an interrupted run never leaves a cache that looks complete."""
+    import shutil
+    import tempfile
+
     from tqdm.auto import tqdm
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    chunks: dict[str, list] = {}
-    for start in tqdm(range(0, len(source), batch_size), desc="caching features"):
-        items = [source[i] for i in range(start, min(start + batch_size, len(source)))]
-        batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
-        for k, v in encode_fn(batch).items():
-            chunks.setdefault(k, []).append(np.asarray(v, np.float32))
-    for k, parts in chunks.items():
-        np.save(folder / f"{k}.npy", np.concatenate(parts))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        chunks: dict[str, list] = {}
+        for start in tqdm(range(0, len(source), batch_size), desc="caching features"):
+            items = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+            batch = {k: np.stack([it[k] for it in items]) for k in items[0]}
+            for k, v in encode_fn(batch).items():
+                chunks.setdefault(k, []).append(np.asarray(v, np.float32))
+        for k, parts in chunks.items():
+            np.save(tmp / f"{k}.npy", np.concatenate(parts))
+        (tmp / "manifest.json").write_text(json.dumps(manifest or {"records": len(source)}))
+        if folder.exists():
+            shutil.rmtree(folder)   # an earlier, incomplete cache (no manifest)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return folder

@@ -7,6 +7,7 @@ Read top to bottom: ``train(config)`` is the whole recipe in sections.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -68,12 +69,16 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
     parameter EMA (``optimizer.ema_decay`` > 0; exported instead of the raw
     weights)."""
     o = cfg.optimizer
+    # Under gradient accumulation the schedule advances once per k micro-steps: express
+    # warmup and decay in optimizer updates so they span the run as configured.
+    k = max(o.accumulate, 1)
+    warmup, total = o.warmup_steps // k, max(cfg.train.steps // k, 1)
     if o.schedule == "constant":
-        lr = optax.constant_schedule(o.lr) if not o.warmup_steps else optax.linear_schedule(0.0, o.lr, o.warmup_steps)
-        if o.warmup_steps:
-            lr = optax.join_schedules([lr, optax.constant_schedule(o.lr)], [o.warmup_steps])
+        lr = optax.constant_schedule(o.lr)
+        if warmup:
+            lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), lr], [warmup])
     elif o.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(o.warmup_steps, 1), cfg.train.steps)
+        lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, max(warmup, 1), total)
     else:
         raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
     chain = []
@@ -148,7 +153,13 @@ def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) ->
     cache holds the posterior mean of each latent (one fixed draw instead of a
     fresh sample per step: the usual trade of feature caching)."""
     folder = Path(cfg.data.cache_dir)
-    if (folder / "latents.npy").exists():
+    manifest = {"variant": "plus" if plus else "base", "resolution": cfg.data.resolution, "records": len(source),
+                "source": repr(source)}
+    if (folder / "manifest.json").exists():
+        found = json.loads((folder / "manifest.json").read_text())
+        if found != manifest:
+            raise ValueError(f"feature cache {folder} was made for {found}, not {manifest}; use another "
+                             "data.cache_dir or delete it")
         log.info("using cached features in %s", folder)
         return data_lib.CachedSource(folder)
     graphs = {name: nnx.split(m) for name, m in
@@ -167,12 +178,17 @@ def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) ->
     states = {name: g[1] for name, g in graphs.items()}
     if jax.process_index() == 0:
         data_lib.cache_features(source, folder, lambda b: encode(states, b["pixels"], b["input_ids"],
-                                                                  b["clip_pixels"]))
+                                                                  b["clip_pixels"]), manifest=manifest)
+    if jax.process_count() > 1:  # the other processes wait for process 0's cache
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("feature cache written")
     return data_lib.CachedSource(folder)
 
 
 def _metrics_writer(path: Path, resume_step: int):
-    """CSV of per-step metrics; on resume, rows past the restored step are dropped."""
+    """CSV of per-step metrics; on resume, rows past the restored step are dropped
+    and the skipped-image count continues from the last kept row."""
     fields = ["step", "loss", "grad_norm", "lr", "steps_per_s", "samples_per_s", "skipped_images"]
     rows = []
     if path.exists() and resume_step:
@@ -183,7 +199,8 @@ def _metrics_writer(path: Path, resume_step: int):
     writer.writeheader()
     writer.writerows(rows)
     f.flush()
-    return f, writer
+    skipped = int(rows[-1]["skipped_images"]) if rows else 0
+    return f, writer, skipped
 
 
 # --------------------------------------------------------------------------- the loop
@@ -203,9 +220,16 @@ def train(cfg) -> dict:
     # --- models and data (errors here come before any compilation)
     unet, vae, text_encoder, tokenizer, image_encoder, sched_cfg = build_models(cfg)
     source = build_source(cfg, tokenizer)
-    plus = cfg.model.variant == "plus"
+    kind = unet.ip_adapters[0].input_kind          # from the adapter itself (adapter_init may be any variant)
+    if kind.startswith("face_id"):
+        raise ValueError("training FaceID adapters needs InsightFace embeddings in the data; not supported")
+    plus = kind == "hidden_states"
     if cfg.data.kind != "cached" and cfg.data.cache_dir:
         source = _cached_source(cfg, source, vae, text_encoder, image_encoder, plus)
+    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    if cfg.data.batch_size % mesh.size or cfg.data.batch_size % jax.process_count():
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh size "
+                         f"({mesh.size} devices) and the process count ({jax.process_count()})")
     per_process_batch = cfg.data.batch_size // jax.process_count()
     loader = data_lib.make_loader(source, batch_size=per_process_batch, seed=cfg.seed, workers=cfg.data.workers)
     data_iter = iter(loader)
@@ -217,7 +241,7 @@ def train(cfg) -> dict:
     # --- the step
     optimizer, lr_schedule = make_optimizer(cfg)
     step_cfg = StepConfig(prediction_type=cfg.step.prediction_type,
-                          image_input="hidden_states" if cfg.model.variant == "plus" else "image_embeds",
+                          image_input="hidden_states" if plus else "image_embeds",
                           scaling_factor=vae.scaling_factor)
     trainer, trainable, frozen = Trainer.create(
         unet, vae=None if cached else vae, text_encoder=None if cached else text_encoder,
@@ -234,7 +258,6 @@ def train(cfg) -> dict:
     opt_state = trainer.init_optimizer(trainable)
 
     # --- sharding: params by rules, batch over (data, fsdp)
-    mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     rules = [(pattern, P(*spec)) for pattern, spec in cfg.sharding_rules]
     put = lambda tree: jax.device_put(tree, sharding_lib.param_shardings(tree, mesh, rules))
     trainable, opt_state, frozen = put(trainable), put(opt_state), put(frozen)
@@ -254,10 +277,10 @@ def train(cfg) -> dict:
         trainable, opt_state = restored.state["trainable"], restored.state["opt_state"]
         start = restore_from
         log.info("resumed from %s at step %d", manager.directory, start)
-    metrics_file, writer = _metrics_writer(workdir / "metrics.csv", start)
+    metrics_file, writer, skipped_total = (_metrics_writer(workdir / "metrics.csv", start)
+                                           if jax.process_index() == 0 else (None, None, 0))
 
     # --- loop
-    skipped_total = 0
     last = time.perf_counter()
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc="training",
                disable=jax.process_index() != 0)
@@ -281,18 +304,26 @@ def train(cfg) -> dict:
                 sps = cfg.train.log_every / max(now - last, 1e-9)
                 last = now
                 row = {"step": step + 1, "loss": loss_value, "grad_norm": float(metrics["grad_norm"]),
-                       "lr": float(lr_schedule(step)), "steps_per_s": sps,
+                       "lr": float(lr_schedule(step // max(cfg.optimizer.accumulate, 1))), "steps_per_s": sps,
                        "samples_per_s": sps * cfg.data.batch_size, "skipped_images": skipped_total}
-                writer.writerow(row)
-                metrics_file.flush()
+                if writer is not None:
+                    writer.writerow(row)
+                    metrics_file.flush()
                 bar.set_postfix(loss=f"{loss_value:.4f}", skipped=skipped_total)
             if (step + 1) % cfg.train.save_every == 0 or step + 1 == cfg.train.steps:
+                # Never checkpoint a broken state: the loss and the gradient norm of this step
+                # must be finite (finite gradients keep the AdamW update finite).
+                if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
+                    raise TrainingError(f"loss or gradient norm is not finite at step {step + 1}; stopping. "
+                                        f"The last good checkpoint (step {manager.latest_step()}) is kept in "
+                                        f"{manager.directory}")
                 manager.save(step + 1, args=ocp.args.Composite(
                     state=ocp.args.StandardSave({"trainable": trainable, "opt_state": opt_state}),
                     data=grain.PyGrainCheckpointSave(data_iter), config=ocp.args.JsonSave(cfg.to_dict())))
     finally:
         manager.wait_until_finished()
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
 
     # --- export the adapter in the official format (the EMA weights when tracked)
     ema = find_ema(opt_state)
