@@ -94,6 +94,21 @@ def _load_init_image(image, height: int, width: int) -> np.ndarray:
     return (np.asarray(rgb, np.float32) / 255.0 * 2.0 - 1.0)[None]
 
 
+class JittedModule:
+    """A frozen module called through one jitted pure function (split once):
+    eager NNX calls dispatch op by op, which is slow for a 32-layer encoder.
+    ``method`` picks what to call (``"__call__"``, ``"encode"``, ``"decode"``);
+    ``config`` is passed through for code that reads it."""
+
+    def __init__(self, module, method: str = "__call__"):
+        self.config = getattr(module, "config", None)
+        graphdef, self.state = nnx.split(module)
+        self.fn = jax.jit(lambda state, *args: getattr(nnx.merge(graphdef, state), method)(*args))
+
+    def __call__(self, *args):
+        return self.fn(self.state, *args)
+
+
 def data_mesh() -> Mesh:
     """All local devices on one ``data`` axis."""
     return Mesh(np.asarray(jax.devices()), ("data",))
@@ -156,6 +171,11 @@ class StableDiffusionPipeline:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.image_encoder = image_encoder
+        # The frozen encoders and the VAE run through jitted functions, compiled once per shape.
+        self._text = JittedModule(text_encoder)
+        self._image = JittedModule(image_encoder) if image_encoder is not None else None
+        self._vae_encode = JittedModule(vae, "encode")
+        self._vae_decode = JittedModule(vae, "decode")
         self.mesh = data_mesh()
         self._compiled: dict = {}
         self._bar = None
@@ -208,11 +228,7 @@ class StableDiffusionPipeline:
             removed = self.tokenizer.batch_decode(full[:, max_len - 1:-1])
             log.warning("The following part of your input was truncated because CLIP can only handle sequences up "
                         "to %d tokens: %s", max_len, removed)
-        if "text" not in self._compiled:
-            graphdef, state = nnx.split(self.text_encoder)
-            self._compiled["text"] = (jax.jit(lambda s, x: nnx.merge(graphdef, s)(x).last_hidden_state), state)
-        fn, state = self._compiled["text"]
-        return np.asarray(fn(state, jnp.asarray(ids, jnp.int32)), np.float32)
+        return np.asarray(self._text(jnp.asarray(ids, jnp.int32)).last_hidden_state, np.float32)
 
     # ------------------------------------------------------------------ images
 
@@ -225,7 +241,7 @@ class StableDiffusionPipeline:
         prompts, gates = [], []
         for spec, adapter in zip(specs, attached):
             cond, uncond = image_encoding.prompt_tokens(
-                adapter, image_encoder=self.image_encoder, images=spec.images, embeds=spec.embeds,
+                adapter, image_encoder=self._image, images=spec.images, embeds=spec.embeds,
                 face_embeds=spec.face_embeds, negative_images=spec.negative_images,
                 negative_embeds=spec.negative_embeds, combine=spec.combine, s_scale=spec.s_scale)
             tokens = np.repeat(cond, batch, axis=0)
@@ -320,7 +336,7 @@ class StableDiffusionPipeline:
             if not 0.0 < strength <= 1.0:
                 raise ValueError(f"strength must be in (0, 1], got {strength}")
             pixels = np.repeat(_load_init_image(init_image, height, width), batch, axis=0)
-            init = self.vae.encode(jnp.asarray(pixels)).sample(vae_key) * self.vae.scaling_factor
+            init = self._vae_encode(jnp.asarray(pixels)).sample(vae_key) * self.vae.scaling_factor
             start = schedulers.begin_index(sched, state, strength, num_inference_steps)
             if start >= steps:
                 raise ValueError(f"strength {strength} leaves no denoising steps at {num_inference_steps} steps")
@@ -373,9 +389,5 @@ class StableDiffusionPipeline:
 
     def decode(self, latents) -> np.ndarray:
         """Latents -> images [B, H, W, 3] in [0, 1] (float32)."""
-        if "vae" not in self._compiled:
-            graphdef, state = nnx.split(self.vae)
-            self._compiled["vae"] = (jax.jit(lambda s, z: nnx.merge(graphdef, s).decode(z)), state)
-        fn, state = self._compiled["vae"]
-        images = fn(state, jnp.asarray(latents) / self.vae.scaling_factor)
+        images = self._vae_decode(jnp.asarray(latents) / self.vae.scaling_factor)
         return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0))
