@@ -31,6 +31,16 @@ def nhwc(t) -> np.ndarray:
     return t.detach().permute(0, 2, 3, 1).numpy()
 
 
+def assert_same_weights_file(a, b) -> None:
+    """Two safetensors files hold the same keys with bit-identical tensors."""
+    from safetensors.numpy import load_file
+
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch():
     import torch

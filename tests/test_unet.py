@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw, nhwc, rel_err
+from conftest import assert_same_weights_file, nchw, nhwc, rel_err
 from ipadapter_jax.models import UNet2DConditionModel
 
 TOL = 1e-5
@@ -100,15 +100,10 @@ def test_unet_jit_matches_eager(tmp_path):
 def test_unet_export_round_trip(tmp_path):
     """Flax -> torch-layout safetensors is exact, and diffusers loads it."""
     from diffusers import UNet2DConditionModel as TorchUNet
-    from safetensors.numpy import load_file
-
     torch_model, folder = reference_unet(tmp_path, CONFIGS["sd2_like"])
     model = UNet2DConditionModel.from_pretrained(folder)
     model.save_pretrained(tmp_path / "export")
-    original = load_file(folder / "diffusion_pytorch_model.safetensors")
-    exported = load_file(tmp_path / "export" / "diffusion_pytorch_model.safetensors")
-    assert original.keys() == exported.keys()
-    for key in original:
-        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    assert_same_weights_file(folder / "diffusion_pytorch_model.safetensors",
+                             tmp_path / "export" / "diffusion_pytorch_model.safetensors")
     reloaded = TorchUNet.from_pretrained(tmp_path / "export").eval()
     assert compare(reloaded, model, (1, 8, 8, 4)) <= TOL

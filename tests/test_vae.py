@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw, nhwc, rel_err
+from conftest import assert_same_weights_file, nchw, nhwc, rel_err
 from ipadapter_jax.models import AutoencoderKL
 
 TOL = 1e-5
@@ -85,15 +85,10 @@ def test_vae_legacy_attention_names(vae_pair, tmp_path):
 
 def test_vae_export_round_trip(vae_pair, tmp_path):
     from diffusers import AutoencoderKL as TorchVAE
-    from safetensors.numpy import load_file
-
     _, model, folder = vae_pair
     model.save_pretrained(tmp_path / "export")
-    original = load_file(folder / "diffusion_pytorch_model.safetensors")
-    exported = load_file(tmp_path / "export" / "diffusion_pytorch_model.safetensors")
-    assert original.keys() == exported.keys()
-    for key in original:
-        np.testing.assert_array_equal(original[key], exported[key], err_msg=key)
+    assert_same_weights_file(folder / "diffusion_pytorch_model.safetensors",
+                             tmp_path / "export" / "diffusion_pytorch_model.safetensors")
     reloaded = TorchVAE.from_pretrained(tmp_path / "export").eval()
     z = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
     with torch.no_grad():
