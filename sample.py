@@ -1,6 +1,12 @@
 """Generate images from a text prompt and reference images with IP-Adapter (JAX).
 
-Examples:
+With no arguments (or --demo) it uses the embedded demo model shipped in the package (a miniature SD +
+IP-Adapter trained on procedural shapes; see configs/demo/): a default prompt and reference image, 64x64
+images, no download. Any flag you give overrides the demo's choice:
+  python sample.py
+  python sample.py --demo --prompt "a circle on a black background" --image my_ref.png --scale 0.7
+
+Examples with real weights:
   python sample.py --model stable-diffusion-v1-5 --image-encoder IP-Adapter/models/image_encoder \\
       --ip-adapter IP-Adapter/models/ip-adapter_sd15.safetensors --image ref.png \\
       --prompt "a cat, best quality" --scale 0.6 --steps 30 --num-images 4 --out outputs/cat.png
@@ -25,8 +31,11 @@ SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karra
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, "
-                                                  "tokenizer/, scheduler/)")
+    p.add_argument("--model", help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
+                                   "scheduler/); without it, the embedded demo model")
+    p.add_argument("--demo", action="store_true",
+                   help="use the embedded demo model, its adapter, image encoder and reference image (the default "
+                        "when --model is not given)")
     p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
                    help="official IP-Adapter file (.safetensors or .bin); repeat for several adapters")
     p.add_argument("--image-encoder", help="CLIP image encoder folder (transformers layout), e.g. "
@@ -38,23 +47,26 @@ def parse_args(argv=None):
                    help="attention mask per reference image (white = where that image applies)")
     p.add_argument("--scale", action="append", type=float, default=[],
                    help="IP-Adapter scale; once for all adapters or once per adapter (default 1.0)")
-    p.add_argument("--prompt", default="", help="text prompt (default: empty, image-only prompting)")
+    p.add_argument("--prompt", default=None, help="text prompt (default: empty, image-only prompting; demo: "
+                   "a short shape prompt)")
     p.add_argument("--negative-prompt", default="", help="negative text prompt")
-    p.add_argument("--steps", type=int, default=30, help="denoising steps (default 30)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; demo 25)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default 7.5; demo 5)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale factor (default 0)")
     p.add_argument("--scheduler", default="ddim", help=f"one of {', '.join(SCHEDULER_NAMES)} (default ddim)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate (default 1)")
-    p.add_argument("--height", type=int, default=512, help="image height, multiple of 8 (default 512)")
-    p.add_argument("--width", type=int, default=512, help="image width, multiple of 8 (default 512)")
+    p.add_argument("--num-images", type=int, default=None, help="images to generate (default 1; demo 4)")
+    p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default 512; demo 64)")
+    p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default 512; demo 64)")
     p.add_argument("--init-image", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
     p.add_argument("--init-latents", help="initial noise .npy [N, H/8, W/8, 4], unit variance; overrides --seed")
     p.add_argument("--save-latents", help="write the final latents (NHWC, before the VAE) to this .npy")
-    p.add_argument("--out", default="outputs/sample.png",
-                   help="output PNG; several images are written as NAME-0.png, NAME-1.png, ... plus NAME-grid.png")
+    p.add_argument("--out", default=None,
+                   help="output PNG (default outputs/sample.png; demo outputs/demo.png); several images are written "
+                        "as NAME-0.png, NAME-1.png, ... plus NAME-grid.png")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="UNet/text-encoder compute dtype (default float32; bfloat16 on accelerators)")
     p.add_argument("--no-progress", action="store_true",
@@ -65,6 +77,7 @@ def parse_args(argv=None):
                                                          str(Path.home() / ".cache" / "ipadapter_jax")),
                    help="persistent XLA compilation cache (a second run skips compiling); '' disables")
     args = p.parse_args(argv)
+    _resolve_defaults(p, args)
     if args.scheduler not in SCHEDULER_NAMES:
         p.error(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
     if args.height % 8 or args.width % 8:
@@ -91,6 +104,33 @@ def parse_args(argv=None):
         if path and not Path(path).is_file():
             p.error(f"file not found: {path}")
     return args
+
+
+def _resolve_defaults(p, args) -> None:
+    """Fill unset flags: the demo's choices (no --model, or --demo), else the usual defaults."""
+    if args.demo and args.model:
+        p.error("--demo and --model are exclusive: --demo uses the embedded model")
+    args.demo = args.demo or not args.model
+    if args.demo:
+        import ipadapter_jax.demo as demo
+
+        try:
+            paths = demo.demo_paths()
+        except FileNotFoundError as e:
+            p.error(str(e))
+        args.model = str(paths["sd"])
+        args.image_encoder = args.image_encoder or str(paths["image_encoder"])
+        if not args.ip_adapter:
+            args.ip_adapter = [str(paths["adapter"])]
+            args.image = args.image or [str(paths["reference"])]
+        defaults = dict(prompt=demo.DEFAULT_PROMPT, steps=25, guidance=5.0, num_images=4, height=64, width=64,
+                        out="outputs/demo.png")
+    else:
+        defaults = dict(prompt="", steps=30, guidance=7.5, num_images=1, height=512, width=512,
+                        out="outputs/sample.png")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 def save_images(images, out: Path) -> list[Path]:
@@ -163,7 +203,7 @@ def main(argv=None) -> int:
     print(f"compile {t['compile_s']:.2f} s | denoise {t['denoise_s']:.2f} s ({t['steps']} steps, "
           f"{t['steps_per_s']:.2f} steps/s) | decode {t['decode_s']:.2f} s | total "
           f"{time.perf_counter() - t_start:.2f} s")
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + ", ".join(str(p.resolve()) for p in paths))
     return 0
 
 

@@ -5,6 +5,8 @@ image projection + to_k_ip/to_v_ip), from one device to many hosts.
         --config.model.image_encoder=ENC_DIR --config.data.json_file=data.json --config.data.image_root=imgs/
     python train.py --config configs/tiny.py ...            # a small smoke run
     python train.py --config ... --export-only [--step N]   # export a checkpoint's adapter (official format)
+    python train.py --config configs/demo/clip.py           # the demo recipe's stages: clip, vae, unet,
+                                                            # ip_adapter (see configs/demo/__init__.py)
 
 Every config field can be overridden with --config.FIELD=VALUE (the config is locked: typos fail).
 Resumes automatically from the latest checkpoint in the workdir. Multi-host: launch one process per host
@@ -41,6 +43,11 @@ def main(argv):
     cfg = _CONFIG.value
     if cfg is None:
         sys.exit("train.py: --config is required (e.g. --config configs/sd15_ip_adapter.py)")
+    if cfg.get("task", "ip_adapter") != "ip_adapter":   # the demo's base-model stages (configs/demo/)
+        from ipadapter_jax.demo import recipe
+
+        print(f"done: {recipe.run_stage(cfg)}")
+        return 0
     if _EXPORT_ONLY.value:
         print(f"exported {loop.export_checkpoint(cfg, _STEP.value)}")
         return 0

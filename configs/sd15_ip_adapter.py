@@ -11,6 +11,7 @@ import ml_collections
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
+    c.task = "ip_adapter"            # ip_adapter (this file); the demo stages use clip | vae | unet
     c.workdir = "runs/sd15_ip_adapter"
     c.seed = 0
 
@@ -50,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.step = ml_collections.ConfigDict()
     c.step.prediction_type = "epsilon"   # epsilon | v_prediction
     c.step.compute_dtype = "float32"     # float32 | bfloat16 (float32 master weights either way)
+    # decoupled: the paper's separate image K/V; concat: the "simple adapter" ablation (image tokens
+    # appended to the text tokens of the frozen cross-attention; train only model.image_proj then).
+    c.step.image_conditioning = "decoupled"
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1_000_000

@@ -287,7 +287,8 @@ class StableDiffusionPipeline:
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str = "ddim",
                  scheduler_options: dict | None = None, height: int = 512, width: int = 512,
                  num_images: int = 1, seed: int = 0, latents: np.ndarray | None = None,
-                 init_image=None, strength: float = 0.8, output_type: str = "np", progress: bool = False
+                 init_image=None, strength: float = 0.8, output_type: str = "np", progress: bool = False,
+                 prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None
                  ) -> SampleOutput:
         """Sample images.
 
@@ -296,12 +297,24 @@ class StableDiffusionPipeline:
         latents: unit-variance initial noise [B, h, w, 4] (NHWC); overrides ``seed``
           and is scaled by the scheduler's initial sigma, as diffusers does.
         init_image / strength: img2img (VAE-encode the image, start part-way).
+        prompt_embeds / negative_prompt_embeds: precomputed text conditioning [B, L, C]
+          instead of ``prompt`` / ``negative_prompt`` (any length L, e.g. text tokens
+          with appended image tokens for the "simple adapter" ablation); both or neither.
         Returns ``SampleOutput`` (images in [0, 1], final latents, timings).
         """
         import time
 
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        if (prompt_embeds is None) != (negative_prompt_embeds is None):
+            raise ValueError("give both prompt_embeds and negative_prompt_embeds, or neither")
+        if prompt_embeds is not None:
+            prompt_embeds = np.asarray(prompt_embeds, np.float32)
+            negative_prompt_embeds = np.asarray(negative_prompt_embeds, np.float32)
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape != negative_prompt_embeds.shape:
+                raise ValueError(f"prompt_embeds {prompt_embeds.shape} and negative_prompt_embeds "
+                                 f"{negative_prompt_embeds.shape} must have the same [B, L, C] shape")
+            prompt = [""] * prompt_embeds.shape[0]
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
@@ -317,8 +330,12 @@ class StableDiffusionPipeline:
         # The state holds the multistep history (PNDM, DPM++), so it needs the latents' shape.
         state = sched.set_timesteps(num_inference_steps, sample_shape=latent_shape)
         steps = sched.num_steps(state)
-        text = self.encode_prompt(prompts)
-        context = np.concatenate([self.encode_prompt(negatives), text]) if cfg else text
+        if prompt_embeds is not None:
+            text, negative_text = prompt_embeds, negative_prompt_embeds
+        else:
+            text = self.encode_prompt(prompts)
+            negative_text = self.encode_prompt(negatives) if cfg else None
+        context = np.concatenate([negative_text, text]) if cfg else text
         prompts_ip, gates = self._image_prompts(list(ip_adapter_prompts), batch, height, width, steps, cfg)
 
         key = jax.random.key(seed)

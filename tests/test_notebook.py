@@ -1,4 +1,4 @@
-"""notebooks/quickstart.ipynb runs top to bottom (on its tiny random model when
+"""notebooks/quickstart.ipynb runs top to bottom (on the embedded demo model when
 no real weights are configured): its code cells are executed in order."""
 
 from __future__ import annotations

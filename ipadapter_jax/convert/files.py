@@ -168,7 +168,8 @@ def save_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in state_dict.items()}, tmp, metadata=metadata)
+        # np.require keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d).
+        save_file({k: np.require(v, requirements="C") for k, v in state_dict.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -135,13 +135,13 @@ def build_models(cfg):
     return unet, vae, text_encoder, tokenizer, image_encoder, schedulers.load_scheduler_config(root)
 
 
-def build_source(cfg, tokenizer):
+def build_source(cfg, tokenizer, clip_size: int = 224):
     d = cfg.data
     if d.kind == "json":
-        return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution)
+        return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution, clip_size=clip_size)
     if d.kind == "tfds":
         return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
-                                            image_key=d.image_key, text_key=d.text_key)
+                                            image_key=d.image_key, text_key=d.text_key, clip_size=clip_size)
     if d.kind == "cached":
         return data_lib.CachedSource(d.cache_dir)
     raise ValueError(f"data.kind must be 'json', 'tfds' or 'cached', got {d.kind!r}")
@@ -219,7 +219,7 @@ def train(cfg) -> dict:
 
     # --- models and data (errors here come before any compilation)
     unet, vae, text_encoder, tokenizer, image_encoder, sched_cfg = build_models(cfg)
-    source = build_source(cfg, tokenizer)
+    source = build_source(cfg, tokenizer, image_encoder.config.image_size)
     kind = unet.ip_adapters[0].input_kind          # from the adapter itself (adapter_init may be any variant)
     if kind.startswith("face_id"):
         raise ValueError("training FaceID adapters needs InsightFace embeddings in the data; not supported")
@@ -242,7 +242,7 @@ def train(cfg) -> dict:
     optimizer, lr_schedule = make_optimizer(cfg)
     step_cfg = StepConfig(prediction_type=cfg.step.prediction_type,
                           image_input="hidden_states" if plus else "image_embeds",
-                          scaling_factor=vae.scaling_factor)
+                          scaling_factor=vae.scaling_factor, image_conditioning=cfg.step.image_conditioning)
     trainer, trainable, frozen = Trainer.create(
         unet, vae=None if cached else vae, text_encoder=None if cached else text_encoder,
         image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,

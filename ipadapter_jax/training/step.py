@@ -10,6 +10,11 @@ conditioning dropout (one uniform r per sample: r < 0.05 image dropped,
 embedding to tokens; predict with the UNet and its image branches; MSE in
 float32 against the noise (or the velocity for v-prediction).
 
+With no adapter attached the same step trains a text-to-image UNet (the
+demo's base model): no image branch, and the trainable rule selects UNet
+parameters. With ``image_conditioning="concat"`` the adapter's tokens are
+appended to the text sequence instead (the paper's "simple adapter" ablation).
+
 Only the parameters whose path matches ``trainable`` (a regex over
 "/"-joined state paths, default the attached adapter: image projection and
 ``to_k_ip``/``to_v_ip``) are differentiated and updated; everything else is
@@ -47,6 +52,11 @@ class StepConfig:
     num_train_timesteps: int = 1000
     scaling_factor: float = 0.18215
     compute_dtype: Any = jnp.float32
+    # How the adapter's image tokens reach the UNet: "decoupled" (the paper: separate
+    # to_k_ip/to_v_ip in every cross-attention) or "concat" (the paper's "simple
+    # adapter" ablation: tokens appended to the text sequence of the frozen
+    # cross-attention). Ignored when no adapter is attached (text-only UNet training).
+    image_conditioning: str = "decoupled"
 
 
 def path_filter(pattern: str) -> Callable:
@@ -76,14 +86,17 @@ class Trainer:
     alphas_cumprod: np.ndarray
     vae_factor: int = 8
     latent_channels: int = 4
+    has_adapter: bool = True
 
     @classmethod
     def create(cls, unet, *, vae=None, text_encoder=None, image_encoder=None, optimizer=None,
                trainable: str = ADAPTER_ONLY, config: StepConfig = StepConfig(),
                scheduler_config: dict | None = None):
         """Returns ``(trainer, trainable_state, frozen_state)``."""
-        if len(unet.ip_adapters) != 1:
-            raise ValueError(f"training expects exactly one attached IP-Adapter, found {len(unet.ip_adapters)}")
+        if len(unet.ip_adapters) > 1:
+            raise ValueError(f"training expects at most one attached IP-Adapter, found {len(unet.ip_adapters)}")
+        if config.image_conditioning not in ("decoupled", "concat"):
+            raise ValueError(f"image_conditioning must be 'decoupled' or 'concat', got {config.image_conditioning!r}")
         graphdef, trainable_state, rest = nnx.split(unet, path_filter(trainable), ...)
         if not jax.tree.leaves(trainable_state):
             raise ValueError(f"the trainable rule {trainable!r} selects no parameter")
@@ -96,7 +109,7 @@ class Trainer:
         alphas = schedulers.ddpm_alphas_cumprod(scheduler_config or {})
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         trainer = cls(graphdef, graphdefs, config, optimizer, np.asarray(alphas), factor,
-                      unet.config.in_channels)
+                      unet.config.in_channels, has_adapter=len(unet.ip_adapters) == 1)
         return trainer, trainable_state, frozen
 
     def init_optimizer(self, trainable_state):
@@ -144,6 +157,8 @@ class Trainer:
             text = self._module("text_encoder", frozen)(ids).last_hidden_state
 
         drop_image = draws["drop_image"]
+        if not self.has_adapter:
+            return latents, text, None
         if "image_embeds" in batch:
             embeds = batch["image_embeds"].astype(jnp.float32)
             uncond = batch.get("uncond_image", jnp.zeros_like(embeds[0]))
@@ -165,13 +180,21 @@ class Trainer:
         """MSE (float32) of the UNet's prediction, given everything sampled."""
         c = self.config
         unet = nnx.merge(self.unet_graphdef, trainable, frozen["unet"])
-        adapter = unet.ip_adapters[0]
         alphas = jnp.asarray(self.alphas_cumprod, jnp.float32)
         noisy = schedulers.ddpm_add_noise(alphas, latents, noise, timesteps)
-        tokens = adapter.project(image_embeds)
-        scale = jnp.ones((len(adapter.layers),), jnp.float32)
-        prompt = adapters_lib.ImagePrompt(tokens=tokens[:, None], scale=scale)
-        pred = unet(noisy, timesteps, text, [prompt]).astype(jnp.float32)
+        if not len(unet.ip_adapters):
+            pred = unet(noisy, timesteps, text)
+        else:
+            adapter = unet.ip_adapters[0]
+            tokens = adapter.project(image_embeds)
+            if c.image_conditioning == "concat":
+                context = jnp.concatenate([text, tokens.astype(text.dtype)], axis=1)
+                pred = unet(noisy, timesteps, context)
+            else:
+                scale = jnp.ones((len(adapter.layers),), jnp.float32)
+                prompt = adapters_lib.ImagePrompt(tokens=tokens[:, None], scale=scale)
+                pred = unet(noisy, timesteps, text, [prompt])
+        pred = pred.astype(jnp.float32)
         target = noise if c.prediction_type == "epsilon" else schedulers.ddpm_velocity(alphas, latents, noise,
                                                                                         timesteps)
         return jnp.mean((pred - target.astype(jnp.float32)) ** 2)

@@ -1,0 +1,22 @@
+"""Demo stage 4: the IP-Adapter (base variant: 4 tokens, decoupled cross-attention) trained on the
+frozen demo stack by the regular trainer, reading the shapes through TFDS. Exports
+<root>/ip-adapter_demo.safetensors (official layout)."""
+
+from configs.demo import common
+
+
+def get_config(arg=None):
+    c = common.base("ip_adapter", "runs/demo/ip_adapter")
+    c.model.pretrained = f"{common.ROOT}/sd"
+    c.model.image_encoder = f"{common.ROOT}/image_encoder"
+    c.model.variant = "base"
+    c.model.num_tokens = 4
+    c.data.kind = "tfds"
+    c.data.tfds_name = "shapes_dataset"
+    c.data.tfds_dir = common.DATA_DIR
+    c.data.batch_size = 64
+    c.optimizer.lr = 5e-4
+    c.optimizer.warmup_steps = 50
+    c.train.steps = 600
+    c.train.export = f"{common.ROOT}/ip-adapter_demo.safetensors"
+    return c

@@ -1,0 +1,205 @@
+"""The demo's building blocks: the procedural shapes dataset (grain source and
+TFDS builder), the demo tokenizer, the CLIP / VAE objectives against their
+PyTorch references, and the step's text-only and "simple adapter" modes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from ipadapter_jax.demo import recipe, shapes
+
+
+def test_records_are_deterministic_and_match_their_caption():
+    a, b = shapes.make_record(17), shapes.make_record(17)
+    assert np.array_equal(a["image"], b["image"]) and a["text"] == b["text"]
+    assert a["image"].shape == (64, 64, 3) and a["image"].dtype == np.uint8
+    assert a["text"] == shapes.caption(a["shape"], a["colour"], a["texture"], a["background"])
+    assert not np.array_equal(shapes.make_record(18)["image"], a["image"])
+    train, test = shapes.ShapesSource(4, split="train"), shapes.ShapesSource(4, split="test")
+    assert not np.array_equal(train[0]["image"], test[0]["image"])
+    assert len(train) == 4 and "split='train'" in repr(train)
+
+
+def test_background_and_shape_colours_are_what_the_caption_says():
+    """Corners show the background colour; the centre of a centred plain shape its colour."""
+    for colour, background in (("red", "blue"), ("yellow", "black"), ("white", "green")):
+        image = shapes.render("square", colour, "plain", background)
+        assert np.abs(image[0, 0].astype(int) - shapes.COLOURS[background]).max() <= 2
+        assert np.abs(image[32, 32].astype(int) - shapes.COLOURS[colour]).max() <= 2
+    assert shapes.caption("circle", "orange", "plain", "red") == "an orange circle on a red background"
+    assert shapes.caption("star", "red", "dotted", "blue") == "a red dotted star on a blue background"
+
+
+def test_bad_attributes_and_indices_are_refused():
+    with pytest.raises(ValueError, match="hexagon"):
+        shapes.render("hexagon", "red", "plain", "blue")
+    with pytest.raises(ValueError, match="pink"):
+        shapes.render("circle", "pink", "plain", "blue")
+    with pytest.raises(ValueError, match="split"):
+        shapes.ShapesSource(3, split="validation")
+    with pytest.raises(IndexError, match="out of range"):
+        shapes.ShapesSource(3)[3]
+
+
+def test_tfds_builder_matches_the_grain_source(tmp_path, monkeypatch):
+    """The TFDS dataset (array_record, no TensorFlow) holds exactly the source's records."""
+    import tensorflow_datasets as tfds
+
+    builder_cls = shapes.ShapesDataset
+    monkeypatch.setattr(builder_cls, "TRAIN_RECORDS", 6)
+    monkeypatch.setattr(builder_cls, "TEST_RECORDS", 3)
+    builder_cls(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+    source = tfds.builder(recipe.TFDS_NAME, data_dir=str(tmp_path)).as_data_source(split="train")
+    reference = shapes.ShapesSource(6)
+    assert len(source) == 6
+    for i in range(6):
+        text = source[i]["text"]
+        assert np.array_equal(source[i]["image"], reference[i]["image"])
+        assert (text.decode() if isinstance(text, bytes) else text) == reference[i]["text"]
+    images, texts = recipe.load_split(tmp_path, "test")
+    assert images.shape == (3, 64, 64, 3) and texts[0] == shapes.ShapesSource(3, split="test")[0]["text"]
+
+
+def test_demo_tokenizer_spells_every_word_as_one_token(tmp_path):
+    tok = recipe.write_tokenizer(tmp_path / "tok")
+    for word in shapes.vocabulary():
+        assert len(tok.tokenize(word)) == 1, word
+    ids = tok("a red dotted star on a blue background").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 10
+    assert len(tok.tokenize("zebra")) > 1           # unknown words still tokenize (bytes)
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    assert np.array_equal(recipe.batch_indices(0, 5, 100, 8), recipe.batch_indices(0, 5, 100, 8))
+    assert not np.array_equal(recipe.batch_indices(0, 5, 100, 8), recipe.batch_indices(0, 6, 100, 8))
+
+
+def test_clip_loss_matches_transformers(tmp_path):
+    """Our towers + contrastive loss give transformers CLIPModel's return_loss value."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    from ipadapter_jax.models import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+    from ipadapter_jax.training import objectives
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, max_position_embeddings=16, eos_token_id=98),
+                        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, image_size=32, patch_size=8),
+                        projection_dim=24, logit_scale_init_value=2.0)
+    model = CLIPModel(config).eval()
+    model.save_pretrained(tmp_path / "clip")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 97, (6, 16)).astype(np.int64)
+    ids[:, -1] = 98
+    pixels = rng.standard_normal((6, 32, 32, 3)).astype(np.float32)
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels).permute(0, 3, 1, 2),
+                         return_loss=True).loss.item()
+    text = CLIPTextModelWithProjection.from_pretrained(tmp_path / "clip")
+    vision = CLIPVisionModelWithProjection.from_pretrained(tmp_path / "clip")
+    loss, metrics = objectives.clip_contrastive_loss(text(ids.astype(np.int32)).text_embeds,
+                                                     vision(pixels).image_embeds, np.float32(2.0))
+    assert abs(float(loss) - expected) <= 1e-5 * abs(expected)
+    # Repeated captions are all positives: with two identical pairs the target splits between them.
+    same = np.eye(6, dtype=bool)
+    same[0, 1] = same[1, 0] = True
+    loss_same, _ = objectives.clip_contrastive_loss(text(ids.astype(np.int32)).text_embeds,
+                                                    vision(pixels).image_embeds, np.float32(2.0), same)
+    assert float(loss_same) != pytest.approx(float(loss))
+
+
+def test_vae_kl_matches_diffusers(tmp_path):
+    """The KL term is diffusers' DiagonalGaussianDistribution.kl() per latent element."""
+    import jax
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+
+    from conftest import nchw
+    from ipadapter_jax.models import AutoencoderKL
+    from ipadapter_jax.training import objectives
+
+    torch.manual_seed(0)
+    TorchVAE(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+             up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+             layers_per_block=1).save_pretrained(tmp_path / "vae")
+    torch_vae = TorchVAE.from_pretrained(tmp_path / "vae").eval()
+    pixels = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        posterior = torch_vae.encode(nchw(pixels)).latent_dist
+        kl_expected = posterior.kl().sum().item() / posterior.mean.numel()
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    _, metrics = objectives.vae_loss(vae, pixels, jax.random.key(0), kl_weight=1.0)
+    assert rel_err(float(metrics["kl"]), kl_expected) <= 1e-5
+
+
+def _tiny_unet(adapter: bool):
+    from flax import nnx
+
+    from ipadapter_jax import adapters
+    from ipadapter_jax.models import UNet2DConditionModel
+    from ipadapter_jax.models.image_proj import ImageProjModel
+
+    rngs = nnx.Rngs(0)
+    unet = UNet2DConditionModel(dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
+                                     norm_num_groups=8, cross_attention_dim=16, sample_size=8,
+                                     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+                                     up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]), rngs=rngs)
+    if adapter:
+        ad = adapters.IPAdapter.for_unet(unet, ImageProjModel(8, 16, 4, rngs=rngs), variant="base", rngs=rngs)
+        adapters.attach(unet, ad)
+    return unet
+
+
+def _step_inputs():
+    rng = np.random.default_rng(0)
+    return dict(latents=rng.standard_normal((2, 8, 8, 4)).astype(np.float32),
+                text=rng.standard_normal((2, 7, 16)).astype(np.float32),
+                embeds=rng.standard_normal((2, 8)).astype(np.float32),
+                noise=rng.standard_normal((2, 8, 8, 4)).astype(np.float32), t=np.array([10, 700]))
+
+
+def test_text_only_step_is_the_plain_unet_mse():
+    """With no adapter the step trains the UNet on text: loss = MSE(unet(noisy, t, text), noise)."""
+    import jax.numpy as jnp
+
+    from ipadapter_jax import schedulers
+    from ipadapter_jax.training.step import Trainer
+
+    unet = _tiny_unet(adapter=False)
+    trainer, trainable, frozen = Trainer.create(unet, trainable=".*")
+    x = _step_inputs()
+    loss = trainer.loss(trainable, frozen, x["latents"], x["text"], None, x["noise"], x["t"])
+    alphas = jnp.asarray(schedulers.ddpm_alphas_cumprod({}), jnp.float32)
+    noisy = schedulers.ddpm_add_noise(alphas, x["latents"], x["noise"], x["t"])
+    expected = np.mean((np.asarray(unet(noisy, x["t"], x["text"])) - x["noise"]) ** 2)
+    assert rel_err(float(loss), expected) <= 1e-6
+    assert {str(p[0]) for p, _ in __import__("flax").nnx.to_flat_state(trainable)} >= {"conv_in", "down_blocks"}
+
+
+def test_concat_step_appends_image_tokens_to_the_text():
+    """The "simple adapter": projected tokens are appended to the text; the UNet's own cross-attention sees them."""
+    import jax.numpy as jnp
+
+    from ipadapter_jax import schedulers
+    from ipadapter_jax.training.step import StepConfig, Trainer
+
+    unet = _tiny_unet(adapter=True)
+    adapter = unet.ip_adapters[0]
+    trainer, trainable, frozen = Trainer.create(unet, trainable=r"^ip_adapters/0/image_proj/",
+                                                config=StepConfig(image_conditioning="concat"))
+    x = _step_inputs()
+    loss = trainer.loss(trainable, frozen, x["latents"], x["text"], x["embeds"], x["noise"], x["t"])
+    alphas = jnp.asarray(schedulers.ddpm_alphas_cumprod({}), jnp.float32)
+    noisy = schedulers.ddpm_add_noise(alphas, x["latents"], x["noise"], x["t"])
+    context = np.concatenate([x["text"], np.asarray(adapter.project(x["embeds"]))], axis=1)
+    from ipadapter_jax import adapters
+
+    adapters.detach_all(unet)
+    expected = np.mean((np.asarray(unet(noisy, x["t"], context)) - x["noise"]) ** 2)
+    assert rel_err(float(loss), expected) <= 1e-6
+    with pytest.raises(ValueError, match="image_conditioning"):
+        Trainer.create(_tiny_unet(adapter=True), config=StepConfig(image_conditioning="sideways"))
