@@ -113,9 +113,10 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 class Generator:
     """Generates one case in one mode, with the decoupled adapter (attached) or
-    the concatenating "simple adapter" (its projection only)."""
+    the concatenating "simple adapter" (its projection only). ``adapter``: an
+    official-format file, or an ``IPAdapter`` already attached to ``pipe``."""
 
-    def __init__(self, pipe, adapter_path: str | os.PathLike, *, conditioning: str = "decoupled",
+    def __init__(self, pipe, adapter, *, conditioning: str = "decoupled",
                  steps: int = 25, guidance: float = 5.0, height: int = 512, width: int = 512,
                  num_images: int = 1):
         from ipadapter_jax import adapters as adapters_lib
@@ -125,7 +126,9 @@ class Generator:
         self.pipe, self.conditioning = pipe, conditioning
         self.kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width)
         self.num_images = num_images
-        self.adapter = pipe.load_ip_adapter(adapter_path)
+        # A file is loaded and attached; an IPAdapter object is used as it is (attached already
+        # for "decoupled").
+        self.adapter = pipe.load_ip_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
         if conditioning == "concat":
             adapters_lib.detach_all(pipe.unet)   # the UNet sees the tokens only through its text context
             pipe._compiled.clear()

@@ -98,10 +98,8 @@ def test_image_prompt_brings_generations_closer_to_the_reference(pipe):
     from ipadapter_jax import eval as eval_lib
 
     cases = eval_lib.demo_cases(12)
-    generator = eval_lib.Generator.__new__(eval_lib.Generator)
-    generator.pipe, generator.conditioning, generator.num_images = pipe, "decoupled", 2
-    generator.kwargs = dict(num_inference_steps=20, guidance_scale=5.0, height=64, width=64)
-    generator.adapter = pipe.unet.ip_adapters[0]
+    generator = eval_lib.Generator(pipe, pipe.unet.ip_adapters[0], steps=20, guidance=5.0, height=64, width=64,
+                                   num_images=2)
     scorer = eval_lib.ClipScorer(PATHS["clip"])
     result = eval_lib.evaluate(generator, scorer, cases, modes=("text", "image+text"), progress=False)
     by_mode = {r["mode"]: r for r in result["rows"]}
@@ -125,4 +123,22 @@ def test_red_reference_makes_circles_red(pipe):
     assert plain_colours.count("red") < colours.count("red"), (plain_colours, colours)
 
 
-MARGIN = 0.05  # placeholder; set from the measurement below before commit
+def test_prompt_embeds_equal_prompts_and_concat_generator_runs():
+    """The pipeline's prompt_embeds path gives the prompt path's latents; the
+    simple-adapter generator appends 4 image tokens and produces images."""
+    from ipadapter_jax import eval as eval_lib
+    from ipadapter_jax.pipeline import StableDiffusionPipeline
+
+    fresh = StableDiffusionPipeline.from_pretrained(PATHS["sd"], image_encoder=PATHS["image_encoder"])
+    kwargs = dict(num_inference_steps=5, guidance_scale=5.0, height=64, width=64, seed=1)
+    by_text = fresh("a red circle on a blue background", **kwargs)
+    by_embeds = fresh(prompt_embeds=fresh.encode_prompt(["a red circle on a blue background"]),
+                      negative_prompt_embeds=fresh.encode_prompt([""]), **kwargs)
+    assert np.array_equal(by_text.latents, by_embeds.latents)
+    with pytest.raises(ValueError, match="both"):
+        fresh(prompt_embeds=fresh.encode_prompt(["a"]), **kwargs)
+    generator = eval_lib.Generator(fresh, PATHS["adapter"], conditioning="concat", steps=5, height=64, width=64)
+    assert len(fresh.unet.ip_adapters) == 0
+    case = eval_lib.demo_cases(1)[0]
+    images = generator(case, "image+text", 1.0, seed=0)
+    assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
