@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--mask", action="append", default=[], metavar="PATH",
                    help="attention mask per reference image (white = where that image applies)")
     p.add_argument("--scale", action="append", type=float, default=[],
-                   help="IP-Adapter scale; once for all adapters or once per adapter (default 1.0)")
+                   help="IP-Adapter scale; once for all adapters or once per adapter (default 1.0; demo 0.5)")
     p.add_argument("--prompt", default=None, help="text prompt (default: empty, image-only prompting; demo: "
                    "a short shape prompt)")
     p.add_argument("--negative-prompt", default="", help="negative text prompt")
@@ -125,6 +125,7 @@ def _resolve_defaults(p, args) -> None:
             args.image = args.image or [str(paths["reference"])]
         defaults = dict(prompt=demo.DEFAULT_PROMPT, steps=25, guidance=5.0, num_images=4, height=64, width=64,
                         out="outputs/demo.png")
+        args.scale = args.scale or [demo.DEFAULT_SCALE]
     else:
         defaults = dict(prompt="", steps=30, guidance=7.5, num_images=1, height=512, width=512,
                         out="outputs/sample.png")

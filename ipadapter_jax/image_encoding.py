@@ -129,7 +129,9 @@ def prompt_tokens(adapter, *, image_encoder=None, images: Iterable | None = None
     def encode(imgs):
         if image_encoder is None:
             raise ValueError("pass image_encoder= to encode images (or precomputed embeds=)")
-        return encode_image(image_encoder, preprocess(list(imgs)), _encoder_output(adapter))
+        # The encoder's own resolution (224 for the official encoders; the demo's is 64).
+        size = getattr(getattr(image_encoder, "config", None), "image_size", 224)
+        return encode_image(image_encoder, preprocess(list(imgs), size, size), _encoder_output(adapter))
 
     clip = None
     if kind.startswith("face_id"):

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
-DEFAULT_PROMPT = "a star on a white background"
+DEFAULT_PROMPT = "a purple square on a yellow background"
+DEFAULT_SCALE = 0.5     # the best CLIP-I of the measured scales (README, ablation table)
 
 
 def demo_paths() -> dict[str, Path]:
