@@ -238,14 +238,13 @@ def test_eval_cases_and_arguments_are_checked(tmp_path):
 
 
 def _fit_config(steps: int):
-    from configs.demo import common
+    import ml_collections
 
-    c = common.base("vae", "unused")
-    c.optimizer.schedule = "constant"
-    c.optimizer.lr = 0.1
-    c.optimizer.warmup_steps = 0
-    c.train.steps, c.train.save_every, c.train.log_every = steps, 3, 1
-    return c
+    return ml_collections.ConfigDict({
+        "seed": 0,
+        "optimizer": {"lr": 0.1, "schedule": "constant", "warmup_steps": 0, "accumulate": 1, "clip_norm": 0.0,
+                      "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "ema_decay": 0.0},
+        "train": {"steps": steps, "save_every": 3, "log_every": 1}})
 
 
 def test_fit_resumes_exactly_from_its_checkpoint(tmp_path):
