@@ -16,11 +16,15 @@ SD15_SCHEDULER = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_e
                   "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 
 
-def _byte_vocab() -> dict[str, int]:
-    """CLIP's byte-level BPE alphabet (each byte as a unicode char), +"</w>" forms, + specials."""
+def byte_alphabet() -> list[str]:
+    """CLIP's byte-level BPE alphabet: each of the 256 bytes as a unicode char, in vocabulary order."""
     bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    cs = bs[:] + [256 + i for i in range(256 - len(bs))]
-    chars = [chr(c) for c in cs]
+    return [chr(c) for c in bs] + [chr(256 + i) for i in range(256 - len(bs))]
+
+
+def _byte_vocab() -> dict[str, int]:
+    """The byte alphabet, its "</w>" forms and the two specials."""
+    chars = byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})

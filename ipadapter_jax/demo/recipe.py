@@ -75,20 +75,17 @@ def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- tokenizer
 
-def _byte_alphabet() -> list[str]:
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    return [chr(c) for c in bs] + [chr(256 + i) for i in range(256 - len(bs))]
-
-
 def write_tokenizer(folder: str | Path):
     """A CLIP byte-level BPE tokenizer whose merges spell every caption word as
     one token (other text still tokenizes, byte by byte). Returns the loaded
     ``CLIPTokenizer``."""
     from transformers import CLIPTokenizer
 
+    from ipadapter_jax.tiny_model import byte_alphabet
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _byte_alphabet()
+    chars = byte_alphabet()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     merges: list[tuple[str, str]] = []
@@ -230,6 +227,7 @@ def save_clip(text_model, vision_model, logit_scale: float, text_cfg: dict, visi
     projection, as IP-Adapter ships its image encoder)."""
     from ipadapter_jax.convert import files
     from ipadapter_jax.convert.params import module_state_dict
+    from ipadapter_jax.training.objectives import CLIP_MEAN, CLIP_STD
 
     clip_dir = root / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
@@ -245,7 +243,7 @@ def save_clip(text_model, vision_model, logit_scale: float, text_cfg: dict, visi
     processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
                  "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": list(_clip_mean()), "image_std": list(_clip_std()), "do_convert_rgb": True}
+                 "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
     for folder in (clip_dir, root / "image_encoder"):
         (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
 
@@ -255,16 +253,6 @@ def copy_tokenizer(src: Path, dst: Path) -> None:
 
     for f in src.iterdir():
         shutil.copy2(f, dst / f.name)
-
-
-def _clip_mean():
-    from ipadapter_jax.training.objectives import CLIP_MEAN
-    return CLIP_MEAN
-
-
-def _clip_std():
-    from ipadapter_jax.training.objectives import CLIP_STD
-    return CLIP_STD
 
 
 def train_clip(cfg) -> dict:
