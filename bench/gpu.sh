@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The GPU benchmark set, one command, sized for a short GPU slot (< 10 min on an H100/H200):
-#   SD1.5 UNet forward (batch 2 = CFG) and the full 50-step DDIM + CFG + IP-Adapter loop at 512 px,
-#   batch 1 and 8: JAX bf16 vs diffusers fp16 (SDPA), same weights, same card, same process.
+# The GPU benchmark sets, one command, sized for a short GPU slot on an H100/H200:
+#   the `gpu` set (< 5 min): SD1.5 UNet forward (batch 2 = CFG), the 50-step DDIM + CFG + IP-Adapter loop at
+#   512 px at batch 1 and 8 (JAX bf16 vs diffusers fp16 SDPA) and the 512-px training step at batch 8 (JAX bf16
+#   vs PyTorch autocast bf16), then the `gpu-extra` set within EXTRA_S seconds (default 240; 0 skips it).
 # Needs jax[cuda], flax, torch (CUDA), transformers and diffusers; a folder .whl/ of wheels is installed
-# first when present (the lent GPU machines have no network). Results: bench/results/*.jsonl (and $OUT).
+# first when present (the lent GPU machines have no network). Results: bench/results/ (and $OUT when set).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .whl ]; then
@@ -14,8 +15,13 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.6
+save() { if [ -n "${OUT:-}" ]; then cp bench/results/suite-gpu*.json "$OUT"/ 2>/dev/null || true;
+         tar czf "$OUT/jsonl.tgz" bench/results/*.jsonl; fi; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-python3 -c "import jax, flax, torch, diffusers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, jax.devices())"
-[ -n "${SKIP_UNET:-}" ] || python3 bench/unet_forward.py --config sd15 --batch 2 --dtype bfloat16 --torch-dtype float16 --device cuda --runs 10
-python3 bench/sampling.py --config sd15 --steps 50 --batch 1 --batch 8 --dtype bfloat16 --device cuda --runs 2
-if [ -n "${OUT:-}" ]; then cp bench/results/*.jsonl "$OUT"/; fi
+python3 -c "import jax, flax, torch, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+python3 bench/suite.py --set gpu --no-docs || true
+save
+if [ "${EXTRA_S:-240}" != 0 ]; then
+  timeout "${EXTRA_S:-240}" python3 bench/suite.py --set gpu-extra --no-docs || true
+  save
+fi

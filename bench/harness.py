@@ -40,12 +40,46 @@ def report(name: str, record: dict) -> dict:
 
     record = {"benchmark": name, "machine": machine(), "jax": jax.__version__, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d %H:%M"), **record}
+    if jax.devices()[0].platform != "cpu":
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            record["jax_peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2**30, 2)
     RESULTS.mkdir(exist_ok=True)
     with open(RESULTS / f"{name}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    # bench/suite.py collects the records of the benchmarks it runs through this file.
+    if os.environ.get("BENCH_RECORDS"):
+        with open(os.environ["BENCH_RECORDS"], "a") as f:
+            f.write(json.dumps(record) + "\n")
     print(json.dumps(record, indent=2))
     return record
 
 
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
+
+
+def jax_vs_torch(jax_fn: Callable[[], object], torch_fn: Callable[[], object], runs: int, *,
+                 skip_torch: bool = False) -> tuple[dict, object, object]:
+    """Time a blocking JAX call (first call = compile, reported apart) and a torch
+    call (one untimed warm-up) ``runs`` times each; returns (record fields, last
+    JAX output, last torch output)."""
+    out = {}
+    compile_s = time_runs(jax_fn, 1)[0]
+    holder = {}
+
+    def keep(fn, key):
+        def call():
+            holder[key] = fn()
+        return call
+
+    jax_times = time_runs(keep(jax_fn, "jax"), runs)
+    out.update(runs=runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
+               jax_times_s=[round(t, 4) for t in jax_times])
+    if not skip_torch:
+        warm = time_runs(torch_fn, 1)[0]
+        torch_times = time_runs(keep(torch_fn, "torch"), runs)
+        out.update(torch_warmup_s=round(warm, 3), torch_median_s=round(median(torch_times), 4),
+                   torch_times_s=[round(t, 4) for t in torch_times],
+                   ratio_jax_over_torch=round(median(jax_times) / median(torch_times), 3))
+    return out, holder.get("jax"), holder.get("torch")

@@ -128,12 +128,17 @@ def main():
         jargs = (params, sched_state, jnp.asarray(noise) * sched.init_noise_sigma(sched_state), jnp.asarray(text),
                  [prompt], jnp.ones((1, args.steps), jnp.float32), jnp.float32(7.5), jnp.float32(0.0),
                  jax.random.key(0), jnp.int32(0))
-        compile_s = time_runs(lambda: loop(*jargs).block_until_ready(), 1)[0]
-        jax_times = time_runs(lambda: loop(*jargs).block_until_ready(), args.runs)
-        jax_latents = np.asarray(loop(*jargs), np.float32)
+        last = {}
+
+        def jax_loop():
+            last["jax"] = loop(*jargs).block_until_ready()
+
+        compile_s = time_runs(jax_loop, 1)[0]
+        jax_times = time_runs(jax_loop, args.runs)
+        jax_latents = np.asarray(last["jax"], np.float32)
         record = dict(config=args.config, attention=args.attention, batch=batch, latent=args.size, steps=args.steps, dtype=args.dtype,
                       runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
-                      jax_it_per_s=round(args.steps / median(jax_times), 3))
+                      jax_times_s=[round(t, 4) for t in jax_times], jax_it_per_s=round(args.steps / median(jax_times), 3))
         dev = jax.devices()[0]
         if args.config == "sd15" and dev.platform == "gpu":
             flops = 0.8e12 * 2 * batch * args.steps
@@ -170,13 +175,14 @@ def main():
                         latents = tsched.step(u + 7.5 * (cnd - u), t, latents).prev_sample
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
-                return latents
+                last["torch"] = latents
 
             warm = time_runs(torch_loop, 1)[0]
             torch_times = time_runs(torch_loop, args.runs)
-            torch_latents = torch_loop().float().permute(0, 2, 3, 1).cpu().numpy()
+            torch_latents = last["torch"].float().permute(0, 2, 3, 1).cpu().numpy()
             record.update(torch_device=args.device, torch_dtype=str(tdtype).replace("torch.", ""),
                           torch_warmup_s=round(warm, 3), torch_median_s=round(median(torch_times), 4),
+                          torch_times_s=[round(t, 4) for t in torch_times],
                           torch_it_per_s=round(args.steps / median(torch_times), 3),
                           speedup_jax_over_torch=round(median(torch_times) / median(jax_times), 3),
                           latents_rel_diff=float(np.linalg.norm(jax_latents - torch_latents)

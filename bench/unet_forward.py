@@ -74,7 +74,7 @@ def main():
     compile_s = time_runs(lambda: forward(params, xj, tj, cj).block_until_ready(), 1)[0]
     jax_times = time_runs(lambda: forward(params, xj, tj, cj).block_until_ready(), args.runs)
     record = dict(config=args.config, batch=args.batch, latent=args.size, dtype=args.dtype,
-                  attention=args.attention, runs=args.runs, jax_compile_s=round(compile_s, 3),
+                  attention=args.attention, runs=args.runs, jax_first_call_s=round(compile_s, 3),
                   jax_median_s=round(median(jax_times), 4), jax_times=[round(v, 4) for v in jax_times])
 
     if not args.skip_torch:

@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.keep = 3
     c.train.trainable = r"^ip_adapters/"   # regex over state paths: what the optimizer sees
     c.train.export = ""                    # default: <workdir>/ip_adapter.safetensors
-    c.train.remat = False                  # recompute UNet block activations in backward (memory for compute)
+    c.train.remat = "none"                 # UNet block rematerialisation: none | full | dots (memory for compute)
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                 # -1: all devices not used by fsdp

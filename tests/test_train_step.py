@@ -15,6 +15,7 @@ import ipadapter_fixtures as fx
 from conftest import nchw, rel_err
 from ipadapter_jax.convert.ip_adapter import ip_adapter_state_dict, load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
+from ipadapter_jax.models.unet import remat_policy
 from ipadapter_jax.training.step import StepConfig, Trainer
 from sd_fixtures import SD15_SCHEDULER
 
@@ -151,8 +152,8 @@ def test_trainable_rule_must_select_something(setup):
 
 
 def test_remat_gives_the_same_gradients_with_less_memory(setup):
-    """UNet(remat=True) recomputes block activations in the backward pass: the
-    same loss and gradients, and XLA's temp-memory estimate goes down."""
+    """UNet remat policies recompute block activations in the backward pass: the
+    same loss and gradients, and XLA's temp-memory estimate goes down (most for "full")."""
     import jax
 
     _, unet, data = setup
@@ -160,7 +161,7 @@ def test_remat_gives_the_same_gradients_with_less_memory(setup):
     big = rng.standard_normal((B, 48, 48, 4), dtype=np.float32)   # activations dominate memory here
     args = (big, data["text"], data["embeds"], rng.standard_normal(big.shape, dtype=np.float32), data["timesteps"])
     results = {}
-    for remat in (False, True):
+    for remat in (False, "dots", True):
         unet.remat = remat
         trainer, trainable, frozen = Trainer.create(unet, scheduler_config=SD15_SCHEDULER)
         fn = jax.jit(jax.value_and_grad(trainer.loss))
@@ -168,7 +169,11 @@ def test_remat_gives_the_same_gradients_with_less_memory(setup):
         loss, grads = fn(trainable, frozen, *args)
         results[remat] = (float(loss), jax.tree.leaves(grads), compiled.memory_analysis().temp_size_in_bytes)
     unet.remat = False
-    assert abs(results[True][0] - results[False][0]) <= 1e-6 * abs(results[False][0])
-    for a, b in zip(results[True][1], results[False][1]):
-        assert rel_err(a, b) <= 1e-5
+    for policy in ("dots", True):
+        assert abs(results[policy][0] - results[False][0]) <= 1e-6 * abs(results[False][0])
+        for a, b in zip(results[policy][1], results[False][1]):
+            assert rel_err(a, b) <= 1e-5
     assert results[True][2] < results[False][2], (results[True][2], results[False][2])
+    assert results[True][2] <= results["dots"][2], (results[True][2], results["dots"][2])
+    with pytest.raises(ValueError, match="selective"):
+        remat_policy("selective")

@@ -7,6 +7,8 @@ Layout convention: ``q`` is [batch, q_len, heads, head_dim], ``k``/``v`` are
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -71,6 +73,35 @@ def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arra
     return out.reshape(b, h, lq, -1).transpose(0, 2, 1, 3)
 
 
+def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)
+    return heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), scale))
+
+
+def fused_forward_reference_backward(forward):
+    """``forward(q, k, v, scale)`` with the reference path's gradient: for fused
+    kernels whose backward pass rejects some shapes. The backward recomputes
+    the reference attention (short key lengths only, so the scores are small)."""
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def attention(q, k, v, scale):
+        return forward(q, k, v, scale)
+
+    def fwd(q, k, v, scale):
+        return forward(q, k, v, scale), (q, k, v)
+
+    def bwd(scale, residuals, g):
+        _, vjp = jax.vjp(lambda *qkv: _reference(*qkv, scale), *residuals)
+        return vjp(g)
+
+    attention.defvjp(fwd, bwd)
+    return attention
+
+
+_cudnn_forward = fused_forward_reference_backward(
+    lambda q, k, v, scale: jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="cudnn"))
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float,
                           mask: jax.Array | None = None, backend: str = "xla") -> jax.Array:
     """softmax(q k^T * scale + mask) v, softmax in float32.
@@ -83,13 +114,16 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         ``"blocked"`` (the same math one head and query block at a time: fast on
         CPU for long sequences), ``"jax"`` (``jax.nn.dot_product_attention``
         with XLA's choice of implementation), ``"cudnn"`` (its cuDNN fused
-        kernel, bf16/fp16 on NVIDIA GPUs) or ``"auto"`` (see ``resolve_backend``).
+        kernel, bf16/fp16 on NVIDIA GPUs; elsewhere the same as ``"jax"``) or ``"auto"`` (see ``resolve_backend``).
     """
     backend = resolve_backend(backend)
-    # cuDNN's fused backward rejects key lengths such as 77 text tokens; those short
-    # cross-attentions are cheap, so only long self-attention goes to cuDNN.
-    if backend == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and k.shape[1] % 64 == 0:
-        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+    if backend == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() in ("gpu", "cuda"):
+        if k.shape[1] % 64 == 0:
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
+        if mask is None:
+            # cuDNN's fused backward rejects key lengths such as 77 text tokens, its forward
+            # takes them: fused forward, and the reference path's gradient when one is taken.
+            return _cudnn_forward(q, k, v, scale)
     if backend in ("jax", "cudnn"):  # cuDNN's fused kernels take half precision only
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     if backend == "blocked" and mask is None and q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES:

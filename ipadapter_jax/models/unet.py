@@ -362,6 +362,26 @@ class CrossAttentionLayer:
     token_dim: int = 0
 
 
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+def remat_policy(remat: bool | str):
+    """The ``jax.checkpoint`` policy of a UNet ``remat`` setting, None for no remat.
+
+    ``"none"`` (or False) keeps every activation for the backward pass; ``"full"`` (or
+    True) keeps only each block's inputs and recomputes the block (least memory, about
+    one more forward pass); ``"dots"`` keeps the outputs of matmuls and convolutions
+    and recomputes the cheap elementwise work (norms, activations) between them.
+    """
+    if remat is True or remat == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    if remat is False or remat is None or remat == "none":
+        return None
+    if remat == "dots":
+        return jax.checkpoint_policies.dots_saveable
+    raise ValueError(f"unknown remat policy {remat!r}; expected one of {REMAT_POLICIES} (or a bool)")
+
+
 class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     """Conditional UNet: ``model(sample, timesteps, encoder_hidden_states)``.
 
@@ -381,9 +401,10 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         return UNetConfig.from_dict(config, source="unet config")
 
     def __init__(self, config: UNetConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
-                 remat: bool = False, rngs: nnx.Rngs):
+                 remat: bool | str = False, rngs: nnx.Rngs):
         cfg = config if isinstance(config, UNetConfig) else UNetConfig.from_dict(config)
         self.config = cfg
+        remat_policy(remat)  # fail at construction on an unknown policy
         self.remat = remat
         self.config_json = json.dumps(dataclasses.asdict(cfg))
         self.dtype = dtype
@@ -495,9 +516,12 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         context = encoder_hidden_states.astype(self.dtype)
         emb = self.time_conditioning(timesteps, sample.shape[0])
 
-        # remat=True recomputes each block's activations in the backward pass
-        # (jax.checkpoint per UNet block): training memory for compute.
-        run = (lambda fn, *a: jax.checkpoint(fn)(*a)) if self.remat else (lambda fn, *a: fn(*a))
+        # Rematerialisation per UNet block (jax.checkpoint): training memory for compute.
+        policy = remat_policy(self.remat)
+        if policy is None:
+            run = lambda fn, *a: fn(*a)
+        else:
+            run = lambda fn, *a: jax.checkpoint(fn, policy=policy)(*a)
         x = self.conv_in(sample)
         skips = [x]
         for block in self.down_blocks:
