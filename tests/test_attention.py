@@ -77,3 +77,19 @@ def test_fused_forward_reference_backward_gradients():
     for g, r in zip(got, want):
         assert rel_err(g, r) <= 1e-5
     assert rel_err(fused(q, k, v, 0.25), reference(*(np.asarray(x) for x in (q, k, v)), 0.25)) <= 1e-5
+
+
+def test_cudnn_supports(monkeypatch):
+    """cuDNN's fused kernel is used only where it runs: half precision on a GPU and
+    head dims <= 256, multiples of 8 (the SD VAE's single 512-wide head is not)."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x = lambda d, dtype=jnp.bfloat16: jnp.zeros((1, 4, 1, d), dtype)
+    assert attention.cudnn_supports(x(64), x(64))
+    assert not attention.cudnn_supports(x(512), x(512))
+    assert not attention.cudnn_supports(x(60), x(60))
+    assert not attention.cudnn_supports(x(64, jnp.float32), x(64, jnp.float32))
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert not attention.cudnn_supports(x(64), x(64))

@@ -73,6 +73,15 @@ def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arra
     return out.reshape(b, h, lq, -1).transpose(0, 2, 1, 3)
 
 
+def cudnn_supports(q: jax.Array, v: jax.Array) -> bool:
+    """Whether cuDNN's fused attention takes these inputs: half precision on an
+    NVIDIA GPU, head dims <= 256 and multiples of 8 (the VAE's one 512-wide head
+    is not; it takes XLA's path)."""
+    dims = (q.shape[-1], v.shape[-1])
+    return (q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() in ("gpu", "cuda")
+            and all(d <= 256 and d % 8 == 0 for d in dims))
+
+
 def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     heads_major = lambda x: x.transpose(0, 2, 1, 3)
     return heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), scale))
@@ -117,7 +126,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         kernel, bf16/fp16 on NVIDIA GPUs; elsewhere the same as ``"jax"``) or ``"auto"`` (see ``resolve_backend``).
     """
     backend = resolve_backend(backend)
-    if backend == "cudnn" and q.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() in ("gpu", "cuda"):
+    if backend == "cudnn" and cudnn_supports(q, v):
         if k.shape[1] % 64 == 0:
             return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
         if mask is None:
