@@ -64,6 +64,11 @@ SETS = {
 }
 
 
+# How each set is run (the GPU sets through bench/gpu.sh, which installs carried wheels first).
+COMMANDS = {"cpu": "python bench/suite.py", "gpu": "bash bench/gpu.sh",
+            "gpu-extra": "bash bench/gpu.sh (after the gpu set)"}
+
+
 def run_set(name: str) -> dict:
     records, started = [], time.time()
     for i, (bench, args, *env) in enumerate(SETS[name]):
@@ -124,6 +129,9 @@ def _extra(r: dict) -> str:
     if r.get("memory_gib"):
         m = r["memory_gib"]
         parts.append(f"XLA estimate {sum(m.values()):.2f} GiB (args {m['argument']}, temp {m['temp']})")
+    env = [w for w in r.get("command", "").split() if "=" in w and not w.startswith("-")]
+    if env:
+        parts.append("env " + " ".join(f"`{w}`" for w in env))
     if "jax_peak_memory_gib" in r:
         parts.append(f"peak {r['jax_peak_memory_gib']} GiB")
     for key in ("latents_rel_diff", "rel_diff"):
@@ -137,9 +145,11 @@ def markdown(result: dict) -> str:
     machines = sorted({r["machine"] for r in records if "machine" in r})
     versions = sorted({f"jax {r['jax']}, torch {r['torch']}" for r in records if "jax" in r})
     lines = [f"Set `{result['set']}`, run {result['date']} ({result['wall_s']} s in all) on "
-             f"{'; '.join(machines)} ({'; '.join(versions)}). Command: `python bench/suite.py --set {result['set']}`.",
+             f"{'; '.join(machines)} ({'; '.join(versions)}). Command: `{COMMANDS.get(result['set'], 'python bench/suite.py --set ' + result['set'])}`.",
              "", "| benchmark | setting | JAX first call | JAX median | PyTorch median | JAX/PyTorch | notes |",
              "|---|---|---|---|---|---|---|"]
+    if result.get("note"):
+        lines[0] += f" Note: {result['note']}."
     for r in records:
         if r.get("failed") is not None:
             lines.append(f"| {r['benchmark']} | `{r['command']}` | failed (exit {r['failed']}) | | | | |")
