@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Dtype = Any
@@ -27,16 +28,55 @@ def linear(in_features: int, out_features: int, *, bias: bool = True, dtype: Dty
 def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int = 1,
          padding: int | tuple = 0, bias: bool = True, dtype: Dtype = jnp.float32,
          rngs: nnx.Rngs) -> nnx.Conv:
-    """2-D convolution over NHWC with torch-style symmetric integer padding.
+    """2-D convolution over NHWC (``Conv``) with torch-style symmetric integer padding.
 
     ``padding`` may also be an explicit ((top, bottom), (left, right)) pair, used
     by the VAE's asymmetric downsampling pad.
     """
     if isinstance(padding, int):
         padding = ((padding, padding), (padding, padding))
-    return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
-                    padding=padding, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                    rngs=rngs)
+    return Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
+                padding=padding, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
+                rngs=rngs)
+
+
+# Largest matmul row count (batch x output pixels) for which a CPU convolution runs as
+# im2col + one matmul. XLA:CPU's convolution is slow at small spatial sizes: for SD's
+# 1280-channel 3x3 at 8x8 it took 41 ms forward and 118 ms forward + input gradient
+# against 14 and 24 ms as im2col on a 2-core x86 CPU; from about 2048 rows the native
+# convolution wins (BENCHMARKS.md, "CPU convolutions").
+IM2COL_MAX_ROWS = 512
+
+
+class Conv(nnx.Conv):
+    """``nnx.Conv`` (same parameters) that, on CPU, computes small-spatial
+    convolutions as im2col + one matmul: the same function, up to float rounding."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        kh, kw = self.kernel_size
+        strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
+        padding = self.padding
+        dilated = any(d is not None and any(v != 1 for v in np.atleast_1d(d))
+                      for d in (self.kernel_dilation, self.input_dilation))
+        if (jax.default_backend() != "cpu" or inputs.ndim != 4 or (kh, kw) == (1, 1) or self.feature_group_count != 1
+                or not isinstance(padding, (tuple, list)) or dilated):
+            return super().__call__(inputs)
+        (pt, pb), (pl, pr) = padding
+        b, h, w, c = inputs.shape
+        out_h = (h + pt + pb - kh) // strides[0] + 1
+        out_w = (w + pl + pr - kw) // strides[1] + 1
+        if b * out_h * out_w > IM2COL_MAX_ROWS:
+            return super().__call__(inputs)
+        dtype = self.dtype or inputs.dtype
+        kernel = self.kernel[...].astype(dtype)
+        x = jnp.pad(inputs.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+        cols = [x[:, i:i + strides[0] * (out_h - 1) + 1:strides[0], j:j + strides[1] * (out_w - 1) + 1:strides[1]]
+                for i in range(kh) for j in range(kw)]
+        y = jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)
+        y = y.reshape(b, out_h, out_w, -1)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(dtype)
+        return y
 
 
 def group_norm(num_groups: int, num_channels: int, *, eps: float, dtype: Dtype = jnp.float32,
