@@ -119,11 +119,11 @@ def _setting(r: dict) -> str:
 def _extra(r: dict) -> str:
     parts = []
     if "jax_it_per_s" in r:
-        parts.append(f"{r['jax_it_per_s']:.1f} it/s" + (f" vs {r['torch_it_per_s']:.1f}" if "torch_it_per_s" in r
+        parts.append(f"{r['jax_it_per_s']:.3g} it/s" + (f" vs {r['torch_it_per_s']:.3g}" if "torch_it_per_s" in r
                                                           else ""))
     if "jax_samples_per_s" in r:
-        parts.append(f"{r['jax_samples_per_s']:.1f} samples/s" + (
-            f" vs {r['torch_samples_per_s']:.1f}" if "torch_samples_per_s" in r else ""))
+        parts.append(f"{r['jax_samples_per_s']:.3g} samples/s" + (
+            f" vs {r['torch_samples_per_s']:.3g}" if "torch_samples_per_s" in r else ""))
     if "jax_mfu" in r:
         parts.append(f"MFU {r['jax_mfu'] * 100:.0f}%")
     if r.get("memory_gib"):

@@ -40,7 +40,7 @@ def main():
     parser.add_argument("--torch-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="torch compute dtype (default: --dtype); float16 is diffusers' usual GPU setting")
     parser.add_argument("--device", default="cpu", help="torch device (cpu or cuda)")
-    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "jax", "cudnn"], help="JAX attention backend")
+    parser.add_argument("--attention", default="auto", choices=["auto", "xla", "blocked", "jax", "cudnn", "pallas"], help="JAX attention backend")
     parser.add_argument("--skip-torch", action="store_true", help="time JAX only")
     args = parser.parse_args()
 

@@ -93,3 +93,35 @@ def test_cudnn_supports(monkeypatch):
     assert not attention.cudnn_supports(x(64, jnp.float32), x(64, jnp.float32))
     monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
     assert not attention.cudnn_supports(x(64), x(64))
+
+
+def test_pallas_flash_kernel_in_interpret_mode(monkeypatch):
+    """The TPU backend: Pallas' flash-attention kernel (run here in Pallas' TPU
+    interpret mode) against the float64 reference, gradients against XLA's; lengths
+    that are not multiples of 128 (77 text tokens) take the XLA path."""
+    import jax
+    import jax.numpy as jnp
+
+    from jax.experimental.pallas import tpu as pltpu
+
+    monkeypatch.setattr(attention, "PALLAS_INTERPRET", True)
+    with pltpu.force_tpu_interpret_mode():
+        _check_pallas()
+
+
+def _check_pallas():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, 64), dtype=np.float32)) for n in (256, 128, 128))
+    assert attention.pallas_supports(q, k) and not attention.pallas_supports(q, k[:, :77])
+    out = attention.dot_product_attention(q, k, v, scale=0.125, backend="pallas")
+    assert rel_err(out, reference(*(np.asarray(x) for x in (q, k, v)), 0.125)) <= 1e-5
+    w = jnp.asarray(rng.standard_normal(out.shape, dtype=np.float32))
+    grads = lambda backend: jax.grad(lambda q, k, v: jnp.sum(w * attention.dot_product_attention(
+        q, k, v, scale=0.125, backend=backend)), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads("pallas"), grads("xla")):
+        assert rel_err(g, r) <= 1e-5
+    short = attention.dot_product_attention(q, k[:, :77], v[:, :77], scale=0.125, backend="pallas")
+    assert rel_err(short, reference(*(np.asarray(x) for x in (q, k[:, :77], v[:, :77])), 0.125)) <= 1e-5

@@ -15,7 +15,7 @@ from flax import nnx
 
 from ipadapter_jax.models import layers
 
-BACKENDS = ("auto", "xla", "blocked", "jax", "cudnn")
+BACKENDS = ("auto", "xla", "blocked", "jax", "cudnn", "pallas")
 
 # Query rows per block in the "blocked" path: a 1024 x 4096 float32 score block
 # (16 MB) per head keeps the exp/sum passes close to cache on a CPU.
@@ -26,14 +26,16 @@ BLOCKED_MIN_SCORES = 1024 * 1024
 
 def resolve_backend(backend: str) -> str:
     """``"auto"`` -> ``"blocked"`` on CPU, ``"cudnn"`` on GPU (cuDNN's fused
-    attention for bf16/fp16; float32 falls back to XLA), ``"jax"`` elsewhere.
+    attention for bf16/fp16; float32 falls back to XLA), ``"pallas"`` on TPU
+    (the Pallas flash-attention kernel where the lengths fit its blocks),
+    ``"jax"`` elsewhere.
     On an H200 cuDNN made the SD1.5 sampling loop 1.4-1.8x faster than XLA's
     attention (BENCHMARKS.md)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         platform = jax.default_backend()
-        return {"cpu": "blocked", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "jax")
+        return {"cpu": "blocked", "gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas"}.get(platform, "jax")
     return backend
 
 
@@ -82,6 +84,36 @@ def cudnn_supports(q: jax.Array, v: jax.Array) -> bool:
             and all(d <= 256 and d % 8 == 0 for d in dims))
 
 
+# The Pallas TPU kernel runs on TPUs; tests set this (inside
+# ``pltpu.force_tpu_interpret_mode()``) to run it in Pallas' TPU interpret mode on the CPU.
+PALLAS_INTERPRET = False
+
+
+def _pallas_block(length: int) -> int | None:
+    """Largest flash-attention block (512, 256 or 128) dividing ``length``."""
+    return next((b for b in (512, 256, 128) if length % b == 0), None)
+
+
+def pallas_supports(q: jax.Array, k: jax.Array) -> bool:
+    """Whether the Pallas TPU flash kernel takes these inputs: on a TPU (or in
+    interpret mode) and query/key lengths that are multiples of 128 (SD's
+    64x64/32x32/16x16 self-attention; not the 77 text tokens or 8x8 maps)."""
+    on_tpu = jax.default_backend() == "tpu" or PALLAS_INTERPRET
+    return on_tpu and _pallas_block(q.shape[1]) is not None and _pallas_block(k.shape[1]) is not None
+
+
+def _pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    from jax.experimental.pallas.ops.tpu import flash_attention as fa
+
+    bq, bk = _pallas_block(q.shape[1]), _pallas_block(k.shape[1])
+    blocks = fa.BlockSizes(block_q=bq, block_k_major=bk, block_k=bk, block_b=1,
+                           block_q_major_dkv=bq, block_k_major_dkv=bk, block_k_dkv=bk, block_q_dkv=bq,
+                           block_k_major_dq=bk, block_k_dq=bk, block_q_dq=bq)
+    heads_major = lambda x: x.transpose(0, 2, 1, 3)
+    return heads_major(fa.flash_attention(heads_major(q), heads_major(k), heads_major(v), sm_scale=scale,
+                                          block_sizes=blocks))
+
+
 def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
     heads_major = lambda x: x.transpose(0, 2, 1, 3)
     return heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), scale))
@@ -123,7 +155,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         ``"blocked"`` (the same math one head and query block at a time: fast on
         CPU for long sequences), ``"jax"`` (``jax.nn.dot_product_attention``
         with XLA's choice of implementation), ``"cudnn"`` (its cuDNN fused
-        kernel, bf16/fp16 on NVIDIA GPUs; elsewhere the same as ``"jax"``) or ``"auto"`` (see ``resolve_backend``).
+        kernel, bf16/fp16 on NVIDIA GPUs; elsewhere the same as ``"jax"``),
+        ``"pallas"`` (the Pallas flash-attention kernel on TPUs for lengths that
+        are multiples of 128; ``"jax"`` otherwise) or ``"auto"`` (see ``resolve_backend``).
     """
     backend = resolve_backend(backend)
     if backend == "cudnn" and cudnn_supports(q, v):
@@ -133,7 +167,9 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
             # cuDNN's fused backward rejects key lengths such as 77 text tokens, its forward
             # takes them: fused forward, and the reference path's gradient when one is taken.
             return _cudnn_forward(q, k, v, scale)
-    if backend in ("jax", "cudnn"):  # cuDNN's fused kernels take half precision only
+    if backend == "pallas" and mask is None and pallas_supports(q, k):
+        return _pallas_flash(q, k, v, scale)
+    if backend in ("jax", "cudnn", "pallas"):  # cuDNN's fused kernels take half precision only
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     if backend == "blocked" and mask is None and q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES:
         return _blocked(q, k, v, scale)
