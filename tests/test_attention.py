@@ -99,9 +99,6 @@ def test_pallas_flash_kernel_in_interpret_mode(monkeypatch):
     """The TPU backend: Pallas' flash-attention kernel (run here in Pallas' TPU
     interpret mode) against the float64 reference, gradients against XLA's; lengths
     that are not multiples of 128 (77 text tokens) take the XLA path."""
-    import jax
-    import jax.numpy as jnp
-
     from jax.experimental.pallas import tpu as pltpu
 
     monkeypatch.setattr(attention, "PALLAS_INTERPRET", True)

@@ -273,3 +273,11 @@ def test_fit_resumes_exactly_from_its_checkpoint(tmp_path):
     np.testing.assert_array_equal(np.asarray(straight["w"]), np.asarray(resumed["w"]))
     with open(tmp_path / "b" / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_colour_classifier_reads_held_out_records():
+    """shapes.classify_colours (the colour check of the demo evaluation) names the shape
+    and background colours of rendered records, patterns included."""
+    records = [shapes.make_record(i, seed=shapes.SPLIT_SEEDS["test"]) for i in range(120)]
+    for r in records:
+        assert shapes.classify_colours(r["image"]) == (r["colour"], r["background"]), r["text"]

@@ -72,7 +72,7 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
 def _texture(texture: str, colour: tuple, size: int, rng: np.random.Generator) -> np.ndarray:
     """An HxWx3 fill: the colour, with a darker or lighter second tone for patterns."""
     base = np.asarray(colour, np.float32)
-    other = base * 0.4 if base.mean() > 110 else base + (255 - base) * 0.55
+    other = _second_tone(colour)
     fill = np.broadcast_to(base, (size, size, 3)).copy()
     period = size / rng.uniform(5.0, 8.0)
     y, x = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -89,6 +89,29 @@ def _texture(texture: str, colour: tuple, size: int, rng: np.random.Generator) -
         raise ValueError(f"unknown texture {texture!r}; expected one of {TEXTURES}")
     fill[mask] = other
     return fill
+
+
+def _second_tone(colour: tuple) -> np.ndarray:
+    base = np.asarray(colour, np.float32)
+    return base * 0.4 if base.mean() > 110 else base + (255 - base) * 0.55
+
+
+def classify_colours(image: np.ndarray) -> tuple[str, str]:
+    """(shape colour, background colour) of a generated or rendered image (uint8
+    HxWx3): the background is the commonest palette colour on the border, the
+    shape the commonest palette colour (either tone of a pattern) elsewhere.
+    Used to check that an image prompt carries colour (tests, evaluation)."""
+    pixels = np.asarray(image, np.float32)
+    names = list(COLOURS)
+    base = np.asarray([COLOURS[n] for n in names], np.float32)
+    tones = np.concatenate([base, np.stack([_second_tone(COLOURS[n]) for n in names])])
+    nearest = lambda x, palette: np.argmin(((x[..., None, :] - palette) ** 2).sum(-1), axis=-1)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[1:-1, 0], pixels[1:-1, -1]])
+    background = int(np.bincount(nearest(border, base), minlength=len(names)).argmax())
+    labels = nearest(pixels, tones) % len(names)
+    counts = np.bincount(labels.ravel(), minlength=len(names))
+    counts[background] = 0
+    return names[int(counts.argmax())], names[background]
 
 
 def render(shape: str, colour: str, texture: str, background: str, *, size: int = 64,
