@@ -382,16 +382,8 @@ def train_unet(cfg) -> dict:
     text_encoder = CLIPTextModel.from_pretrained(root / "clip")
     vae = AutoencoderKL.from_pretrained(root / "vae")
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    init_from = cfg.model.get("init_from") or ""
-    if init_from:
-        # Continue from an earlier stage's UNet (a diffusers folder) with a fresh schedule.
-        if not Path(init_from, "config.json").is_file():
-            raise FileNotFoundError(f"model.init_from={init_from!r} is not a diffusers UNet folder "
-                                    "(no config.json): run configs/demo/unet.py first")
-        unet = UNet2DConditionModel.from_pretrained(init_from)
-    else:
-        unet = UNet2DConditionModel(unet_config(cfg, text_encoder.config.hidden_size,
-                                                cfg.data.resolution // factor), rngs=nnx.Rngs(cfg.seed))
+    unet = UNet2DConditionModel(unet_config(cfg, text_encoder.config.hidden_size, cfg.data.resolution // factor),
+                                rngs=nnx.Rngs(cfg.seed))
     from ipadapter_jax.training.loop import make_optimizer
 
     step_cfg = StepConfig(image_drop_rate=0.0, text_drop_rate=cfg.step.text_drop_rate, both_drop_rate=0.0,
