@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from harness import jax_vs_torch, report  # noqa: E402
+from harness import jax_vs_torch, report, torch_inference  # noqa: E402
 
 # The image encoder config IP-Adapter ships for SD1.5 (models/image_encoder/config.json): OpenCLIP ViT-H/14.
 VIT_H14 = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
@@ -70,12 +70,10 @@ def main():
     tpixels = torch.from_numpy(pixels).permute(0, 3, 1, 2).to(args.device, tdtype)
 
     def torch_encode():
-        with torch.no_grad():
-            out = torch_model(pixel_values=tpixels, output_hidden_states=True)
-            result = out.image_embeds, out.hidden_states[-2]
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return result
+        out = torch_model(pixel_values=tpixels, output_hidden_states=True)
+        return out.image_embeds, out.hidden_states[-2]
+
+    torch_encode = torch_inference(torch_encode, args.device)
 
     fields, jax_out, torch_out = jax_vs_torch(lambda: jax.block_until_ready(encode(params, jpixels)),
                                               torch_encode, args.runs, skip_torch=args.skip_torch)

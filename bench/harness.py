@@ -83,3 +83,17 @@ def jax_vs_torch(jax_fn: Callable[[], object], torch_fn: Callable[[], object], r
                    torch_times_s=[round(t, 4) for t in torch_times],
                    ratio_jax_over_torch=round(median(jax_times) / median(torch_times), 3))
     return out, holder.get("jax"), holder.get("torch")
+
+
+def torch_inference(fn: Callable[[], object], device: str) -> Callable[[], object]:
+    """``fn`` under ``torch.no_grad()``, blocking until a CUDA device is done."""
+    import torch
+
+    def call():
+        with torch.no_grad():
+            out = fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return out
+
+    return call

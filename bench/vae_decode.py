@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from harness import jax_vs_torch, report  # noqa: E402
+from harness import jax_vs_torch, report, torch_inference  # noqa: E402
 
 # diffusers' AutoencoderKL config of runwayml/stable-diffusion-v1-5 (vae/config.json).
 SD15_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -62,13 +62,7 @@ def main():
     torch_vae = torch_vae.to(args.device, tdtype)
     tz = torch.from_numpy(latents).permute(0, 3, 1, 2).to(args.device, tdtype)
 
-    def torch_decode():
-        with torch.no_grad():
-            out = torch_vae.decode(tz).sample
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return out
-
+    torch_decode = torch_inference(lambda: torch_vae.decode(tz).sample, args.device)
     fields, jax_out, torch_out = jax_vs_torch(lambda: decode(params, z).block_until_ready(), torch_decode,
                                               args.runs, skip_torch=args.skip_torch)
     record = dict(model="sd15-vae", batch=args.batch, latent=args.size, image=args.size * 8, dtype=args.dtype,
