@@ -114,9 +114,10 @@ def _pallas_flash(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax
                                           block_sizes=blocks))
 
 
-def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+def _reference(q: jax.Array, k: jax.Array, v: jax.Array, scale: float, mask=None) -> jax.Array:
+    """The plain XLA path on [B, L, H, D] inputs."""
     heads_major = lambda x: x.transpose(0, 2, 1, 3)
-    return heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), scale))
+    return heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), scale, mask))
 
 
 def fused_forward_reference_backward(forward):
@@ -173,8 +174,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: fl
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     if backend == "blocked" and mask is None and q.shape[1] * k.shape[1] >= BLOCKED_MIN_SCORES:
         return _blocked(q, k, v, scale)
-    heads_major = lambda x: x.transpose(0, 2, 1, 3)
-    return heads_major(_attend(heads_major(q), heads_major(k), heads_major(v), scale, mask))
+    return _reference(q, k, v, scale, mask)
 
 
 class Attention(nnx.Module):
