@@ -32,6 +32,23 @@ def test_background_and_shape_colours_are_what_the_caption_says():
     assert shapes.caption("star", "red", "dotted", "blue") == "a red dotted star on a blue background"
 
 
+def test_partial_captions_name_the_shape_and_leave_out_the_rest_at_random():
+    assert shapes.caption("circle", None, None, None) == "a circle"
+    assert shapes.caption("star", "orange", "plain", None) == "an orange star"
+    assert shapes.caption("cross", None, "dotted", "red") == "a dotted cross on a red background"
+    attrs = dict(shape="circle", colour="red", texture="striped", background="blue")
+    assert shapes.partial_caption(attrs, np.random.default_rng(0), keep=1.0) == shapes.caption(**attrs)
+    assert shapes.partial_caption(attrs, np.random.default_rng(0), keep=0.0) == "a circle"
+    complete = 0
+    for i in range(64):
+        r = shapes.make_record(i)
+        assert r["short_text"] == shapes.make_record(i)["short_text"]
+        words = r["short_text"].split()
+        assert r["shape"] in words and set(words) <= set(r["text"].split()) | {"a", "an"}, r
+        complete += r["short_text"] == r["text"]
+    assert 0 < complete < 32      # sometimes the whole caption, mostly not
+
+
 def test_bad_attributes_and_indices_are_refused():
     with pytest.raises(ValueError, match="hexagon"):
         shapes.render("hexagon", "red", "plain", "blue")
@@ -56,16 +73,17 @@ def test_tfds_builder_matches_the_grain_source(tmp_path, monkeypatch):
     builder_cls(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
     source = tfds.builder(recipe.TFDS_NAME, data_dir=str(tmp_path)).as_data_source(split="train")
 
-    def fingerprint(image, text):
-        text = text.decode() if isinstance(text, bytes) else str(text)
-        return hashlib.sha256(np.asarray(image, np.uint8).tobytes()).hexdigest(), text
+    def fingerprint(record):
+        text = [t.decode() if isinstance(t, bytes) else str(t) for t in (record["text"], record["short_text"])]
+        return hashlib.sha256(np.asarray(record["image"], np.uint8).tobytes()).hexdigest(), *text
 
-    stored = sorted(fingerprint(source[i]["image"], source[i]["text"]) for i in range(len(source)))
+    stored = sorted(fingerprint(source[i]) for i in range(len(source)))
     reference = shapes.ShapesSource(6)
-    assert stored == sorted(fingerprint(reference[i]["image"], reference[i]["text"]) for i in range(6))
-    images, texts = recipe.load_split(tmp_path, "test")
+    assert stored == sorted(fingerprint(reference[i]) for i in range(6))
+    images, texts, short = recipe.load_split(tmp_path, "test", text_keys=("text", "short_text"))
     assert images.shape == (3, 64, 64, 3)
-    assert sorted(texts) == sorted(shapes.ShapesSource(3, split="test")[i]["text"] for i in range(3))
+    test = shapes.ShapesSource(3, split="test")
+    assert sorted(zip(texts, short)) == sorted((test[i]["text"], test[i]["short_text"]) for i in range(3))
 
 
 def test_demo_tokenizer_spells_every_word_as_one_token(tmp_path):
@@ -124,7 +142,7 @@ def test_vae_kl_matches_diffusers(tmp_path):
     import torch
     from diffusers import AutoencoderKL as TorchVAE
 
-    from conftest import nchw
+    from conftest import nchw, nhwc
     from ipadapter_jax.models import AutoencoderKL
     from ipadapter_jax.training import objectives
 
@@ -140,6 +158,24 @@ def test_vae_kl_matches_diffusers(tmp_path):
     vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
     _, metrics = objectives.vae_loss(vae, pixels, jax.random.key(0), kl_weight=1.0)
     assert rel_err(float(metrics["kl"]), kl_expected) <= 1e-5
+
+    # The UNet stage's latent cache: the posterior of every image, batch by batch.
+    images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3)).astype(np.uint8)
+    with torch.no_grad():
+        posterior = torch_vae.encode(nchw(images.astype(np.float32) / 127.5 - 1.0)).latent_dist
+    mean, std = recipe.encode_latents(vae, images, batch=2)
+    assert rel_err(mean, nhwc(posterior.mean)) <= 1e-5 and rel_err(std, nhwc(posterior.std)) <= 1e-5
+
+
+def test_unet_captions_mix_full_and_partial_by_seed_and_step():
+    ids, short = np.arange(1, 17)[:, None].repeat(3, 1), -np.arange(1, 17)[:, None].repeat(3, 1)
+    idx = np.array([3, 3, 0, 15, 7, 9, 2, 11, 4, 4, 1, 8, 13, 6, 5, 10])
+    assert np.array_equal(recipe.caption_ids(ids, short, 0.0, 0, 5, idx), ids[idx])
+    assert np.array_equal(recipe.caption_ids(ids, short, 1.0, 0, 5, idx), short[idx])
+    mixed = recipe.caption_ids(ids, short, 0.5, 0, 5, idx)
+    assert np.array_equal(mixed, recipe.caption_ids(ids, short, 0.5, 0, 5, idx))
+    assert np.array_equal(np.abs(mixed), ids[idx]) and (mixed > 0).any() and (mixed < 0).any()
+    assert not np.array_equal(mixed, recipe.caption_ids(ids, short, 0.5, 0, 6, idx))
 
 
 def _tiny_unet(adapter: bool):

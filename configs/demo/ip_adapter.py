@@ -14,6 +14,7 @@ def get_config(arg=None):
     c.data.kind = "tfds"
     c.data.tfds_name = "shapes_dataset"
     c.data.tfds_dir = common.DATA_DIR
+    c.data.text_key = "short_text"       # partial captions: the image has to carry what the text leaves out
     c.data.batch_size = 64
     c.optimizer.lr = 2e-3                # 5e-4 left the adapter weak alone (image-only CLIP-I 0.11)
     c.optimizer.warmup_steps = 50

@@ -22,23 +22,38 @@ from pathlib import Path
 import numpy as np
 
 
-def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: int = 0) -> list[dict]:
-    """Does the image prompt carry colour? For ``n`` held-out shapes, prompt with
-    the shape name alone ("a star") plus the reference image, and count the
+def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: int = 0,
+                    prompt: str | None = None, colour: str | None = None) -> list[dict]:
+    """Does the image prompt carry colour? For ``n`` held-out references, prompt
+    with the shape name alone ("a star") plus the reference image, and count the
     generations whose shape colour (``shapes.classify_colours``) is the
-    reference's. ``modes``: (mode, scale) pairs; ("text", 0) is the baseline
-    (the colour is then whatever the model picks, about 1 in 8 by chance)."""
+    reference's. With ``colour`` (e.g. "red"), the references are the first
+    ``n`` held-out records of that colour and ``prompt`` (e.g. "a circle") is
+    the caption of every case. ``modes``: (mode, scale) pairs; ("text", 0) is
+    the baseline (the colour is then whatever the model picks, about 1 in 8)."""
     from ipadapter_jax import eval as eval_lib
     from ipadapter_jax.demo import shapes
 
-    source = shapes.ShapesSource(n, split="test")
+    if colour is not None and colour not in shapes.COLOURS:
+        raise ValueError(f"colour must be one of {tuple(shapes.COLOURS)}, got {colour!r}")
+    if (prompt is None) != (colour is None):
+        raise ValueError("give both prompt and colour (a fixed prompt for references of one colour), or neither")
+    source = shapes.ShapesSource(shapes.ShapesDataset.TEST_RECORDS if colour else n, split="test")
+    records = []
+    for i in range(len(source)):
+        record = source[i]
+        if colour is None or record["colour"] == colour:
+            records.append((i, record))
+        if len(records) == n:
+            break
+    if len(records) < n:
+        raise ValueError(f"only {len(records)} held-out references are {colour}, asked for {n}")
     rows = []
     for mode, scale in modes:
         hits = total = 0
-        for i in range(n):
-            record = source[i]
-            case = eval_lib.Case(record["image"], f"a {record['shape']}", name=f"test/{i}")
-            for image in eval_lib.to_uint8(generator(case, mode, scale, seed=seed + i)):
+        for k, (i, record) in enumerate(records):
+            case = eval_lib.Case(record["image"], prompt or f"a {record['shape']}", name=f"test/{i}")
+            for image in eval_lib.to_uint8(generator(case, mode, scale, seed=seed + k)):
                 hits += shapes.classify_colours(image)[0] == record["colour"]
                 total += 1
         rows.append({"mode": mode, "scale": scale, "colour_match": round(hits / total, 4), "n": total})
@@ -75,18 +90,22 @@ def main(argv=None) -> int:
                                        **settings)
         out = eval_lib.evaluate(generator, scorer, cases, scales=arm_scales, keep_images=True)
         images[arm] = out.pop("images")
-        out["colour"] = colour_transfer(generator, args.num_cases // 2,
-                                        [("text", 0.0)] + [("image+text", s) for s in (0.5, 1.0) if s in arm_scales])
+        colour_modes = [("text", 0.0)] + [("image+text", s) for s in (0.5, 1.0) if s in arm_scales]
+        out["colour"] = colour_transfer(generator, args.num_cases // 2, colour_modes)
+        out["red_circle"] = colour_transfer(generator, args.num_cases // 2, colour_modes, prompt="a circle",
+                                            colour="red")
         results[arm] = out
     table = eval_lib.markdown_table(results["decoupled"]["rows"], "decoupled")
     table += "\n".join(eval_lib.markdown_table(results["simple"]["rows"], "simple").splitlines()[2:]) + "\n"
-    table += ("\nColour carried by the image prompt (prompt: the shape name alone, e.g. \"a star\"; share of "
-              "generations whose shape has the reference's colour):\n\n| arm | prompt | scale | colour match | n |\n"
-              "|---|---|---|---|---|\n")
-    for arm in ("decoupled", "simple"):
-        for row in results[arm]["colour"]:
-            scale = "-" if row["mode"] == "text" else f"{row['scale']:g}"
-            table += f"| {arm} | {row['mode']} | {scale} | {row['colour_match']:.2f} | {row['n']} |\n"
+    for key, title in (("colour", "Colour carried by the image prompt (prompt: the shape name alone, e.g. \"a star\"; "
+                                  "share of generations whose shape has the reference's colour)"),
+                       ("red_circle", "\"a circle\" with a red reference (held-out red shapes of any kind; share "
+                                      "of generations whose shape is predominantly red; chance is about 1 in 8)")):
+        table += f"\n{title}:\n\n| arm | prompt | scale | colour match | n |\n|---|---|---|---|---|\n"
+        for arm in ("decoupled", "simple"):
+            for row in results[arm][key]:
+                scale = "-" if row["mode"] == "text" else f"{row['scale']:g}"
+                table += f"| {arm} | {row['mode']} | {scale} | {row['colour_match']:.2f} | {row['n']} |\n"
     stem = Path(args.out)
     stem.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{stem}.json").write_text(json.dumps({"settings": {**settings, "num_cases": args.num_cases,

@@ -55,8 +55,10 @@ def prepare_dataset(data_dir: str | Path) -> Path:
     return data_dir
 
 
-def load_split(data_dir: str | Path, split: str = "train") -> tuple[np.ndarray, list[str]]:
-    """All images (uint8 [N, 64, 64, 3]) and captions of a prepared split, in memory."""
+def load_split(data_dir: str | Path, split: str = "train", *, text_keys: tuple[str, ...] = ("text",)):
+    """All images (uint8 [N, 64, 64, 3]) and captions of a prepared split, in
+    memory: ``(images, texts)``, or ``(images, texts, short_texts, ...)`` for
+    more ``text_keys``."""
     import tensorflow_datasets as tfds
 
     from tqdm.auto import tqdm
@@ -64,8 +66,8 @@ def load_split(data_dir: str | Path, split: str = "train") -> tuple[np.ndarray, 
     source = tfds.builder(TFDS_NAME, data_dir=str(data_dir)).as_data_source(split=split)
     records = [source[i] for i in tqdm(range(len(source)), desc=f"reading {split}", leave=False)]
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
-    texts = [r["text"].decode() if isinstance(r["text"], bytes) else str(r["text"]) for r in records]
-    return images, texts
+    texts = [[r[k].decode() if isinstance(r[k], bytes) else str(r[k]) for r in records] for k in text_keys]
+    return (images, *texts)
 
 
 def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
@@ -364,6 +366,30 @@ def write_sd_folder(sd: Path, unet, vae_dir: Path, text_encoder, tokenizer_dir: 
         indent=2))
 
 
+def encode_latents(vae, images: np.ndarray, batch: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen VAE's posterior (mean, std) of every image, computed once: the
+    UNet stage then draws a fresh latent sample per step from these, the same
+    distribution as encoding in the step, without running the encoder each time."""
+    from tqdm.auto import tqdm
+
+    graph, params = nnx.split(vae)
+    encode = jax.jit(lambda p, x: (lambda d: (d.mean, d.std))(nnx.merge(graph, p).encode(x)))
+    means, stds = [], []
+    for i in tqdm(range(0, len(images), batch), desc="encoding latents", leave=False):
+        mean, std = encode(params, jnp.asarray(images[i:i + batch], jnp.float32) / 127.5 - 1.0)
+        means.append(np.asarray(mean))
+        stds.append(np.asarray(std))
+    return np.concatenate(means), np.concatenate(stds)
+
+
+def caption_ids(ids: np.ndarray, short_ids: np.ndarray, rate: float, seed: int, step: int,
+                idx: np.ndarray) -> np.ndarray:
+    """The captions of one batch: each record's partial caption with probability
+    ``rate``, else its full one (a pure function of ``(seed, step)``)."""
+    use_short = np.random.default_rng([seed, step, 1]).random(len(idx)) < rate
+    return np.where(use_short[:, None], short_ids[idx], ids[idx])
+
+
 def train_unet(cfg) -> dict:
     from transformers import CLIPTokenizer
 
@@ -376,31 +402,39 @@ def train_unet(cfg) -> dict:
         if not (root / needed).is_dir():
             raise FileNotFoundError(f"{root / needed} is missing: run the earlier demo stages first "
                                     "(configs/demo/clip.py, configs/demo/vae.py)")
-    images, texts = load_split(prepare_dataset(cfg.demo.data_dir), "train")
+    rate = float(cfg.data.get("partial_caption_rate", 0.0))
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"data.partial_caption_rate must be in [0, 1], got {rate}")
+    images, texts, short_texts = load_split(prepare_dataset(cfg.demo.data_dir), "train",
+                                            text_keys=("text", "short_text"))
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    ids = token_ids(tokenizer, texts)
+    ids, short_ids = token_ids(tokenizer, texts), token_ids(tokenizer, short_texts)
     text_encoder = CLIPTextModel.from_pretrained(root / "clip")
     vae = AutoencoderKL.from_pretrained(root / "vae")
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    unet = UNet2DConditionModel(unet_config(cfg, text_encoder.config.hidden_size, cfg.data.resolution // factor),
+    mean, std = encode_latents(vae, images)
+    unet = UNet2DConditionModel(unet_config(cfg, text_encoder.config.hidden_size, mean.shape[1]),
                                 rngs=nnx.Rngs(cfg.seed))
     from ipadapter_jax.training.loop import make_optimizer
 
     step_cfg = StepConfig(image_drop_rate=0.0, text_drop_rate=cfg.step.text_drop_rate, both_drop_rate=0.0,
                           scaling_factor=vae.scaling_factor)
-    trainer, trainable, frozen = Trainer.create(unet, vae=vae, text_encoder=text_encoder,
-                                                optimizer=make_optimizer(cfg)[0], trainable=".*",
-                                                config=step_cfg, scheduler_config=SD15_SCHEDULER)
+    trainer, trainable, frozen = Trainer.create(unet, text_encoder=text_encoder, optimizer=make_optimizer(cfg)[0],
+                                                trainable=".*", config=step_cfg, scheduler_config=SD15_SCHEDULER)
     empty = token_ids(tokenizer, [""])[0]
 
     def loss_fn(params, frozen, batch, key):
-        draws = trainer.draw(key, batch["input_ids"].shape[0], trainer.latent_shape(frozen, batch))
-        latents, text, _ = jax.lax.stop_gradient(trainer.encode(frozen, batch, draws))
+        k_latent, k_draws = jax.random.split(key)
+        eps = jax.random.normal(k_latent, batch["mean"].shape, jnp.float32)
+        step_batch = {"latents": (batch["mean"] + batch["std"] * eps) * vae.scaling_factor,
+                      "input_ids": batch["input_ids"], "empty_text": batch["empty_text"]}
+        draws = trainer.draw(k_draws, eps.shape[0], eps.shape)
+        latents, text, _ = jax.lax.stop_gradient(trainer.encode(frozen, step_batch, draws))
         return trainer.loss(params, frozen, latents, text, None, draws["noise"], draws["timesteps"]), {}
 
     def batch_fn(step):
         idx = batch_indices(cfg.seed, step, len(images), cfg.data.batch_size)
-        return {"pixels": images[idx].astype(np.float32) / 127.5 - 1.0, "input_ids": ids[idx], "empty_text": empty}
+        return {"mean": mean[idx], "std": std[idx], "empty_text": empty,
+                "input_ids": caption_ids(ids, short_ids, rate, cfg.seed, step, idx)}
 
     params = fit(cfg, workdir, trainable, frozen, loss_fn, batch_fn, desc="unet")
     final = nnx.merge(trainer.unet_graphdef, params, frozen["unet"])

@@ -1,5 +1,6 @@
 """A procedural image-text dataset: coloured, textured shapes on plain
-backgrounds, with captions ("a red striped star on a blue background").
+backgrounds, with captions ("a red striped star on a blue background") and
+partial captions that leave attributes out ("a striped star").
 
 Deterministic by ``(seed, index)``: record ``i`` of a split is always the same
 image, on any machine, with no download. Exposed as
@@ -29,11 +30,22 @@ SPLIT_SEEDS = {"train": 0, "test": 1}
 _SUPERSAMPLE = 4
 
 
-def caption(shape: str, colour: str, texture: str, background: str) -> str:
-    """The caption of one record; plain shapes name no texture."""
-    texture_word = "" if texture == "plain" else f"{texture} "
-    article = "an" if colour[0] in "aeiou" else "a"
-    return f"{article} {colour} {texture_word}{shape} on a {background} background"
+def caption(shape: str, colour: str | None, texture: str | None, background: str | None) -> str:
+    """The caption of one record; plain shapes name no texture. An attribute
+    given as None is left out ("a striped circle", "a circle")."""
+    words = [w for w in (colour, None if texture == "plain" else texture, shape) if w]
+    article = "an" if words[0][0] in "aeiou" else "a"
+    where = f" on a {background} background" if background else ""
+    return f"{article} {' '.join(words)}{where}"
+
+
+def partial_caption(attrs: dict, rng: np.random.Generator, keep: float = 0.5) -> str:
+    """A less complete caption of the same record: the shape is always named,
+    the colour, texture and background each with probability ``keep``. Real
+    captions leave things out; these make the image prompt carry what the text
+    does not say (the demo's UNet and adapter stages train on them)."""
+    kept = {k: attrs[k] if rng.random() < keep else None for k in ("colour", "texture", "background")}
+    return caption(attrs["shape"], **kept)
 
 
 def vocabulary() -> list[str]:
@@ -157,11 +169,14 @@ def sample_attributes(rng: np.random.Generator) -> dict:
 
 
 def make_record(index: int, *, seed: int = 0, size: int = 64) -> dict:
-    """Record ``index`` of the stream with ``seed``: image, caption and labels."""
+    """Record ``index`` of the stream with ``seed``: image, caption, a partial
+    caption (``short_text``, see ``partial_caption``) and labels."""
     rng = np.random.default_rng([seed, index])
     attrs = sample_attributes(rng)
     image = render(attrs["shape"], attrs["colour"], attrs["texture"], attrs["background"], size=size, rng=rng)
-    return {"image": image, "text": caption(**attrs), **attrs}
+    # A stream of its own, so images and full captions are those of dataset version 1.0.0.
+    short = partial_caption(attrs, np.random.default_rng([seed, index, 1]))
+    return {"image": image, "text": caption(**attrs), "short_text": short, **attrs}
 
 
 class ShapesSource:
@@ -196,7 +211,9 @@ def _tfds_builder_class():
         """The procedural shapes as a TFDS dataset (``shapes_dataset``); build with
         ``ShapesDataset(data_dir=..., file_format="array_record").download_and_prepare()``."""
 
-        VERSION = tfds.core.Version("1.0.0")
+        VERSION = tfds.core.Version("1.1.0")
+        RELEASE_NOTES = {"1.1.0": "short_text: a partial caption of each record (images and text unchanged).",
+                         "1.0.0": "Initial release."}
         BUILDER_CONFIGS = []
         TRAIN_RECORDS = 20_000
         TEST_RECORDS = 1_000
@@ -206,6 +223,7 @@ def _tfds_builder_class():
                                          features=tfds.features.FeaturesDict({
                                              "image": tfds.features.Tensor(shape=(64, 64, 3), dtype=np.uint8),
                                              "text": tfds.features.Text(),
+                                             "short_text": tfds.features.Text(),
                                              "shape": tfds.features.ClassLabel(names=SHAPES),
                                              "colour": tfds.features.ClassLabel(names=list(COLOURS)),
                                              "texture": tfds.features.ClassLabel(names=TEXTURES),
