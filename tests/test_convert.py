@@ -226,3 +226,22 @@ def test_safetensors_without_torch_matches(unet_folder):
     theirs = safetensors.torch.load_file(unet_folder / WEIGHTS)
     assert mine.keys() == theirs.keys()
     assert max(rel_err(mine[k], theirs[k].numpy()) if np.any(mine[k]) else 0.0 for k in mine) == 0.0
+
+
+def test_atomic_write_keeps_the_old_file_on_failure_and_gives_normal_permissions(tmp_path):
+    """A failed write leaves the previous file and no temporary; a finished one
+    has the permissions of a plainly created file (not mkstemp's owner-only)."""
+    import os
+
+    from ipadapter_jax.convert.files import atomic_write, save_safetensors
+
+    target = tmp_path / "w.safetensors"
+    save_safetensors({"a": np.ones((2,), np.float32)}, target)
+    before = target.read_bytes()
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_write(target) as tmp:
+            open(tmp, "wb").write(b"partial")
+            raise RuntimeError("boom")
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    (tmp_path / "plain").write_bytes(b"")
+    assert os.stat(target).st_mode & 0o777 == os.stat(tmp_path / "plain").st_mode & 0o777

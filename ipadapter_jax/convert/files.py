@@ -8,6 +8,7 @@ parameter name; nothing here knows about Flax.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -158,20 +159,33 @@ def read_weights(paths: list[Path]) -> dict[str, np.ndarray]:
     return state
 
 
-def save_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
-                     metadata: dict[str, str] | None = None) -> Path:
-    """Write atomically (temp file + rename), so a crash never leaves half a file."""
-    from safetensors.numpy import save_file
-
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``
+    (one rename, so a crash never leaves half a file), with the permissions a
+    plainly created file would get (mkstemp's are owner-only); on error it is
+    removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        # np.require keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d).
-        save_file({k: np.require(v, requirements="C") for k, v in state_dict.items()}, tmp, metadata=metadata)
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def save_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> Path:
+    """Write atomically (temp file + rename), so a crash never leaves half a file."""
+    from safetensors.numpy import save_file
+
+    with atomic_write(path) as tmp:
+        # np.require keeps 0-d tensors 0-d (np.ascontiguousarray would make them 1-d).
+        save_file({k: np.require(v, requirements="C") for k, v in state_dict.items()}, tmp, metadata=metadata)
+    return Path(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.convert.files import CheckpointError, read_state_dict, save_safetensors
+from ipadapter_jax.convert.files import CheckpointError, atomic_write, read_state_dict, save_safetensors
 from ipadapter_jax.convert.params import load_state_dict_into, module_state_dict
 
 _KV = re.compile(r"^ip_adapter\.(\d+)\.(to_[kv]_ip)\.weight$")
@@ -200,18 +200,13 @@ def save_ip_adapter(adapter, path: str | os.PathLike) -> Path:
     if path.suffix == ".safetensors":
         return save_safetensors(state, path, metadata={"format": "pt"})
     if path.suffix == ".bin":
-        import tempfile
-
         import torch
 
         nested = {"image_proj": {}, "ip_adapter": {}}
         for key, value in state.items():
             group, name = key.split(".", 1)
             nested[group][name] = torch.from_numpy(np.array(value))  # a writable copy
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save(nested, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            torch.save(nested, tmp)
         return path
     raise ValueError(f"{path}: save as .safetensors or .bin")
