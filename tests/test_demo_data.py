@@ -317,3 +317,12 @@ def test_colour_classifier_reads_held_out_records():
     records = [shapes.make_record(i, seed=shapes.SPLIT_SEEDS["test"]) for i in range(120)]
     for r in records:
         assert shapes.classify_colours(r["image"]) == (r["colour"], r["background"]), r["text"]
+
+
+def test_colour_check_arguments_are_checked():
+    from ipadapter_jax.demo.ablation import colour_transfer
+
+    with pytest.raises(ValueError, match="colour must be one of"):
+        colour_transfer(None, 4, [("text", 0.0)], prompt="a circle", colour="pink")
+    with pytest.raises(ValueError, match="give both prompt and colour"):
+        colour_transfer(None, 4, [("text", 0.0)], prompt="a circle")
