@@ -38,7 +38,7 @@ def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: 
         raise ValueError(f"colour must be one of {tuple(shapes.COLOURS)}, got {colour!r}")
     if (prompt is None) != (colour is None):
         raise ValueError("give both prompt and colour (a fixed prompt for references of one colour), or neither")
-    source = shapes.ShapesSource(shapes.ShapesDataset.TEST_RECORDS if colour else n, split="test")
+    source = shapes.ShapesSource(shapes.SPLIT_RECORDS["test"] if colour else n, split="test")
     records = []
     for i in range(len(source)):
         record = source[i]

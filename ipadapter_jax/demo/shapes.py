@@ -27,6 +27,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (40, 70, 220), 
            "purple": (140, 40, 180), "orange": (250, 130, 20), "white": (245, 245, 245), "black": (20, 20, 20)}
 TEXTURES = ("plain", "striped", "dotted", "checked")
 SPLIT_SEEDS = {"train": 0, "test": 1}
+SPLIT_RECORDS = {"train": 20_000, "test": 1_000}   # the TFDS dataset's sizes
 _SUPERSAMPLE = 4
 
 
@@ -215,8 +216,8 @@ def _tfds_builder_class():
         RELEASE_NOTES = {"1.1.0": "short_text: a partial caption of each record (images and text unchanged).",
                          "1.0.0": "Initial release."}
         BUILDER_CONFIGS = []
-        TRAIN_RECORDS = 20_000
-        TEST_RECORDS = 1_000
+        TRAIN_RECORDS = SPLIT_RECORDS["train"]
+        TEST_RECORDS = SPLIT_RECORDS["test"]
 
         def _info(self):
             return tfds.core.DatasetInfo(builder=self, description="Procedural coloured, textured shapes with captions.",
