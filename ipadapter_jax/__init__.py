@@ -4,7 +4,7 @@ The core never imports torch or diffusers; they are needed only to read
 ``.bin`` pickles and for the parity tests.
 """
 
-from ipadapter_jax.convert import CheckpointError
+from ipadapter_jax.io import CheckpointError
 from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
                                   CLIPVisionModelWithProjection, UNet2DConditionModel)
 

@@ -239,6 +239,12 @@ class Scheduler:
         """Whether ``step`` needs a ``noise`` array (stochastic samplers)."""
         return False
 
+    @property
+    def cache_key(self) -> tuple:
+        """Hashable identity: a scheduler is its name and its resolved config,
+        so two with equal keys compile to the same program."""
+        return (self.name, json.dumps(self.config, sort_keys=True, default=repr))
+
     def __repr__(self):
         return f"{type(self).__name__}({self.name!r}, prediction_type={self.prediction_type!r})"
 

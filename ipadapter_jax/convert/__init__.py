@@ -1,9 +1,12 @@
-"""Checkpoint files <-> Flax modules: readers, rename rules, exporters."""
+"""Checkpoint conversion between layouts (the layer above the models and the
+IP-Adapter). Its file readers and the strict fill live in ``ipadapter_jax.io``;
+the names below are re-exported so ``from ipadapter_jax.convert import ...``
+keeps working. ``ipadapter_jax.convert.ip_adapter`` is the official IP-Adapter
+file format (``ipadapter_jax.ip_adapter.official``)."""
 
-from ipadapter_jax.convert.files import (CheckpointError, find_weights, load_config, read_state_dict,
-                                         read_weights, save_safetensors)
-from ipadapter_jax.convert.params import (LoadReport, load_state_dict_into, module_state_dict, torch_key)
-from ipadapter_jax.convert.pretrained import load_pretrained, save_pretrained
+from ipadapter_jax.io import (CheckpointError, LoadReport, find_weights, load_config, load_pretrained,
+                              load_state_dict_into, module_state_dict, read_state_dict, read_weights,
+                              save_pretrained, save_safetensors, torch_key)
 
 __all__ = ["CheckpointError", "LoadReport", "find_weights", "load_config", "load_pretrained",
            "load_state_dict_into", "module_state_dict", "read_state_dict", "read_weights",

@@ -8,7 +8,8 @@ Covers the SD 1.x / 2.x family (CrossAttn/plain down and up blocks, the
 cross-attention mid block, linear or conv projections, per-block head counts,
 ``scale_shift`` time conditioning). Config options outside that family raise a
 clear error; SDXL's ``addition_embed_type="text_time"`` slots in as an extra
-embedding added to ``emb`` in ``UNet2DConditionModel.time_conditioning``.
+embedding added to ``emb`` in ``UNet2DConditionModel.time_conditioning``, fed
+from ``UNetConditioning.added_cond``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.convert.pretrained import PretrainedMixin
+from ipadapter_jax.io.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import Attention
+from ipadapter_jax.models.conditioning import UNetConditioning
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -383,14 +385,15 @@ def remat_policy(remat: bool | str):
 
 
 class UNet2DConditionModel(PretrainedMixin, nnx.Module):
-    """Conditional UNet: ``model(sample, timesteps, encoder_hidden_states)``.
+    """Conditional UNet: ``model(sample, timesteps, conditioning)``.
 
     Args of ``__call__``:
       sample: [B, H, W, C] noisy latents (NHWC).
       timesteps: scalar or [B] (int or float).
-      encoder_hidden_states: [B, S, cross_attention_dim] text tokens.
-      image_prompts: optional, one ``ipadapter_jax.adapters.ImagePrompt`` per
-        attached IP-Adapter (image tokens, per-layer scales, masks).
+      conditioning: a ``UNetConditioning`` (text tokens, image prompts,
+        ControlNet residuals), or just the [B, S, cross_attention_dim] text tokens.
+      image_prompts: with text tokens only: one ``ImagePrompt`` per attached
+        IP-Adapter (image tokens, per-layer scales, masks).
     Returns the [B, H, W, out_channels] prediction (diffusers' ``.sample``).
     """
 
@@ -456,7 +459,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
             attn.processor_index = i
         for layer in self.cross_attention_layers():
             layer.attention.cross_index = layer.index
-        # IP-Adapters attached with ``ipadapter_jax.adapters.attach``; the i-th
+        # IP-Adapters attached with ``ipadapter_jax.ip_adapter.attach``; the i-th
         # entry of ``image_prompts`` in ``__call__`` conditions the i-th adapter.
         self.ip_adapters = nnx.List([])
 
@@ -501,19 +504,32 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
                                    downscale_freq_shift=self.config.freq_shift)
         return self.time_embedding(t_emb.astype(self.dtype))
 
-    def __call__(self, sample: jax.Array, timesteps: jax.Array, encoder_hidden_states: jax.Array,
+    def conditioning(self, conditioning, image_prompts=None) -> UNetConditioning:
+        """The call's conditioning as a checked ``UNetConditioning``: an array
+        argument is the text context (with ``image_prompts`` beside it)."""
+        if isinstance(conditioning, UNetConditioning):
+            if image_prompts is not None:
+                raise ValueError("image_prompts go inside the UNetConditioning when one is given")
+            cond = conditioning
+        else:
+            cond = UNetConditioning(conditioning, tuple(image_prompts or ()))
+        if len(cond.image_prompts) and len(cond.image_prompts) != len(self.ip_adapters):
+            raise ValueError(f"got {len(cond.image_prompts)} image prompts for {len(self.ip_adapters)} attached "
+                             "IP-Adapters; pass one ImagePrompt per adapter (in attach order)")
+        if cond.added_cond is not None:
+            raise ValueError("this UNet has no added conditioning (addition_embed_type is None): "
+                             "added_cond must be None")
+        return cond
+
+    def __call__(self, sample: jax.Array, timesteps: jax.Array, conditioning: UNetConditioning | jax.Array,
                  image_prompts: tuple | list | None = None) -> jax.Array:
         cfg = self.config
-        ip = ()
-        if image_prompts is not None and len(image_prompts):
-            if len(image_prompts) != len(self.ip_adapters):
-                raise ValueError(f"got {len(image_prompts)} image prompts for {len(self.ip_adapters)} attached "
-                                 "IP-Adapters; pass one ImagePrompt per adapter (in attach order)")
-            ip = tuple(zip(self.ip_adapters, image_prompts))
+        cond = self.conditioning(conditioning, image_prompts)
+        ip = tuple(zip(self.ip_adapters, cond.image_prompts))
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         sample = sample.astype(self.dtype)
-        context = encoder_hidden_states.astype(self.dtype)
+        context = cond.encoder_hidden_states.astype(self.dtype)
         emb = self.time_conditioning(timesteps, sample.shape[0])
 
         # Rematerialisation per UNet block (jax.checkpoint): training memory for compute.
@@ -527,8 +543,11 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         for block in self.down_blocks:
             x, block_skips = run(lambda x, e, c, block=block: block(x, e, c, ip), x, emb, context)
             skips.extend(block_skips)
+        skips = add_residuals(skips, cond.down_block_residuals)
         if self.mid_block is not None:
             x = run(lambda x, e, c: self.mid_block(x, e, c, ip), x, emb, context)
+        if cond.mid_block_residual is not None:
+            x = x + cond.mid_block_residual.astype(x.dtype)
         for i, block in enumerate(self.up_blocks):
             n_res = len(block.resnets)
             block_skips, skips = skips[-n_res:], skips[:-n_res]
@@ -538,3 +557,12 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
                     x, tuple(block_skips), emb, context)
         x = self.conv_out(layers.activation(cfg.act_fn)(self.conv_norm_out(x)))
         return x.astype(jnp.float32)
+
+
+def add_residuals(skips: list, residuals) -> list:
+    """Skips plus ControlNet's down-block residuals (one per skip, same shapes)."""
+    if residuals is None:
+        return skips
+    if len(residuals) != len(skips):
+        raise ValueError(f"got {len(residuals)} down-block residuals for the UNet's {len(skips)} skip connections")
+    return [s + r.astype(s.dtype) for s, r in zip(skips, residuals)]

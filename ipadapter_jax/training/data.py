@@ -25,19 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from ipadapter_jax import image_encoding
+from ipadapter_jax.io.images import load_rgb, preprocess
 
 log = logging.getLogger(__name__)
-
-
-def load_rgb(image):
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = image_encoding.load_image(image)
-    elif isinstance(image, np.ndarray):
-        image = Image.fromarray(image)
-    return Image.fromarray(image_encoding.to_rgb(image))
 
 
 def train_pixels(image, resolution: int) -> np.ndarray:
@@ -78,7 +68,7 @@ class _ImageTextBase:
                 image, text = self._raw(i)
                 rgb = load_rgb(image)
                 pixels = train_pixels(rgb, self.resolution)
-                clip = image_encoding.preprocess([rgb], self.clip_size, self.clip_size)[0]
+                clip = preprocess([rgb], self.clip_size, self.clip_size)[0]
             except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
                 log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
                 skipped += 1

@@ -9,8 +9,8 @@ from typing import Callable
 
 from flax import nnx
 
-from ipadapter_jax.convert.files import find_weights, load_config, read_weights, save_safetensors
-from ipadapter_jax.convert.params import LoadReport, Rename, load_state_dict_into, module_state_dict
+from ipadapter_jax.io.files import find_weights, load_config, read_weights, save_safetensors
+from ipadapter_jax.io.params import LoadReport, Rename, load_state_dict_into, module_state_dict
 
 
 def load_pretrained(folder: str | os.PathLike, build: Callable[[dict], nnx.Module], *, weights_name: str,

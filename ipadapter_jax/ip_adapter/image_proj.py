@@ -15,6 +15,9 @@ FaceIDPlusModel   ip-adapter-faceid-plus(v2)       ID embedding + CLIP hidden_st
 ================  ===============================  ==============================
 
 LayerNorm epsilon is torch's 1e-5 and GELU is exact, as in the reference.
+Every projection tells what it takes and makes: ``input_dim`` (embedding
+width), ``token_dim`` (token width, the UNet's cross-attention width) and
+``num_tokens`` (tokens per image; None for one per CLIP token).
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ class ImageProjModel(nnx.Module):
         x = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
         return self.norm(x)
 
+    @property
+    def input_dim(self) -> int:
+        return self.proj.in_features
+
+    @property
+    def token_dim(self) -> int:
+        return self.cross_attention_dim
+
 
 class MLPProjModel(nnx.Module):
     """Full-face: per token Linear(D, D) -> GELU -> Linear(D, C) -> LayerNorm(C)
@@ -52,6 +63,19 @@ class MLPProjModel(nnx.Module):
     def __call__(self, hidden_states: jax.Array) -> jax.Array:
         x = layers.gelu(self.proj[0](hidden_states))
         return self.proj[3](self.proj[2](x))
+
+    @property
+    def input_dim(self) -> int:
+        return self.proj[0].in_features
+
+    @property
+    def token_dim(self) -> int:
+        return self.proj[2].out_features
+
+    @property
+    def num_tokens(self) -> None:
+        """None: one token per CLIP token (257 at 224 px)."""
+        return None
 
 
 class PerceiverAttention(nnx.Module):
@@ -114,6 +138,18 @@ class Resampler(nnx.Module):
         latents = jnp.broadcast_to(self.latents[...], (hidden_states.shape[0], *self.latents.shape[1:]))
         return _perceiver(self.proj_in, self.layers, self.proj_out, self.norm_out, hidden_states, latents)
 
+    @property
+    def input_dim(self) -> int:
+        return self.proj_in.in_features
+
+    @property
+    def token_dim(self) -> int:
+        return self.proj_out.out_features
+
+    @property
+    def num_tokens(self) -> int:
+        return self.latents.shape[1]
+
 
 class FaceIDProjModel(nnx.Module):
     """FaceID: ID embedding -> Linear(id, 2*id) -> GELU -> Linear(2*id, T*C) ->
@@ -129,6 +165,15 @@ class FaceIDProjModel(nnx.Module):
     def __call__(self, id_embeds: jax.Array) -> jax.Array:
         x = self.proj[2](layers.gelu(self.proj[0](id_embeds)))
         return self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
+
+    @property
+    def input_dim(self) -> int:
+        """The ID embedding's width (512 for InsightFace)."""
+        return self.proj[0].in_features
+
+    @property
+    def token_dim(self) -> int:
+        return self.cross_attention_dim
 
 
 class FacePerceiverResampler(nnx.Module):
@@ -168,3 +213,12 @@ class FaceIDPlusModel(nnx.Module):
         x = self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
         out = self.perceiver_resampler(x, clip_hidden_states)
         return x + s_scale * out if shortcut else out
+
+    @property
+    def input_dim(self) -> int:
+        """The ID embedding's width (512 for InsightFace)."""
+        return self.proj[0].in_features
+
+    @property
+    def token_dim(self) -> int:
+        return self.cross_attention_dim

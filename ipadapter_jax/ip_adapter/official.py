@@ -1,0 +1,147 @@
+"""Official IP-Adapter files (h94/IP-Adapter layout) <-> ``IPAdapter`` modules.
+
+File layouts:
+* ``.safetensors``: flat keys ``image_proj.*`` and ``ip_adapter.*``;
+* ``.bin``: a torch pickle ``{"image_proj": {...}, "ip_adapter": {...}}``, read
+  with ``torch.load(weights_only=True)``.
+
+``ip_adapter`` keys are indices into the UNet's attention processors in
+diffusers' ``attn_processors`` order (down, up, mid; attn1 then attn2):
+``{2n+1}.to_k_ip.weight`` / ``.to_v_ip.weight`` belong to the n-th
+cross-attention layer, ``{p}.to_{q,k,v,out}_lora.{down,up}.weight`` (FaceID) to
+processor p. The variant is read from the ``image_proj`` keys by the variant
+registry (``variants.detect``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from ipadapter_jax.io.files import CheckpointError, atomic_write, read_state_dict, save_safetensors
+from ipadapter_jax.io.params import load_state_dict_into, module_state_dict
+from ipadapter_jax.ip_adapter import modules, variants
+
+_KV = re.compile(r"^ip_adapter\.(\d+)\.(to_[kv]_ip)\.weight$")
+_LORA = re.compile(r"^ip_adapter\.(\d+)\.(to_(?:q|k|v|out)_lora)\.(down|up)\.weight$")
+
+
+def read_ip_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """An official adapter file -> flat ``{"image_proj.*", "ip_adapter.*"}`` arrays."""
+    path = Path(path)
+    state = read_state_dict(path)
+    if not any(k.startswith("image_proj.") for k in state) or not any(k.startswith("ip_adapter.") for k in state):
+        sample = sorted(state)[:5]
+        raise CheckpointError(f"{path}: not an IP-Adapter file: expected 'image_proj.*' and 'ip_adapter.*' keys "
+                              f"(official layout), found keys like {sample}")
+    other = sorted(k for k in state if not k.startswith(("image_proj.", "ip_adapter.")))
+    if other:
+        raise CheckpointError(f"{path}: unknown keys outside image_proj/ip_adapter: {other[:5]}")
+    return state
+
+
+def _check_against_unet(ip: dict[str, np.ndarray], proj_dim: int, unet, source: str) -> tuple[int | None, int]:
+    """Clear errors for an adapter made for another UNet; returns (LoRA rank or None, token dim)."""
+    cross = unet.cross_attention_layers()
+    kv_ids = sorted({int(m.group(1)) for k in ip if (m := _KV.match(k))})
+    if not kv_ids:
+        raise CheckpointError(f"{source}: no ip_adapter.N.to_k_ip.weight keys")
+    token_dim = ip[f"ip_adapter.{kv_ids[0]}.to_k_ip.weight"].shape[1]
+    unet_dim = cross[0].token_dim
+    base = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+    if token_dim != unet_dim or len(kv_ids) != len(cross):
+        raise CheckpointError(
+            f"{source}: this adapter has {len(kv_ids)} cross-attention layers of width {token_dim} "
+            f"({base.get(token_dim, 'unknown base model')}); the UNet has {len(cross)} of width {unet_dim} "
+            f"({base.get(unet_dim, 'unknown base model')}). Use the adapter made for this base model.")
+    if proj_dim != token_dim:
+        raise CheckpointError(f"{source}: image_proj makes tokens of width {proj_dim} but ip_adapter expects "
+                              f"{token_dim}")
+    lora_ranks = {v.shape[0] for k, v in ip.items() if (m := _LORA.match(k)) and m.group(3) == "down"}
+    if len(lora_ranks) > 1:
+        raise CheckpointError(f"{source}: LoRA layers have different ranks {sorted(lora_ranks)}")
+    return (lora_ranks.pop() if lora_ranks else None), token_dim
+
+
+def _rename_official(key: str, value):
+    """Official key -> ``IPAdapter`` state key (``image_proj.*`` unchanged)."""
+    if key.startswith("image_proj."):
+        return key, value
+    if m := _KV.match(key):
+        n, name = int(m.group(1)), m.group(2)
+        if n % 2 == 0:
+            raise CheckpointError(f"{key}: image K/V keys are odd (cross-attention processors)")
+        return f"layers.{(n - 1) // 2}.{name}.weight", value
+    if m := _LORA.match(key):
+        return f"lora.{m.group(1)}.{m.group(2)}.{m.group(3)}.weight", value
+    return key, value  # unmatched: reported as unexpected by the strict loader
+
+
+def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, shortcut: bool | None = None):
+    """Load an official IP-Adapter file for ``unet`` and (by default) attach it.
+
+    The variant (``IPAdapter.variant``) and token count come from the keys.
+    ``shortcut`` (FaceID-PlusV2's ``out = id_tokens + s_scale * out``) defaults to
+    True when the file name says ``plusv2``: the keys of Plus and PlusV2 are the
+    same. Refuses, naming the reason: files that are not IP-Adapters, unknown
+    layouts, adapters for another base model (e.g. SDXL on SD 1.5), truncated
+    files, any key that does not land or weight that is missing.
+    """
+    path = Path(path)
+    state = read_ip_adapter(path)
+    image_proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
+    ip = {k: v for k, v in state.items() if k.startswith("ip_adapter.")}
+    variant, hparams = variants.detect(image_proj, str(path))
+    proj_dim = nnx.eval_shape(lambda: variant.build(hparams, nnx.Rngs(0))).token_dim
+    lora_rank, _ = _check_against_unet(ip, proj_dim, unet, str(path))
+    if shortcut is None:
+        shortcut = "plusv2" in path.name.lower()
+
+    def build():
+        return modules.IPAdapter.for_unet(unet, variant.build(hparams, nnx.Rngs(0)), variant=variant.name,
+                                          lora_rank=lora_rank, shortcut=shortcut, rngs=nnx.Rngs(0))
+
+    adapter, _ = load_state_dict_into(build, state, source=str(path), rename=_rename_official)
+    if attach:
+        modules.attach(unet, adapter)
+    return adapter
+
+
+def ip_adapter_state_dict(adapter) -> dict[str, np.ndarray]:
+    """``IPAdapter`` -> the official flat layout (torch tensor layout)."""
+    out = {}
+    for key, value in module_state_dict(adapter).items():
+        if key.startswith("image_proj."):
+            out[key] = value
+        elif m := re.match(r"^layers\.(\d+)\.(to_[kv]_ip)\.weight$", key):
+            out[f"ip_adapter.{2 * int(m.group(1)) + 1}.{m.group(2)}.weight"] = value
+        elif m := re.match(r"^lora\.(\d+)\.(\w+)\.(down|up)\.weight$", key):
+            out[f"ip_adapter.{m.group(1)}.{m.group(2)}.{m.group(3)}.weight"] = value
+        else:
+            raise AssertionError(f"no official name for {key}")
+    return out
+
+
+def save_ip_adapter(adapter, path: str | os.PathLike) -> Path:
+    """Write the adapter in the official format: ``.safetensors`` (flat keys) or
+    ``.bin`` (torch pickle ``{"image_proj", "ip_adapter"}``, needs torch).
+    Written atomically. diffusers' ``load_ip_adapter`` and ComfyUI read both."""
+    path = Path(path)
+    state = ip_adapter_state_dict(adapter)
+    if path.suffix == ".safetensors":
+        return save_safetensors(state, path, metadata={"format": "pt"})
+    if path.suffix == ".bin":
+        import torch
+
+        nested = {"image_proj": {}, "ip_adapter": {}}
+        for key, value in state.items():
+            group, name = key.split(".", 1)
+            nested[group][name] = torch.from_numpy(np.array(value))  # a writable copy
+        with atomic_write(path) as tmp:
+            torch.save(nested, tmp)
+        return path
+    raise ValueError(f"{path}: save as .safetensors or .bin")

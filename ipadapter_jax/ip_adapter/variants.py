@@ -1,0 +1,158 @@
+"""The IP-Adapter variants: one ``Variant`` entry each, the one place that
+knows what a variant is.
+
+An entry says how to recognise the variant from an official file's
+``image_proj`` keys, which projection module it uses and with which
+hyper-parameters (read off the weights' shapes), what the projection takes as
+input, what its default negative ("uncond") input is, whether its files carry
+LoRA, and how to build a fresh one for training. Adding a variant is adding an
+entry to ``VARIANTS``.
+
+Detection follows diffusers' order of checks (``_convert_ip_adapter_image_proj_to_diffusers``):
+the first entry whose ``marker`` key is present wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import numpy as np
+from flax import nnx
+
+from ipadapter_jax.io.files import CheckpointError
+from ipadapter_jax.ip_adapter.image_proj import (FaceIDPlusModel, FaceIDProjModel, ImageProjModel, MLPProjModel,
+                                                 Resampler)
+
+# What a projection takes (``Variant.input_kind``):
+IMAGE_EMBEDS = "image_embeds"                      # CLIP image_embeds [B, D]
+HIDDEN_STATES = "hidden_states"                    # CLIP hidden_states[-2] [B, tokens, D]
+FACE_ID = "face_id"                                # InsightFace ID embedding [B, 512]
+FACE_ID_AND_HIDDEN = "face_id+hidden_states"       # ID embedding + the face crop's hidden_states[-2]
+
+_LAYERS = re.compile(r"^(?:perceiver_resampler\.)?layers\.(\d+)\.")
+
+
+def _depth(sp: dict) -> int:
+    found = {int(m.group(1)) for k in sp if (m := _LAYERS.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def _base_hparams(sp: dict) -> dict:
+    c = sp["norm.weight"].shape[0]
+    return dict(embed_dim=sp["proj.weight"].shape[1], cross_attention_dim=c,
+                num_tokens=sp["proj.weight"].shape[0] // c)
+
+
+def _full_face_hparams(sp: dict) -> dict:
+    return dict(embed_dim=sp["proj.0.weight"].shape[1], cross_attention_dim=sp["proj.3.weight"].shape[0])
+
+
+def _faceid_hparams(sp: dict) -> dict:
+    c = sp["norm.weight"].shape[0]
+    id_dim = sp["proj.0.weight"].shape[1]
+    return dict(id_embed_dim=id_dim, cross_attention_dim=c, num_tokens=sp["proj.2.weight"].shape[0] // c,
+                mult=sp["proj.0.weight"].shape[0] // id_dim)
+
+
+def _faceid_plus_hparams(sp: dict) -> dict:
+    return dict(_faceid_hparams(sp), clip_embed_dim=sp["perceiver_resampler.proj_in.weight"].shape[1],
+                depth=_depth(sp), heads=sp["perceiver_resampler.layers.0.0.to_q.weight"].shape[0] // 64)
+
+
+def _plus_hparams(sp: dict) -> dict:
+    dim = sp["latents"].shape[2]
+    return dict(dim=dim, depth=_depth(sp), dim_head=64, heads=sp["layers.0.0.to_q.weight"].shape[0] // 64,
+                num_queries=sp["latents"].shape[1], embedding_dim=sp["proj_in.weight"].shape[1],
+                output_dim=sp["proj_out.weight"].shape[0], ff_mult=sp["layers.0.1.1.weight"].shape[0] // dim)
+
+
+def _new_base(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs) -> nnx.Module:
+    return ImageProjModel(encoder_config.projection_dim, token_dim, num_tokens, rngs=rngs)
+
+
+def _new_plus(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs) -> nnx.Module:
+    # The official Plus recipe: depth 4, 64-wide heads, dim = the UNet's token width.
+    return Resampler(dim=token_dim, depth=4, dim_head=64, heads=max(token_dim // 64, 1), num_queries=num_tokens,
+                     embedding_dim=encoder_config.hidden_size, output_dim=token_dim, rngs=rngs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One IP-Adapter variant.
+
+    name: ``IPAdapter.variant``.
+    marker: the ``image_proj`` key (without prefix) that identifies it.
+    projection: the projection module class.
+    hparams: ``image_proj`` weights -> the projection's constructor kwargs.
+    input_kind: what the projection takes (``IMAGE_EMBEDS``, ``HIDDEN_STATES``, ...).
+    negative: the default negative input: ``"zeros"`` (zero embeddings) or
+      ``"zero_pixels"`` (the image encoder run on zero pixels).
+    lora: its official files carry LoRA on every attention layer (FaceID).
+    files: the official files it covers.
+    new: builds a fresh projection for training ``(token_dim, encoder_config,
+      num_tokens, rngs)``, or None where training one is not offered.
+    """
+
+    name: str
+    marker: str
+    projection: type
+    hparams: Callable[[dict], dict]
+    input_kind: str
+    negative: str
+    lora: bool
+    files: str
+    new: Callable | None = None
+
+    def build(self, hparams: dict, rngs: nnx.Rngs) -> nnx.Module:
+        """The projection module for these hyper-parameters (random weights)."""
+        return self.projection(**hparams, rngs=rngs)
+
+    @property
+    def needs_face_id(self) -> bool:
+        return self.input_kind in (FACE_ID, FACE_ID_AND_HIDDEN)
+
+    @property
+    def encoder_output(self) -> str | None:
+        """What the CLIP image encoder must output for it (None: no CLIP input)."""
+        if self.input_kind == IMAGE_EMBEDS:
+            return "image_embeds"
+        return None if self.input_kind == FACE_ID else "hidden_states"
+
+
+# In diffusers' order of checks.
+VARIANTS: tuple[Variant, ...] = (
+    Variant("base", "proj.weight", ImageProjModel, _base_hparams, IMAGE_EMBEDS, "zeros", False,
+            "ip-adapter_sd15, ip-adapter_sd15_light, ip-adapter_sd15_vit-G", new=_new_base),
+    Variant("full-face", "proj.3.weight", MLPProjModel, _full_face_hparams, HIDDEN_STATES, "zero_pixels", False,
+            "ip-adapter-full-face_sd15"),
+    Variant("faceid-plus", "perceiver_resampler.proj_in.weight", FaceIDPlusModel, _faceid_plus_hparams,
+            FACE_ID_AND_HIDDEN, "zeros", True, "ip-adapter-faceid-plus_sd15, ip-adapter-faceid-plusv2_sd15"),
+    Variant("faceid", "norm.weight", FaceIDProjModel, _faceid_hparams, FACE_ID, "zeros", True,
+            "ip-adapter-faceid_sd15, ip-adapter-faceid-portrait_sd15"),
+    Variant("plus", "latents", Resampler, _plus_hparams, HIDDEN_STATES, "zero_pixels", False,
+            "ip-adapter-plus_sd15, ip-adapter-plus-face_sd15", new=_new_plus),
+)
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+def get(name: str) -> Variant:
+    """The registry entry of ``name``; a clear error for unknown names."""
+    if name not in BY_NAME:
+        raise ValueError(f"unknown IP-Adapter variant {name!r}; expected one of {sorted(BY_NAME)}")
+    return BY_NAME[name]
+
+
+def detect(image_proj: dict[str, np.ndarray], source: str = "IP-Adapter") -> tuple[Variant, dict]:
+    """Variant and projection hyper-parameters from the ``image_proj`` weights
+    (keys without the ``image_proj.`` prefix)."""
+    for variant in VARIANTS:
+        if variant.marker in image_proj:
+            try:
+                return variant, variant.hparams(image_proj)
+            except KeyError as e:
+                raise CheckpointError(f"{source}: image_proj lacks {e.args[0]!r}, which its other keys imply "
+                                      f"(a {variant.name!r} adapter)") from None
+    raise CheckpointError(f"{source}: unknown image_proj key layout (keys like {sorted(image_proj)[:6]}); expected "
+                          f"one of the official variants ({', '.join(v.name for v in VARIANTS)})")

@@ -1,0 +1,17 @@
+"""Pipelines: prompts in, images out. One idea per file:
+
+* ``stable_diffusion`` ``StableDiffusionPipeline``: prepare -> denoise -> decode;
+* ``prompts``          ``ImagePromptSpec`` -> the UNet's ``ImagePrompt`` arrays and gates;
+* ``denoise``          the jitted ``fori_loop`` and its one compile cache;
+* ``inputs``           masks and img2img images, prepared as diffusers does;
+* ``jitted``           frozen modules behind one jitted function; the ``data`` mesh.
+"""
+
+from ipadapter_jax.pipeline.denoise import CompiledLoops, guide, make_denoise_loop
+from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
+from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts
+from ipadapter_jax.pipeline.stable_diffusion import Prepared, SampleOutput, StableDiffusionPipeline
+
+__all__ = ["CompiledLoops", "ImagePromptSpec", "JittedModule", "Prepared", "SampleOutput",
+           "StableDiffusionPipeline", "build_image_prompts", "data_mesh", "guide", "make_denoise_loop",
+           "shard_batch"]

@@ -1,0 +1,92 @@
+"""The denoising loop: one ``lax.fori_loop`` in one ``jax.jit``, and the one
+cache of its compiled executables."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ipadapter_jax.models.conditioning import UNetConditioning
+
+
+def guide(eps: jax.Array, guidance: jax.Array, rescale: jax.Array) -> jax.Array:
+    """Classifier-free guidance over an [uncond; cond] batch, with guidance
+    rescale (Lin et al. 2023, sec. 3.4)."""
+    eps_uncond, eps_text = jnp.split(eps, 2)
+    guided = eps_uncond + guidance * (eps_text - eps_uncond)
+    axes = tuple(range(1, guided.ndim))
+    std_text = jnp.std(eps_text, axis=axes, keepdims=True, ddof=1)
+    std_cfg = jnp.std(guided, axis=axes, keepdims=True, ddof=1)
+    rescaled = rescale * guided * (std_text / std_cfg) + (1 - rescale) * guided
+    # `where` keeps rescale=0 exact (and NaN-free when std_cfg is 0).
+    return jnp.where(rescale > 0, rescaled, guided)
+
+
+def gated(cond: UNetConditioning, gates: jax.Array, i) -> UNetConditioning:
+    """The conditioning of step ``i``: each adapter's scales times its gate."""
+    prompts = tuple(p.replace(scale=p.scale * g[i]) for p, g in zip(cond.image_prompts, gates))
+    return cond.replace(image_prompts=prompts)
+
+
+def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable | None = None):
+    """The jitted denoising loop for one UNet structure and scheduler.
+
+    Returns ``denoise(params, sched_state, latents, cond, gates, guidance,
+    rescale, noise_key, start) -> latents``: ``lax.fori_loop`` from ``start``
+    over the scheduler's steps. ``cond`` is the UNet's ``UNetConditioning``;
+    under classifier-free guidance (``cfg``) its batch is [uncond; cond] and the
+    latents are doubled to match, so both halves run as one batch.
+    ``gates[a, i]`` multiplies adapter a's scales at step i (start/end);
+    ``on_step(i)`` is an optional host callback (progress bars).
+    """
+
+    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start):
+        unet = nnx.merge(unet_graphdef, params)
+
+        def body(i, carry):
+            x, state = carry
+            model_in = jnp.concatenate([x, x]) if cfg else x
+            model_in = scheduler.scale_model_input(state, model_in, i)
+            eps = unet(model_in, state.timesteps[i], gated(cond, gates, i)).astype(jnp.float32)
+            if cfg:
+                eps = guide(eps, guidance, rescale)
+            noise = (jax.random.normal(jax.random.fold_in(noise_key, i), x.shape, jnp.float32)
+                     if scheduler.needs_noise else None)
+            if on_step is not None:
+                jax.debug.callback(on_step, i)
+            return scheduler.step(state, eps, i, x, noise)
+
+        latents, _ = jax.lax.fori_loop(start, scheduler.num_steps(sched_state), body, (latents, sched_state))
+        return latents
+
+    return jax.jit(denoise)
+
+
+class CompiledLoops:
+    """Compiled denoising loops, keyed one way: the UNet's structure (its
+    graphdef: attaching or detaching an adapter changes it), the scheduler's
+    identity, CFG, the progress callback, and the argument signature (tree
+    structure, shapes, dtypes). New prompts, seeds, scales, masks or images
+    are argument values and reuse an executable; nothing is cleared by hand."""
+
+    def __init__(self, on_step: Callable):
+        self.on_step = on_step
+        self._executables: dict = {}
+
+    def __len__(self) -> int:
+        return len(self._executables)
+
+    def get(self, graphdef, scheduler, *, cfg: bool, progress: bool, args: tuple):
+        """(executable, compiled_now) for these arguments."""
+        leaves = jax.tree.leaves(args)
+        key = (graphdef, scheduler.cache_key, cfg, progress, jax.tree.structure(args),
+               tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
+        if key in self._executables:
+            return self._executables[key], False
+        fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, on_step=self.on_step if progress else None)
+        self._executables[key] = fn.lower(*args).compile()
+        return self._executables[key], True

@@ -1,0 +1,305 @@
+"""Text + image prompts -> images for SD 1.x / 2.x: prepare -> denoise -> decode.
+
+``StableDiffusionPipeline.from_pretrained(model_dir)`` reads a diffusers SD
+folder (unet, vae, text_encoder, tokenizer, scheduler); ``load_ip_adapter``
+attaches official adapter files; calling the pipeline samples. A call runs in
+three stages: ``prepare`` (validate, encode text and reference images, draw
+the noise, img2img) gives a ``Prepared`` request; ``denoise`` runs it through
+one jitted ``lax.fori_loop`` (CFG over text and image together, scheduler
+steps, per-step adapter gates), compiled once per UNet structure, scheduler
+and shape, with the batch sharded over every local device on a ``data`` mesh
+axis; ``decode`` runs the VAE. Prompts, seeds, scales, masks and images are
+array inputs: changing them never recompiles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ipadapter_jax import ip_adapter, schedulers
+from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
+from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
+from ipadapter_jax.pipeline.denoise import CompiledLoops
+from ipadapter_jax.pipeline.inputs import load_init_image
+from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
+from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    images: np.ndarray        # [B, H, W, 3] float32 in [0, 1]
+    latents: np.ndarray       # [B, h, w, 4] final latents before the VAE (NHWC)
+    timings: dict
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A call after ``prepare``: everything the jitted loop takes."""
+
+    scheduler: schedulers.Scheduler
+    state: schedulers.SchedulerState
+    latents: jax.Array               # initial latents, already noised / scaled
+    cond: UNetConditioning           # [uncond; cond] batch under CFG
+    gates: np.ndarray                # [n_adapters, steps]
+    noise_key: jax.Array
+    start: int                       # first step (img2img starts part-way)
+    steps: int
+    cfg: bool
+
+
+class StableDiffusionPipeline:
+    """SD 1.x/2.x text-to-image and img2img with IP-Adapters, in JAX.
+
+    Build with ``from_pretrained``; attach adapters with ``load_ip_adapter``;
+    call with prompts and ``ImagePromptSpec``s. ``dtype`` is the UNet/text
+    encoder compute dtype (``jnp.bfloat16`` on accelerators); the VAE and the
+    scheduler arithmetic stay in float32.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
+                 scheduler_config: dict, image_encoder: CLIPVisionModelWithProjection | None = None):
+        self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
+        self.scheduler_config = scheduler_config
+        self.image_encoder = image_encoder
+        # The frozen encoders and the VAE run through jitted functions, compiled once per shape.
+        self._text = JittedModule(text_encoder)
+        self._image = JittedModule(image_encoder) if image_encoder is not None else None
+        self._vae_encode = JittedModule(vae, "encode")
+        self._vae_decode = JittedModule(vae, "decode")
+        self.mesh = data_mesh()
+        self._bar = None
+        self._loops = CompiledLoops(self._tick)
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
+                        dtype=jnp.float32, variant: str | None = None,
+                        attention_backend: str = "auto") -> "StableDiffusionPipeline":
+        """Load a diffusers Stable Diffusion folder (and optionally a CLIP image
+        encoder folder in transformers layout, e.g. IP-Adapter's
+        ``models/image_encoder``). Nothing is downloaded."""
+        from transformers import CLIPTokenizer
+
+        model_dir = Path(model_dir)
+        if not model_dir.is_dir():
+            raise FileNotFoundError(f"model folder not found: {model_dir}")
+        opts = dict(dtype=dtype, attention_backend=attention_backend, variant=variant)
+        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", **opts)
+        vae = AutoencoderKL.from_pretrained(model_dir / "vae", attention_backend=attention_backend, variant=variant)
+        text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", **opts)
+        tok_dir = model_dir / "tokenizer"
+        if not tok_dir.is_dir():
+            raise FileNotFoundError(f"tokenizer folder not found: {tok_dir}")
+        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+        encoder = (CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=dtype,
+                                                                 attention_backend=attention_backend)
+                   if image_encoder is not None else None)
+        return cls(unet, vae, text_encoder, tokenizer, schedulers.load_scheduler_config(model_dir), encoder)
+
+    # ------------------------------------------------------------------ adapters
+
+    def load_ip_adapter(self, path: str | os.PathLike, **kwargs) -> ip_adapter.IPAdapter:
+        """Load and attach an official IP-Adapter file; returns the adapter."""
+        return ip_adapter.load_ip_adapter(path, self.unet, **kwargs)
+
+    def detach_ip_adapters(self) -> None:
+        """Detach every adapter: the UNet computes its plain output again."""
+        ip_adapter.detach_all(self.unet)
+
+    def prompt_tokens(self, adapter: ip_adapter.IPAdapter, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        """``ip_adapter.prompt_tokens`` with this pipeline's image encoder:
+        (cond, uncond) tokens of reference images for ``adapter``."""
+        return ip_adapter.prompt_tokens(adapter, image_encoder=self._image, **kwargs)
+
+    @property
+    def num_compiled(self) -> int:
+        """Denoising loops compiled so far (one per UNet structure, scheduler and shape)."""
+        return len(self._loops)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
+        """Prompts -> [B, 77, C] text embeddings (last hidden state). Prompts longer
+        than the encoder's 77 tokens are truncated with a warning, as diffusers does."""
+        max_len = self.tokenizer.model_max_length
+        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
+                             return_tensors="np").input_ids
+        full = self.tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
+        if full.shape[-1] > ids.shape[-1]:
+            removed = self.tokenizer.batch_decode(full[:, max_len - 1:-1])
+            log.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                        "to %d tokens: %s", max_len, removed)
+        return np.asarray(self._text(jnp.asarray(ids, jnp.int32)).last_hidden_state, np.float32)
+
+    def _text_context(self, prompt, negative_prompt, num_images: int, cfg: bool, prompt_embeds,
+                      negative_prompt_embeds) -> np.ndarray:
+        """The text half of the conditioning: [B, L, C], or [negative; prompt] under CFG."""
+        if (prompt_embeds is None) != (negative_prompt_embeds is None):
+            raise ValueError("give both prompt_embeds and negative_prompt_embeds, or neither")
+        if prompt_embeds is not None:
+            text = np.asarray(prompt_embeds, np.float32)
+            negative = np.asarray(negative_prompt_embeds, np.float32)
+            if text.ndim != 3 or text.shape != negative.shape:
+                raise ValueError(f"prompt_embeds {text.shape} and negative_prompt_embeds "
+                                 f"{negative.shape} must have the same [B, L, C] shape")
+            return np.concatenate([negative, text]) if cfg else text
+        prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        text = self.encode_prompt(prompts)
+        return np.concatenate([self.encode_prompt(negatives), text]) if cfg else text
+
+    # ------------------------------------------------------------------ the stages
+
+    def _initial_latents(self, sched, state, latent_shape, keys, latents, init_image, strength,
+                         num_inference_steps: int, size: tuple[int, int]) -> tuple[jax.Array, int]:
+        """The loop's starting latents and first step: scaled noise, or the
+        VAE-encoded ``init_image`` (resized to ``size``) noised to the step
+        ``strength`` implies. ``keys``: (latent noise key, VAE sampling key)."""
+        latent_key, vae_key = keys
+        if latents is not None:
+            noise = np.asarray(latents, np.float32)
+            if noise.shape != latent_shape:
+                raise ValueError(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
+            if not np.isfinite(noise).all():
+                raise ValueError("initial latents contain NaN or inf")
+        else:
+            noise = np.asarray(jax.random.normal(latent_key, latent_shape))
+        if init_image is None:
+            return jnp.asarray(noise) * sched.init_noise_sigma(state), 0
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        pixels = np.repeat(load_init_image(init_image, *size), latent_shape[0], axis=0)
+        init = self._vae_encode(jnp.asarray(pixels)).sample(vae_key) * self.vae.scaling_factor
+        start = schedulers.begin_index(sched, state, strength, num_inference_steps)
+        if start >= sched.num_steps(state):
+            raise ValueError(f"strength {strength} leaves no denoising steps at {num_inference_steps} steps")
+        return sched.add_noise(state, init, jnp.asarray(noise), start), start
+
+    def prepare(self, prompt="", *, negative_prompt="", ip_adapter_prompts: Sequence[ImagePromptSpec] = (),
+                num_inference_steps: int = 30, guidance_scale: float = 7.5, scheduler: str = "ddim",
+                scheduler_options: dict | None = None, height: int = 512, width: int = 512, num_images: int = 1,
+                seed: int = 0, latents=None, init_image=None, strength: float = 0.8, prompt_embeds=None,
+                negative_prompt_embeds=None) -> Prepared:
+        """Validate and encode a call (see ``__call__`` for the arguments)."""
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+        cfg = guidance_scale > 1.0
+        if prompt_embeds is not None:
+            num_images = np.shape(prompt_embeds)[0]
+        elif not isinstance(prompt, str):
+            num_images = len(prompt)
+        lh, lw = height // self.vae_scale, width // self.vae_scale
+        latent_shape = (num_images, lh, lw, self.unet.config.in_channels)
+        sched = schedulers.make_scheduler(scheduler, self.scheduler_config, **(scheduler_options or {}))
+        # The state holds the multistep history (PNDM, DPM++), so it needs the latents' shape.
+        state = sched.set_timesteps(num_inference_steps, sample_shape=latent_shape)
+        steps = sched.num_steps(state)
+        context = self._text_context(prompt, negative_prompt, num_images, cfg, prompt_embeds,
+                                     negative_prompt_embeds)
+        prompts, gates = build_image_prompts(list(ip_adapter_prompts), self.unet, self._image, batch=num_images,
+                                             height=height, width=width, vae_scale=self.vae_scale, steps=steps,
+                                             cfg=cfg)
+        noise_key, latent_key, vae_key = jax.random.split(jax.random.key(seed), 3)
+        x, start = self._initial_latents(sched, state, latent_shape, (latent_key, vae_key), latents, init_image,
+                                         strength, num_inference_steps, (height, width))
+        return Prepared(scheduler=sched, state=state, latents=x, cond=UNetConditioning(context, prompts),
+                        gates=gates, noise_key=noise_key, start=start, steps=steps, cfg=cfg)
+
+    def _shard_prompt(self, prompt: ImagePrompt) -> ImagePrompt:
+        shard = lambda x: shard_batch(self.mesh, x)
+        return prompt.replace(tokens=shard(prompt.tokens),
+                              masks=None if prompt.masks is None else {
+                                  q: (shard(m) if m.shape[0] > 1 else m) for q, m in prompt.masks.items()})
+
+    def _tick(self, i) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def denoise(self, request: Prepared, *, guidance_scale: float, guidance_rescale: float = 0.0,
+                progress: bool = False) -> tuple[jax.Array, dict]:
+        """Run the jitted loop on a prepared request: (final latents, timings).
+        Compiles ahead of time (timed apart) once per argument signature."""
+        cond = request.cond.replace(
+            encoder_hidden_states=shard_batch(self.mesh, request.cond.encoder_hidden_states),
+            image_prompts=tuple(self._shard_prompt(p) for p in request.cond.image_prompts))
+        graphdef, params = nnx.split(self.unet)
+        args = (params, request.state, shard_batch(self.mesh, request.latents), cond, jnp.asarray(request.gates),
+                jnp.float32(guidance_scale), jnp.float32(guidance_rescale), request.noise_key,
+                jnp.int32(request.start))
+        t0 = time.perf_counter()
+        compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, progress=progress,
+                                                 args=args)
+        timings = {"compile_s": time.perf_counter() - t0}
+        if progress and compiled_now:
+            log.info("compiled the denoising loop (%d steps) in %.1f s", request.steps, timings["compile_s"])
+        t1 = time.perf_counter()
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=request.steps - request.start, desc="denoising", unit="step")
+        try:
+            final = compiled(*args)
+            final.block_until_ready()
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+        run = request.steps - request.start
+        timings.update(denoise_s=time.perf_counter() - t1, steps=run)
+        timings["steps_per_s"] = run / max(timings["denoise_s"], 1e-9)
+        return final, timings
+
+    def decode(self, latents) -> np.ndarray:
+        """Latents -> images [B, H, W, 3] in [0, 1] (float32)."""
+        images = self._vae_decode(jnp.asarray(latents) / self.vae.scaling_factor)
+        return np.asarray(jnp.clip(images / 2 + 0.5, 0.0, 1.0))
+
+    def __call__(self, prompt: str | Sequence[str] = "", *, negative_prompt: str | Sequence[str] = "",
+                 ip_adapter_prompts: Sequence[ImagePromptSpec] = (), num_inference_steps: int = 30,
+                 guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str = "ddim",
+                 scheduler_options: dict | None = None, height: int = 512, width: int = 512,
+                 num_images: int = 1, seed: int = 0, latents: np.ndarray | None = None,
+                 init_image=None, strength: float = 0.8, output_type: str = "np", progress: bool = False,
+                 prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None
+                 ) -> SampleOutput:
+        """Sample images.
+
+        prompt / negative_prompt: one string (repeated ``num_images`` times) or one per image.
+        ip_adapter_prompts: one ``ImagePromptSpec`` per attached adapter, in attach order.
+        latents: unit-variance initial noise [B, h, w, 4] (NHWC); overrides ``seed``
+          and is scaled by the scheduler's initial sigma, as diffusers does.
+        init_image / strength: img2img (VAE-encode the image, start part-way).
+        prompt_embeds / negative_prompt_embeds: precomputed text conditioning [B, L, C]
+          instead of ``prompt`` / ``negative_prompt`` (any length L, e.g. text tokens
+          with appended image tokens for the "simple adapter" ablation); both or neither.
+        Returns ``SampleOutput`` (images in [0, 1], final latents, timings).
+        """
+        t0 = time.perf_counter()
+        request = self.prepare(prompt, negative_prompt=negative_prompt, ip_adapter_prompts=ip_adapter_prompts,
+                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                               scheduler=scheduler, scheduler_options=scheduler_options, height=height,
+                               width=width, num_images=num_images, seed=seed, latents=latents,
+                               init_image=init_image, strength=strength, prompt_embeds=prompt_embeds,
+                               negative_prompt_embeds=negative_prompt_embeds)
+        timings = {"encode_s": time.perf_counter() - t0}
+        final, loop_timings = self.denoise(request, guidance_scale=guidance_scale,
+                                           guidance_rescale=guidance_rescale, progress=progress)
+        timings.update(loop_timings)
+        t1 = time.perf_counter()
+        images = self.decode(final)
+        timings["decode_s"] = time.perf_counter() - t1
+        return SampleOutput(images=images, latents=np.asarray(final), timings=timings)
