@@ -56,7 +56,7 @@ def paired_models(config: dict, clip_dim: int, dtype, attention: str):
     from safetensors.numpy import save_file
 
     from ipadapter_jax.convert import load_state_dict_into
-    from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+    from ipadapter_jax.ip_adapter import load_ip_adapter
     from ipadapter_jax.models import UNet2DConditionModel
 
     torch.manual_seed(0)
@@ -103,7 +103,8 @@ def main():
     from diffusers import DDIMScheduler, UNet2DConditionModel as TorchUNet
     from flax import nnx
 
-    from ipadapter_jax import adapters, schedulers
+    from ipadapter_jax import ip_adapter as adapters, schedulers
+    from ipadapter_jax.models.conditioning import UNetConditioning
     from ipadapter_jax.pipeline import make_denoise_loop
 
     config = SD15 if args.config == "sd15" else SMALL
@@ -125,8 +126,9 @@ def main():
         image_embeds = rng.standard_normal((batch, clip_dim), dtype=np.float32)
         tokens = np.asarray(adapter.project(np.concatenate([np.zeros_like(image_embeds), image_embeds])))
         prompt = adapters.image_prompt(adapter, tokens, scales)
-        jargs = (params, sched_state, jnp.asarray(noise) * sched.init_noise_sigma(sched_state), jnp.asarray(text),
-                 [prompt], jnp.ones((1, args.steps), jnp.float32), jnp.float32(7.5), jnp.float32(0.0),
+        jargs = (params, sched_state, jnp.asarray(noise) * sched.init_noise_sigma(sched_state),
+                 UNetConditioning(jnp.asarray(text), (prompt,)), jnp.ones((1, args.steps), jnp.float32),
+                 jnp.float32(7.5), jnp.float32(0.0),
                  jax.random.key(0), jnp.int32(0))
         last = {}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from helpers import rel_err
 from ipadapter_jax.demo import recipe, shapes
 
 
@@ -142,7 +142,7 @@ def test_vae_kl_matches_diffusers(tmp_path):
     import torch
     from diffusers import AutoencoderKL as TorchVAE
 
-    from conftest import nchw, nhwc
+    from helpers import nchw, nhwc
     from ipadapter_jax.models import AutoencoderKL
     from ipadapter_jax.training import objectives
 
@@ -183,7 +183,7 @@ def _tiny_unet(adapter: bool):
 
     from ipadapter_jax import adapters
     from ipadapter_jax.models import UNet2DConditionModel
-    from ipadapter_jax.models.image_proj import ImageProjModel
+    from ipadapter_jax.ip_adapter.image_proj import ImageProjModel
 
     rngs = nnx.Rngs(0)
     unet = UNet2DConditionModel(dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2,
@@ -251,6 +251,7 @@ def test_eval_cases_and_arguments_are_checked(tmp_path):
     import json
 
     from ipadapter_jax import eval as eval_lib
+    from ipadapter_jax.eval.__main__ import parse_args
 
     with pytest.raises(FileNotFoundError, match="cases file"):
         eval_lib.load_cases(tmp_path / "none.json")
@@ -265,7 +266,7 @@ def test_eval_cases_and_arguments_are_checked(tmp_path):
     with pytest.raises(FileNotFoundError, match="a.png"):
         eval_lib.load_cases(bad)
     with pytest.raises(SystemExit):
-        eval_lib.parse_args(["--model", str(tmp_path)])       # real weights need the other folders too
+        parse_args(["--model", str(tmp_path)])       # real weights need the other folders too
     cases = eval_lib.demo_cases(2, start=5)
     assert cases[0].caption == shapes.ShapesSource(7, split="test")[5]["text"]
     table = eval_lib.markdown_table([{"mode": "text", "scale": 0.0, "clip_i": 0.5, "clip_t": 0.25,
@@ -320,7 +321,7 @@ def test_colour_classifier_reads_held_out_records():
 
 
 def test_colour_check_arguments_are_checked():
-    from ipadapter_jax.demo.ablation import colour_transfer
+    from ipadapter_jax.eval.ablation import colour_transfer
 
     with pytest.raises(ValueError, match="colour must be one of"):
         colour_transfer(None, 4, [("text", 0.0)], prompt="a circle", colour="pink")

@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 import ipadapter_fixtures as fx
-from conftest import rel_err
+from helpers import rel_err
 from ipadapter_jax import adapters
 from ipadapter_jax.convert import CheckpointError
 from ipadapter_jax.convert.ip_adapter import load_ip_adapter, save_ip_adapter
@@ -145,7 +145,7 @@ def test_prompt_count_must_match_attached_adapters(unet, tmp_path, unet_folder):
 def test_adapter_for_another_unet_is_not_attached(unet, tmp_path, unet_folder):
     from flax import nnx
 
-    from ipadapter_jax.models.image_proj import ImageProjModel
+    from ipadapter_jax.ip_adapter.image_proj import ImageProjModel
 
     other = UNet2DConditionModel(dict(fx.UNET, block_out_channels=(32, 32)), rngs=nnx.Rngs(0))
     adapter = adapters.IPAdapter.for_unet(other, ImageProjModel(8, 64, rngs=nnx.Rngs(0)), variant="base",

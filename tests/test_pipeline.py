@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sd_fixtures
-from conftest import nchw, nhwc, rel_err
+from helpers import nchw, nhwc, rel_err
 from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,12 +161,12 @@ def test_new_prompt_seed_scale_or_image_never_recompile(jax_pipe, paths, tmp_pat
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), dtype=np.uint8)).save(other)
     base = dict(num_inference_steps=3, height=16, width=16, scheduler="ddim", progress=False)
     jax_pipe(PROMPT, seed=0, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=0.5)], **base)
-    compiled = len(jax_pipe._compiled)
+    compiled = jax_pipe.num_compiled
     for prompt, seed, scale, image in [("another prompt", 0, 0.5, paths["image"]), (PROMPT, 7, 0.5, paths["image"]),
                                        (PROMPT, 0, 0.9, paths["image"]), (PROMPT, 0, 0.5, other)]:
         out = jax_pipe(prompt, seed=seed, ip_adapter_prompts=[ImagePromptSpec(images=[image], scale=scale)], **base)
         assert out.images.shape == (1, 16, 16, 3)
-        assert len(jax_pipe._compiled) == compiled, (prompt, seed, scale, image)
+        assert jax_pipe.num_compiled == compiled, (prompt, seed, scale, image)
 
 
 def test_img2img_runs_from_part_way(jax_pipe, paths):
