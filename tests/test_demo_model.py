@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw, nhwc, rel_err
+from helpers import nchw, nhwc, rel_err
 from ipadapter_jax import demo
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +134,7 @@ def test_image_prompt_carries_colour(pipe):
     (``shapes.classify_colours``) far more often than chance (1/8): 16 held-out
     references, empty caption, scale 1, fixed seeds. Measured: see COLOUR_MIN."""
     from ipadapter_jax import eval as eval_lib
-    from ipadapter_jax.demo.ablation import colour_transfer
+    from ipadapter_jax.eval.ablation import colour_transfer
 
     generator = eval_lib.Generator(pipe, pipe.unet.ip_adapters[0], steps=25, guidance=5.0, height=64, width=64,
                                    num_images=2)
@@ -150,7 +150,7 @@ def test_a_circle_with_a_red_reference_comes_out_red(pipe):
     (``shapes.classify_colours``) far more often than chance (1/8) and than the
     same prompt without the image. Scale RED_SCALE, fixed seeds. Measured: see RED_MIN."""
     from ipadapter_jax import eval as eval_lib
-    from ipadapter_jax.demo.ablation import colour_transfer
+    from ipadapter_jax.eval.ablation import colour_transfer
 
     generator = eval_lib.Generator(pipe, pipe.unet.ip_adapters[0], steps=25, guidance=5.0, height=64, width=64,
                                    num_images=2)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEFAULT_PROMPT = "a purple square on a yellow background"
-DEFAULT_SCALE = 0.5     # caption and reference both show (CLIP-I with the caption: 0.556 at 0.5, 0.599 at 1.0)
+DEFAULT_SCALE = 0.5     # caption and reference both show (CLIP-I per scale: BENCHMARKS.md, "Demo adapter scale")
 
 
 def demo_paths() -> dict[str, Path]:

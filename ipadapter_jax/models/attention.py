@@ -29,8 +29,8 @@ def resolve_backend(backend: str) -> str:
     attention for bf16/fp16; float32 falls back to XLA), ``"pallas"`` on TPU
     (the Pallas flash-attention kernel where the lengths fit its blocks),
     ``"jax"`` elsewhere.
-    On an H200 cuDNN made the SD1.5 sampling loop 1.4-1.8x faster than XLA's
-    attention (BENCHMARKS.md)."""
+    cuDNN is the GPU default because its fused kernel beat XLA's attention in
+    the SD1.5 sampling loop (measured in BENCHMARKS.md, "Sampling loop")."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
@@ -54,8 +54,9 @@ def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arra
     XLA on CPU materialises the whole [B, H, Lq, Lk] score tensor in the plain
     path; for 4096 tokens that is 1 GB written and read several times, and the
     memory traffic, not the FLOPs, sets the time. Sequential blocks keep each
-    score block small (3x faster on a 2-core CPU at SD1.5's 64x64 layer). On
-    accelerators use "jax": a sequential map would serialise the device.
+    score block small, which wins on CPU at SD1.5's 64x64 layer (measured in
+    BENCHMARKS.md, "UNet forward"). On accelerators use "jax": a sequential
+    map would serialise the device.
     """
     b, lq, h, d = q.shape
     lk = k.shape[1]

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.convert.pretrained import PretrainedMixin
+from ipadapter_jax.io.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import dot_product_attention, resolve_backend
 

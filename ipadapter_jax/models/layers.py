@@ -41,10 +41,10 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
 
 
 # Largest matmul row count (batch x output pixels) for which a CPU convolution runs as
-# im2col + one matmul. XLA:CPU's convolution is slow at small spatial sizes: for SD's
-# 1280-channel 3x3 at 8x8 it took 41 ms forward and 118 ms forward + input gradient
-# against 14 and 24 ms as im2col on a 2-core x86 CPU; from about 2048 rows the native
-# convolution wins (BENCHMARKS.md, "CPU convolutions").
+# im2col + one matmul. XLA:CPU's convolution is slow at small spatial sizes (SD's
+# 1280-channel 3x3 at 8x8), forward and even more so with the input gradient, so im2col
+# wins there; on larger maps (2 x 32 x 32 x 640) the native convolution wins. Measured
+# in BENCHMARKS.md ("Where the performance goals landed", the CPU convolution paragraph).
 IM2COL_MAX_ROWS = 512
 
 

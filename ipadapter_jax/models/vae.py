@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from ipadapter_jax.convert.pretrained import PretrainedMixin
+from ipadapter_jax.io.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import Attention
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D

@@ -5,7 +5,7 @@ tokens of the frozen cross-attention), both trained with the same budget
 scored with CLIP-I / CLIP-T on held-out shapes; plus text-only generation,
 image-only vs image+text prompts, and the effect of the adapter scale.
 
-    python -m ipadapter_jax.demo.ablation --simple runs/demo/ip_adapter_simple/ip-adapter_simple.safetensors
+    python -m ipadapter_jax.eval.ablation --simple runs/demo/ip_adapter_simple/ip-adapter_simple.safetensors
 
 Writes ``<out>.json`` and ``<out>.md`` (the README's table) and a grid of
 examples ``<out>-examples.png`` (rows: reference, text only, decoupled
@@ -20,6 +20,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from ipadapter_jax import demo
+from ipadapter_jax import eval as eval_lib
+from ipadapter_jax.demo import shapes
+from ipadapter_jax.pipeline import StableDiffusionPipeline
 
 
 def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: int = 0,
@@ -31,9 +37,6 @@ def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: 
     ``n`` held-out records of that colour and ``prompt`` (e.g. "a circle") is
     the caption of every case. ``modes``: (mode, scale) pairs; ("text", 0) is
     the baseline (the colour is then whatever the model picks, about 1 in 8)."""
-    from ipadapter_jax import eval as eval_lib
-    from ipadapter_jax.demo import shapes
-
     if colour is not None and colour not in shapes.COLOURS:
         raise ValueError(f"colour must be one of {tuple(shapes.COLOURS)}, got {colour!r}")
     if (prompt is None) != (colour is None):
@@ -68,13 +71,6 @@ def main(argv=None) -> int:
     p.add_argument("--scales", default="0.25,0.5,0.75,1.0", help="adapter scales for the decoupled arm")
     p.add_argument("--out", default="outputs/ablation", help="output path stem (default outputs/ablation)")
     args = p.parse_args(argv)
-
-    from PIL import Image
-
-    from ipadapter_jax import demo
-    from ipadapter_jax import eval as eval_lib
-    from ipadapter_jax.pipeline import StableDiffusionPipeline
-
     paths = demo.demo_paths()
     if not Path(args.simple).is_file():
         p.error(f"--simple: file not found: {args.simple} (train it with configs/demo/ip_adapter_simple.py)")

@@ -21,15 +21,22 @@ prompt + reference) and ``image+text`` (caption + reference), at each scale.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
+
+from ipadapter_jax.demo import shapes
+from ipadapter_jax.io.images import preprocess
+from ipadapter_jax.models import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
+from ipadapter_jax.pipeline import ImagePromptSpec, JittedModule
+
+__all__ = ["MODES", "Case", "ClipScorer", "Generator", "demo_cases", "evaluate", "load_cases", "markdown_table",
+           "to_uint8"]
 
 MODES = ("text", "image", "image+text")
 
@@ -67,8 +74,6 @@ def load_cases(path: str | os.PathLike) -> list[Case]:
 
 def demo_cases(n: int, *, start: int = 0) -> list[Case]:
     """``n`` held-out shapes (test split: never seen in training) with their captions."""
-    from ipadapter_jax.demo import shapes
-
     source = shapes.ShapesSource(start + n, split="test")
     return [Case(source[i]["image"], source[i]["text"], name=f"test/{i}") for i in range(start, start + n)]
 
@@ -78,10 +83,7 @@ class ClipScorer:
     folder (e.g. openai/clip-vit-large-patch14, or the demo's ``clip/``)."""
 
     def __init__(self, folder: str | os.PathLike):
-        from transformers import CLIPTokenizer
-
-        from ipadapter_jax.models import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-        from ipadapter_jax.pipeline import JittedModule
+        from transformers import CLIPTokenizer   # heavy: only when scoring
 
         folder = Path(folder)
         if not folder.is_dir():
@@ -94,8 +96,6 @@ class ClipScorer:
 
     def image_embeds(self, images: Sequence[Any]) -> np.ndarray:
         """Paths, PIL images or uint8 arrays -> [N, D] unit vectors."""
-        from ipadapter_jax.image_encoding import preprocess
-
         out = np.asarray(self._vision(preprocess(list(images), self.size, self.size)).image_embeds, np.float64)
         return out / np.linalg.norm(out, axis=-1, keepdims=True)
 
@@ -119,8 +119,6 @@ class Generator:
     def __init__(self, pipe, adapter, *, conditioning: str = "decoupled",
                  steps: int = 25, guidance: float = 5.0, height: int = 512, width: int = 512,
                  num_images: int = 1):
-        from ipadapter_jax import adapters as adapters_lib
-
         if conditioning not in ("decoupled", "concat"):
             raise ValueError(f"conditioning must be 'decoupled' or 'concat', got {conditioning!r}")
         self.pipe, self.conditioning = pipe, conditioning
@@ -130,13 +128,9 @@ class Generator:
         # for "decoupled").
         self.adapter = pipe.load_ip_adapter(adapter) if isinstance(adapter, (str, os.PathLike)) else adapter
         if conditioning == "concat":
-            adapters_lib.detach_all(pipe.unet)   # the UNet sees the tokens only through its text context
-            pipe._compiled.clear()
+            pipe.detach_ip_adapters()   # the UNet sees the tokens only through its text context
 
     def __call__(self, case: Case, mode: str, scale: float, seed: int) -> np.ndarray:
-        from ipadapter_jax import image_encoding
-        from ipadapter_jax.pipeline import ImagePromptSpec
-
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         prompt = "" if mode == "image" else case.caption
@@ -148,8 +142,7 @@ class Generator:
         empty = self.pipe.encode_prompt([""] * n)
         if mode == "text":
             return self.pipe(prompt_embeds=text, negative_prompt_embeds=empty, seed=seed, **self.kwargs).images
-        cond, uncond = image_encoding.prompt_tokens(self.adapter, image_encoder=self.pipe._image,
-                                                    images=[case.reference])
+        cond, uncond = self.pipe.prompt_tokens(self.adapter, images=[case.reference])
         tokens = np.repeat(cond[:, 0], n, axis=0) * scale
         neg_tokens = np.repeat(uncond[:, 0], n, axis=0)
         return self.pipe(prompt_embeds=np.concatenate([text, tokens], axis=1),
@@ -162,8 +155,6 @@ def evaluate(generator: Generator, scorer: ClipScorer, cases: Sequence[Case], *,
              keep_images: bool = False) -> dict:
     """Returns ``{"rows": [{mode, scale, clip_i, clip_t, clip_i_std, clip_t_std, n}], "per_case": ...}``
     (and ``"images"`` per (mode, scale) when ``keep_images``)."""
-    from tqdm.auto import tqdm
-
     ref_embeds = scorer.image_embeds([c.reference for c in cases])
     text_embeds = scorer.text_embeds([c.caption for c in cases])
     runs = [(m, s) for m in modes for s in (scales if m != "text" else scales[:1])]
@@ -203,79 +194,3 @@ def markdown_table(rows: Sequence[dict], label: str = "") -> str:
                      f"{r['mode']} | {scale} | {r['clip_i']:.3f} ± {r['clip_i_std']:.3f} | "
                      f"{r['clip_t']:.3f} ± {r['clip_t_std']:.3f} | {r['n']} |")
     return head + "\n".join(lines) + "\n"
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="the embedded demo model, adapter, CLIP and held-out "
-                                                       "shapes (the default without --model)")
-    p.add_argument("--model", help="diffusers Stable Diffusion folder")
-    p.add_argument("--image-encoder", help="the adapter's CLIP image encoder folder")
-    p.add_argument("--ip-adapter", help="IP-Adapter file (official layout)")
-    p.add_argument("--clip", help="CLIPModel folder used to score (the paper: ViT-L/14)")
-    p.add_argument("--cases", help="JSON list of {image, caption}")
-    p.add_argument("--num-cases", type=int, default=64, help="demo: held-out shapes to use (default 64)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
-    p.add_argument("--scales", default="1.0", help="comma-separated adapter scales (default 1.0)")
-    p.add_argument("--conditioning", default="decoupled", choices=["decoupled", "concat"],
-                   help="decoupled (IP-Adapter) or concat (the paper's simple-adapter ablation)")
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 25 demo, 50 otherwise)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale (default 5 demo, 7.5 otherwise)")
-    p.add_argument("--size", type=int, default=None, help="image size (default 64 demo, 512 otherwise)")
-    p.add_argument("--num-images", type=int, default=2, help="images per case and mode (default 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="outputs/eval.json", help="results JSON (a Markdown table is printed)")
-    args = p.parse_args(argv)
-    args.demo = args.demo or not args.model
-    if args.demo:
-        from ipadapter_jax import demo
-
-        try:
-            paths = demo.demo_paths()
-        except FileNotFoundError as e:
-            p.error(str(e))
-        args.model = str(paths["sd"])
-        args.image_encoder = args.image_encoder or str(paths["image_encoder"])
-        args.ip_adapter = args.ip_adapter or str(paths["adapter"])
-        args.clip = args.clip or str(paths["clip"])
-        defaults = dict(steps=25, guidance=5.0, size=64)
-    else:
-        missing = [f for f in ("image_encoder", "ip_adapter", "clip", "cases") if not getattr(args, f)]
-        if missing:
-            p.error("with --model also give " + ", ".join("--" + m.replace("_", "-") for m in missing))
-        defaults = dict(steps=50, guidance=7.5, size=512)
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    bad = [m for m in args.modes if m not in MODES]
-    if bad:
-        p.error(f"unknown mode(s) {bad}; valid: {', '.join(MODES)}")
-    try:
-        args.scales = [float(s) for s in args.scales.split(",")]
-    except ValueError:
-        p.error(f"--scales must be comma-separated numbers, got {args.scales!r}")
-    return args
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from ipadapter_jax.pipeline import StableDiffusionPipeline
-
-    cases = demo_cases(args.num_cases) if args.demo and not args.cases else load_cases(args.cases)
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, image_encoder=args.image_encoder)
-    generator = Generator(pipe, args.ip_adapter, conditioning=args.conditioning, steps=args.steps,
-                          guidance=args.guidance, height=args.size, width=args.size, num_images=args.num_images)
-    scorer = ClipScorer(args.clip)
-    result = evaluate(generator, scorer, cases, modes=args.modes, scales=args.scales, seed=args.seed)
-    result["settings"] = {k: v for k, v in vars(args).items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(markdown_table(result["rows"], label=args.conditioning))
-    print(f"wrote {out.resolve()}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
