@@ -151,7 +151,25 @@ class Resampler(nnx.Module):
         return self.latents.shape[1]
 
 
-class FaceIDProjModel(nnx.Module):
+class _IDTokens:
+    """What the FaceID projections share: the ID MLP ``proj`` -> [T, C] tokens."""
+
+    @property
+    def input_dim(self) -> int:
+        """The ID embedding's width (512 for InsightFace)."""
+        return self.proj[0].in_features
+
+    @property
+    def token_dim(self) -> int:
+        return self.cross_attention_dim
+
+    def id_tokens(self, id_embeds: jax.Array) -> jax.Array:
+        """Linear(id, mult*id) -> GELU -> Linear(mult*id, T*C) -> reshape [T, C] -> LayerNorm."""
+        x = self.proj[2](layers.gelu(self.proj[0](id_embeds)))
+        return self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
+
+
+class FaceIDProjModel(_IDTokens, nnx.Module):
     """FaceID: ID embedding -> Linear(id, 2*id) -> GELU -> Linear(2*id, T*C) ->
     reshape [T, C] -> LayerNorm (``proj.0``, ``proj.2``, ``norm``)."""
 
@@ -163,17 +181,7 @@ class FaceIDProjModel(nnx.Module):
         self.norm = layers.layer_norm(cross_attention_dim, rngs=rngs)
 
     def __call__(self, id_embeds: jax.Array) -> jax.Array:
-        x = self.proj[2](layers.gelu(self.proj[0](id_embeds)))
-        return self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
-
-    @property
-    def input_dim(self) -> int:
-        """The ID embedding's width (512 for InsightFace)."""
-        return self.proj[0].in_features
-
-    @property
-    def token_dim(self) -> int:
-        return self.cross_attention_dim
+        return self.id_tokens(id_embeds)
 
 
 class FacePerceiverResampler(nnx.Module):
@@ -190,7 +198,7 @@ class FacePerceiverResampler(nnx.Module):
         return _perceiver(self.proj_in, self.layers, self.proj_out, self.norm_out, x, latents)
 
 
-class FaceIDPlusModel(nnx.Module):
+class FaceIDPlusModel(_IDTokens, nnx.Module):
     """FaceID-Plus / PlusV2 (official ``ProjPlusModel``): ID tokens refined by a
     perceiver over CLIP ``hidden_states[-2]`` of the face crop. PlusV2 adds the
     ID tokens back: ``out = id_tokens + s_scale * out`` (``shortcut=True``)."""
@@ -209,16 +217,6 @@ class FaceIDPlusModel(nnx.Module):
 
     def __call__(self, id_embeds: jax.Array, clip_hidden_states: jax.Array, *, shortcut: bool = False,
                  s_scale: float | jax.Array = 1.0) -> jax.Array:
-        x = self.proj[2](layers.gelu(self.proj[0](id_embeds)))
-        x = self.norm(x.reshape(-1, self.num_tokens, self.cross_attention_dim))
+        x = self.id_tokens(id_embeds)
         out = self.perceiver_resampler(x, clip_hidden_states)
         return x + s_scale * out if shortcut else out
-
-    @property
-    def input_dim(self) -> int:
-        """The ID embedding's width (512 for InsightFace)."""
-        return self.proj[0].in_features
-
-    @property
-    def token_dim(self) -> int:
-        return self.cross_attention_dim

@@ -182,22 +182,34 @@ def _drop_keys(*prefixes: str, tower: str = "text_model."):
     return staticmethod(rename)
 
 
-class CLIPTextModel(PretrainedMixin, nnx.Module):
-    """``model(input_ids, attention_mask=None) -> CLIPTextOutput``."""
+class _Tower(PretrainedMixin):
+    """What the text and vision models share: weights name, config parsing
+    for their tower kind, and the config kept as JSON for ``save_pretrained``."""
 
     weights_name = "model"
+    kind = "text"                    # "text" or "vision": which CLIPConfig defaults apply
+    model_type = "clip_text_model"
+
+    @classmethod
+    def parse_config(cls, config: dict) -> CLIPConfig:
+        return CLIPConfig.from_dict(config, cls.kind)
+
+    def _set_config(self, config: CLIPConfig | dict) -> CLIPConfig:
+        cfg = config if isinstance(config, CLIPConfig) else self.parse_config(config)
+        self.config = cfg
+        self.config_json = json.dumps({**dataclasses.asdict(cfg), "model_type": self.model_type})
+        return cfg
+
+
+class CLIPTextModel(_Tower, nnx.Module):
+    """``model(input_ids, attention_mask=None) -> CLIPTextOutput``."""
+
     rename_key = _drop_keys("vision_model.", "visual_projection.", "text_projection.")
 
     def __init__(self, config: CLIPConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
-        cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config, "text")
-        self.config = cfg
-        self.config_json = json.dumps({**dataclasses.asdict(cfg), "model_type": "clip_text_model"})
+        cfg = self._set_config(config)
         self.text_model = CLIPTextTransformer(cfg, dtype=dtype, backend=attention_backend, rngs=rngs)
-
-    @classmethod
-    def parse_config(cls, config: dict) -> CLIPConfig:
-        return CLIPConfig.from_dict(config, "text")
 
     def __call__(self, input_ids, attention_mask=None) -> CLIPTextOutput:
         return self.text_model(input_ids, attention_mask)
@@ -262,24 +274,19 @@ class CLIPVisionTransformer(nnx.Module):
         return states, pooled
 
 
-class CLIPVisionModelWithProjection(PretrainedMixin, nnx.Module):
+class CLIPVisionModelWithProjection(_Tower, nnx.Module):
     """``model(pixel_values) -> CLIPVisionOutput`` (pixel_values NHWC, normalised)."""
 
-    weights_name = "model"
+    kind = "vision"
+    model_type = "clip_vision_model"
     rename_key = _drop_keys("text_model.", "text_projection.", tower="vision_model.")
 
     def __init__(self, config: CLIPConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
                  rngs: nnx.Rngs):
-        cfg = config if isinstance(config, CLIPConfig) else CLIPConfig.from_dict(config, "vision")
-        self.config = cfg
-        self.config_json = json.dumps({**dataclasses.asdict(cfg), "model_type": "clip_vision_model"})
+        cfg = self._set_config(config)
         self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, backend=attention_backend, rngs=rngs)
         self.visual_projection = layers.linear(cfg.hidden_size, cfg.projection_dim, bias=False, dtype=dtype,
                                                rngs=rngs)
-
-    @classmethod
-    def parse_config(cls, config: dict) -> CLIPConfig:
-        return CLIPConfig.from_dict(config, "vision")
 
     def __call__(self, pixel_values: jax.Array) -> CLIPVisionOutput:
         states, pooled = self.vision_model(pixel_values)

@@ -253,6 +253,19 @@ class Transformer2DModel(nnx.Module):
 
 # --------------------------------------------------------------------------- blocks
 
+def transformers(n: int, heads: int, channels: int, *, cfg: "UNetConfig", transformer_layers: int,
+                 cross_attention_dim: int, only_cross_attention: bool, dtype, attention_backend: str,
+                 rngs: nnx.Rngs) -> nnx.List:
+    """A block's ``attentions``: ``n`` Transformer2DModels at ``channels`` wide."""
+    return nnx.List([
+        Transformer2DModel(heads, channels // heads, channels, num_layers=transformer_layers,
+                           cross_attention_dim=cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
+                           use_linear_projection=cfg.use_linear_projection,
+                           only_cross_attention=only_cross_attention, dtype=dtype,
+                           attention_backend=attention_backend, rngs=rngs)
+        for _ in range(n)])
+
+
 class DownBlock(nnx.Module):
     """``DownBlock2D`` (no ``attentions``) and ``CrossAttnDownBlock2D``."""
 
@@ -265,13 +278,10 @@ class DownBlock(nnx.Module):
                           groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
                           time_embedding_norm=cfg.resnet_time_scale_shift, dtype=dtype, rngs=rngs)
             for i in range(num_layers)])
-        self.attentions = nnx.List([
-            Transformer2DModel(heads, out_channels // heads, out_channels, num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
-                               use_linear_projection=cfg.use_linear_projection,
-                               only_cross_attention=only_cross_attention, dtype=dtype,
-                               attention_backend=attention_backend, rngs=rngs)
-            for _ in range(num_layers)]) if has_attention else None
+        self.attentions = transformers(num_layers, heads, out_channels, cfg=cfg, transformer_layers=transformer_layers,
+                                       cross_attention_dim=cross_attention_dim,
+                                       only_cross_attention=only_cross_attention, dtype=dtype,
+                                       attention_backend=attention_backend, rngs=rngs) if has_attention else None
         self.downsamplers = nnx.List([
             Downsample2D(out_channels, padding=cfg.downsample_padding, dtype=dtype, rngs=rngs)
         ]) if add_downsample else None
@@ -304,13 +314,10 @@ class UpBlock(nnx.Module):
                                  time_embedding_norm=cfg.resnet_time_scale_shift, dtype=dtype, rngs=rngs)
 
         self.resnets = nnx.List([resnet(i) for i in range(num_layers)])
-        self.attentions = nnx.List([
-            Transformer2DModel(heads, out_channels // heads, out_channels, num_layers=transformer_layers,
-                               cross_attention_dim=cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
-                               use_linear_projection=cfg.use_linear_projection,
-                               only_cross_attention=only_cross_attention, dtype=dtype,
-                               attention_backend=attention_backend, rngs=rngs)
-            for _ in range(num_layers)]) if has_attention else None
+        self.attentions = transformers(num_layers, heads, out_channels, cfg=cfg, transformer_layers=transformer_layers,
+                                       cross_attention_dim=cross_attention_dim,
+                                       only_cross_attention=only_cross_attention, dtype=dtype,
+                                       attention_backend=attention_backend, rngs=rngs) if has_attention else None
         self.upsamplers = nnx.List([Upsample2D(out_channels, dtype=dtype, rngs=rngs)]) if add_upsample else None
 
     def __call__(self, x, skips, temb, context, ip=(), upsample_size=None):
