@@ -83,6 +83,23 @@ def _list_some(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def _refuse(source: str, mismatched: list[str], missing: list[str], unexpected: list[str], *,
+            few_filled: bool) -> None:
+    """The strict loader's errors: shape mismatches always, missing / unexpected keys when given."""
+    if mismatched:
+        raise CheckpointError(f"{source}: shape mismatch (torch layout) for {len(mismatched)} tensors: "
+                              f"{_list_some(mismatched, 5)}")
+    if missing or unexpected:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint keys match no parameter: {_list_some(sorted(unexpected))}")
+        if missing:
+            parts.append(f"{len(missing)} parameters are not in the checkpoint: {_list_some(missing)}")
+        hint = " Is this the weights file of another model or config?" if few_filled else ""
+        raise CheckpointError(f"{source}: " + "; ".join(parts) + "." + hint +
+                              " (strict=False loads what matches and reports the rest)")
+
+
 def load_state_dict_into(make_module: Callable[[], nnx.Module], state_dict: dict[str, np.ndarray], *,
                          source: str = "checkpoint", strict: bool = True, rename: Rename | None = None,
                          ) -> tuple[nnx.Module, LoadReport]:
@@ -122,18 +139,8 @@ def load_state_dict_into(make_module: Callable[[], nnx.Module], state_dict: dict
         filled[path] = value
     missing = sorted(k for k, (path, _) in targets.items() if path not in filled)
 
-    if mismatched:
-        raise CheckpointError(f"{source}: shape mismatch (torch layout) for {len(mismatched)} tensors: "
-                              f"{_list_some(mismatched, 5)}")
-    if strict and (missing or unexpected):
-        parts = []
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint keys match no parameter: {_list_some(sorted(unexpected))}")
-        if missing:
-            parts.append(f"{len(missing)} parameters are not in the checkpoint: {_list_some(missing)}")
-        hint = (" Is this the weights file of another model or config?" if len(filled) < len(targets) // 2 else "")
-        raise CheckpointError(f"{source}: " + "; ".join(parts) + "." + hint +
-                              " (strict=False loads what matches and reports the rest)")
+    _refuse(source, mismatched, missing if strict else [], unexpected if strict else [],
+            few_filled=len(filled) < len(targets) // 2)
 
     if missing:  # non-strict: start from a real init for what the checkpoint lacks
         module = make_module()
