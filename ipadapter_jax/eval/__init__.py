@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ipadapter_jax.demo import shapes
+from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.models import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from ipadapter_jax.pipeline import ImagePromptSpec, JittedModule
@@ -54,20 +55,20 @@ def load_cases(path: str | os.PathLike) -> list[Case]:
     """``[{"image": path, "caption": text}, ...]``; image paths are relative to the JSON file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"cases file not found: {path}")
+        raise MissingFile(f"cases file not found: {path}")
     try:
         records = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise BadFile(f"{path} is not valid JSON: {e}") from None
     if not isinstance(records, list) or not records:
-        raise ValueError(f"{path}: expected a non-empty list of {{'image', 'caption'}} records")
+        raise BadFile(f"{path}: expected a non-empty list of {{'image', 'caption'}} records")
     cases = []
     for i, r in enumerate(records):
         if not isinstance(r, dict) or "image" not in r or "caption" not in r:
-            raise ValueError(f"{path}: record {i} lacks 'image' or 'caption': {r!r}")
+            raise BadFile(f"{path}: record {i} lacks 'image' or 'caption': {r!r}")
         image = path.parent / r["image"]
         if not image.is_file():
-            raise FileNotFoundError(f"{path}: record {i}: image not found: {image}")
+            raise MissingFile(f"{path}: record {i}: image not found: {image}")
         cases.append(Case(image, r["caption"], name=str(r["image"])))
     return cases
 
@@ -87,7 +88,7 @@ class ClipScorer:
 
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"CLIP model folder not found: {folder}")
+            raise MissingFile(f"CLIP model folder not found: {folder}")
         self.vision = CLIPVisionModelWithProjection.from_pretrained(folder)
         self.text = CLIPTextModelWithProjection.from_pretrained(folder)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -120,7 +121,7 @@ class Generator:
                  steps: int = 25, guidance: float = 5.0, height: int = 512, width: int = 512,
                  num_images: int = 1):
         if conditioning not in ("decoupled", "concat"):
-            raise ValueError(f"conditioning must be 'decoupled' or 'concat', got {conditioning!r}")
+            raise BadArgument(f"conditioning must be 'decoupled' or 'concat', got {conditioning!r}")
         self.pipe, self.conditioning = pipe, conditioning
         self.kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, height=height, width=width)
         self.num_images = num_images
@@ -132,7 +133,7 @@ class Generator:
 
     def __call__(self, case: Case, mode: str, scale: float, seed: int) -> np.ndarray:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise BadArgument(f"mode must be one of {MODES}, got {mode!r}")
         prompt = "" if mode == "image" else case.caption
         n = self.num_images
         if self.conditioning == "decoupled":

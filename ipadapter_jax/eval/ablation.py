@@ -25,6 +25,7 @@ from PIL import Image
 from ipadapter_jax import demo
 from ipadapter_jax import eval as eval_lib
 from ipadapter_jax.demo import shapes
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.pipeline import StableDiffusionPipeline
 
 
@@ -38,9 +39,9 @@ def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: 
     the caption of every case. ``modes``: (mode, scale) pairs; ("text", 0) is
     the baseline (the colour is then whatever the model picks, about 1 in 8)."""
     if colour is not None and colour not in shapes.COLOURS:
-        raise ValueError(f"colour must be one of {tuple(shapes.COLOURS)}, got {colour!r}")
+        raise BadArgument(f"colour must be one of {tuple(shapes.COLOURS)}, got {colour!r}")
     if (prompt is None) != (colour is None):
-        raise ValueError("give both prompt and colour (a fixed prompt for references of one colour), or neither")
+        raise BadArgument("give both prompt and colour (a fixed prompt for references of one colour), or neither")
     source = shapes.ShapesSource(shapes.SPLIT_RECORDS["test"] if colour else n, split="test")
     records = []
     for i in range(len(source)):
@@ -50,7 +51,7 @@ def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: 
         if len(records) == n:
             break
     if len(records) < n:
-        raise ValueError(f"only {len(records)} held-out references are {colour}, asked for {n}")
+        raise BadArgument(f"only {len(records)} held-out references are {colour}, asked for {n}")
     rows = []
     for mode, scale in modes:
         hits = total = 0

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ipadapter_jax.io.errors import BadFile, MissingFile
 
-class CheckpointError(ValueError):
+
+class CheckpointError(BadFile):
     """A checkpoint file or its contents do not fit what was asked of it."""
 
 
@@ -28,10 +30,10 @@ def load_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
     """Read ``folder/name`` as JSON, with errors that name the file."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
+        raise MissingFile(f"model folder not found: {folder}")
     path = folder / name
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: a diffusers/transformers model folder holds {name} "
+        raise MissingFile(f"{path} not found: a diffusers/transformers model folder holds {name} "
                                 "beside its weights")
     try:
         return json.loads(path.read_text())
@@ -49,7 +51,7 @@ def find_weights(folder: str | os.PathLike, base_name: str, variant: str | None 
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder not found: {folder}")
+        raise MissingFile(f"model folder not found: {folder}")
     stem = f"{base_name}.{variant}" if variant else base_name
     candidates = []
     for ext in ("safetensors", "bin"):
@@ -59,14 +61,14 @@ def find_weights(folder: str | os.PathLike, base_name: str, variant: str | None 
             shards = sorted(set(weight_map.values()))
             missing = [s for s in shards if not (folder / s).is_file()]
             if missing:
-                raise FileNotFoundError(f"{index} lists shards that are missing: {missing}")
+                raise MissingFile(f"{index} lists shards that are missing: {missing}")
             return [folder / s for s in shards]
         single = folder / f"{stem}.{ext}"
         if single.is_file():
             return [single]
         candidates.append(single.name)
     present = sorted(p.name for p in folder.iterdir())
-    raise FileNotFoundError(f"no weights in {folder}: looked for {' or '.join(candidates)} "
+    raise MissingFile(f"no weights in {folder}: looked for {' or '.join(candidates)} "
                             f"(and sharded .index.json forms); the folder holds {present}")
 
 
@@ -144,7 +146,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     ``image_proj.proj.weight``, the safetensors layout)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
+        raise MissingFile(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile
+
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 
@@ -27,12 +29,12 @@ def load_image(path: str | os.PathLike):
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+        raise MissingFile(f"image not found: {path}")
     try:
         image = Image.open(path)
         image.load()
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"cannot read image {path}: {e}") from None
+        raise BadFile(f"cannot read image {path}: {e}") from None
     return ImageOps.exif_transpose(image)
 
 
@@ -79,7 +81,7 @@ def preprocess(images, size: int = 224, crop_size: int = 224) -> np.ndarray:
     for image in images:
         if isinstance(image, np.ndarray) and (image.ndim != 3 or image.shape[-1] not in (3, 4)
                                               or image.dtype != np.uint8):
-            raise ValueError(f"array images must be uint8 [H, W, 3 or 4], got {image.dtype} {image.shape}")
+            raise BadArgument(f"array images must be uint8 [H, W, 3 or 4], got {image.dtype} {image.shape}")
         rgb = load_rgb(image)
         w, h = rgb.size
         short, long = (w, h) if w <= h else (h, w)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from ipadapter_jax.io.errors import BadArgument
+
 
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average")
 
@@ -19,7 +21,7 @@ def combine_embeds(embeds: jax.Array, mode: str = "concat") -> jax.Array:
     embeds = jnp.asarray(embeds)
     if mode == "concat" or embeds.shape[0] == 1:
         if mode not in COMBINE_MODES:
-            raise ValueError(f"unknown combine mode {mode!r}; expected one of {COMBINE_MODES}")
+            raise BadArgument(f"unknown combine mode {mode!r}; expected one of {COMBINE_MODES}")
         return embeds
     if mode == "add":
         return embeds.sum(0, keepdims=True)
@@ -29,4 +31,4 @@ def combine_embeds(embeds: jax.Array, mode: str = "concat") -> jax.Array:
         return embeds.mean(0, keepdims=True)
     if mode == "norm average":
         return (embeds / jnp.linalg.norm(embeds, axis=0, keepdims=True)).mean(0, keepdims=True)
-    raise ValueError(f"unknown combine mode {mode!r}; expected one of {COMBINE_MODES}")
+    raise BadArgument(f"unknown combine mode {mode!r}; expected one of {COMBINE_MODES}")

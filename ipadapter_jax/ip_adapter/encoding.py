@@ -22,6 +22,7 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
+from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.files import read_state_dict, save_safetensors
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.ip_adapter import variants
@@ -32,7 +33,7 @@ def encode_image(image_encoder, pixels: np.ndarray, output: str = "image_embeds"
     """Normalised NHWC pixels -> ``image_embeds`` [N, D] or ``hidden_states`` (the
     penultimate layer, no post-LN) [N, tokens, hidden]."""
     if output not in ("image_embeds", "hidden_states"):
-        raise ValueError(f"output must be 'image_embeds' or 'hidden_states', got {output!r}")
+        raise BadArgument(f"output must be 'image_embeds' or 'hidden_states', got {output!r}")
     result = image_encoder(jnp.asarray(pixels))
     return np.asarray(result.image_embeds if output == "image_embeds" else result.hidden_states[-2])
 
@@ -55,7 +56,7 @@ def prompt_tokens(adapter, *, image_encoder=None, images: Iterable | None = None
 
     def encode(imgs):
         if image_encoder is None:
-            raise ValueError("pass image_encoder= to encode images (or precomputed embeds=)")
+            raise BadArgument("pass image_encoder= to encode images (or precomputed embeds=)")
         # The encoder's own resolution (224 for the official encoders; the demo's is 64).
         size = getattr(getattr(image_encoder, "config", None), "image_size", 224)
         return encode_image(image_encoder, preprocess(list(imgs), size, size), spec.encoder_output)
@@ -63,7 +64,7 @@ def prompt_tokens(adapter, *, image_encoder=None, images: Iterable | None = None
     clip = None
     if spec.needs_face_id:
         if face_embeds is None:
-            raise ValueError(f"a {adapter.variant!r} IP-Adapter needs face_embeds (InsightFace ID embeddings)")
+            raise BadArgument(f"a {adapter.variant!r} IP-Adapter needs face_embeds (InsightFace ID embeddings)")
         ident = np.asarray(face_embeds, np.float32).reshape(-1, np.shape(face_embeds)[-1])
         if spec.input_kind == variants.FACE_ID_AND_HIDDEN:
             clip = np.asarray(embeds, np.float32) if embeds is not None else encode(images)
@@ -73,18 +74,18 @@ def prompt_tokens(adapter, *, image_encoder=None, images: Iterable | None = None
 
     if negative_embeds is not None or negative_images is not None:
         if spec.needs_face_id:
-            raise ValueError("FaceID negatives are zero ID embeddings; negative images do not apply")
+            raise BadArgument("FaceID negatives are zero ID embeddings; negative images do not apply")
         neg = np.asarray(negative_embeds, np.float32) if negative_embeds is not None else encode(negative_images)
         _check_finite(neg, "negative embeddings")
         if neg.shape[1:] != ident.shape[1:]:
-            raise ValueError(f"negative embeddings {neg.shape} do not match the references {ident.shape}")
+            raise BadArgument(f"negative embeddings {neg.shape} do not match the references {ident.shape}")
         neg = np.broadcast_to(neg[:1], ident.shape) if neg.shape[0] == 1 else neg
     elif spec.negative == "zero_pixels":
         neg = np.repeat(zero_image_states(adapter, image_encoder, 1), ident.shape[0], axis=0)
     else:
         neg = np.zeros_like(ident)
     if neg.shape[0] != ident.shape[0]:
-        raise ValueError(f"{neg.shape[0]} negative embeddings for {ident.shape[0]} reference images")
+        raise BadArgument(f"{neg.shape[0]} negative embeddings for {ident.shape[0]} reference images")
     neg_clip = None if clip is None else zero_image_states(adapter, image_encoder, clip.shape[0])
 
     cond_in = np.asarray(combine_embeds(ident, combine))
@@ -100,7 +101,7 @@ def zero_image_states(adapter, image_encoder, n: int) -> np.ndarray:
     """The default negative of hidden-state variants: ``hidden_states[-2]`` of
     the encoder on zero (already normalised) pixels, [n, tokens, hidden]."""
     if image_encoder is None:
-        raise ValueError(f"the default negative of a {adapter.variant!r} IP-Adapter is the image encoder run on "
+        raise BadArgument(f"the default negative of a {adapter.variant!r} IP-Adapter is the image encoder run on "
                          "zero pixels: pass image_encoder= or negative_embeds=")
     size = image_encoder.config.image_size
     return encode_image(image_encoder, np.zeros((n, size, size, 3), np.float32), "hidden_states")
@@ -108,7 +109,7 @@ def zero_image_states(adapter, image_encoder, n: int) -> np.ndarray:
 
 def _check_finite(x: np.ndarray, what: str) -> None:
     if not np.isfinite(x).all():
-        raise ValueError(f"{what} contain NaN or inf; refusing to use them")
+        raise BadArgument(f"{what} contain NaN or inf; refusing to use them")
 
 
 def save_embeds(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
@@ -116,13 +117,13 @@ def save_embeds(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
     path = Path(path)
     if path.suffix == ".npy":
         if len(arrays) != 1:
-            raise ValueError(".npy holds one array; use .safetensors for several")
+            raise BadArgument(".npy holds one array; use .safetensors for several")
         path.parent.mkdir(parents=True, exist_ok=True)
         np.save(path, np.asarray(next(iter(arrays.values())), np.float32))
         return path
     if path.suffix == ".safetensors":
         return save_safetensors({k: np.asarray(v, np.float32) for k, v in arrays.items()}, path)
-    raise ValueError(f"{path}: save embeddings as .npy or .safetensors")
+    raise BadArgument(f"{path}: save embeddings as .npy or .safetensors")
 
 
 def load_embeds(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
@@ -130,7 +131,7 @@ def load_embeds(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
     refuses files holding NaN/inf."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"embeddings file not found: {path}")
+        raise MissingFile(f"embeddings file not found: {path}")
     if path.suffix == ".npy":
         arr = np.load(path, allow_pickle=False)
         _check_finite(arr, str(path))

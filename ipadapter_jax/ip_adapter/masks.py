@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ipadapter_jax.io.errors import BadArgument
+
 
 def _cubic_weights(x: np.ndarray, a: float = -0.75) -> np.ndarray:
     x = np.abs(x)
@@ -60,7 +62,7 @@ def mask_pyramid(masks: np.ndarray, unet, latent_height: int, latent_width: int)
     if masks.ndim == 3:
         masks = masks[None]
     if masks.ndim != 4:
-        raise ValueError(f"masks must be [N, H, W] or [B, N, H, W], got shape {masks.shape}")
+        raise BadArgument(f"masks must be [N, H, W] or [B, N, H, W], got shape {masks.shape}")
     out = {}
     for q in _query_lengths(unet, latent_height, latent_width):
         h, w = _mask_grid(q, masks.shape[-2], masks.shape[-1])

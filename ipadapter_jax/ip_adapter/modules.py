@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.ip_adapter import scales, variants
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.conditioning import ImagePrompt
@@ -108,16 +109,16 @@ class IPAdapter(nnx.Module):
         want_rank = 3 if kind == variants.HIDDEN_STATES else 2
         if embeds.ndim != want_rank:
             what = {2: "CLIP image_embeds / ID embeddings [B, D]", 3: "CLIP hidden_states[-2] [B, tokens, D]"}
-            raise ValueError(f"this is a {self.variant!r} IP-Adapter: it takes {what[want_rank]}, got an array "
+            raise BadArgument(f"this is a {self.variant!r} IP-Adapter: it takes {what[want_rank]}, got an array "
                              f"of shape {tuple(embeds.shape)} (see ipadapter_jax.ip_adapter.encoding.encode_image)")
         expected = self.embed_dim
         if embeds.shape[-1] != expected:
-            raise ValueError(f"{self.variant!r} IP-Adapter expects embeddings of width {expected}, got "
+            raise Incompatible(f"{self.variant!r} IP-Adapter expects embeddings of width {expected}, got "
                              f"{embeds.shape[-1]}: was it encoded by the image encoder this adapter was "
                              "trained with?")
         if kind == variants.FACE_ID_AND_HIDDEN:
             if clip_hidden_states is None or jnp.ndim(clip_hidden_states) != 3:
-                raise ValueError("a 'faceid-plus' IP-Adapter needs clip_hidden_states [B, 257, D] of the face "
+                raise BadArgument("a 'faceid-plus' IP-Adapter needs clip_hidden_states [B, 257, D] of the face "
                                  "crop as well as the ID embedding")
             return self.image_proj(embeds, jnp.asarray(clip_hidden_states), shortcut=self.shortcut,
                                    s_scale=s_scale)
@@ -147,14 +148,14 @@ def attach(unet, adapter: IPAdapter) -> int:
     UNet's ``image_prompts``). Refuses an adapter shaped for another UNet."""
     cross = unet.cross_attention_layers()
     if len(adapter.layers) != len(cross):
-        raise ValueError(f"the IP-Adapter has {len(adapter.layers)} cross-attention layers, the UNet "
+        raise Incompatible(f"the IP-Adapter has {len(adapter.layers)} cross-attention layers, the UNet "
                          f"{len(cross)}: it was made for another base model (SD1.5: 16, SDXL: 70)")
     for layer, info in zip(adapter.layers, cross):
         if (layer.to_k_ip.in_features, layer.to_k_ip.out_features) != (info.token_dim, info.hidden_size):
-            raise ValueError(f"IP-Adapter layer {info.index} ({info.name}) maps {layer.to_k_ip.in_features} -> "
+            raise Incompatible(f"IP-Adapter layer {info.index} ({info.name}) maps {layer.to_k_ip.in_features} -> "
                              f"{layer.to_k_ip.out_features}, the UNet needs {info.token_dim} -> {info.hidden_size}")
     if adapter.lora is not None and len(adapter.lora) != len(unet.attention_processors()):
-        raise ValueError(f"the IP-Adapter carries LoRA for {len(adapter.lora)} attention layers, the UNet has "
+        raise Incompatible(f"the IP-Adapter carries LoRA for {len(adapter.lora)} attention layers, the UNet has "
                          f"{len(unet.attention_processors())}")
     unet.ip_adapters.append(adapter)
     return len(unet.ip_adapters) - 1
@@ -178,26 +179,26 @@ def image_prompt(adapter, tokens: jax.Array, scale: Any = 1.0, *, masks: dict | 
     if tokens.ndim == 3:
         tokens = tokens[:, None]
     if tokens.ndim != 4:
-        raise ValueError(f"image tokens must be [B, T, C] or [B, N, T, C], got shape {tuple(tokens.shape)}")
+        raise BadArgument(f"image tokens must be [B, T, C] or [B, N, T, C], got shape {tuple(tokens.shape)}")
     if tokens.shape[-1] != adapter.token_dim:
-        raise ValueError(f"image tokens of width {tokens.shape[-1]} for an adapter whose layers take "
+        raise Incompatible(f"image tokens of width {tokens.shape[-1]} for an adapter whose layers take "
                          f"{adapter.token_dim}")
     try:
         finite = bool(np.isfinite(np.asarray(tokens)).all())
     except jax.errors.TracerArrayConversionError:  # inside jit: values unknown, checked by the caller
         finite = True
     if not finite:
-        raise ValueError("image tokens contain NaN or inf; refusing to condition on them")
+        raise BadArgument("image tokens contain NaN or inf; refusing to condition on them")
     if masks is not None:
         for q, m in masks.items():
             if m.shape[1] != tokens.shape[1]:
-                raise ValueError(f"{m.shape[1]} masks for {tokens.shape[1]} reference images: give one mask "
+                raise BadArgument(f"{m.shape[1]} masks for {tokens.shape[1]} reference images: give one mask "
                                  "per image")
     if unet is not None:
         scale = scales.layer_scales(unet, scale)
     scale = jnp.asarray(scale, jnp.float32)
     if scale.ndim == 0:
-        raise ValueError("scale must be per layer here: pass unet= to expand a float or dict")
+        raise BadArgument("scale must be per layer here: pass unet= to expand a float or dict")
     return ImagePrompt(tokens=tokens, scale=scale, masks=masks, lora_scale=jnp.float32(lora_scale))
 
 
@@ -206,5 +207,5 @@ def split_concatenated(encoder_hidden_states: jax.Array, num_image_tokens: int) 
     ([B, 77 + T, C]) -> (text [B, 77, C], image tokens [B, 1, T, C])."""
     ehs = jnp.asarray(encoder_hidden_states)
     if not 0 < num_image_tokens < ehs.shape[1]:
-        raise ValueError(f"cannot split {num_image_tokens} image tokens off a sequence of {ehs.shape[1]}")
+        raise BadArgument(f"cannot split {num_image_tokens} image tokens off a sequence of {ehs.shape[1]}")
     return ehs[:, :-num_image_tokens], ehs[:, -num_image_tokens:][:, None]

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.io.files import CheckpointError, atomic_write, read_state_dict, save_safetensors
 from ipadapter_jax.io.params import load_state_dict_into, module_state_dict
 from ipadapter_jax.ip_adapter import modules, variants
@@ -144,4 +145,4 @@ def save_ip_adapter(adapter, path: str | os.PathLike) -> Path:
         with atomic_write(path) as tmp:
             torch.save(nested, tmp)
         return path
-    raise ValueError(f"{path}: save as .safetensors or .bin")
+    raise BadArgument(f"{path}: save as .safetensors or .bin")

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from ipadapter_jax.io.errors import BadArgument, Unsupported
+
 
 WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak middle",
                 "weak output", "strong middle", "style transfer", "composition", "strong style transfer",
@@ -45,7 +47,7 @@ def _comfy_weights(weight_type: str, weight: float, composition: float, n: int,
     if weight_type in weak:
         return np.where(np.isin(block_types, weak[weight_type]), w * 0.2, w)
     if n != 16:
-        raise NotImplementedError(f"weight type {weight_type!r} is defined for SD1.5's 16 layers; this UNet has {n}")
+        raise Unsupported(f"weight type {weight_type!r} is defined for SD1.5's 16 layers; this UNet has {n}")
     style = [0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15]
     strong_style = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
     table = {
@@ -56,7 +58,7 @@ def _comfy_weights(weight_type: str, weight: float, composition: float, n: int,
         "strong style and composition": {**{i: weight for i in strong_style}, 4: composition, 5: composition},
     }
     if weight_type not in table:
-        raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+        raise BadArgument(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
     return np.array([table[weight_type].get(i, 0.0) for i in range(n)])
 
 
@@ -66,7 +68,7 @@ def _block_dict_scales(unet, scale: dict) -> np.ndarray:
     attention (Transformer2DModel) in it, a bare number covers all of them."""
     unknown = set(scale) - {"down", "mid", "up"}
     if unknown:
-        raise ValueError(f"per-block scale keys must be 'down', 'mid', 'up'; got {sorted(unknown)}")
+        raise BadArgument(f"per-block scale keys must be 'down', 'mid', 'up'; got {sorted(unknown)}")
     cross = unet.cross_attention_layers()
     out = np.zeros(len(cross))
     blocks: dict[tuple[str, int], int] = {}
@@ -83,14 +85,14 @@ def _block_dict_scales(unet, scale: dict) -> np.ndarray:
             except ValueError:
                 b = -1
             if not key.startswith("block_") or (group, b) not in blocks:
-                raise ValueError(f"per-block scale {group}.{key}: this UNet's {group} blocks with attention are "
+                raise BadArgument(f"per-block scale {group}.{key}: this UNet's {group} blocks with attention are "
                                  f"{['block_%d' % v for v in valid]}")
             n_attn = blocks[(group, b)]
             values = list(value) if isinstance(value, (list, tuple)) else [value] * n_attn
             if len(values) == 1:
                 values = values * n_attn
             if len(values) != n_attn:
-                raise ValueError(f"per-block scale {group}.{key} has {len(values)} entries; the block has "
+                raise BadArgument(f"per-block scale {group}.{key} has {len(values)} entries; the block has "
                                  f"{n_attn} attentions")
             for c in cross:
                 if c.group == group and c.block == b:
@@ -98,7 +100,7 @@ def _block_dict_scales(unet, scale: dict) -> np.ndarray:
     mid = scale.get("mid", 0.0)
     if isinstance(mid, (list, tuple)):
         if len(mid) != 1:
-            raise ValueError(f"per-block scale 'mid' takes one value, got {len(mid)}")
+            raise BadArgument(f"per-block scale 'mid' takes one value, got {len(mid)}")
         mid = mid[0]
     for c in cross:
         if c.group == "mid":
@@ -122,7 +124,7 @@ def layer_scales(unet, scale: Any = 1.0, *, weight_type: str | None = None,
     n = len(cross)
     if weight_type is not None:
         if not isinstance(scale, (int, float)):
-            raise ValueError("weight_type needs a single float scale")
+            raise BadArgument("weight_type needs a single float scale")
         order = comfy_order(unet)
         kinds = {"down": "input", "mid": "middle", "up": "output"}
         by_t = [None] * n
@@ -136,5 +138,5 @@ def layer_scales(unet, scale: Any = 1.0, *, weight_type: str | None = None,
     if arr.ndim == 0:
         return np.full(n, float(arr), np.float32)
     if arr.shape != (n,):
-        raise ValueError(f"per-layer scales must have {n} entries (one per cross-attention layer), got {arr.shape}")
+        raise BadArgument(f"per-layer scales must have {n} entries (one per cross-attention layer), got {arr.shape}")
     return arr

@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.io.files import CheckpointError
 from ipadapter_jax.ip_adapter.image_proj import (FaceIDPlusModel, FaceIDProjModel, ImageProjModel, MLPProjModel,
                                                  Resampler)
@@ -140,7 +141,7 @@ BY_NAME = {v.name: v for v in VARIANTS}
 def get(name: str) -> Variant:
     """The registry entry of ``name``; a clear error for unknown names."""
     if name not in BY_NAME:
-        raise ValueError(f"unknown IP-Adapter variant {name!r}; expected one of {sorted(BY_NAME)}")
+        raise BadArgument(f"unknown IP-Adapter variant {name!r}; expected one of {sorted(BY_NAME)}")
     return BY_NAME[name]
 
 

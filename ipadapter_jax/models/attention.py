@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.models import layers
 
 BACKENDS = ("auto", "xla", "blocked", "jax", "cudnn", "pallas")
@@ -32,7 +33,7 @@ def resolve_backend(backend: str) -> str:
     cuDNN is the GPU default because its fused kernel beat XLA's attention in
     the SD1.5 sampling loop (measured in BENCHMARKS.md, "Sampling loop")."""
     if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
+        raise BadArgument(f"unknown attention backend {backend!r}; expected one of {BACKENDS}")
     if backend == "auto":
         platform = jax.default_backend()
         return {"cpu": "blocked", "gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas"}.get(platform, "jax")

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument, BadFile
 from ipadapter_jax.io.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import dot_product_attention, resolve_backend
@@ -54,11 +55,11 @@ class CLIPConfig:
         model_type = merged.get("model_type")
         expected = f"clip_{tower}_model"
         if model_type is not None and model_type not in (expected, "clip"):
-            raise ValueError(f"config model_type is {model_type!r}, expected {expected!r} for a CLIP {tower} tower")
+            raise BadFile(f"config model_type is {model_type!r}, expected {expected!r} for a CLIP {tower} tower")
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in merged.items() if k in names and v is not None})
         if config.hidden_size % config.num_attention_heads:
-            raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            raise BadFile(f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
                              f"{config.num_attention_heads}")
         layers.activation(config.hidden_act)  # fail early on an unknown activation
         return config
@@ -150,7 +151,7 @@ class CLIPTextTransformer(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
         b, n = input_ids.shape
         if n > self.max_length:
-            raise ValueError(f"input_ids has {n} tokens; this text encoder takes at most {self.max_length}")
+            raise BadArgument(f"input_ids has {n} tokens; this text encoder takes at most {self.max_length}")
         mask = jnp.tril(jnp.ones((n, n), bool))[None, None]
         if attention_mask is not None:
             mask = mask & (attention_mask[:, None, None, :] > 0)
@@ -252,7 +253,7 @@ class CLIPVisionEmbeddings(nnx.Module):
     def __call__(self, pixel_values):
         b, h, w, _ = pixel_values.shape
         if (h, w) != (self.image_size, self.image_size):
-            raise ValueError(f"pixel_values are {h}x{w}; this vision tower takes "
+            raise BadArgument(f"pixel_values are {h}x{w}; this vision tower takes "
                              f"{self.image_size}x{self.image_size} (NHWC) images")
         patches = self.patch_embedding(pixel_values).reshape(b, -1, self.class_embedding.shape[0])
         cls = jnp.broadcast_to(self.class_embedding[...].astype(patches.dtype), (b, 1, patches.shape[-1]))

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument
+
 Dtype = Any
 
 
@@ -118,7 +120,7 @@ def activation(name: str):
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+        raise BadArgument(f"unsupported activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
 
 
 class Identity(nnx.Module):

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.models import layers
 
 
@@ -24,7 +25,7 @@ class ResnetBlock2D(nnx.Module):
                  time_embedding_norm: str = "default", output_scale_factor: float = 1.0,
                  dtype=jnp.float32, rngs: nnx.Rngs):
         if time_embedding_norm not in ("default", "scale_shift"):
-            raise ValueError(f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; "
+            raise BadArgument(f"resnet_time_scale_shift={time_embedding_norm!r} is not supported; "
                              "expected 'default' or 'scale_shift'")
         self.act = layers.activation(act_fn)
         self.time_embedding_norm = time_embedding_norm

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
 from ipadapter_jax.io.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import Attention
@@ -98,10 +99,10 @@ class UNetConfig:
     def from_dict(cls, cfg: dict, source: str = "config") -> "UNetConfig":
         for key, allowed in cls._FIXED.items():
             if key in cfg and cfg[key] not in allowed:
-                raise NotImplementedError(f"{source}: {key}={cfg[key]!r} is not supported "
+                raise Unsupported(f"{source}: {key}={cfg[key]!r} is not supported "
                                           f"(supported: {allowed})")
         if cfg.get("addition_embed_type") is not None:
-            raise NotImplementedError(f"{source}: addition_embed_type={cfg['addition_embed_type']!r} "
+            raise Unsupported(f"{source}: addition_embed_type={cfg['addition_embed_type']!r} "
                                       "(SDXL-style added conditioning) is not supported yet")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
@@ -113,24 +114,24 @@ class UNetConfig:
         n = len(self.down_block_types)
         for t in self.down_block_types:
             if t not in DOWN_BLOCK_TYPES:
-                raise ValueError(f"{source}: unknown down block type {t!r}; supported: {DOWN_BLOCK_TYPES}")
+                raise Unsupported(f"{source}: unknown down block type {t!r}; supported: {DOWN_BLOCK_TYPES}")
         for t in self.up_block_types:
             if t not in UP_BLOCK_TYPES:
-                raise ValueError(f"{source}: unknown up block type {t!r}; supported: {UP_BLOCK_TYPES}")
+                raise Unsupported(f"{source}: unknown up block type {t!r}; supported: {UP_BLOCK_TYPES}")
         if self.mid_block_type not in MID_BLOCK_TYPES:
-            raise ValueError(f"{source}: unknown mid block type {self.mid_block_type!r}; "
+            raise Unsupported(f"{source}: unknown mid block type {self.mid_block_type!r}; "
                              f"supported: {MID_BLOCK_TYPES}")
         if len(self.up_block_types) != n or len(self.block_out_channels) != n:
-            raise ValueError(f"{source}: down_block_types, up_block_types and block_out_channels "
+            raise BadFile(f"{source}: down_block_types, up_block_types and block_out_channels "
                              f"must have the same length, got {n}, {len(self.up_block_types)}, "
                              f"{len(self.block_out_channels)}")
         for key in ("only_cross_attention", "attention_head_dim", "num_attention_heads",
                     "cross_attention_dim", "layers_per_block", "transformer_layers_per_block"):
             value = getattr(self, key)
             if isinstance(value, tuple) and len(value) != n:
-                raise ValueError(f"{source}: {key} has {len(value)} entries, expected one per block ({n})")
+                raise BadFile(f"{source}: {key} has {len(value)} entries, expected one per block ({n})")
             if isinstance(value, tuple) and any(isinstance(v, (tuple, list)) for v in value):
-                raise NotImplementedError(f"{source}: nested lists in {key} are not supported")
+                raise Unsupported(f"{source}: nested lists in {key} are not supported")
 
     def per_block(self, key: str) -> tuple:
         value = getattr(self, key)
@@ -388,7 +389,7 @@ def remat_policy(remat: bool | str):
         return None
     if remat == "dots":
         return jax.checkpoint_policies.dots_saveable
-    raise ValueError(f"unknown remat policy {remat!r}; expected one of {REMAT_POLICIES} (or a bool)")
+    raise BadArgument(f"unknown remat policy {remat!r}; expected one of {REMAT_POLICIES} (or a bool)")
 
 
 class UNet2DConditionModel(PretrainedMixin, nnx.Module):
@@ -516,15 +517,15 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         argument is the text context (with ``image_prompts`` beside it)."""
         if isinstance(conditioning, UNetConditioning):
             if image_prompts is not None:
-                raise ValueError("image_prompts go inside the UNetConditioning when one is given")
+                raise BadArgument("image_prompts go inside the UNetConditioning when one is given")
             cond = conditioning
         else:
             cond = UNetConditioning(conditioning, tuple(image_prompts or ()))
         if len(cond.image_prompts) and len(cond.image_prompts) != len(self.ip_adapters):
-            raise ValueError(f"got {len(cond.image_prompts)} image prompts for {len(self.ip_adapters)} attached "
+            raise BadArgument(f"got {len(cond.image_prompts)} image prompts for {len(self.ip_adapters)} attached "
                              "IP-Adapters; pass one ImagePrompt per adapter (in attach order)")
         if cond.added_cond is not None:
-            raise ValueError("this UNet has no added conditioning (addition_embed_type is None): "
+            raise BadArgument("this UNet has no added conditioning (addition_embed_type is None): "
                              "added_cond must be None")
         return cond
 
@@ -571,5 +572,5 @@ def add_residuals(skips: list, residuals) -> list:
     if residuals is None:
         return skips
     if len(residuals) != len(skips):
-        raise ValueError(f"got {len(residuals)} down-block residuals for the UNet's {len(skips)} skip connections")
+        raise BadArgument(f"got {len(residuals)} down-block residuals for the UNet's {len(skips)} skip connections")
     return [s + r.astype(s.dtype) for s, r in zip(skips, residuals)]

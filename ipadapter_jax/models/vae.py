@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
 from ipadapter_jax.io.pretrained import PretrainedMixin
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import Attention
@@ -43,11 +44,11 @@ class VAEConfig:
         for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             for t in cfg.get(key, ()):
                 if t != allowed:
-                    raise ValueError(f"{source}: unknown {key[:-6]} type {t!r}; supported: {allowed!r}")
+                    raise Unsupported(f"{source}: unknown {key[:-6]} type {t!r}; supported: {allowed!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names})
         if len(config.down_block_types) != len(config.block_out_channels):
-            raise ValueError(f"{source}: down_block_types and block_out_channels differ in length")
+            raise BadFile(f"{source}: down_block_types and block_out_channels differ in length")
         return config
 
 

@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.io.images import load_image, load_rgb
 
 
@@ -19,7 +20,7 @@ def load_mask(mask, height: int, width: int) -> np.ndarray:
     if isinstance(mask, np.ndarray):
         mask = np.asarray(mask, np.float32)
         if mask.ndim != 2:
-            raise ValueError(f"array masks must be [H, W], got shape {mask.shape}")
+            raise BadArgument(f"array masks must be [H, W], got shape {mask.shape}")
         mask = Image.fromarray(np.clip(np.round(mask * 255.0), 0, 255).astype(np.uint8), "L")
     grey = np.asarray(mask.convert("L").resize((width, height), Image.LANCZOS), np.float32) / 255.0
     return (grey >= 0.5).astype(np.float32)

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ipadapter_jax import ip_adapter
+from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.models.conditioning import ImagePrompt
 from ipadapter_jax.pipeline.inputs import load_mask
 
@@ -46,7 +47,7 @@ def _masks(spec: ImagePromptSpec, n_images: int, unet, height: int, width: int, 
     if spec.masks is None:
         return None
     if len(spec.masks) != n_images:
-        raise ValueError(f"{len(spec.masks)} masks for {n_images} reference images: give one mask per image")
+        raise BadArgument(f"{len(spec.masks)} masks for {n_images} reference images: give one mask per image")
     stack = np.stack([load_mask(m, height, width) for m in spec.masks])
     return ip_adapter.mask_pyramid(stack, unet, height // vae_scale, width // vae_scale)
 
@@ -57,7 +58,7 @@ def build_image_prompts(specs: Sequence[ImagePromptSpec], unet, image_encoder, *
     batch when ``cfg``, gates [n_adapters, steps])."""
     attached = list(unet.ip_adapters)
     if len(specs) != len(attached):
-        raise ValueError(f"{len(specs)} image prompts for {len(attached)} attached IP-Adapters")
+        raise BadArgument(f"{len(specs)} image prompts for {len(attached)} attached IP-Adapters")
     prompts: list[ImagePrompt] = []
     gates = []
     for spec, adapter in zip(specs, attached):

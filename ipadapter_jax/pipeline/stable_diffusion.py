@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax import ip_adapter, schedulers
+from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 from ipadapter_jax.pipeline.denoise import CompiledLoops
@@ -94,14 +95,14 @@ class StableDiffusionPipeline:
 
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
-            raise FileNotFoundError(f"model folder not found: {model_dir}")
+            raise MissingFile(f"model folder not found: {model_dir}")
         opts = dict(dtype=dtype, attention_backend=attention_backend, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", **opts)
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", attention_backend=attention_backend, variant=variant)
         text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", **opts)
         tok_dir = model_dir / "tokenizer"
         if not tok_dir.is_dir():
-            raise FileNotFoundError(f"tokenizer folder not found: {tok_dir}")
+            raise MissingFile(f"tokenizer folder not found: {tok_dir}")
         tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
         encoder = (CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=dtype,
                                                                  attention_backend=attention_backend)
@@ -147,18 +148,18 @@ class StableDiffusionPipeline:
                       negative_prompt_embeds) -> np.ndarray:
         """The text half of the conditioning: [B, L, C], or [negative; prompt] under CFG."""
         if (prompt_embeds is None) != (negative_prompt_embeds is None):
-            raise ValueError("give both prompt_embeds and negative_prompt_embeds, or neither")
+            raise BadArgument("give both prompt_embeds and negative_prompt_embeds, or neither")
         if prompt_embeds is not None:
             text = np.asarray(prompt_embeds, np.float32)
             negative = np.asarray(negative_prompt_embeds, np.float32)
             if text.ndim != 3 or text.shape != negative.shape:
-                raise ValueError(f"prompt_embeds {text.shape} and negative_prompt_embeds "
+                raise BadArgument(f"prompt_embeds {text.shape} and negative_prompt_embeds "
                                  f"{negative.shape} must have the same [B, L, C] shape")
             return np.concatenate([negative, text]) if cfg else text
         prompts = [prompt] * num_images if isinstance(prompt, str) else list(prompt)
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+            raise BadArgument(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         text = self.encode_prompt(prompts)
         return np.concatenate([self.encode_prompt(negatives), text]) if cfg else text
 
@@ -173,20 +174,20 @@ class StableDiffusionPipeline:
         if latents is not None:
             noise = np.asarray(latents, np.float32)
             if noise.shape != latent_shape:
-                raise ValueError(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
+                raise BadArgument(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
             if not np.isfinite(noise).all():
-                raise ValueError("initial latents contain NaN or inf")
+                raise BadArgument("initial latents contain NaN or inf")
         else:
             noise = np.asarray(jax.random.normal(latent_key, latent_shape))
         if init_image is None:
             return jnp.asarray(noise) * sched.init_noise_sigma(state), 0
         if not 0.0 < strength <= 1.0:
-            raise ValueError(f"strength must be in (0, 1], got {strength}")
+            raise BadArgument(f"strength must be in (0, 1], got {strength}")
         pixels = np.repeat(load_init_image(init_image, *size), latent_shape[0], axis=0)
         init = self._vae_encode(jnp.asarray(pixels)).sample(vae_key) * self.vae.scaling_factor
         start = schedulers.begin_index(sched, state, strength, num_inference_steps)
         if start >= sched.num_steps(state):
-            raise ValueError(f"strength {strength} leaves no denoising steps at {num_inference_steps} steps")
+            raise BadArgument(f"strength {strength} leaves no denoising steps at {num_inference_steps} steps")
         return sched.add_noise(state, init, jnp.asarray(noise), start), start
 
     def prepare(self, prompt="", *, negative_prompt="", ip_adapter_prompts: Sequence[ImagePromptSpec] = (),
@@ -196,7 +197,7 @@ class StableDiffusionPipeline:
                 negative_prompt_embeds=None) -> Prepared:
         """Validate and encode a call (see ``__call__`` for the arguments)."""
         if height % 8 or width % 8:
-            raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
+            raise BadArgument(f"height and width must be multiples of 8, got {height}x{width}")
         cfg = guidance_scale > 1.0
         if prompt_embeds is not None:
             num_images = np.shape(prompt_embeds)[0]

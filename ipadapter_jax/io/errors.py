@@ -1,0 +1,38 @@
+"""The package's user-facing errors: what the caller gave is wrong, not the code.
+
+Every CLI prints a ``UserError`` as one line (``PROG: error: MESSAGE``, exit
+status 2) and keeps tracebacks for everything else, which is a bug. Each class
+also derives from the built-in exception Python code would expect
+(``ValueError``, ``FileNotFoundError``, ...), so ``except ValueError`` keeps
+working for API users.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error in the user's input: arguments, files, models or their combination."""
+
+
+class BadArgument(UserError, ValueError):
+    """An argument's value is invalid (out of range, not finite, wrong shape, unknown name)."""
+
+
+class BadFile(UserError, ValueError):
+    """A file exists but its contents are not what was expected (corrupt, wrong format, wrong keys)."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder that was named does not exist."""
+
+
+class Unsupported(UserError, NotImplementedError):
+    """A model, configuration or option this package does not support."""
+
+
+class Incompatible(UserError, ValueError):
+    """Inputs that are each valid but do not go together (an adapter made for another base model)."""
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A computation produced NaN or infinity (the result is refused rather than returned)."""
