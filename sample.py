@@ -21,6 +21,7 @@ scaled by the scheduler's initial sigma as diffusers does) and --save-latents fi
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -73,6 +74,11 @@ def parse_args(argv=None):
                    help="no per-step progress bar: the bar needs a host callback inside the compiled loop, and "
                         "JAX does not cache executables with callbacks on disk, so this makes a second run start "
                         "faster")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="write the images even when the result holds NaN / inf (for debugging; by default such a "
+                        "result is an error and no image is written)")
+    p.add_argument("--debug", action="store_true",
+                   help="show Python tracebacks for user errors too (or set IPADAPTER_JAX_DEBUG=1)")
     p.add_argument("--cache-dir", default=os.environ.get("IPADAPTER_JAX_CACHE",
                                                          str(Path.home() / ".cache" / "ipadapter_jax")),
                    help="persistent XLA compilation cache (a second run skips compiling); '' disables")
@@ -84,6 +90,13 @@ def parse_args(argv=None):
         p.error(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
     if args.num_images < 1:
         p.error(f"--num-images must be at least 1, got {args.num_images}")
+    if args.steps < 1:
+        p.error(f"--steps must be at least 1, got {args.steps}")
+    for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance]), ("--strength", [args.strength]),
+                         ("--eta", [args.eta]), ("--guidance-rescale", [args.guidance_rescale])):
+        bad = [v for v in values if v is not None and not math.isfinite(v)]
+        if bad:
+            p.error(f"{flag} must be a finite number, got {bad[0]}")
     if args.eta is not None and args.scheduler != "ddim":
         p.error("--eta applies to the ddim scheduler only")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
@@ -103,7 +116,24 @@ def parse_args(argv=None):
     for path in [*args.image, *args.mask, *args.ip_adapter, args.init_image, args.init_latents]:
         if path and not Path(path).is_file():
             p.error(f"file not found: {path}")
+    for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
+        if path:
+            problem = _unwritable(Path(path).parent)
+            if problem:
+                p.error(f"{flag} {path}: {problem}")
     return args
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why images cannot be written into ``folder`` (created when missing), or None;
+    checked before sampling so that no work is lost."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"cannot create the folder {folder}: {e.strerror or e}"
+    if not os.access(folder, os.W_OK):
+        return f"the folder {folder} is not writable"
+    return None
 
 
 def _resolve_defaults(p, args) -> None:
@@ -159,7 +189,23 @@ def save_images(images, out: Path) -> list[Path]:
     return paths + [grid_path]
 
 
-def main(argv=None) -> int:
+def _load_latents(path: str):
+    """An ``.npy`` of initial noise [N, h, w, C]; a clear error for anything else."""
+    import numpy as np
+
+    from ipadapter_jax.io.errors import BadFile
+
+    try:
+        latents = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise BadFile(f"--init-latents {path}: not a readable .npy array ({e})") from None
+    if latents.ndim != 4 or latents.dtype.kind != "f":
+        raise BadFile(f"--init-latents {path}: expected float latents [N, h, w, C], got {latents.dtype} "
+                      f"{latents.shape}")
+    return latents
+
+
+def generate(argv) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
     import jax
@@ -184,7 +230,7 @@ def main(argv=None) -> int:
         specs.append(ImagePromptSpec(images=images, scale=scale, masks=masks))
     latents = None
     if args.init_latents:
-        latents = np.load(args.init_latents, allow_pickle=False)
+        latents = _load_latents(args.init_latents)
         if latents.shape[0] != args.num_images:
             print(f"sample.py: --init-latents holds {latents.shape[0]} samples; generating that many",
                   file=sys.stderr)
@@ -195,7 +241,7 @@ def main(argv=None) -> int:
                   guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, scheduler_options=options,
                   height=args.height, width=args.width, num_images=args.num_images, seed=args.seed,
                   latents=latents, init_image=args.init_image, strength=args.strength,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
     if args.save_latents:
         Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
         np.save(args.save_latents, result.latents)
@@ -206,6 +252,13 @@ def main(argv=None) -> int:
           f"{time.perf_counter() - t_start:.2f} s")
     print("wrote " + ", ".join(str(p.resolve()) for p in paths))
     return 0
+
+
+def main(argv=None) -> int:
+    """``sample.py`` with user errors as one line (``--debug`` for tracebacks)."""
+    from ipadapter_jax.cli import run
+
+    return run("sample.py", generate, argv)
 
 
 if __name__ == "__main__":

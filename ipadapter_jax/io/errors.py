@@ -36,3 +36,31 @@ class Incompatible(UserError, ValueError):
 
 class NonFiniteError(UserError, FloatingPointError):
     """A computation produced NaN or infinity (the result is refused rather than returned)."""
+
+
+def _numbers(value):
+    """The numeric leaves of a number, array, or nested dict / list / tuple of them."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _numbers(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif value is not None and not isinstance(value, (str, bytes, bool)):
+        yield value
+
+
+def require_finite(name: str, value) -> None:
+    """Refuse NaN or infinity anywhere in ``value`` (a number, an array, or a
+    nested dict / list of them), naming the argument. Non-numeric leaves
+    (strings, paths, images) are left to their own checks."""
+    import numpy as np
+
+    for leaf in _numbers(value):
+        try:
+            arr = np.asarray(leaf, dtype=np.float64)
+        except (TypeError, ValueError):
+            continue
+        if not np.isfinite(arr).all():
+            shown = leaf if arr.ndim == 0 else f"an array holding {int((~np.isfinite(arr)).sum())} NaN/inf values"
+            raise BadArgument(f"{name} must be finite, got {shown}")

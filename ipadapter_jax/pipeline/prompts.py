@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ipadapter_jax import ip_adapter
-from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.errors import BadArgument, require_finite
 from ipadapter_jax.models.conditioning import ImagePrompt
 from ipadapter_jax.pipeline.inputs import load_mask
 
@@ -41,6 +41,16 @@ class ImagePromptSpec:
     end: float = 1.0
     lora_scale: float = 1.0
     s_scale: float = 1.0
+
+
+def check_spec(spec: ImagePromptSpec, name: str = "image prompt") -> None:
+    """Refuse non-finite numbers in a spec before anything is encoded or compiled."""
+    for field in ("scale", "composition_weight", "lora_scale", "s_scale", "start", "end", "embeds",
+                  "face_embeds", "negative_embeds"):
+        require_finite(f"{name}.{field}", getattr(spec, field))
+    for k, mask in enumerate(spec.masks or ()):
+        if not isinstance(mask, (str, bytes)) and hasattr(mask, "__array__"):
+            require_finite(f"{name}.masks[{k}]", mask)
 
 
 def _masks(spec: ImagePromptSpec, n_images: int, unet, height: int, width: int, vae_scale: int):

@@ -27,13 +27,14 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax import ip_adapter, schedulers
-from ipadapter_jax.io.errors import BadArgument, MissingFile
+from ipadapter_jax.io.errors import BadArgument, MissingFile, NonFiniteError, Unsupported, require_finite
+from ipadapter_jax.io.files import load_config
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 from ipadapter_jax.pipeline.denoise import CompiledLoops
 from ipadapter_jax.pipeline.inputs import load_init_image
 from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
-from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts
+from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts, check_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,31 @@ class Prepared:
     start: int                       # first step (img2img starts part-way)
     steps: int
     cfg: bool
+
+
+SUPPORTED_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+
+
+def check_pipeline_class(model_dir: Path) -> None:
+    """Refuse, by name, a diffusers folder of a pipeline this class cannot run
+    (its ``model_index.json`` says which); folders without one are tried."""
+    if not (model_dir / "model_index.json").is_file():
+        return
+    name = load_config(model_dir, "model_index.json").get("_class_name")
+    if name and name not in SUPPORTED_CLASSES:
+        raise Unsupported(f"{model_dir} is a {name} folder (model_index.json); this pipeline runs SD 1.x / 2.x "
+                          f"folders ({', '.join(SUPPORTED_CLASSES)})")
+
+
+def refuse_nonfinite(latents: np.ndarray, images: np.ndarray) -> None:
+    """A result with NaN / inf is an error, never a silently black image."""
+    where = [name for name, x in (("latents", latents), ("pixels", images)) if not np.isfinite(x).all()]
+    if where:
+        raise NonFiniteError(
+            f"the sampled {' and '.join(where)} contain NaN or inf. Likely causes: a float16/bfloat16 overflow "
+            "(try --dtype float32, or a VAE that is safe in half precision), a corrupt adapter or LoRA file, or a "
+            "non-finite input (scales, embeddings, initial latents). allow_nonfinite=True (sample.py "
+            "--allow-nonfinite) returns the result anyway")
 
 
 class StableDiffusionPipeline:
@@ -96,6 +122,7 @@ class StableDiffusionPipeline:
         model_dir = Path(model_dir)
         if not model_dir.is_dir():
             raise MissingFile(f"model folder not found: {model_dir}")
+        check_pipeline_class(model_dir)
         opts = dict(dtype=dtype, attention_backend=attention_backend, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", **opts)
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", attention_backend=attention_backend, variant=variant)
@@ -175,8 +202,6 @@ class StableDiffusionPipeline:
             noise = np.asarray(latents, np.float32)
             if noise.shape != latent_shape:
                 raise BadArgument(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
-            if not np.isfinite(noise).all():
-                raise BadArgument("initial latents contain NaN or inf")
         else:
             noise = np.asarray(jax.random.normal(latent_key, latent_shape))
         if init_image is None:
@@ -198,6 +223,14 @@ class StableDiffusionPipeline:
         """Validate and encode a call (see ``__call__`` for the arguments)."""
         if height % 8 or width % 8:
             raise BadArgument(f"height and width must be multiples of 8, got {height}x{width}")
+        if num_inference_steps < 1:
+            raise BadArgument(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        for name, value in (("guidance_scale", guidance_scale), ("strength", strength),
+                            ("scheduler_options", scheduler_options), ("latents", latents),
+                            ("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            require_finite(name, value)
+        for i, spec in enumerate(ip_adapter_prompts):
+            check_spec(spec, f"ip_adapter_prompts[{i}]")
         cfg = guidance_scale > 1.0
         if prompt_embeds is not None:
             num_images = np.shape(prompt_embeds)[0]
@@ -275,8 +308,8 @@ class StableDiffusionPipeline:
                  scheduler_options: dict | None = None, height: int = 512, width: int = 512,
                  num_images: int = 1, seed: int = 0, latents: np.ndarray | None = None,
                  init_image=None, strength: float = 0.8, output_type: str = "np", progress: bool = False,
-                 prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None
-                 ) -> SampleOutput:
+                 prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
+                 allow_nonfinite: bool = False) -> SampleOutput:
         """Sample images.
 
         prompt / negative_prompt: one string (repeated ``num_images`` times) or one per image.
@@ -287,8 +320,11 @@ class StableDiffusionPipeline:
         prompt_embeds / negative_prompt_embeds: precomputed text conditioning [B, L, C]
           instead of ``prompt`` / ``negative_prompt`` (any length L, e.g. text tokens
           with appended image tokens for the "simple adapter" ablation); both or neither.
+        allow_nonfinite: return a result holding NaN / inf instead of raising
+          ``NonFiniteError`` (for debugging).
         Returns ``SampleOutput`` (images in [0, 1], final latents, timings).
         """
+        require_finite("guidance_rescale", guidance_rescale)
         t0 = time.perf_counter()
         request = self.prepare(prompt, negative_prompt=negative_prompt, ip_adapter_prompts=ip_adapter_prompts,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -303,4 +339,6 @@ class StableDiffusionPipeline:
         t1 = time.perf_counter()
         images = self.decode(final)
         timings["decode_s"] = time.perf_counter() - t1
+        if not allow_nonfinite:
+            refuse_nonfinite(np.asarray(final), images)
         return SampleOutput(images=images, latents=np.asarray(final), timings=timings)
