@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import ipadapter_jax.eval as eval_lib
+from ipadapter_jax.cli import run
 from ipadapter_jax import demo
 from ipadapter_jax.eval import (MODES, ClipScorer, Generator, demo_cases, evaluate, load_cases,
                                 markdown_table)
@@ -39,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--num-images", type=int, default=2, help="images per case and mode (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/eval.json", help="results JSON (a Markdown table is printed)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     args = p.parse_args(argv)
     args.demo = args.demo or not args.model
     if args.demo:
@@ -70,7 +72,7 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     args = parse_args(argv)
     cases = demo_cases(args.num_cases) if args.demo and not args.cases else load_cases(args.cases)
     pipe = StableDiffusionPipeline.from_pretrained(args.model, image_encoder=args.image_encoder)
@@ -85,6 +87,11 @@ def main(argv=None) -> int:
     print(markdown_table(result["rows"], label=args.conditioning))
     print(f"wrote {out.resolve()}")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command with user errors as one line (``--debug`` for tracebacks)."""
+    return run("python -m ipadapter_jax.eval", _main, argv)
 
 
 if __name__ == "__main__":

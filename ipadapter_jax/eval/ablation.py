@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ipadapter_jax.cli import run
 from ipadapter_jax import demo
 from ipadapter_jax import eval as eval_lib
 from ipadapter_jax.demo import shapes
@@ -64,13 +65,14 @@ def colour_transfer(generator, n: int, modes: list[tuple[str, float]], *, seed: 
     return rows
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--simple", required=True, help="the simple adapter trained by configs/demo/ip_adapter_simple.py")
     p.add_argument("--decoupled", default=None, help="the decoupled adapter (default: the shipped demo adapter)")
     p.add_argument("--num-cases", type=int, default=64, help="held-out shapes (default 64)")
     p.add_argument("--scales", default="0.25,0.5,0.75,1.0", help="adapter scales for the decoupled arm")
     p.add_argument("--out", default="outputs/ablation", help="output path stem (default outputs/ablation)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors too")
     args = p.parse_args(argv)
     paths = demo.demo_paths()
     if not Path(args.simple).is_file():
@@ -117,6 +119,11 @@ def main(argv=None) -> int:
     print(table)
     print(f"wrote {stem}.json, {stem}.md, {stem}-examples.png")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command with user errors as one line (``--debug`` for tracebacks)."""
+    return run("python -m ipadapter_jax.eval.ablation", _main, argv)
 
 
 if __name__ == "__main__":
