@@ -6,9 +6,10 @@ from scratch on the procedural shapes with this package's own code.
     python train.py --config configs/demo/unet.py        # 3. text-to-image UNet (-> a diffusers SD folder)
     python train.py --config configs/demo/ip_adapter.py  # 4. IP-Adapter on the frozen stack (training.loop)
 
-Stages 1-3 run through ``fit``: a small loop over batches drawn from the
-prepared TFDS split by ``(seed, step)``, with orbax checkpoints, so a killed
-stage resumes exactly where it stopped. Stage 4 is the project's regular
+Stages 1-3 run through ``fit``: batches drawn from the prepared TFDS split
+by ``(seed, step)`` on the training runner the IP-Adapter trainer uses
+(``training.runner``: orbax checkpoints, metrics.csv), so a killed stage
+resumes exactly where it stopped. Stage 4 is the project's regular
 IP-Adapter trainer reading the same TFDS dataset by name. Every stage writes
 its result in the standard layouts under ``demo.root``: ``tokenizer/``,
 ``clip/`` (a transformers ``CLIPModel``), ``image_encoder/`` (a
@@ -18,27 +19,36 @@ its result in the standard layouts under ``demo.root``: ``tokenizer/``,
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
-import time
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
+from tqdm.auto import tqdm
+from transformers import CLIPTokenizer
 
+from ipadapter_jax import schedulers
 from ipadapter_jax.demo import shapes
+from ipadapter_jax.io.files import save_safetensors
+from ipadapter_jax.io.params import module_state_dict
+from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
+                                  CLIPVisionModelWithProjection, UNet2DConditionModel)
+from ipadapter_jax.training import objectives, optim, runner
+from ipadapter_jax.training.step import StepConfig, Trainer
 
 log = logging.getLogger(__name__)
 
 TFDS_NAME = "shapes_dataset"
-SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                  "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                  "steps_offset": 1, "clip_sample": False, "prediction_type": "epsilon"}
+# The sd/ folder's scheduler (and the UNet stage's noise schedule): SD 1.5's, as DDIM.
+_SCHEDULER = {**{k: v for k, v in schedulers.SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
+              "_class_name": "DDIMScheduler", "prediction_type": "epsilon"}
 
 
 # --------------------------------------------------------------------------- data
@@ -61,8 +71,6 @@ def load_split(data_dir: str | Path, split: str = "train", *, text_keys: tuple[s
     more ``text_keys``."""
     import tensorflow_datasets as tfds
 
-    from tqdm.auto import tqdm
-
     source = tfds.builder(TFDS_NAME, data_dir=str(data_dir)).as_data_source(split=split)
     records = [source[i] for i in tqdm(range(len(source)), desc=f"reading {split}", leave=False)]
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
@@ -77,14 +85,16 @@ def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
 
 # --------------------------------------------------------------------------- tokenizer
 
+def byte_alphabet() -> list[str]:
+    """CLIP's byte-level BPE alphabet: each of the 256 bytes as a unicode char, in vocabulary order."""
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    return [chr(c) for c in bs] + [chr(256 + i) for i in range(256 - len(bs))]
+
+
 def write_tokenizer(folder: str | Path):
     """A CLIP byte-level BPE tokenizer whose merges spell every caption word as
     one token (other text still tokenizes, byte by byte). Returns the loaded
     ``CLIPTokenizer``."""
-    from transformers import CLIPTokenizer
-
-    from ipadapter_jax.tiny_model import byte_alphabet
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     chars = byte_alphabet()
@@ -140,73 +150,32 @@ def token_ids(tokenizer, texts) -> np.ndarray:
 def fit(cfg, workdir: Path, trainable, frozen, loss_fn: Callable, batch_fn: Callable, *, desc: str):
     """Minimise ``loss_fn(trainable, frozen, batch, key) -> (loss, metrics)``
     for ``cfg.train.steps`` steps with ``cfg.optimizer`` (see
-    ``training.loop.make_optimizer``); ``batch_fn(step)`` gives the host batch.
-    Checkpoints (orbax) every ``cfg.train.save_every`` steps and resumes from
-    the latest; writes ``metrics.csv``. Returns the trained state (the EMA when
-    tracked)."""
-    import optax
-    import orbax.checkpoint as ocp
-    from tqdm.auto import tqdm
+    ``training.optim.make_optimizer``); ``batch_fn(step)`` gives the host batch.
+    Runs on the shared training runner (``training.runner``): orbax checkpoints
+    every ``cfg.train.save_every`` steps, resumes from the latest, writes
+    ``metrics.csv``, stops on a non-finite loss. Returns the trained state (the
+    EMA when tracked)."""
+    optimizer, lr = optim.make_optimizer(cfg)
 
-    from ipadapter_jax.training.loop import TrainingError, find_ema, make_optimizer
-
-    optimizer, lr = make_optimizer(cfg)
-    opt_state = optimizer.init(trainable)
-
-    def step_fn(trainable, opt_state, frozen, batch, step):
+    def train_step(trainable, opt_state, frozen, batch, step):
         key = jax.random.fold_in(jax.random.key(cfg.seed), step)
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, key)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, {**metrics, "loss": loss,
                                                                    "grad_norm": optax.global_norm(grads)}
 
-    step_fn = jax.jit(step_fn, donate_argnums=(0, 1))
-    manager = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                    options=ocp.CheckpointManagerOptions(max_to_keep=2),
-                                    item_names=("state",))
-    start = manager.latest_step() or 0
-    if start:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, {"trainable": trainable, "opt": opt_state})
-        restored = manager.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-        trainable, opt_state = restored.state["trainable"], restored.state["opt"]
-        log.info("%s: resumed at step %d", desc, start)
-    rows = []
-    if start and (workdir / "metrics.csv").exists():
-        with open(workdir / "metrics.csv") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start]
-    metrics_file = open(workdir / "metrics.csv", "w", newline="")
-    writer = None
-    bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, desc=desc)
-    last = time.perf_counter()
-    try:
-        for step in bar:
-            batch = jax.tree.map(jnp.asarray, batch_fn(step))
-            trainable, opt_state, metrics = step_fn(trainable, opt_state, frozen, batch, jnp.int32(step))
-            done = step + 1 == cfg.train.steps
-            if (step + 1) % cfg.train.log_every == 0 or done:
-                values = {k: float(v) for k, v in metrics.items()}
-                if not math.isfinite(values["loss"]):
-                    raise TrainingError(f"{desc}: loss is {values['loss']} at step {step + 1}; the last good "
-                                        f"checkpoint (step {manager.latest_step()}) is kept in {manager.directory}")
-                now = time.perf_counter()
-                row = {"step": step + 1, **values, "lr": float(lr(step)),
-                       "steps_per_s": cfg.train.log_every / max(now - last, 1e-9)}
-                last = now
-                if writer is None:
-                    writer = csv.DictWriter(metrics_file, fieldnames=list(row))
-                    writer.writeheader()
-                    writer.writerows(rows)
-                writer.writerow(row)
-                metrics_file.flush()
-                bar.set_postfix(loss=f"{values['loss']:.4f}")
-            if (step + 1) % cfg.train.save_every == 0 or done:
-                manager.save(step + 1, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"trainable": trainable, "opt": opt_state})))
-    finally:
-        manager.wait_until_finished()
-        metrics_file.close()
-    ema = find_ema(opt_state)
-    return ema if ema is not None else trainable
+    step_fn = jax.jit(train_step, donate_argnums=(0, 1))
+
+    def step(state, batch, i):
+        trainable, opt_state, metrics = step_fn(state["trainable"], state["opt"], frozen, batch, jnp.int32(i))
+        return {"trainable": trainable, "opt": opt_state}, metrics
+
+    task = runner.Task(state={"trainable": trainable, "opt": optimizer.init(trainable)}, step=step,
+                       batch=lambda i: (jax.tree.map(jnp.asarray, batch_fn(i)), {}), lr=optim.step_lr(cfg, lr),
+                       desc=desc)
+    state = runner.run(task, workdir, cfg.train).state
+    ema = optim.find_ema(state["opt"])
+    return ema if ema is not None else state["trainable"]
 
 
 # --------------------------------------------------------------------------- stage 1: CLIP
@@ -227,15 +196,11 @@ def save_clip(text_model, vision_model, logit_scale: float, text_cfg: dict, visi
     """Write ``root/clip`` (transformers ``CLIPModel``: both towers, both
     projections, logit_scale) and ``root/image_encoder`` (the vision tower with
     projection, as IP-Adapter ships its image encoder)."""
-    from ipadapter_jax.convert import files
-    from ipadapter_jax.convert.params import module_state_dict
-    from ipadapter_jax.training.objectives import CLIP_MEAN, CLIP_STD
-
     clip_dir = root / "clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
     weights = {**module_state_dict(text_model), **module_state_dict(vision_model),
                "logit_scale": np.asarray(logit_scale, np.float32)}
-    files.save_safetensors(weights, clip_dir / "model.safetensors")
+    save_safetensors(weights, clip_dir / "model.safetensors")
     (clip_dir / "config.json").write_text(json.dumps({
         "architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": text_cfg["projection_dim"],
         "logit_scale_init_value": 2.6592, "text_config": {**text_cfg, "model_type": "clip_text_model"},
@@ -245,22 +210,18 @@ def save_clip(text_model, vision_model, logit_scale: float, text_cfg: dict, visi
     processor = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": size},
                  "resample": 3, "do_center_crop": True, "crop_size": {"height": size, "width": size},
                  "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-                 "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
+                 "image_mean": list(objectives.CLIP_MEAN),
+                 "image_std": list(objectives.CLIP_STD), "do_convert_rgb": True}
     for folder in (clip_dir, root / "image_encoder"):
         (folder / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    import shutil
-
     for f in src.iterdir():
         shutil.copy2(f, dst / f.name)
 
 
 def train_clip(cfg) -> dict:
-    from ipadapter_jax.models import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-    from ipadapter_jax.training import objectives
-
     root, workdir = Path(cfg.demo.root), Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     data_dir = prepare_dataset(cfg.demo.data_dir)
@@ -304,9 +265,6 @@ def vae_config(cfg) -> dict:
 
 
 def train_vae(cfg) -> dict:
-    from ipadapter_jax.models import AutoencoderKL
-    from ipadapter_jax.training import objectives
-
     root, workdir = Path(cfg.demo.root), Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     images, _ = load_split(prepare_dataset(cfg.demo.data_dir), "train")
@@ -347,8 +305,6 @@ def unet_config(cfg, cross_attention_dim: int, latent_size: int) -> dict:
 
 def write_sd_folder(sd: Path, unet, vae_dir: Path, text_encoder, tokenizer_dir: Path):
     """A diffusers ``StableDiffusionPipeline`` folder (loads in PyTorch too)."""
-    import shutil
-
     unet.save_pretrained(sd / "unet")
     text_encoder.save_pretrained(sd / "text_encoder")
     for name, src in (("vae", vae_dir), ("tokenizer", tokenizer_dir)):
@@ -356,7 +312,7 @@ def write_sd_folder(sd: Path, unet, vae_dir: Path, text_encoder, tokenizer_dir: 
             shutil.rmtree(sd / name)
         shutil.copytree(src, sd / name)
     (sd / "scheduler").mkdir(parents=True, exist_ok=True)
-    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD15_SCHEDULER, indent=2))
+    (sd / "scheduler" / "scheduler_config.json").write_text(json.dumps(_SCHEDULER, indent=2))
     (sd / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
@@ -370,8 +326,6 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256) -> tuple[np.ndarra
     """The frozen VAE's posterior (mean, std) of every image, computed once: the
     UNet stage then draws a fresh latent sample per step from these, the same
     distribution as encoding in the step, without running the encoder each time."""
-    from tqdm.auto import tqdm
-
     graph, params = nnx.split(vae)
     encode = jax.jit(lambda p, x: (lambda d: (d.mean, d.std))(nnx.merge(graph, p).encode(x)))
     means, stds = [], []
@@ -391,11 +345,6 @@ def caption_ids(ids: np.ndarray, short_ids: np.ndarray, rate: float, seed: int, 
 
 
 def train_unet(cfg) -> dict:
-    from transformers import CLIPTokenizer
-
-    from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-    from ipadapter_jax.training.step import StepConfig, Trainer
-
     root, workdir = Path(cfg.demo.root), Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     for needed in ("clip", "vae", "tokenizer"):
@@ -414,12 +363,10 @@ def train_unet(cfg) -> dict:
     mean, std = encode_latents(vae, images)
     unet = UNet2DConditionModel(unet_config(cfg, text_encoder.config.hidden_size, mean.shape[1]),
                                 rngs=nnx.Rngs(cfg.seed))
-    from ipadapter_jax.training.loop import make_optimizer
-
-    step_cfg = StepConfig(image_drop_rate=0.0, text_drop_rate=cfg.step.text_drop_rate, both_drop_rate=0.0,
-                          scaling_factor=vae.scaling_factor)
-    trainer, trainable, frozen = Trainer.create(unet, text_encoder=text_encoder, optimizer=make_optimizer(cfg)[0],
-                                                trainable=".*", config=step_cfg, scheduler_config=SD15_SCHEDULER)
+    step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_drop_rate=0.0,
+                          text_drop_rate=cfg.step.text_drop_rate, both_drop_rate=0.0, scaling_factor=vae.scaling_factor)
+    trainer, trainable, frozen = Trainer.create(unet, text_encoder=text_encoder, optimizer=optim.make_optimizer(cfg)[0],
+                                                trainable=".*", config=step_cfg, scheduler_config=_SCHEDULER)
     empty = token_ids(tokenizer, [""])[0]
 
     def loss_fn(params, frozen, batch, key):

@@ -1,1 +1,6 @@
-"""Training: the step (step.py), data (data.py), checkpoints (checkpoint.py), sharding (sharding.py)."""
+"""Training. ``loop`` is the IP-Adapter trainer (``train``, ``export_checkpoint``)
+on the shared ``runner`` (step, log, checkpoint, resume; also runs the demo's
+base-model stages); ``step`` the step as pure functions; ``optim`` the
+optimizer (AdamW, schedule, clipping, accumulation, EMA); ``data`` the data
+sources and loader; ``sharding`` the mesh and shardings; ``objectives`` the
+losses of the demo's CLIP and VAE stages."""

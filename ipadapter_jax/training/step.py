@@ -34,7 +34,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ipadapter_jax import adapters as adapters_lib
+from ipadapter_jax import ip_adapter
 from ipadapter_jax import schedulers
 
 ADAPTER_ONLY = r"^ip_adapters/"
@@ -51,7 +51,6 @@ class StepConfig:
     both_drop_rate: float = 0.05
     num_train_timesteps: int = 1000
     scaling_factor: float = 0.18215
-    compute_dtype: Any = jnp.float32
     # How the adapter's image tokens reach the UNet: "decoupled" (the paper: separate
     # to_k_ip/to_v_ip in every cross-attention) or "concat" (the paper's "simple
     # adapter" ablation: tokens appended to the text sequence of the frozen
@@ -192,7 +191,7 @@ class Trainer:
                 pred = unet(noisy, timesteps, context)
             else:
                 scale = jnp.ones((len(adapter.layers),), jnp.float32)
-                prompt = adapters_lib.ImagePrompt(tokens=tokens[:, None], scale=scale)
+                prompt = ip_adapter.ImagePrompt(tokens=tokens[:, None], scale=scale)
                 pred = unet(noisy, timesteps, text, [prompt])
         pred = pred.astype(jnp.float32)
         target = noise if c.prediction_type == "epsilon" else schedulers.ddpm_velocity(alphas, latents, noise,
