@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from helpers import rel_err
 from ipadapter_jax.models import attention
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import nchw, rel_err
+from helpers import nchw, rel_err
 from ipadapter_jax.models import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
 TOL = 1e-5

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from conftest import rel_err
+from helpers import rel_err
 from ipadapter_jax.convert import CheckpointError, read_state_dict
 from ipadapter_jax.models import AutoencoderKL, UNet2DConditionModel
 
@@ -233,7 +233,7 @@ def test_atomic_write_keeps_the_old_file_on_failure_and_gives_normal_permissions
     has the permissions of a plainly created file (not mkstemp's owner-only)."""
     import os
 
-    from ipadapter_jax.convert.files import atomic_write, save_safetensors
+    from ipadapter_jax.io.files import atomic_write, save_safetensors
 
     target = tmp_path / "w.safetensors"
     save_safetensors({"a": np.ones((2,), np.float32)}, target)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import ipadapter_fixtures as fx
-from conftest import nchw, rel_err
+from helpers import nchw, rel_err
 from ipadapter_jax import image_encoding as ie
 
 

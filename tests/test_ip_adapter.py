@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import save_file
 
 import ipadapter_fixtures as fx
-from conftest import nchw, nhwc, rel_err
+from helpers import nchw, nhwc, rel_err
 from ipadapter_jax import adapters
 from ipadapter_jax.convert.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel

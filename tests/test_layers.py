@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import rel_err
+from helpers import rel_err
 from ipadapter_jax.models import layers
 
 

@@ -21,7 +21,8 @@ import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_modul
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, PNDMScheduler)
 
-from conftest import rel_err  # noqa: E402
+from helpers import rel_err  # noqa: E402
+from sd_fixtures import SD15_SCHEDULER  # noqa: E402
 from ipadapter_jax import schedulers as S  # noqa: E402
 
 # diffusers' own numpy-2 deprecation noise (np.array over torch tensors)
@@ -30,10 +31,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:Depreca
 TOL = 1e-6
 SHAPE = (2, 8, 8, 4)
 NAMES = list(S.SCHEDULERS)
-SD15 = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
-        "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
-        "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
-        "clip_sample": False}
+SD15 = SD15_SCHEDULER  # SD 1.5's scheduler_config.json (less "_diffusers_version", which nothing reads)
 TORCH_CLASSES = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "euler": EulerDiscreteScheduler,
                  "euler-a": EulerAncestralDiscreteScheduler, "dpm++2m": DPMSolverMultistepScheduler,
                  "dpm++2m-karras": DPMSolverMultistepScheduler}

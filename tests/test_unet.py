@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_weights_file, nchw, nhwc, rel_err
+from helpers import (assert_same_weights_file, capture_torch_blocks, first_divergence, nchw, nhwc, rel_err,
+                     unet_block_names, unet_block_outputs)
 from ipadapter_jax.models import UNet2DConditionModel
+from ipadapter_jax.models.conditioning import UNetConditioning
 
 TOL = 1e-5
 
@@ -44,22 +46,38 @@ def reference_unet(tmp_path, config: dict):
 
 
 def compare(torch_model, jax_model, shape, seq=7, timesteps=(3, 917)):
+    """(rel err of the prediction, where): ``where(bound)`` runs the JAX UNet
+    block by block and names the first block that differs from diffusers' by
+    more than ``bound`` (evaluated only when an assertion fails)."""
     rng = np.random.default_rng(0)
     sample = rng.standard_normal(shape, dtype=np.float32)
     context = rng.standard_normal((shape[0], seq, jax_model.config.per_block("cross_attention_dim")[0]),
                                   dtype=np.float32)
     t = np.array(timesteps[: shape[0]])
-    with torch.no_grad():
-        expected = nhwc(torch_model(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
-    actual = jax_model(sample, t, context)
-    return rel_err(actual, expected)
+    return compare_inputs(torch_model, jax_model, sample, t, context)
+
+
+def compare_inputs(torch_model, jax_model, sample, t, context, down_residuals=None, mid_residual=None):
+    """As ``compare`` on given inputs; optional ControlNet residuals (NHWC)."""
+    kwargs, conditioning = {}, context
+    if down_residuals is not None:
+        kwargs = dict(down_block_additional_residuals=tuple(nchw(r) for r in down_residuals),
+                      mid_block_additional_residual=nchw(mid_residual))
+        conditioning = UNetConditioning(encoder_hidden_states=context, down_block_residuals=tuple(down_residuals),
+                                        mid_block_residual=mid_residual)
+    with torch.no_grad(), capture_torch_blocks(torch_model, unet_block_names(torch_model)) as torch_blocks:
+        expected = nhwc(torch_model(nchw(sample), torch.as_tensor(t), torch.from_numpy(context), **kwargs).sample)
+    err = rel_err(jax_model(sample, t, conditioning), expected)
+    return err, lambda bound: first_divergence(unet_block_outputs(jax_model, sample, t, conditioning),
+                                               torch_blocks, bound)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_unet_parity(tmp_path, name):
     torch_model, folder = reference_unet(tmp_path, CONFIGS[name])
     model = UNet2DConditionModel.from_pretrained(folder)
-    assert compare(torch_model, model, (2, 16, 16, 4)) <= TOL
+    err, where = compare(torch_model, model, (2, 16, 16, 4))
+    assert err <= TOL, where(TOL)
 
 
 @pytest.mark.parametrize("hw", [(16, 24), (18, 14)])
@@ -68,7 +86,8 @@ def test_unet_non_square_and_odd_latents(tmp_path, hw):
     upsampler then resizes to the skip connection's size, as diffusers does)."""
     torch_model, folder = reference_unet(tmp_path, CONFIGS["sd15_like"])
     model = UNet2DConditionModel.from_pretrained(folder)
-    assert compare(torch_model, model, (2, *hw, 4)) <= TOL
+    err, where = compare(torch_model, model, (2, *hw, 4))
+    assert err <= TOL, where(TOL)
 
 
 def test_unet_scalar_and_float_timesteps(tmp_path):
@@ -78,9 +97,8 @@ def test_unet_scalar_and_float_timesteps(tmp_path):
     sample = rng.standard_normal((2, 8, 8, 4), dtype=np.float32)
     context = rng.standard_normal((2, 5, 24), dtype=np.float32)
     for t in (np.float32(421.75), np.array(10)):
-        with torch.no_grad():
-            expected = nhwc(torch_model(nchw(sample), torch.tensor(t), torch.from_numpy(context)).sample)
-        assert rel_err(model(sample, t, context), expected) <= TOL
+        err, where = compare_inputs(torch_model, model, sample, t, context)
+        assert err <= TOL, where(TOL)
 
 
 def test_unet_jit_matches_eager(tmp_path):
@@ -106,4 +124,65 @@ def test_unet_export_round_trip(tmp_path):
     assert_same_weights_file(folder / "diffusion_pytorch_model.safetensors",
                              tmp_path / "export" / "diffusion_pytorch_model.safetensors")
     reloaded = TorchUNet.from_pretrained(tmp_path / "export").eval()
-    assert compare(reloaded, model, (1, 8, 8, 4)) <= TOL
+    err, where = compare(reloaded, model, (1, 8, 8, 4))
+    assert err <= TOL, where(TOL)
+
+
+def skip_shapes(model, shape):
+    """Shapes of the UNet's skip connections (conv_in, then each resnet /
+    downsampler output of each down block) and of the mid block's output."""
+    b, h, w, _ = shape
+    boc = model.config.block_out_channels
+    shapes = [(b, h, w, boc[0])]
+    for i, block in enumerate(model.down_blocks):
+        shapes += [(b, h, w, boc[i])] * len(block.resnets)
+        if block.downsamplers is not None:
+            h, w = (h + 1) // 2, (w + 1) // 2
+            shapes.append((b, h, w, boc[i]))
+    return shapes, (b, h, w, boc[-1])
+
+
+def test_unet_controlnet_residuals(tmp_path):
+    """ControlNet residuals in a UNetConditioning match diffusers'
+    down_block_additional_residuals / mid_block_additional_residual."""
+    torch_model, folder = reference_unet(tmp_path, CONFIGS["sd15_like"])
+    model = UNet2DConditionModel.from_pretrained(folder)
+    rng = np.random.default_rng(4)
+    shape = (2, 16, 16, 4)
+    sample = rng.standard_normal(shape, dtype=np.float32)
+    context = rng.standard_normal((2, 7, 24), dtype=np.float32)
+    down_shapes, mid_shape = skip_shapes(model, shape)
+    down = tuple(rng.standard_normal(s, dtype=np.float32) for s in down_shapes)
+    mid = rng.standard_normal(mid_shape, dtype=np.float32)
+    err, where = compare_inputs(torch_model, model, sample, np.array([3, 917]), context, down, mid)
+    assert err <= 1e-5, where(1e-5)
+    # The residuals matter: without them the output is far off.
+    with_residuals = model(sample, np.array([3, 917]), UNetConditioning(context, down_block_residuals=down,
+                                                                        mid_block_residual=mid))
+    assert rel_err(model(sample, np.array([3, 917]), context), with_residuals) > 1e-2
+
+
+def test_block_outputs_locate_a_divergence(tmp_path):
+    """The per-block diagnosis the parity tests print: the block-by-block run
+    (eager and jitted) reproduces the model's output, every block matches
+    diffusers, and a perturbed block is named as the first divergence."""
+    torch_model, folder = reference_unet(tmp_path, CONFIGS["sd15_like"])
+    model = UNet2DConditionModel.from_pretrained(folder)
+    rng = np.random.default_rng(5)
+    sample = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)
+    context = rng.standard_normal((2, 7, 24), dtype=np.float32)
+    t = np.array([3, 917])
+    names = unet_block_names(torch_model)
+    with torch.no_grad(), capture_torch_blocks(torch_model, names) as torch_blocks:
+        torch_model(nchw(sample), torch.from_numpy(t), torch.from_numpy(context))
+    assert list(torch_blocks) == names
+    for jit in (False, True):
+        blocks = unet_block_outputs(model, sample, t, context, jit=jit)
+        assert list(blocks) == names
+        assert rel_err(blocks["conv_out"], model(sample, t, context)) <= 1e-6
+        assert first_divergence(blocks, torch_blocks, TOL).startswith("no block output differs")
+
+    bias = model.down_blocks[1].resnets[0].conv2.bias
+    bias[...] = bias[...] + 0.5
+    message = first_divergence(unet_block_outputs(model, sample, t, context), torch_blocks, TOL)
+    assert message.startswith("first divergence at down_blocks.1 (rel err"), message

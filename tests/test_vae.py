@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_same_weights_file, nchw, nhwc, rel_err
+from helpers import (assert_same_weights_file, capture_torch_blocks, first_divergence, nchw, nhwc, rel_err,
+                     vae_block_names, vae_block_outputs)
 from ipadapter_jax.models import AutoencoderKL
 
 TOL = 1e-5
@@ -31,25 +32,36 @@ def vae_pair(tmp_path_factory):
 def test_vae_encoder_parity(vae_pair, hw):
     torch_model, model, _ = vae_pair
     x = np.random.default_rng(0).uniform(-1, 1, (2, *hw, 3)).astype(np.float32)
-    with torch.no_grad():
+    with torch.no_grad(), capture_torch_blocks(torch_model, vae_block_names(torch_model, "encoder")) as blocks:
         dist = torch_model.encode(nchw(x)).latent_dist
     posterior = model.encode(x)
-    assert rel_err(posterior.mean, nhwc(dist.mean)) <= TOL
-    assert rel_err(posterior.logvar, nhwc(dist.logvar)) <= TOL
-    assert rel_err(posterior.std, nhwc(dist.std)) <= TOL
+
+    def where():
+        return first_divergence(vae_block_outputs(model, "encoder", x), blocks, TOL)
+
+    assert rel_err(posterior.mean, nhwc(dist.mean)) <= TOL, where()
+    assert rel_err(posterior.logvar, nhwc(dist.logvar)) <= TOL, where()
+    assert rel_err(posterior.std, nhwc(dist.std)) <= TOL, where()
     # Sampling is mean + std * noise: check against the torch formula on the same noise.
     key = jax.random.key(0)
     noise = np.asarray(jax.random.normal(key, posterior.mean.shape))
-    assert rel_err(posterior.sample(key), nhwc(dist.mean) + nhwc(dist.std) * noise) <= TOL
+    assert rel_err(posterior.sample(key), nhwc(dist.mean) + nhwc(dist.std) * noise) <= TOL, where()
 
 
 @pytest.mark.parametrize("hw", [(8, 8), (6, 10)])
 def test_vae_decoder_parity(vae_pair, hw):
     torch_model, model, _ = vae_pair
     z = np.random.default_rng(1).standard_normal((2, *hw, 4)).astype(np.float32)
-    with torch.no_grad():
+    assert_decoder_parity(torch_model, model, z)
+
+
+def assert_decoder_parity(torch_model, model, z):
+    """decode(z) within TOL of diffusers'; a failure names the first decoder
+    block that differs."""
+    with torch.no_grad(), capture_torch_blocks(torch_model, vae_block_names(torch_model, "decoder")) as blocks:
         expected = nhwc(torch_model.decode(nchw(z)).sample)
-    assert rel_err(model.decode(z), expected) <= TOL
+    assert rel_err(model.decode(z), expected) <= TOL, \
+        first_divergence(vae_block_outputs(model, "decoder", z), blocks, TOL)
 
 
 def test_vae_scaling_factor_from_config(vae_pair):
@@ -91,5 +103,33 @@ def test_vae_export_round_trip(vae_pair, tmp_path):
                              tmp_path / "export" / "diffusion_pytorch_model.safetensors")
     reloaded = TorchVAE.from_pretrained(tmp_path / "export").eval()
     z = np.random.default_rng(3).standard_normal((1, 8, 8, 4)).astype(np.float32)
-    with torch.no_grad():
-        assert rel_err(model.decode(z), nhwc(reloaded.decode(nchw(z)).sample)) <= TOL
+    assert_decoder_parity(reloaded, model, z)
+
+
+def test_vae_block_outputs_locate_a_divergence(vae_pair):
+    """The per-block diagnosis the parity tests print: the block-by-block run
+    reproduces encode / decode, every block matches diffusers, and a perturbed
+    block is named as the first divergence."""
+    torch_model, model, folder = vae_pair
+    rng = np.random.default_rng(4)
+    x = rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    z = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
+    names = vae_block_names(torch_model, "encoder") + vae_block_names(torch_model, "decoder")
+    with torch.no_grad(), capture_torch_blocks(torch_model, names) as torch_blocks:
+        torch_model.encode(nchw(x))
+        torch_model.decode(nchw(z))
+    assert list(torch_blocks) == names
+    encoder = vae_block_outputs(model, "encoder", x)
+    decoder = vae_block_outputs(model, "decoder", z)
+    assert list(encoder) + list(decoder) == names
+    mean, logvar = np.split(np.asarray(encoder["quant_conv"]), 2, axis=-1)
+    assert rel_err(mean, model.encode(x).mean) <= 1e-6
+    assert rel_err(decoder["decoder.conv_out"], model.decode(z)) <= 1e-6
+    for blocks in (encoder, decoder):
+        assert first_divergence(blocks, torch_blocks, TOL).startswith("no block output differs")
+
+    perturbed = AutoencoderKL.from_pretrained(folder)
+    bias = perturbed.decoder.up_blocks[1].resnets[0].conv2.bias
+    bias[...] = bias[...] + 0.5
+    message = first_divergence(vae_block_outputs(perturbed, "decoder", z), torch_blocks, TOL)
+    assert message.startswith("first divergence at decoder.up_blocks.1 (rel err"), message
