@@ -10,7 +10,7 @@ denoising loop runs inside one ``jax.lax.fori_loop`` under ``jax.jit``::
 
     def body(i, carry):
         x, state = carry
-        eps = unet(sched.scale_model_input(state, x, i), state.timesteps[i])
+        eps = unet(sched.scale_model_input(state, x, i), state.timesteps[i], conditioning)
         return sched.step(state, eps, i, x)
 
     x, state = jax.lax.fori_loop(0, sched.num_steps(state), body, (x, state))
@@ -38,6 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from ipadapter_jax.io.errors import BadArgument, MissingFile, Unsupported
+from ipadapter_jax.io.files import load_config
 
 F32 = np.float32
 
@@ -110,10 +113,9 @@ def load_scheduler_config(model_folder) -> dict:
     """Read ``<model_folder>/scheduler/scheduler_config.json`` (a diffusers model folder)."""
     path = Path(model_folder) / "scheduler" / "scheduler_config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"scheduler config not found: {path} (expected a diffusers model folder "
-                                "with scheduler/scheduler_config.json)")
-    with open(path) as f:
-        return json.load(f)
+        raise MissingFile(f"scheduler config not found: {path} (expected a diffusers model folder "
+                          "with scheduler/scheduler_config.json)")
+    return load_config(path.parent, path.name)
 
 
 # --------------------------------------------------------------------------- host-side schedule math
@@ -132,7 +134,7 @@ def _betas(cfg) -> np.ndarray:
     if cfg["trained_betas"] is not None:
         betas = np.asarray(cfg["trained_betas"], dtype=F32)
         if betas.shape != (n,):
-            raise ValueError(f"scheduler config 'trained_betas' has {betas.size} entries, "
+            raise BadArgument(f"scheduler config 'trained_betas' has {betas.size} entries, "
                              f"'num_train_timesteps' is {n}")
         return betas
     if cfg["beta_schedule"] == "linear":
@@ -168,7 +170,7 @@ def ddpm_alphas_cumprod(config: dict | None = None, **overrides) -> np.ndarray:
 def _validate(cfg, checks, name):
     for key, (ok, expected) in checks.items():
         if not ok(cfg[key]):
-            raise ValueError(f"scheduler config key {key!r} = {cfg[key]!r} is not supported by scheduler "
+            raise BadArgument(f"scheduler config key {key!r} = {cfg[key]!r} is not supported by scheduler "
                              f"{name!r} (expected {expected})")
 
 
@@ -211,7 +213,7 @@ class Scheduler:
     Built from a diffusers ``scheduler_config.json`` dict (any scheduler class:
     keys this scheduler does not read are ignored, missing ones take this
     scheduler's diffusers defaults) plus keyword overrides, which must be keys
-    it reads. Unsupported values raise ValueError naming the key.
+    it reads. Unsupported values raise ``BadArgument`` (a ValueError) naming the key.
     """
 
     name = ""
@@ -231,7 +233,7 @@ class Scheduler:
         cfg.update({k: v for k, v in config.items() if k in cfg})
         for k, v in overrides.items():
             if k not in cfg:
-                raise ValueError(f"unknown option {k!r} for scheduler {self.name!r}; "
+                raise BadArgument(f"unknown option {k!r} for scheduler {self.name!r}; "
                                  f"it reads: {', '.join(sorted(cfg))}")
             cfg[k] = v
         _validate(cfg, {**_BASE_CHECKS, **self._checks}, self.name)
@@ -266,9 +268,9 @@ class Scheduler:
         """
         n = int(num_inference_steps)
         if n < 1:
-            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+            raise BadArgument(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if n > self.num_train_timesteps:
-            raise ValueError(f"num_inference_steps ({n}) cannot exceed num_train_timesteps "
+            raise BadArgument(f"num_inference_steps ({n}) cannot exceed num_train_timesteps "
                              f"({self.num_train_timesteps})")
         timesteps, tables, init_sigma = self._schedule(n)
         history = cur = None
@@ -286,7 +288,7 @@ class Scheduler:
 
     def _check_timesteps(self, t):
         if np.any(t < 0) or np.any(t > self.num_train_timesteps - 1):
-            raise ValueError(f"scheduler {self.name!r} produced timesteps {t.tolist()} outside "
+            raise BadArgument(f"scheduler {self.name!r} produced timesteps {t.tolist()} outside "
                              f"[0, {self.num_train_timesteps - 1}]: check 'steps_offset'")
 
     # ---- traceable
@@ -320,7 +322,7 @@ class Scheduler:
             if isinstance(model_output, jax.core.Tracer):
                 # Allocating here would change the state's structure inside a
                 # traced loop (fori_loop/scan reject that with an obscure error).
-                raise ValueError(f"scheduler {self.name!r} keeps past model outputs in its state: under jit, "
+                raise BadArgument(f"scheduler {self.name!r} keeps past model outputs in its state: under jit, "
                                  "build it with set_timesteps(n, sample_shape=latents.shape)")
             state = state.replace(history=jnp.zeros((self._history, *model_output.shape), model_output.dtype))
             if self._keeps_sample:
@@ -392,7 +394,7 @@ class DDIM(Scheduler):
         prev = tb["sqrt_a_prev"][i] * x0 + tb["dir"][i] * eps
         if self.needs_noise:
             if noise is None:
-                raise ValueError("ddim with eta > 0 needs a `noise` array in step()")
+                raise BadArgument("ddim with eta > 0 needs a `noise` array in step()")
             prev = prev + tb["std"][i] * noise
         return prev.astype(sample.dtype), state.replace(counter=state.counter + 1)
 
@@ -415,7 +417,7 @@ class PNDM(Scheduler):
     def __init__(self, config=None, **overrides):
         super().__init__(config, **overrides)
         if self.config["skip_prk_steps"] is not True:
-            raise NotImplementedError(
+            raise Unsupported(
                 "scheduler 'pndm' supports only skip_prk_steps=True (PLMS steps, as in Stable Diffusion's "
                 f"config); got 'skip_prk_steps' = {self.config['skip_prk_steps']!r}. Pass skip_prk_steps=True "
                 "or use another scheduler.")
@@ -557,7 +559,7 @@ class EulerAncestral(_EulerBase):
 
     def step(self, state, model_output, i, sample, noise=None):
         if noise is None:
-            raise ValueError("euler-a needs a `noise` array in step()")
+            raise BadArgument("euler-a needs a `noise` array in step()")
         tb = state.tables
         x = sample.astype(jnp.float32)
         x0 = self._x0(tb, model_output, i, x)
@@ -595,7 +597,7 @@ class DPMSolverPP2M(Scheduler):
 
     def __init__(self, config=None, **overrides):
         if overrides.get("use_karras_sigmas", self.karras) != self.karras:
-            raise ValueError(f"scheduler {self.name!r} fixes 'use_karras_sigmas' = {self.karras}; "
+            raise BadArgument(f"scheduler {self.name!r} fixes 'use_karras_sigmas' = {self.karras}; "
                              "pick 'dpm++2m' or 'dpm++2m-karras' instead")
         # The name decides Karras sigmas, whatever the config says.
         super().__init__(config, **{**overrides, "use_karras_sigmas": self.karras})
@@ -673,7 +675,7 @@ def make_scheduler(name: str, config: dict | None = None, **overrides) -> Schedu
     ``XScheduler.from_config(pipe.scheduler.config)``. DDIM also takes ``eta``.
     """
     if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
+        raise BadArgument(f"unknown scheduler {name!r}; valid names: {', '.join(SCHEDULERS)}")
     return SCHEDULERS[name](config, **overrides)
 
 
@@ -683,7 +685,7 @@ def begin_index(scheduler: Scheduler, state: SchedulerState, strength: float, nu
     init_timestep = min(int(n * strength), n)
     start = max(n - init_timestep, 0) * scheduler.order
     if start >= scheduler.num_steps(state):
-        raise ValueError(f"strength {strength} with {n} steps leaves no denoising step; raise strength or steps")
+        raise BadArgument(f"strength {strength} with {n} steps leaves no denoising step; raise strength or steps")
     return start
 
 

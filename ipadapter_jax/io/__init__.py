@@ -4,7 +4,8 @@
   ``torch.load(weights_only=True)``), model folders, atomic writes;
 * ``params``: torch names and layouts <-> NNX state, the strict fill;
 * ``pretrained``: ``from_pretrained`` / ``save_pretrained`` for model folders;
-* ``images``: image files -> RGB -> CLIP pixels.
+* ``images``: image files -> RGB -> CLIP pixels;
+* ``errors``: the user-error classes every layer raises and the CLIs print as one line.
 """
 
 from ipadapter_jax.io.files import (CheckpointError, atomic_write, find_weights, load_config, read_state_dict,

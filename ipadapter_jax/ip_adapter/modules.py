@@ -58,7 +58,7 @@ class IPAdapter(nnx.Module):
     """Image projection + per-layer image K/V (+ LoRA) for one UNet.
 
     Build with ``IPAdapter.for_unet`` (random init, for training) or load an
-    official file with ``ipadapter_jax.convert.ip_adapter.load_ip_adapter``.
+    official file with ``ipadapter_jax.ip_adapter.load_ip_adapter``.
     """
 
     def __init__(self, image_proj: nnx.Module, *, variant: str, hidden_sizes: Sequence[int], token_dim: int,

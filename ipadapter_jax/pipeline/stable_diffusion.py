@@ -58,7 +58,12 @@ class Prepared:
     noise_key: jax.Array
     start: int                       # first step (img2img starts part-way)
     steps: int
-    cfg: bool
+    guidance_scale: float            # classifier-free guidance runs when > 1
+    guidance_rescale: float = 0.0
+
+    @property
+    def cfg(self) -> bool:
+        return self.guidance_scale > 1.0
 
 
 SUPPORTED_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
@@ -210,22 +215,21 @@ class StableDiffusionPipeline:
             raise BadArgument(f"strength must be in (0, 1], got {strength}")
         pixels = np.repeat(load_init_image(init_image, *size), latent_shape[0], axis=0)
         init = self._vae_encode(jnp.asarray(pixels)).sample(vae_key) * self.vae.scaling_factor
-        start = schedulers.begin_index(sched, state, strength, num_inference_steps)
-        if start >= sched.num_steps(state):
-            raise BadArgument(f"strength {strength} leaves no denoising steps at {num_inference_steps} steps")
+        start = schedulers.begin_index(sched, state, strength, num_inference_steps)  # refuses 0 steps left
         return sched.add_noise(state, init, jnp.asarray(noise), start), start
 
     def prepare(self, prompt="", *, negative_prompt="", ip_adapter_prompts: Sequence[ImagePromptSpec] = (),
                 num_inference_steps: int = 30, guidance_scale: float = 7.5, scheduler: str = "ddim",
                 scheduler_options: dict | None = None, height: int = 512, width: int = 512, num_images: int = 1,
                 seed: int = 0, latents=None, init_image=None, strength: float = 0.8, prompt_embeds=None,
-                negative_prompt_embeds=None) -> Prepared:
+                negative_prompt_embeds=None, guidance_rescale: float = 0.0) -> Prepared:
         """Validate and encode a call (see ``__call__`` for the arguments)."""
         if height % 8 or width % 8:
             raise BadArgument(f"height and width must be multiples of 8, got {height}x{width}")
         if num_inference_steps < 1:
             raise BadArgument(f"num_inference_steps must be at least 1, got {num_inference_steps}")
-        for name, value in (("guidance_scale", guidance_scale), ("strength", strength),
+        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale),
+                            ("strength", strength),
                             ("scheduler_options", scheduler_options), ("latents", latents),
                             ("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
             require_finite(name, value)
@@ -251,7 +255,8 @@ class StableDiffusionPipeline:
         x, start = self._initial_latents(sched, state, latent_shape, (latent_key, vae_key), latents, init_image,
                                          strength, num_inference_steps, (height, width))
         return Prepared(scheduler=sched, state=state, latents=x, cond=UNetConditioning(context, prompts),
-                        gates=gates, noise_key=noise_key, start=start, steps=steps, cfg=cfg)
+                        gates=gates, noise_key=noise_key, start=start, steps=steps, guidance_scale=guidance_scale,
+                        guidance_rescale=guidance_rescale)
 
     def _shard_prompt(self, prompt: ImagePrompt) -> ImagePrompt:
         shard = lambda x: shard_batch(self.mesh, x)
@@ -263,8 +268,7 @@ class StableDiffusionPipeline:
         if self._bar is not None:
             self._bar.update(1)
 
-    def denoise(self, request: Prepared, *, guidance_scale: float, guidance_rescale: float = 0.0,
-                progress: bool = False) -> tuple[jax.Array, dict]:
+    def denoise(self, request: Prepared, *, progress: bool = False) -> tuple[jax.Array, dict]:
         """Run the jitted loop on a prepared request: (final latents, timings).
         Compiles ahead of time (timed apart) once per argument signature."""
         cond = request.cond.replace(
@@ -272,7 +276,7 @@ class StableDiffusionPipeline:
             image_prompts=tuple(self._shard_prompt(p) for p in request.cond.image_prompts))
         graphdef, params = nnx.split(self.unet)
         args = (params, request.state, shard_batch(self.mesh, request.latents), cond, jnp.asarray(request.gates),
-                jnp.float32(guidance_scale), jnp.float32(guidance_rescale), request.noise_key,
+                jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale), request.noise_key,
                 jnp.int32(request.start))
         t0 = time.perf_counter()
         compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, progress=progress,
@@ -324,17 +328,17 @@ class StableDiffusionPipeline:
           ``NonFiniteError`` (for debugging).
         Returns ``SampleOutput`` (images in [0, 1], final latents, timings).
         """
-        require_finite("guidance_rescale", guidance_rescale)
+        if output_type != "np":
+            raise BadArgument(f"output_type must be 'np' (float32 arrays in [0, 1]), got {output_type!r}")
         t0 = time.perf_counter()
         request = self.prepare(prompt, negative_prompt=negative_prompt, ip_adapter_prompts=ip_adapter_prompts,
                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                scheduler=scheduler, scheduler_options=scheduler_options, height=height,
                                width=width, num_images=num_images, seed=seed, latents=latents,
                                init_image=init_image, strength=strength, prompt_embeds=prompt_embeds,
-                               negative_prompt_embeds=negative_prompt_embeds)
+                               negative_prompt_embeds=negative_prompt_embeds, guidance_rescale=guidance_rescale)
         timings = {"encode_s": time.perf_counter() - t0}
-        final, loop_timings = self.denoise(request, guidance_scale=guidance_scale,
-                                           guidance_rescale=guidance_rescale, progress=progress)
+        final, loop_timings = self.denoise(request, progress=progress)
         timings.update(loop_timings)
         t1 = time.perf_counter()
         images = self.decode(final)
