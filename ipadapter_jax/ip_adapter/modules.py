@@ -105,24 +105,21 @@ class IPAdapter(nnx.Module):
         face crop's ``clip_hidden_states``; ``s_scale`` weighs PlusV2's shortcut).
         """
         embeds = jnp.asarray(embeds)
-        kind = self.input_kind
-        want_rank = 3 if kind == variants.HIDDEN_STATES else 2
-        if embeds.ndim != want_rank:
+        spec = self.spec
+        if embeds.ndim != spec.embed_rank:
             what = {2: "CLIP image_embeds / ID embeddings [B, D]", 3: "CLIP hidden_states[-2] [B, tokens, D]"}
-            raise BadArgument(f"this is a {self.variant!r} IP-Adapter: it takes {what[want_rank]}, got an array "
-                             f"of shape {tuple(embeds.shape)} (see ipadapter_jax.ip_adapter.encoding.encode_image)")
-        expected = self.embed_dim
-        if embeds.shape[-1] != expected:
-            raise Incompatible(f"{self.variant!r} IP-Adapter expects embeddings of width {expected}, got "
-                             f"{embeds.shape[-1]}: was it encoded by the image encoder this adapter was "
-                             "trained with?")
-        if kind == variants.FACE_ID_AND_HIDDEN:
-            if clip_hidden_states is None or jnp.ndim(clip_hidden_states) != 3:
-                raise BadArgument("a 'faceid-plus' IP-Adapter needs clip_hidden_states [B, 257, D] of the face "
-                                 "crop as well as the ID embedding")
-            return self.image_proj(embeds, jnp.asarray(clip_hidden_states), shortcut=self.shortcut,
-                                   s_scale=s_scale)
-        return self.image_proj(embeds)
+            raise BadArgument(f"this is a {self.variant!r} IP-Adapter: it takes {what[spec.embed_rank]}, got an "
+                              f"array of shape {tuple(embeds.shape)} (see ipadapter_jax.ip_adapter.encode_image)")
+        if embeds.shape[-1] != self.embed_dim:
+            raise Incompatible(f"{self.variant!r} IP-Adapter expects embeddings of width {self.embed_dim}, got "
+                               f"{embeds.shape[-1]}: was it encoded by the image encoder this adapter was "
+                               "trained with?")
+        if not spec.takes_face_crop:
+            return self.image_proj(embeds)
+        if clip_hidden_states is None or jnp.ndim(clip_hidden_states) != 3:
+            raise BadArgument(f"a {self.variant!r} IP-Adapter needs clip_hidden_states [B, 257, D] of the face "
+                              "crop as well as the ID embedding")
+        return self.image_proj(embeds, jnp.asarray(clip_hidden_states), shortcut=self.shortcut, s_scale=s_scale)
 
     @property
     def embed_dim(self) -> int:

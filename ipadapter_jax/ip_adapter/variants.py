@@ -111,6 +111,16 @@ class Variant:
         return self.projection(**hparams, rngs=rngs)
 
     @property
+    def embed_rank(self) -> int:
+        """Rank of the embeddings the projection takes: [B, tokens, D] or [B, D]."""
+        return 3 if self.input_kind == HIDDEN_STATES else 2
+
+    @property
+    def takes_face_crop(self) -> bool:
+        """It also takes the CLIP hidden states of the face crop (FaceID-Plus)."""
+        return self.input_kind == FACE_ID_AND_HIDDEN
+
+    @property
     def needs_face_id(self) -> bool:
         return self.input_kind in (FACE_ID, FACE_ID_AND_HIDDEN)
 
