@@ -114,6 +114,8 @@ def parse_args(argv=None):
     if args.mask and len(args.mask) != len(args.image):
         p.error(f"{len(args.mask)} masks for {len(args.image)} images: give one --mask per --image")
     for path in [*args.image, *args.mask, *args.ip_adapter, args.init_image, args.init_latents]:
+        if path and Path(path).is_dir():
+            p.error(f"{path} is a folder; expected a file")
         if path and not Path(path).is_file():
             p.error(f"file not found: {path}")
     for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
@@ -191,14 +193,10 @@ def save_images(images, out: Path) -> list[Path]:
 
 def _load_latents(path: str):
     """An ``.npy`` of initial noise [N, h, w, C]; a clear error for anything else."""
-    import numpy as np
-
     from ipadapter_jax.io.errors import BadFile
+    from ipadapter_jax.io.files import read_npy
 
-    try:
-        latents = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise BadFile(f"--init-latents {path}: not a readable .npy array ({e})") from None
+    latents = read_npy(path)
     if latents.ndim != 4 or latents.dtype.kind != "f":
         raise BadFile(f"--init-latents {path}: expected float latents [N, h, w, C], got {latents.dtype} "
                       f"{latents.shape}")

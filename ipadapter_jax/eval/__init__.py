@@ -22,7 +22,6 @@ prompt + reference) and ``image+text`` (caption + reference), at each scale.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ipadapter_jax.demo import shapes
 from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile
+from ipadapter_jax.io.files import read_json
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.models import CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 from ipadapter_jax.pipeline import ImagePromptSpec, JittedModule
@@ -54,18 +54,21 @@ class Case:
 def load_cases(path: str | os.PathLike) -> list[Case]:
     """``[{"image": path, "caption": text}, ...]``; image paths are relative to the JSON file."""
     path = Path(path)
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected a JSON cases file")
     if not path.is_file():
         raise MissingFile(f"cases file not found: {path}")
-    try:
-        records = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BadFile(f"{path} is not valid JSON: {e}") from None
+    records = read_json(path)
     if not isinstance(records, list) or not records:
-        raise BadFile(f"{path}: expected a non-empty list of {{'image', 'caption'}} records")
+        got = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
+        raise BadFile(f"{path}: expected a non-empty list of {{'image', 'caption'}} records, got {got}")
     cases = []
     for i, r in enumerate(records):
+        shown = repr(r) if len(repr(r)) <= 120 else repr(r)[:120] + "..."
         if not isinstance(r, dict) or "image" not in r or "caption" not in r:
-            raise BadFile(f"{path}: record {i} lacks 'image' or 'caption': {r!r}")
+            raise BadFile(f"{path}: record {i} lacks 'image' or 'caption': {shown}")
+        if not isinstance(r["image"], str) or not r["image"] or not isinstance(r["caption"], str):
+            raise BadFile(f"{path}: record {i}: 'image' must be a file name and 'caption' a string, got {shown}")
         image = path.parent / r["image"]
         if not image.is_file():
             raise MissingFile(f"{path}: record {i}: image not found: {image}")

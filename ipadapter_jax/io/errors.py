@@ -26,8 +26,9 @@ class MissingFile(UserError, FileNotFoundError):
     """A file or folder that was named does not exist."""
 
 
-class Unsupported(UserError, NotImplementedError):
-    """A model, configuration or option this package does not support."""
+class Unsupported(UserError, NotImplementedError, ValueError):
+    """A model, configuration or option this package does not support (also a
+    ``ValueError``: an unsupported value in a config was one before this class)."""
 
 
 class Incompatible(UserError, ValueError):

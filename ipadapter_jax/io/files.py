@@ -32,13 +32,30 @@ def load_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
     if not folder.is_dir():
         raise MissingFile(f"model folder not found: {folder}")
     path = folder / name
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected a JSON file")
     if not path.is_file():
         raise MissingFile(f"{path} not found: a diffusers/transformers model folder holds {name} "
                                 "beside its weights")
+    config = read_json(path, error=CheckpointError)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(config).__name__}; expected an object "
+                              "({\"key\": value, ...})")
+    return config
+
+
+def read_json(path: str | os.PathLike, *, error: type[BadFile] = BadFile):
+    """Parse a JSON file, raising ``error`` naming the file for what is not JSON
+    (invalid syntax, not UTF-8 text, nested too deeply to parse)."""
+    path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{path} is not a JSON text file (not UTF-8: {e})") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise error(f"{path} is not valid JSON: nested too deeply to parse") from None
 
 
 def find_weights(folder: str | os.PathLike, base_name: str, variant: str | None = None) -> list[Path]:
@@ -57,19 +74,39 @@ def find_weights(folder: str | os.PathLike, base_name: str, variant: str | None 
     for ext in ("safetensors", "bin"):
         index = folder / f"{stem}.{ext}.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (folder / s).is_file()]
-            if missing:
-                raise MissingFile(f"{index} lists shards that are missing: {missing}")
-            return [folder / s for s in shards]
+            return _shards(folder, index)
         single = folder / f"{stem}.{ext}"
         if single.is_file():
             return [single]
+        if single.exists():
+            raise BadFile(f"{single} is a folder; expected a weights file")
         candidates.append(single.name)
     present = sorted(p.name for p in folder.iterdir())
     raise MissingFile(f"no weights in {folder}: looked for {' or '.join(candidates)} "
                             f"(and sharded .index.json forms); the folder holds {present}")
+
+
+def _shards(folder: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names (``{"weight_map": {key: file}}``)."""
+    content = read_json(index, error=CheckpointError)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(v, str) and v for v in weight_map.values()):
+        raise CheckpointError(f"{index}: expected {{\"weight_map\": {{tensor name: shard file name}}}}, got "
+                              f"{_short(content)}")
+    shards = sorted(set(weight_map.values()))
+    outside = [s for s in shards if Path(s).name != s]
+    if outside:
+        raise CheckpointError(f"{index}: shard names must be file names in {folder}, got {outside[:3]}")
+    missing = [s for s in shards if not (folder / s).is_file()]
+    if missing:
+        raise MissingFile(f"{index} lists shards that are missing: {missing}")
+    return [folder / s for s in shards]
+
+
+def _short(value, n: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -81,15 +118,16 @@ def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
             for key in f.keys():
                 try:
                     out[key] = f.get_tensor(key)
-                except TypeError:
-                    # numpy has no bfloat16; safetensors' numpy backend refuses it.
+                except (TypeError, AttributeError):
+                    # numpy has no bfloat16 / float8; safetensors' numpy backend refuses them
+                    # (TypeError) or looks them up on numpy (AttributeError).
                     out[key] = _read_raw_tensor(path, key)
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
     return out
 
 
-_RAW_DTYPES = {"BF16": "bfloat16"}
+_RAW_DTYPES = {"BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _read_raw_tensor(path: Path, key: str) -> np.ndarray:
@@ -101,7 +139,8 @@ def _read_raw_tensor(path: Path, key: str) -> np.ndarray:
         entry = header[key]
         name = _RAW_DTYPES.get(entry["dtype"])
         if name is None:
-            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']}")
+            raise CheckpointError(f"{path}: tensor {key!r} has unsupported dtype {entry['dtype']} (readable: "
+                                  f"the numpy dtypes, {', '.join(_RAW_DTYPES)})")
         start, end = entry["data_offsets"]
         f.seek(8 + n + start)
         buf = f.read(end - start)
@@ -117,10 +156,21 @@ def _read_bin(path: Path) -> dict[str, np.ndarray]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt/unsafe pickles
-        raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint: {e}") from None
+        raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint (a corrupt or "
+                              "truncated file, or a pickle holding code or objects other than tensors, which "
+                              f"is refused: convert trusted files to .safetensors): {_torch_problem(e)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     return _flatten_torch(obj, str(path))
+
+
+def _torch_problem(e: Exception) -> str:
+    """The informative part of a ``torch.load`` error: without the advice to retry
+    with ``weights_only=False`` (which would run the code a malicious file holds)."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [line.strip() for line in str(e).splitlines()
+             if line.strip() and not line.strip().startswith(boilerplate)]
+    return " ".join(lines) or type(e).__name__
 
 
 def _flatten_torch(obj: dict, source: str, prefix: str = "") -> dict[str, np.ndarray]:
@@ -145,13 +195,38 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     flattened with ``.`` (so ``{"image_proj": {"proj.weight": ...}}`` becomes
     ``image_proj.proj.weight``, the safetensors layout)."""
     path = Path(path)
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected a weights file (.safetensors or .bin)")
     if not path.is_file():
         raise MissingFile(f"weights file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a .safetensors or .bin weights file")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         return _read_bin(path)
     raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or .bin")
+
+
+def read_npy(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` array (never a pickle), with errors that name the file. The
+    header is checked against the file's size before anything is allocated (a
+    header may claim any shape); ``mmap=True`` returns the memory map itself."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected a .npy file")
+    if not path.is_file():
+        raise MissingFile(f"{path} not found")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        text = str(e)
+        if "pickled" in text or "allow_pickle" in text:
+            text = "no .npy header (an object array or pickle is refused: it could run code)"
+        elif "Python objects" in text:
+            text = "it holds Python objects, which are refused (they could run code)"
+        raise BadFile(f"{path} is not a readable .npy array: {text or type(e).__name__}") from None
+    return array if mmap else np.array(array)
 
 
 def read_weights(paths: list[Path]) -> dict[str, np.ndarray]:

@@ -71,10 +71,14 @@ class LoadReport:
         return bool(self.missing or self.unexpected)
 
 
+# ml_dtypes floating point types numpy does not know as kind "f".
+_EXTRA_FLOATS = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
+
+
 def _as_float32(key: str, value: np.ndarray, source: str) -> np.ndarray:
-    if value.dtype.kind != "f" and str(value.dtype) != "bfloat16":
+    if value.dtype.kind != "f" and str(value.dtype) not in _EXTRA_FLOATS:
         raise CheckpointError(f"{source}: tensor {key!r} has dtype {value.dtype}; expected a floating "
-                              "point tensor (float16/bfloat16/float32/float64)")
+                              "point tensor (float16/bfloat16/float32/float64, or float8)")
     return np.asarray(value, dtype=np.float32)
 
 
@@ -122,6 +126,7 @@ def load_state_dict_into(make_module: Callable[[], nnx.Module], state_dict: dict
     unexpected: list[str] = []
     mismatched: list[str] = []
     for key, value in state_dict.items():
+        original = key   # errors name the key as the file has it
         if rename is not None:
             renamed = rename(key, value)
             if renamed is None:
@@ -131,7 +136,7 @@ def load_state_dict_into(make_module: Callable[[], nnx.Module], state_dict: dict
             unexpected.append(key)
             continue
         path, shape = targets[key]
-        value = to_flax_layout(path, _as_float32(key, value, source))
+        value = to_flax_layout(path, _as_float32(original, value, source))
         if value.shape != tuple(shape):
             mismatched.append(f"{key}: checkpoint {tuple(to_torch_layout(path, value).shape)} vs model "
                               f"{_torch_shape(path, tuple(shape))}")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable
 
 from flax import nnx
 
+from ipadapter_jax.io.errors import BadFile, UserError
 from ipadapter_jax.io.files import find_weights, load_config, read_weights, save_safetensors
 from ipadapter_jax.io.params import LoadReport, Rename, load_state_dict_into, module_state_dict
 
@@ -26,12 +28,90 @@ def load_pretrained(folder: str | os.PathLike, build: Callable[[dict], nnx.Modul
     folder = Path(folder)
     config = load_config(folder)
     if check_config is not None:
-        check_config(config)
+        try:
+            check_config(config)
+        except UserError as e:   # the same error, naming the file
+            try:
+                named = type(e)(f"{folder / 'config.json'}: {e}")
+            except TypeError:
+                raise e from None
+            raise named from None
     files = find_weights(folder, weights_name, variant)
     state_dict = read_weights(files)
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
     return load_state_dict_into(lambda: build(config), state_dict, source=source, strict=strict,
                                 rename=rename)
+
+
+# --------------------------------------------------------------------------- config values
+
+_KIND_WORDS = {"int": "a positive integer", "int0": "an integer >= 0", "num": "a finite number",
+               "pos": "a positive number", "bool": "true or false", "str": "a string"}
+
+
+def _fits(value, kind: str) -> bool:
+    if "|" in kind:
+        return any(_fits(value, k) for k in kind.split("|"))
+    if kind.endswith("?"):
+        return value is None or _fits(value, kind[:-1])
+    if kind.startswith("list[") and kind.endswith("]"):
+        return (isinstance(value, (list, tuple)) and len(value) > 0
+                and all(_fits(v, kind[5:-1]) for v in value))
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "str":
+        return isinstance(value, str)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if kind in ("int", "int0"):
+        return isinstance(value, int) and value >= (1 if kind == "int" else 0)
+    if kind == "num":
+        return math.isfinite(value)
+    if kind == "pos":
+        return math.isfinite(value) and value > 0
+    raise AssertionError(f"unknown config value kind {kind!r}")
+
+
+_KIND_PLURALS = {"int": "positive integers", "int0": "integers >= 0", "num": "finite numbers",
+                 "pos": "positive numbers", "bool": "booleans", "str": "strings"}
+
+
+def _describe_kind(kind: str, plural: bool = False) -> str:
+    if "|" in kind:
+        return " or ".join(_describe_kind(k, plural) for k in kind.split("|"))
+    if kind.endswith("?"):
+        return _describe_kind(kind[:-1], plural) + (" or nulls" if plural else " or null")
+    if kind.startswith("list["):
+        return ("non-empty lists of " if plural else "a non-empty list of ") + _describe_kind(kind[5:-1], True)
+    return _KIND_PLURALS[kind] if plural else _KIND_WORDS[kind]
+
+
+def check_fields(cfg, fields: dict[str, str], source: str = "config", *, skip_none: bool = False) -> None:
+    """Refuse config values of the wrong type or range, naming the key and what
+    it must be, before anything is built from them.
+
+    ``fields`` maps a key to its kind: ``int`` (>= 1), ``int0`` (>= 0), ``num``
+    (finite), ``pos`` (finite, > 0), ``bool``, ``str``; ``K?`` also allows null,
+    ``list[K]`` a non-empty list of K, ``A|B`` either. Keys missing from ``cfg``
+    are not checked (the defaults apply); with ``skip_none`` neither are nulls.
+    """
+    if not isinstance(cfg, dict):
+        raise BadFile(f"{source}: expected a JSON object of config values, got a {type(cfg).__name__}")
+    for key, kind in fields.items():
+        if key not in cfg or (skip_none and cfg[key] is None):
+            continue
+        if not _fits(cfg[key], kind):
+            shown = repr(cfg[key])
+            shown = shown if len(shown) <= 80 else shown[:80] + "..."
+            raise BadFile(f"{source}: {key} must be {_describe_kind(kind)}, got {shown}")
+
+
+def check_groups(channels, groups, source: str = "config", what: str = "block_out_channels") -> None:
+    """GroupNorm needs every channel count divisible by its group count."""
+    bad = [c for c in channels if c % groups]
+    if bad:
+        raise BadFile(f"{source}: norm_num_groups={groups} does not divide {what} {list(channels)} "
+                      f"(group normalisation splits the channels into equal groups)")
 
 
 def save_pretrained(module: nnx.Module, folder: str | os.PathLike, *, config: dict, weights_name: str) -> Path:

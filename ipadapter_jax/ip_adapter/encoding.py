@@ -22,8 +22,8 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.io.errors import BadArgument, MissingFile
-from ipadapter_jax.io.files import read_state_dict, save_safetensors
+from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile
+from ipadapter_jax.io.files import read_npy, read_state_dict, save_safetensors
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.ip_adapter import variants
 from ipadapter_jax.ip_adapter.combine import combine_embeds
@@ -130,10 +130,14 @@ def load_embeds(path: str | os.PathLike) -> np.ndarray | dict[str, np.ndarray]:
     """Load what ``save_embeds`` wrote (an array for .npy, a dict for .safetensors);
     refuses files holding NaN/inf."""
     path = Path(path)
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected an embeddings file (.npy or .safetensors)")
     if not path.is_file():
         raise MissingFile(f"embeddings file not found: {path}")
     if path.suffix == ".npy":
-        arr = np.load(path, allow_pickle=False)
+        arr = read_npy(path)
+        if arr.dtype.kind not in "fiu":
+            raise BadFile(f"{path} holds a {arr.dtype} array; expected float embeddings")
         _check_finite(arr, str(path))
         return arr
     arrays = read_state_dict(path)

@@ -42,7 +42,31 @@ def read_ip_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
     other = sorted(k for k in state if not k.startswith(("image_proj.", "ip_adapter.")))
     if other:
         raise CheckpointError(f"{path}: unknown keys outside image_proj/ip_adapter: {other[:5]}")
+    even = sorted(k for k in state if (m := _KV.match(k)) and int(m.group(1)) % 2 == 0)
+    if even:
+        raise CheckpointError(f"{path}: {even[0]}: image K/V keys have odd indices (they belong to the "
+                              "cross-attention processors, 2n+1)")
+    not_matrices = sorted(f"{k} {v.shape}" for k, v in state.items()
+                          if k.startswith("ip_adapter.") and (v.ndim != 2 or 0 in v.shape))
+    if not_matrices:
+        raise CheckpointError(f"{path}: ip_adapter weights must be non-empty matrices [out, in], got "
+                              f"{not_matrices[:3]}")
     return state
+
+
+def _detect(image_proj: dict[str, np.ndarray], source: str):
+    """``variants.detect``, refusing weights whose shapes give no sensible projection."""
+    try:
+        variant, hparams = variants.detect(image_proj, source)
+    except (IndexError, ZeroDivisionError):   # a weight of too few dimensions, or an empty one
+        shapes = {k: v.shape for k, v in sorted(image_proj.items())[:6]}
+        raise CheckpointError(f"{source}: the image_proj weights have shapes no IP-Adapter variant has "
+                              f"(e.g. {shapes})") from None
+    bad = {k: v for k, v in hparams.items() if isinstance(v, int) and not isinstance(v, bool) and v < 1}
+    if bad:
+        raise CheckpointError(f"{source}: the image_proj weight shapes give {bad} for a {variant.name!r} "
+                              "adapter (each must be at least 1): a corrupt or foreign file")
+    return variant, hparams
 
 
 def _check_against_unet(ip: dict[str, np.ndarray], proj_dim: int, unet, source: str) -> tuple[int | None, int]:
@@ -96,7 +120,7 @@ def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, short
     state = read_ip_adapter(path)
     image_proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
     ip = {k: v for k, v in state.items() if k.startswith("ip_adapter.")}
-    variant, hparams = variants.detect(image_proj, str(path))
+    variant, hparams = _detect(image_proj, str(path))
     proj_dim = nnx.eval_shape(lambda: variant.build(hparams, nnx.Rngs(0))).token_dim
     lora_rank, _ = _check_against_unet(ip, proj_dim, unet, str(path))
     if shortcut is None:

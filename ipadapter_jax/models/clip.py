@@ -18,10 +18,19 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ipadapter_jax.io.errors import BadArgument, BadFile
-from ipadapter_jax.io.pretrained import PretrainedMixin
+from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
+from ipadapter_jax.io.pretrained import PretrainedMixin, check_fields
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import dot_product_attention, resolve_backend
+
+
+# The type / range of each CLIPConfig field (``io.pretrained.check_fields`` kinds).
+_CLIP_KINDS = {
+    "hidden_size": "int", "intermediate_size": "int", "projection_dim": "int", "num_hidden_layers": "int",
+    "num_attention_heads": "int", "hidden_act": "str", "layer_norm_eps": "pos", "vocab_size": "int",
+    "max_position_embeddings": "int", "eos_token_id": "int0", "image_size": "int", "patch_size": "int",
+    "num_channels": "int",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +57,8 @@ class CLIPConfig:
     def from_dict(cls, cfg: dict, tower: str) -> "CLIPConfig":
         """``tower`` is ``"text"`` or ``"vision"``; a full ``CLIPModel`` config
         (with ``text_config``/``vision_config``) is accepted too."""
+        source = f"CLIP {tower} config"
+        check_fields(cfg, {}, source)
         nested = cfg.get(f"{tower}_config")
         merged = dict(nested) if isinstance(nested, dict) else dict(cfg)
         if isinstance(nested, dict) and "projection_dim" in cfg:
@@ -56,12 +67,19 @@ class CLIPConfig:
         expected = f"clip_{tower}_model"
         if model_type is not None and model_type not in (expected, "clip"):
             raise BadFile(f"config model_type is {model_type!r}, expected {expected!r} for a CLIP {tower} tower")
+        check_fields(merged, _CLIP_KINDS, source, skip_none=True)
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in merged.items() if k in names and v is not None})
+        if tower == "vision" and config.patch_size > config.image_size:
+            raise BadFile(f"{source}: patch_size {config.patch_size} is larger than image_size "
+                          f"{config.image_size} (no patches)")
         if config.hidden_size % config.num_attention_heads:
-            raise BadFile(f"hidden_size {config.hidden_size} is not divisible by num_attention_heads "
+            raise BadFile(f"{source}: hidden_size {config.hidden_size} is not divisible by num_attention_heads "
                              f"{config.num_attention_heads}")
-        layers.activation(config.hidden_act)  # fail early on an unknown activation
+        try:
+            layers.activation(config.hidden_act)  # fail early on an unknown activation
+        except BadArgument as e:
+            raise Unsupported(f"{source}: hidden_act: {e}") from None
         return config
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
-from ipadapter_jax.io.pretrained import PretrainedMixin
+from ipadapter_jax.io.pretrained import PretrainedMixin, check_fields, check_groups
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import Attention
 from ipadapter_jax.models.conditioning import UNetConditioning
@@ -95,8 +95,23 @@ class UNetConfig:
         "dropout": (0.0, 0),
     }
 
+    # The type / range of each field (``io.pretrained.check_fields`` kinds).
+    _KINDS = {
+        "sample_size": "int?|list[int]", "in_channels": "int", "out_channels": "int",
+        "center_input_sample": "bool", "flip_sin_to_cos": "bool", "freq_shift": "num",
+        "down_block_types": "list[str]", "mid_block_type": "str?", "up_block_types": "list[str]",
+        "only_cross_attention": "bool|list[bool]", "block_out_channels": "list[int]",
+        "layers_per_block": "int|list[int]", "downsample_padding": "int0", "mid_block_scale_factor": "num",
+        "act_fn": "str", "norm_num_groups": "int", "norm_eps": "pos", "cross_attention_dim": "int|list[int]",
+        "transformer_layers_per_block": "int|list[int]|list[list[int]]", "attention_head_dim": "int|list[int]",
+        "num_attention_heads": "int?|list[int]", "use_linear_projection": "bool", "upcast_attention": "bool",
+        "resnet_time_scale_shift": "str", "time_embedding_dim": "int?", "conv_in_kernel": "int",
+        "conv_out_kernel": "int",
+    }
+
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "config") -> "UNetConfig":
+        check_fields(cfg, cls._KINDS, source)
         for key, allowed in cls._FIXED.items():
             if key in cfg and cfg[key] not in allowed:
                 raise Unsupported(f"{source}: {key}={cfg[key]!r} is not supported "
@@ -111,6 +126,7 @@ class UNetConfig:
         return config
 
     def validate(self, source: str = "config") -> None:
+        check_fields(dataclasses.asdict(self), self._KINDS, source)
         n = len(self.down_block_types)
         for t in self.down_block_types:
             if t not in DOWN_BLOCK_TYPES:
@@ -132,6 +148,19 @@ class UNetConfig:
                 raise BadFile(f"{source}: {key} has {len(value)} entries, expected one per block ({n})")
             if isinstance(value, tuple) and any(isinstance(v, (tuple, list)) for v in value):
                 raise Unsupported(f"{source}: nested lists in {key} are not supported")
+        if self.resnet_time_scale_shift not in ("default", "scale_shift"):
+            raise Unsupported(f"{source}: resnet_time_scale_shift={self.resnet_time_scale_shift!r} is not "
+                              "supported (supported: 'default', 'scale_shift')")
+        try:
+            layers.activation(self.act_fn)
+        except BadArgument as e:
+            raise Unsupported(f"{source}: act_fn: {e}") from None
+        check_groups(self.block_out_channels, self.norm_num_groups, source)
+        for i, (heads, channels) in enumerate(zip(self.heads, self.block_out_channels)):
+            attends = self.down_block_types[i].startswith("CrossAttn") or (i == n - 1 and self.mid_block_type)
+            if attends and heads > channels:
+                raise BadFile(f"{source}: block {i} has {heads} attention heads for {channels} channels "
+                              "(attention_head_dim / num_attention_heads: at most one head per channel)")
 
     def per_block(self, key: str) -> tuple:
         value = getattr(self, key)

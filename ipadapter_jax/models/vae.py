@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
-from ipadapter_jax.io.pretrained import PretrainedMixin
+from ipadapter_jax.io.pretrained import PretrainedMixin, check_fields, check_groups
 from ipadapter_jax.models import layers
 from ipadapter_jax.models.attention import Attention
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -39,16 +39,33 @@ class VAEConfig:
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
 
+    # The type / range of each field (``io.pretrained.check_fields`` kinds).
+    _KINDS = {
+        "in_channels": "int", "out_channels": "int", "down_block_types": "list[str]",
+        "up_block_types": "list[str]", "block_out_channels": "list[int]", "layers_per_block": "int",
+        "act_fn": "str", "latent_channels": "int", "norm_num_groups": "int", "sample_size": "int|list[int]",
+        "scaling_factor": "pos", "shift_factor": "num?", "use_quant_conv": "bool",
+        "use_post_quant_conv": "bool", "mid_block_add_attention": "bool",
+    }
+
     @classmethod
     def from_dict(cls, cfg: dict, source: str = "vae config") -> "VAEConfig":
+        check_fields(cfg, cls._KINDS, source)
         for key, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
             for t in cfg.get(key, ()):
                 if t != allowed:
                     raise Unsupported(f"{source}: unknown {key[:-6]} type {t!r}; supported: {allowed!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names})
-        if len(config.down_block_types) != len(config.block_out_channels):
-            raise BadFile(f"{source}: down_block_types and block_out_channels differ in length")
+        if not len(config.down_block_types) == len(config.up_block_types) == len(config.block_out_channels):
+            raise BadFile(f"{source}: down_block_types, up_block_types and block_out_channels must have the same "
+                          f"length, got {len(config.down_block_types)}, {len(config.up_block_types)}, "
+                          f"{len(config.block_out_channels)}")
+        try:
+            layers.activation(config.act_fn)
+        except BadArgument as e:
+            raise Unsupported(f"{source}: act_fn: {e}") from None
+        check_groups(config.block_out_channels, config.norm_num_groups, source)
         return config
 
 

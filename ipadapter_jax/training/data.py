@@ -12,7 +12,8 @@ Every image is resized on its shortest side and center-cropped to the
 resolution, normalised to [-1, 1] (``pixels``), and also prepared for CLIP
 (``clip_pixels``, the ``CLIPImageProcessor`` recipe). A corrupt or unreadable
 image is skipped (the next record is used) and counted in the record's
-``skipped`` field, which the training loop sums into its logs.
+``skipped`` field, which the training loop sums into its logs; a run of
+unreadable images as long as ``max_retries`` (or the whole dataset) is an error.
 """
 
 from __future__ import annotations
@@ -25,9 +26,16 @@ from typing import Any
 
 import numpy as np
 
-from ipadapter_jax.io.images import load_rgb, preprocess
+from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile, Unsupported, UserError
+from ipadapter_jax.io.files import read_json, read_npy
+from ipadapter_jax.io.images import load_rgb, preprocess, resize_crop
 
 log = logging.getLogger(__name__)
+
+
+def _short(value, n: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def train_pixels(image, resolution: int) -> np.ndarray:
@@ -39,9 +47,9 @@ def train_pixels(image, resolution: int) -> np.ndarray:
     w, h = rgb.size
     scale = resolution / min(w, h)
     new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    rgb = rgb.resize((new_w, new_h), Image.BILINEAR)
     left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
-    pixels = np.asarray(rgb.crop((left, top, left + resolution, top + resolution)), np.float32)
+    rgb = resize_crop(rgb, (new_w, new_h), (left, top, left + resolution, top + resolution), Image.BILINEAR)
+    pixels = np.asarray(rgb, np.float32)
     return pixels / 127.5 - 1.0
 
 
@@ -61,23 +69,27 @@ class _ImageTextBase:
         return f"record {index}"
 
     def __getitem__(self, index: int) -> dict:
-        skipped = 0
-        for attempt in range(self.max_retries):
+        skipped, last = 0, None
+        # Each record at most once: a dataset smaller than max_retries that is all unreadable
+        # ends here too.
+        attempts = max(1, min(self.max_retries, len(self)))
+        for attempt in range(attempts):
             i = (index + attempt) % len(self)
             try:
                 image, text = self._raw(i)
                 rgb = load_rgb(image)
                 pixels = train_pixels(rgb, self.resolution)
                 clip = preprocess([rgb], self.clip_size, self.clip_size)[0]
-            except (OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
+            except (UserError, OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
                 log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
-                skipped += 1
+                skipped, last = skipped + 1, e
                 continue
             ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
                                  truncation=True, return_tensors="np").input_ids[0].astype(np.int32)
             return {"pixels": pixels, "clip_pixels": clip, "input_ids": ids, "skipped": np.int32(skipped)}
-        raise RuntimeError(f"{self.max_retries} unreadable images in a row from {self._describe(index)}; "
-                           "is the image root right?")
+        scope = (f"none of its {len(self)} records has a readable image" if attempts == len(self) else
+                 f"{attempts} records in a row, from {self._describe(index)}, have no readable image")
+        raise BadFile(f"{self!r}: {scope} (the last error: {last}); is the image root right?")
 
 
 class JsonImageTextSource(_ImageTextBase):
@@ -89,18 +101,19 @@ class JsonImageTextSource(_ImageTextBase):
         json_file, self.image_root = Path(json_file), Path(image_root)
         self.json_file = json_file
         if not json_file.is_file():
-            raise FileNotFoundError(f"data json not found: {json_file}")
+            raise MissingFile(f"data json not found: {json_file}")
         if not self.image_root.is_dir():
-            raise FileNotFoundError(f"image root folder not found: {self.image_root}")
-        try:
-            records = json.loads(json_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{json_file} is not valid JSON: {e}") from None
+            raise MissingFile(f"image root folder not found: {self.image_root}")
+        records = read_json(json_file)
         if not isinstance(records, list) or not records:
-            raise ValueError(f"{json_file}: expected a non-empty list of {{'image_file', 'text'}} records")
-        for i, r in enumerate(records[:1000]):
+            got = "an empty list" if records == [] else f"a JSON {type(records).__name__}"
+            raise BadFile(f"{json_file}: expected a non-empty list of {{'image_file', 'text'}} records, got {got}")
+        for i, r in enumerate(records):
             if not isinstance(r, dict) or "image_file" not in r or "text" not in r:
-                raise ValueError(f"{json_file}: record {i} lacks 'image_file' or 'text': {r!r}")
+                raise BadFile(f"{json_file}: record {i} lacks 'image_file' or 'text': {_short(r)}")
+            if not isinstance(r["image_file"], str) or not r["image_file"] or not isinstance(r["text"], str):
+                raise BadFile(f"{json_file}: record {i}: 'image_file' must be a file name and 'text' a string, "
+                              f"got {_short(r)}")
         self.records = records
 
     def __len__(self) -> int:
@@ -129,11 +142,39 @@ class TFDSImageTextSource(_ImageTextBase):
         import tensorflow_datasets as tfds
 
         if not Path(data_dir).is_dir():
-            raise FileNotFoundError(f"TFDS data_dir not found: {data_dir}")
-        builder = tfds.builder(name, data_dir=str(data_dir))
-        self.source = builder.as_data_source(split=split)
+            raise MissingFile(f"TFDS data_dir not found: {data_dir}")
+        try:
+            builder = tfds.builder(name, data_dir=str(data_dir))
+        except tfds.core.registered.DatasetNotFoundError:
+            import difflib
+
+            try:   # the installed datasets only: community ones would need the network
+                known = tfds.list_builders(with_community_datasets=False)
+            except Exception:  # noqa: BLE001 - a hint only
+                known = []
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (tfds.list_builders() lists them)"
+            raise BadArgument(f"no TFDS dataset named {name!r}{hint}") from None
+        if not builder.is_prepared():
+            raise MissingFile(f"TFDS dataset {name!r} is not prepared in {data_dir} (no {builder.data_dir}); "
+                              "prepare it there first, e.g. builder.download_and_prepare(file_format="
+                              "'array_record'), which random access needs")
+        features = getattr(builder.info, "features", None) or {}
+        missing = [k for k in (image_key, text_key) if features and k not in features]
+        if missing:
+            raise BadArgument(f"TFDS dataset {name!r} has no feature {missing[0]!r}; its features: "
+                              f"{sorted(features.keys())} (set image_key / text_key)")
+        unknown = [part for part in (p.split("[")[0].strip() for p in split.split("+"))
+                   if part not in builder.info.splits]     # "train[:90%]+test" names train and test
+        if unknown:
+            raise BadArgument(f"TFDS dataset {name!r} has no split {unknown[0]!r} (in split={split!r}); its "
+                              f"splits: {sorted(builder.info.splits.keys())}")
+        try:
+            self.source = builder.as_data_source(split=split)
+        except NotImplementedError as e:   # e.g. prepared as TFRecord, which has no random access
+            raise Unsupported(f"TFDS dataset {name!r} in {data_dir} cannot be read by index: {e}") from None
         if len(self.source) == 0:
-            raise ValueError(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
+            raise BadFile(f"TFDS dataset {name!r} split {split!r} in {data_dir} is empty")
         self.image_key, self.text_key = image_key, text_key
         self.description = f"TFDSImageTextSource({name}, data_dir={data_dir}, split={split}, resolution={resolution})"
 
@@ -157,14 +198,17 @@ class CachedSource:
         folder = Path(folder)
         self.folder = folder
         if not folder.is_dir():
-            raise FileNotFoundError(f"feature cache not found: {folder}")
-        self.arrays = {p.stem: np.load(p, mmap_mode="r") for p in sorted(folder.glob("*.npy"))}
+            raise MissingFile(f"feature cache not found: {folder}")
+        try:
+            self.arrays = {p.stem: read_npy(p, mmap=True) for p in sorted(folder.glob("*.npy"))}
+        except BadFile as e:
+            raise BadFile(f"{e} (a corrupt feature cache? delete {folder} to rebuild it)") from None
         needed = {"latents", "text_embeds", "image_embeds"}
         if not needed <= self.arrays.keys():
-            raise ValueError(f"{folder} lacks {sorted(needed - self.arrays.keys())}.npy (see cache_features)")
-        n = {len(a) for k, a in self.arrays.items() if k in needed}
+            raise BadFile(f"{folder} lacks {sorted(needed - self.arrays.keys())}.npy (see cache_features)")
+        n = {len(a) if a.ndim else 0 for k, a in self.arrays.items() if k in needed}
         if len(n) != 1 or 0 in n:
-            raise ValueError(f"{folder}: feature arrays have different or zero lengths {n}")
+            raise BadFile(f"{folder}: feature arrays have different or zero lengths {n}")
 
     def __len__(self):
         return len(self.arrays["latents"])
@@ -191,8 +235,17 @@ def make_loader(source, *, batch_size: int, seed: int, workers: int = 0, shard_b
     per-process shards, batches of ``batch_size`` (per process)."""
     import grain.python as grain
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise BadArgument(f"batch_size must be a positive integer, got {batch_size!r}")
     if len(source) < batch_size:
-        raise ValueError(f"the dataset has {len(source)} records, fewer than one batch of {batch_size}")
+        raise BadArgument(f"the dataset has {len(source)} records, fewer than one batch of {batch_size} "
+                          f"(batches drop the remainder, so there would be none): {source!r}")
+    if shard_by_process:
+        import jax
+
+        if len(source) // jax.process_count() < batch_size:
+            raise BadArgument(f"the dataset has {len(source)} records: {len(source) // jax.process_count()} per "
+                              f"process for {jax.process_count()} processes, fewer than one batch of {batch_size}")
     sampler = grain.IndexSampler(num_records=len(source), shuffle=True, seed=seed, num_epochs=None,
                                  shard_options=grain.ShardByJaxProcess(drop_remainder=True) if shard_by_process
                                  else grain.NoSharding())
