@@ -147,7 +147,7 @@ def unet_block_outputs(unet, sample, timesteps, conditioning, *, jit: bool = Fal
     sample = sample.astype(unet.dtype)
     context = jnp.asarray(cond.encoder_hidden_states).astype(unet.dtype)
     out = {}
-    emb = out["time_embedding"] = unet.time_conditioning(timesteps, sample.shape[0])
+    emb = out["time_embedding"] = unet.time_conditioning(timesteps, sample.shape[0], cond.added_cond)
     x = out["conv_in"] = unet.conv_in(sample)
     skips = [x]
     for i, block in enumerate(unet.down_blocks):

@@ -117,3 +117,32 @@ def merge_lora_into_torch_unet(torch_unet, ip_sd, strength: float = 1.0) -> None
                                  ("to_out", attn.to_out[0])):
                 delta = ip_sd[f"{p}.{proj}_lora.up.weight"] @ ip_sd[f"{p}.{proj}_lora.down.weight"]
                 module.weight += strength * torch.from_numpy(delta)
+
+
+# --------------------------------------------------------------------------- SDXL
+# A small SDXL-style UNet: linear projections, per-block head counts and
+# transformer depths (the up blocks take them reversed), and ``text_time``
+# added conditioning. Its context is two text encoders' penultimate states
+# side by side (widths SDXL_TEXT_WIDTHS, as CLIP-L 768 + bigG 1280 = 2048);
+# the pooled embedding is encoder 2's projection (SDXL_POOLED wide) followed
+# by 6 time ids of SDXL_TIME_DIM each (SDXL: 1280 + 6 x 256 = 2816).
+SDXL_TEXT_WIDTHS = (32, 48)
+SDXL_POOLED = 40
+SDXL_TIME_DIM = 8
+SDXL_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                 attention_head_dim=(4, 2), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                 cross_attention_dim=sum(SDXL_TEXT_WIDTHS),
+                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_DIM,
+                 projection_class_embeddings_input_dim=SDXL_POOLED + 6 * SDXL_TIME_DIM, sample_size=8)
+
+
+def sdxl_time_ids(batch: int, seed: int = 0) -> np.ndarray:
+    """[B, 6] micro-conditioning ids as SDXL pipelines build them: original
+    size (h, w), crop top-left (y, x), target size (h, w), in pixels."""
+    rng = np.random.default_rng(seed)
+    original = rng.integers(4, 17, (batch, 2)) * 64
+    crop = rng.integers(0, 4, (batch, 2)) * 32
+    target = np.tile([[1024, 1024]], (batch, 1))
+    return np.concatenate([original, crop, target], axis=1).astype(np.float32)

@@ -6,6 +6,12 @@ Attribute names mirror transformers (``text_model.encoder.layers[i].self_attn.q_
 loads by name. Pixel values are NHWC, already normalised (see the image
 processor). Every output carries all hidden states: under ``jit`` the unused
 ones cost nothing, and IP-Adapter Plus needs ``hidden_states[-2]``.
+
+The same classes cover SDXL's towers: text encoder 1 (CLIP ViT-L,
+``CLIPTextModel``) and 2 (OpenCLIP bigG, ``CLIPTextModelWithProjection``,
+gelu), whose ``hidden_states[-2]`` make the context and whose encoder-2
+``text_embeds`` is the pooled prompt; and the ViT-bigG/14 image encoder
+(width 1664, 16 heads of 104, projection 1280).
 """
 
 from __future__ import annotations
@@ -176,8 +182,9 @@ class CLIPTextTransformer(nnx.Module):
         states = self.encoder(self.embeddings(input_ids).astype(self.dtype), mask)
         last = self.final_layer_norm(states[-1])
         if self.eos_token_id == 2:
-            # Legacy configs (SD 1.x) name a wrong EOS id; transformers then takes
-            # the highest token id, which is the real EOS (49407).
+            # Legacy configs (SD 1.x, both SDXL encoders) name a wrong EOS id;
+            # transformers then takes the (first) highest token id, which is the
+            # real EOS (49407) whether the tokenizer pads with EOS or with "!" (id 0).
             eos = jnp.argmax(input_ids, axis=-1)
         else:
             eos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)

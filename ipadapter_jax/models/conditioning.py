@@ -37,8 +37,14 @@ class UNetConditioning:
 
     encoder_hidden_states: [B, S, C] text tokens (cross-attention context).
     image_prompts: one ``ImagePrompt`` per attached IP-Adapter, in attach order.
-    added_cond: added conditioning of UNets with an ``addition_embed_type``
-      (SDXL's ``{"text_embeds", "time_ids"}``); None for SD 1.x / 2.x.
+    added_cond: added conditioning of UNets with an ``addition_embed_type``;
+      None for SD 1.x / 2.x (refused by a UNet without one). SDXL
+      (``"text_time"``, required there): ``{"text_embeds": [B, P], "time_ids":
+      [B, N]}``, the pooled prompt (text encoder 2's projected ``text_embeds``,
+      P = 1280) and N micro-conditioning ids (base: 6 = original size (h, w),
+      crop top-left (y, x), target size (h, w); refiner: 5), with
+      P + N x ``addition_time_embed_dim`` = ``projection_class_embeddings_input_dim``.
+      B is the sample's batch or 1.
     down_block_residuals: ControlNet residuals added to the down-block skips
       (one per skip, in order), or None.
     mid_block_residual: ControlNet residual added to the mid block's output.

@@ -5,11 +5,12 @@ The module tree mirrors diffusers so checkpoint conversion is a rename:
 ``down_blocks.i.attentions.j.transformer_blocks.k.attn2.to_k`` there.
 
 Covers the SD 1.x / 2.x family (CrossAttn/plain down and up blocks, the
-cross-attention mid block, linear or conv projections, per-block head counts,
-``scale_shift`` time conditioning). Config options outside that family raise a
-clear error; SDXL's ``addition_embed_type="text_time"`` slots in as an extra
-embedding added to ``emb`` in ``UNet2DConditionModel.time_conditioning``, fed
-from ``UNetConditioning.added_cond``.
+cross-attention mid block, linear or conv projections, per-block head counts and
+transformer depths, ``scale_shift`` time conditioning) and SDXL's
+``addition_embed_type="text_time"``: the pooled text embedding and the
+micro-conditioning time ids (``UNetConditioning.added_cond``) become an extra
+embedding added to ``emb`` in ``UNet2DConditionModel.time_conditioning``.
+Config options outside that family raise a clear error.
 """
 
 from __future__ import annotations
@@ -67,12 +68,14 @@ class UNetConfig:
     attention_head_dim: Any = 8
     num_attention_heads: Any = None
     use_linear_projection: bool = False
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False   # null in SDXL's config; softmax runs in float32 anyway
     resnet_time_scale_shift: str = "default"
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     # Options with a single supported value here: (key, supported values).
     _FIXED = {
@@ -104,9 +107,10 @@ class UNetConfig:
         "layers_per_block": "int|list[int]", "downsample_padding": "int0", "mid_block_scale_factor": "num",
         "act_fn": "str", "norm_num_groups": "int", "norm_eps": "pos", "cross_attention_dim": "int|list[int]",
         "transformer_layers_per_block": "int|list[int]|list[list[int]]", "attention_head_dim": "int|list[int]",
-        "num_attention_heads": "int?|list[int]", "use_linear_projection": "bool", "upcast_attention": "bool",
+        "num_attention_heads": "int?|list[int]", "use_linear_projection": "bool", "upcast_attention": "bool?",
         "resnet_time_scale_shift": "str", "time_embedding_dim": "int?", "conv_in_kernel": "int",
-        "conv_out_kernel": "int",
+        "conv_out_kernel": "int", "addition_embed_type": "str?", "addition_time_embed_dim": "int?",
+        "projection_class_embeddings_input_dim": "int?",
     }
 
     @classmethod
@@ -116,9 +120,6 @@ class UNetConfig:
             if key in cfg and cfg[key] not in allowed:
                 raise Unsupported(f"{source}: {key}={cfg[key]!r} is not supported "
                                           f"(supported: {allowed})")
-        if cfg.get("addition_embed_type") is not None:
-            raise Unsupported(f"{source}: addition_embed_type={cfg['addition_embed_type']!r} "
-                                      "(SDXL-style added conditioning) is not supported yet")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in cfg.items() if k in names}
         config = cls(**kwargs)
@@ -156,11 +157,30 @@ class UNetConfig:
         except BadArgument as e:
             raise Unsupported(f"{source}: act_fn: {e}") from None
         check_groups(self.block_out_channels, self.norm_num_groups, source)
+        self._validate_added_conditioning(source)
         for i, (heads, channels) in enumerate(zip(self.heads, self.block_out_channels)):
             attends = self.down_block_types[i].startswith("CrossAttn") or (i == n - 1 and self.mid_block_type)
             if attends and heads > channels:
                 raise BadFile(f"{source}: block {i} has {heads} attention heads for {channels} channels "
                               "(attention_head_dim / num_attention_heads: at most one head per channel)")
+
+    ADDITION_EMBED_TYPES = (None, "text_time")
+
+    def _validate_added_conditioning(self, source: str) -> None:
+        if self.addition_embed_type not in self.ADDITION_EMBED_TYPES:
+            raise Unsupported(f"{source}: addition_embed_type={self.addition_embed_type!r} is not supported "
+                              f"(supported: {self.ADDITION_EMBED_TYPES}; 'text_time' is SDXL's)")
+        if self.addition_embed_type != "text_time":
+            return
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if getattr(self, key) is None:
+                raise BadFile(f"{source}: addition_embed_type='text_time' needs {key} (SDXL: "
+                              "addition_time_embed_dim 256, projection_class_embeddings_input_dim 2816)")
+        if self.projection_class_embeddings_input_dim <= self.addition_time_embed_dim:
+            raise BadFile(f"{source}: projection_class_embeddings_input_dim={self.projection_class_embeddings_input_dim}"
+                          f" leaves no room for the pooled text embedding beside the time ids "
+                          f"(addition_time_embed_dim={self.addition_time_embed_dim} per id; it is the pooled "
+                          "width + number of time ids x addition_time_embed_dim)")
 
     def per_block(self, key: str) -> tuple:
         value = getattr(self, key)
@@ -427,8 +447,9 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
     Args of ``__call__``:
       sample: [B, H, W, C] noisy latents (NHWC).
       timesteps: scalar or [B] (int or float).
-      conditioning: a ``UNetConditioning`` (text tokens, image prompts,
-        ControlNet residuals), or just the [B, S, cross_attention_dim] text tokens.
+      conditioning: a ``UNetConditioning`` (text tokens, image prompts, SDXL's
+        added text/time conditioning, ControlNet residuals), or just the
+        [B, S, cross_attention_dim] text tokens (UNets without added conditioning).
       image_prompts: with text tokens only: one ``ImagePrompt`` per attached
         IP-Adapter (image tokens, per-layer scales, masks).
     Returns the [B, H, W, out_channels] prediction (diffusers' ``.sample``).
@@ -462,6 +483,11 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         self.conv_in = layers.conv(cfg.in_channels, boc[0], cfg.conv_in_kernel,
                                    padding=(cfg.conv_in_kernel - 1) // 2, dtype=dtype, rngs=rngs)
         self.time_embedding = TimestepEmbedding(boc[0], time_embed_dim, act_fn=cfg.act_fn, dtype=dtype, rngs=rngs)
+        # SDXL: ``add_time_proj`` (sinusoidal, no weights: ``added_embedding``) and
+        # ``add_embedding``; diffusers builds the latter with its default SiLU, whatever act_fn is.
+        self.add_embedding = TimestepEmbedding(cfg.projection_class_embeddings_input_dim, time_embed_dim,
+                                               dtype=dtype, rngs=rngs) \
+            if cfg.addition_embed_type == "text_time" else None
 
         down = []
         for i, block_type in enumerate(cfg.down_block_types):
@@ -533,13 +559,68 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
                                                    token_dim=attn.to_k.in_features))
         return layers_
 
-    def time_conditioning(self, timesteps: jax.Array, batch: int) -> jax.Array:
-        """Timesteps -> the ``emb`` every resnet receives ([B, time_embed_dim])."""
+    def time_conditioning(self, timesteps: jax.Array, batch: int, added_cond: dict | None = None) -> jax.Array:
+        """Timesteps (plus SDXL's ``added_cond``) -> the ``emb`` every resnet
+        receives ([B, time_embed_dim])."""
         t = jnp.broadcast_to(jnp.asarray(timesteps), (batch,))
         t_emb = timestep_embedding(t, self.config.block_out_channels[0],
                                    flip_sin_to_cos=self.config.flip_sin_to_cos,
                                    downscale_freq_shift=self.config.freq_shift)
-        return self.time_embedding(t_emb.astype(self.dtype))
+        emb = self.time_embedding(t_emb.astype(self.dtype))
+        if self.add_embedding is not None:
+            emb = emb + self.added_embedding(self.check_added_cond(added_cond, batch))
+        return emb
+
+    def added_embedding(self, added_cond: dict) -> jax.Array:
+        """SDXL's ``text_time`` embedding: each time id through ``add_time_proj``
+        (sinusoidal, ``addition_time_embed_dim`` wide), flattened per sample,
+        after the pooled ``text_embeds``, then ``add_embedding`` -> [B, time_embed_dim]."""
+        cfg = self.config
+        text_embeds, time_ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                         flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+        return self.add_embedding(add_embeds.astype(self.dtype))
+
+    ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+    def check_added_cond(self, added_cond, batch: int | None = None) -> dict | None:
+        """Refuse ``added_cond`` that does not fit this UNet's ``addition_embed_type``
+        (shapes are static, so this runs at trace time); ``batch``: the sample's."""
+        if self.add_embedding is None:
+            if added_cond is not None:
+                raise BadArgument("this UNet has no added conditioning (addition_embed_type is None): "
+                                  "added_cond must be None")
+            return None
+        cfg = self.config
+        need = "{'text_embeds': [B, pooled width], 'time_ids': [B, number of ids]}"
+        if not isinstance(added_cond, dict):
+            raise BadArgument(f"this UNet has addition_embed_type='text_time' (SDXL): pass a UNetConditioning "
+                              f"whose added_cond is {need}; got added_cond={type(added_cond).__name__}")
+        missing = [k for k in self.ADDED_COND_KEYS if k not in added_cond]
+        unknown = sorted(set(added_cond) - set(self.ADDED_COND_KEYS))
+        if missing or unknown:
+            raise BadArgument(f"added_cond of a 'text_time' (SDXL) UNet must hold exactly {need}: "
+                              + (f"missing {missing}" if missing else "")
+                              + ("; " if missing and unknown else "") + (f"unexpected {unknown}" if unknown else ""))
+        text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
+        for key, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+            shape = tuple(jnp.shape(value))
+            if len(shape) != 2 or (batch is not None and shape[0] not in (1, batch)):
+                raise BadArgument(f"added_cond[{key!r}] must be [B, width] with B the sample's batch"
+                                  + (f" ({batch})" if batch is not None else "") + f" or 1, got shape {shape}")
+        if jnp.shape(text_embeds)[0] != jnp.shape(time_ids)[0]:
+            raise BadArgument(f"added_cond: text_embeds has batch {jnp.shape(text_embeds)[0]} but time_ids has "
+                              f"batch {jnp.shape(time_ids)[0]}")
+        width, n_ids = jnp.shape(text_embeds)[1], jnp.shape(time_ids)[1]
+        got = width + n_ids * cfg.addition_time_embed_dim
+        if got != cfg.projection_class_embeddings_input_dim:
+            raise BadArgument(
+                f"added_cond: text_embeds width {width} + time_ids width {n_ids} x addition_time_embed_dim "
+                f"{cfg.addition_time_embed_dim} = {got}, but this UNet's projection_class_embeddings_input_dim is "
+                f"{cfg.projection_class_embeddings_input_dim} (SDXL base: 1280 pooled + 6 time ids x 256 = 2816)")
+        return added_cond
 
     def conditioning(self, conditioning, image_prompts=None) -> UNetConditioning:
         """The call's conditioning as a checked ``UNetConditioning``: an array
@@ -553,9 +634,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         if len(cond.image_prompts) and len(cond.image_prompts) != len(self.ip_adapters):
             raise BadArgument(f"got {len(cond.image_prompts)} image prompts for {len(self.ip_adapters)} attached "
                              "IP-Adapters; pass one ImagePrompt per adapter (in attach order)")
-        if cond.added_cond is not None:
-            raise BadArgument("this UNet has no added conditioning (addition_embed_type is None): "
-                             "added_cond must be None")
+        self.check_added_cond(cond.added_cond)
         return cond
 
     def __call__(self, sample: jax.Array, timesteps: jax.Array, conditioning: UNetConditioning | jax.Array,
@@ -567,7 +646,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
             sample = 2 * sample - 1.0
         sample = sample.astype(self.dtype)
         context = cond.encoder_hidden_states.astype(self.dtype)
-        emb = self.time_conditioning(timesteps, sample.shape[0])
+        emb = self.time_conditioning(timesteps, sample.shape[0], cond.added_cond)
 
         # Rematerialisation per UNet block (jax.checkpoint): training memory for compute.
         policy = remat_policy(self.remat)
