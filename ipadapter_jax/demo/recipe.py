@@ -36,6 +36,7 @@ from transformers import CLIPTokenizer
 
 from ipadapter_jax import schedulers
 from ipadapter_jax.demo import shapes
+from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.files import save_safetensors
 from ipadapter_jax.io.params import module_state_dict
 from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
@@ -349,11 +350,11 @@ def train_unet(cfg) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     for needed in ("clip", "vae", "tokenizer"):
         if not (root / needed).is_dir():
-            raise FileNotFoundError(f"{root / needed} is missing: run the earlier demo stages first "
-                                    "(configs/demo/clip.py, configs/demo/vae.py)")
+            raise MissingFile(f"{root / needed} is missing: run the earlier demo stages first "
+                              "(configs/demo/clip.py, configs/demo/vae.py)")
     rate = float(cfg.data.get("partial_caption_rate", 0.0))
     if not 0.0 <= rate <= 1.0:
-        raise ValueError(f"data.partial_caption_rate must be in [0, 1], got {rate}")
+        raise BadArgument(f"data.partial_caption_rate must be in [0, 1], got {rate}")
     images, texts, short_texts = load_split(prepare_dataset(cfg.demo.data_dir), "train",
                                             text_keys=("text", "short_text"))
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
@@ -395,5 +396,5 @@ STAGES = {"clip": train_clip, "vae": train_vae, "unet": train_unet}
 def run_stage(cfg) -> dict:
     """Run the stage named by ``cfg.task`` (clip | vae | unet)."""
     if cfg.task not in STAGES:
-        raise ValueError(f"task must be one of {sorted(STAGES)} for the demo stages, got {cfg.task!r}")
+        raise BadArgument(f"task must be one of {sorted(STAGES)} for the demo stages, got {cfg.task!r}")
     return STAGES[cfg.task](cfg)

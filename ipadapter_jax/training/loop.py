@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from transformers import CLIPTokenizer
 
 from ipadapter_jax import ip_adapter, schedulers
+from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported, UserError
 from ipadapter_jax.ip_adapter import variants
 from ipadapter_jax.ip_adapter.official import load_ip_adapter, save_ip_adapter
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
@@ -28,11 +30,11 @@ from ipadapter_jax.training import data as data_lib
 from ipadapter_jax.training import runner
 from ipadapter_jax.training import sharding as sharding_lib
 from ipadapter_jax.training.optim import EmaState, ema_tracker, find_ema, make_optimizer, step_lr
-from ipadapter_jax.training.runner import TrainingError
+from ipadapter_jax.training.runner import Preempted, TrainingError
 from ipadapter_jax.training.step import StepConfig, Trainer, path_filter
 
-__all__ = ["EmaState", "TrainingError", "build_models", "build_source", "ema_tracker", "export_checkpoint",
-           "find_ema", "make_optimizer", "train"]
+__all__ = ["EmaState", "Preempted", "TrainingError", "build_models", "build_source", "check_config", "ema_tracker",
+           "export_checkpoint", "find_ema", "make_optimizer", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def _new_adapter(cfg, unet, image_encoder) -> None:
     spec = variants.BY_NAME.get(m.variant)
     if spec is None or spec.new is None:
         trainable = [v.name for v in variants.VARIANTS if v.new is not None]
-        raise ValueError(f"model.variant must be one of {trainable} to train a new adapter, got {m.variant!r}")
+        raise BadArgument(f"model.variant must be one of {trainable} to train a new adapter, got {m.variant!r}")
     rngs = nnx.Rngs(cfg.seed)
     proj = spec.new(unet.cross_attention_layers()[0].token_dim, image_encoder.config, m.num_tokens, rngs)
     adapter = ip_adapter.IPAdapter.for_unet(unet, proj, variant=spec.name, rngs=rngs)
@@ -56,21 +58,56 @@ def _new_adapter(cfg, unet, image_encoder) -> None:
     ip_adapter.attach(unet, adapter)
 
 
+def _folder(field: str, value: str, what: str) -> Path:
+    """The folder a config field names; a ``MissingFile`` naming the field when
+    it is empty or not a folder."""
+    if not value:
+        raise MissingFile(f"{field} is required: {what} (--config.{field}=DIR)")
+    if not Path(value).is_dir():
+        raise MissingFile(f"{field}: no such folder {value!r} (expected {what})")
+    return Path(value)
+
+
+CHOICES = {"data.kind": ("json", "tfds", "cached"), "step.compute_dtype": ("float32", "bfloat16"),
+           "step.prediction_type": ("epsilon", "v_prediction"), "step.image_conditioning": ("decoupled", "concat"),
+           "optimizer.schedule": ("constant", "cosine"), "train.remat": ("none", "full", "dots")}
+
+
+def check_config(cfg) -> None:
+    """Refuse bad config values by name before anything is loaded: the fields
+    with a fixed set of values (``CHOICES``), sizes and step counts."""
+    for field, allowed in CHOICES.items():
+        section, name = field.split(".")
+        value = cfg[section].get(name, allowed[0])
+        if value not in allowed:
+            raise BadArgument(f"{field} must be one of {list(allowed)}, got {value!r}")
+    for field in ("data.batch_size", "data.resolution", "optimizer.accumulate"):
+        section, name = field.split(".")
+        value = cfg[section][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise BadArgument(f"{field} must be an integer >= 1, got {value!r}")
+    for field in ("optimizer.lr", "optimizer.ema_decay", "optimizer.clip_norm", "optimizer.weight_decay"):
+        section, name = field.split(".")
+        value = cfg[section][name]
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise BadArgument(f"{field} must be a finite number >= 0, got {value!r}")
+    if not cfg.optimizer.ema_decay < 1:
+        raise BadArgument(f"optimizer.ema_decay must be < 1, got {cfg.optimizer.ema_decay!r}")
+    runner.check_train_config(cfg.train)
+
+
 def build_models(cfg):
     """UNet (+ a new or loaded IP-Adapter), VAE, text encoder, tokenizer, image
     encoder and scheduler config from ``cfg.model``; the frozen models compute
     in ``cfg.step.compute_dtype``."""
     m = cfg.model
-    root = Path(m.pretrained)
-    if not m.pretrained or not root.is_dir():
-        raise FileNotFoundError(f"model.pretrained must be a diffusers SD folder, got {m.pretrained!r}")
+    root = _folder("model.pretrained", m.pretrained, "a diffusers Stable Diffusion folder")
+    _folder("model.image_encoder", m.image_encoder, "a CLIP vision model folder (transformers layout)")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
     unet = UNet2DConditionModel.from_pretrained(root / "unet", dtype=dtype, remat=cfg.train.remat)
     vae = AutoencoderKL.from_pretrained(root / "vae")
     text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    if not m.image_encoder:
-        raise FileNotFoundError("model.image_encoder must be a CLIP vision folder (transformers layout)")
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(m.image_encoder, dtype=dtype)
     if m.adapter_init:
         load_ip_adapter(m.adapter_init, unet)
@@ -80,15 +117,26 @@ def build_models(cfg):
 
 
 def build_source(cfg, tokenizer, clip_size: int = 224):
+    """The data source ``cfg.data`` names. What the sources refuse (a missing
+    file or folder, a malformed dataset) is raised as ``MissingFile`` /
+    ``BadFile``."""
     d = cfg.data
-    if d.kind == "json":
-        return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution, clip_size=clip_size)
-    if d.kind == "tfds":
-        return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
-                                            image_key=d.image_key, text_key=d.text_key, clip_size=clip_size)
-    if d.kind == "cached":
+    if d.kind not in CHOICES["data.kind"]:
+        raise BadArgument(f"data.kind must be one of {list(CHOICES['data.kind'])}, got {d.kind!r}")
+    try:
+        if d.kind == "json":
+            return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution,
+                                                clip_size=clip_size)
+        if d.kind == "tfds":
+            return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
+                                                image_key=d.image_key, text_key=d.text_key, clip_size=clip_size)
         return data_lib.CachedSource(d.cache_dir)
-    raise ValueError(f"data.kind must be 'json', 'tfds' or 'cached', got {d.kind!r}")
+    except UserError:
+        raise
+    except FileNotFoundError as e:
+        raise MissingFile(f"data ({d.kind}): {e}") from e
+    except ValueError as e:
+        raise BadFile(f"data ({d.kind}): {e}") from e
 
 
 def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) -> data_lib.CachedSource:
@@ -102,8 +150,8 @@ def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) ->
     if (folder / "manifest.json").exists():
         found = json.loads((folder / "manifest.json").read_text())
         if found != manifest:
-            raise ValueError(f"feature cache {folder} was made for {found}, not {manifest}; use another "
-                             "data.cache_dir or delete it")
+            raise Incompatible(f"feature cache {folder} was made for {found}, not {manifest}; use another "
+                               "data.cache_dir or delete it")
         log.info("using cached features in %s", folder)
         return data_lib.CachedSource(folder)
     graphs = {name: nnx.split(m) for name, m in
@@ -131,8 +179,8 @@ def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) ->
 def _mesh(cfg):
     mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if cfg.data.batch_size % mesh.size or cfg.data.batch_size % jax.process_count():
-        raise ValueError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh size "
-                         f"({mesh.size} devices) and the process count ({jax.process_count()})")
+        raise Incompatible(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh size "
+                           f"({mesh.size} devices) and the process count ({jax.process_count()})")
     return mesh
 
 
@@ -194,7 +242,11 @@ def _trained_adapter(graphdef, state: dict, rest):
 
 def train(cfg) -> dict:
     """Train an IP-Adapter as ``cfg`` says; returns a summary. Resumes from the
-    latest checkpoint in ``cfg.workdir`` when there is one."""
+    latest checkpoint in ``cfg.workdir`` when there is one. Raises ``Preempted``
+    (nothing exported) when a preemption notice stopped it after a checkpoint,
+    ``TrainingError`` on a non-finite loss, and a ``UserError`` for a bad
+    config, model or dataset (before anything is compiled)."""
+    check_config(cfg)
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
 
@@ -203,13 +255,18 @@ def train(cfg) -> dict:
     source = build_source(cfg, tokenizer, image_encoder.config.image_size)
     spec = unet.ip_adapters[0].spec          # from the adapter itself (adapter_init may be any variant)
     if spec.needs_face_id:
-        raise ValueError("training FaceID adapters needs InsightFace embeddings in the data; not supported")
+        raise Unsupported("training FaceID adapters needs InsightFace embeddings in the data; not supported")
     plus = spec.encoder_output == "hidden_states"
     if cfg.data.kind != "cached" and cfg.data.cache_dir:
         source = _cached_source(cfg, source, vae, text_encoder, image_encoder, plus)
     mesh = _mesh(cfg)
-    loader = data_lib.make_loader(source, batch_size=cfg.data.batch_size // jax.process_count(), seed=cfg.seed,
-                                  workers=cfg.data.workers)
+    try:
+        loader = data_lib.make_loader(source, batch_size=cfg.data.batch_size // jax.process_count(), seed=cfg.seed,
+                                      workers=cfg.data.workers)
+    except UserError:
+        raise
+    except ValueError as e:   # a dataset smaller than one batch
+        raise Incompatible(f"data.batch_size={cfg.data.batch_size}: {e}") from e
     cached = isinstance(source, data_lib.CachedSource)
 
     # --- the step
@@ -238,13 +295,18 @@ def train(cfg) -> dict:
 def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | None = None) -> Path:
     """Export the adapter of any saved checkpoint (default: the latest) to the
     official ``.safetensors`` format."""
+    check_config(cfg)
+    manager = runner.checkpoint_manager(cfg.workdir, ITEMS)
+    saved = manager.all_steps()
+    if not saved:
+        raise MissingFile(f"no checkpoint in {Path(cfg.workdir) / 'checkpoints'}")
+    step = step if step is not None else max(saved)
+    if step not in saved:
+        raise MissingFile(f"no checkpoint of step {step} in {Path(cfg.workdir) / 'checkpoints'}; "
+                          f"saved steps: {sorted(saved)}")
     unet, *_ = build_models(cfg)
     graphdef, trainable, rest = nnx.split(unet, path_filter(cfg.train.trainable), ...)
     optimizer, _ = make_optimizer(cfg)
-    manager = runner.checkpoint_manager(cfg.workdir, ITEMS)
-    step = step if step is not None else manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {cfg.workdir}/checkpoints")
     state = runner.restore_state(manager, step, {"trainable": trainable, "opt_state": optimizer.init(trainable)})
     adapter = _trained_adapter(graphdef, state, rest)
     return save_ip_adapter(adapter, out or Path(cfg.workdir) / f"ip_adapter_step{step}.safetensors")

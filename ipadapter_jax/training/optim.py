@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ipadapter_jax.io.errors import BadArgument
+
 
 class EmaState(NamedTuple):
     """Exponential moving average of the parameters, kept in the optimizer
@@ -45,7 +47,7 @@ def _lr_schedule(o, warmup: int, total: int) -> optax.Schedule:
         return lr
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, o.lr, max(warmup, 1), total)
-    raise ValueError(f"optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
+    raise BadArgument(f"optimizer.schedule must be 'constant' or 'cosine', got {o.schedule!r}")
 
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:

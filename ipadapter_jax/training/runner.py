@@ -13,7 +13,13 @@ and what its learning rate is; ``run`` does the rest:
 * stops with ``TrainingError`` on a non-finite loss or gradient norm, never
   checkpointing a broken state, naming the last good checkpoint;
 * checkpoints (orbax, async) every ``train.save_every`` steps and at the end,
-  keeping the last ``train.keep``.
+  keeping the last ``train.keep``;
+* on a preemption notice (SIGTERM, or JAX's preemption sync point in
+  multi-process runs) finishes the current step, checkpoints that step on
+  every process (all agree on it), waits for the save and raises
+  ``Preempted``: running the same command again resumes with exactly the
+  losses of an uninterrupted run. Further SIGTERMs are ignored until the run
+  has returned, so they cannot cut a save short.
 
 The caller exports whatever it trained from ``Result.state``.
 """
@@ -24,20 +30,38 @@ import csv
 import dataclasses
 import logging
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import grain.python as grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax._src import distributed as jax_distributed  # the preemption service has no public accessor
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
+
+from ipadapter_jax.io.errors import BadArgument, UserError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """Training stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept."""
+class TrainingError(UserError, RuntimeError):
+    """Training stopped on purpose (e.g. a non-finite loss); the last good checkpoint is kept
+    and named in the message. A training outcome, not a bug: CLIs print it as one line."""
+
+
+class Preempted(Exception):
+    """Training stopped on a preemption notice after saving a checkpoint of
+    ``step`` in ``directory`` on every process; the same command resumes it."""
+
+    def __init__(self, step: int, directory: Path):
+        self.step, self.directory = step, directory
+        super().__init__(f"preempted at step {step}; saved a checkpoint in {directory}; "
+                         "rerun the same command to resume")
 
 
 @dataclasses.dataclass
@@ -98,9 +122,15 @@ class Result:
 
 # --------------------------------------------------------------------------- checkpoints
 
-def checkpoint_manager(workdir: str | Path, item_names: Sequence[str], keep: int | None = None):
-    """The orbax manager of ``<workdir>/checkpoints`` (async saves, the last ``keep`` kept)."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+def checkpoint_manager(workdir: str | Path, item_names: Sequence[str], keep: int | None = None,
+                       cleanup: bool = False):
+    """The orbax manager of ``<workdir>/checkpoints`` (async saves, the last ``keep`` kept).
+    Orbax writes a step into ``<step>.orbax-checkpoint-tmp-*`` and renames it
+    when complete, so a save cut short (SIGKILL) never looks like a checkpoint;
+    ``cleanup`` removes such leftovers (only for the run that owns the folder:
+    it would also remove a running save's)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=cleanup)
     return ocp.CheckpointManager((Path(workdir) / "checkpoints").absolute(), options=options,
                                  item_names=tuple(item_names))
 
@@ -152,14 +182,67 @@ class MetricsLog:
         self._file.close()
 
 
+# --------------------------------------------------------------------------- preemption
+
+def _preemption_service() -> bool:
+    """Whether JAX's preemption sync manager runs (``jax.distributed`` initialised
+    with ``jax_enable_preemption_service``, the default): its notifier then owns SIGTERM."""
+    state = jax_distributed.global_state
+    return state.client is not None and state.preemption_sync_manager is not None
+
+
+class PreemptionNotice:
+    """Whether a run must stop for preemption after a step: the same answer
+    at the same step on every process.
+
+    Several processes with JAX's preemption service: its notifier receives
+    SIGTERM (on any host) and ``reached_preemption_sync_point`` agrees on the
+    step. Otherwise a SIGTERM handler sets a flag (installed by ``with``, in
+    the main thread only, the previous handler restored after); several
+    processes then agree through an all-gather of the flags at every step.
+    While installed, further SIGTERMs only set the flag again: they never cut
+    a checkpoint save short."""
+
+    def __init__(self):
+        self.received = False
+        self._sync = jax.process_count() > 1 and _preemption_service()
+        self._previous = None
+        self._installed = False
+
+    def __enter__(self):
+        if not self._sync and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._installed = False
+
+    def _handle(self, signum, frame) -> None:
+        self.received = True
+
+    def reached(self, step: int) -> bool:
+        """True when the run must checkpoint ``step`` (the steps done) and stop."""
+        if self._sync:
+            return multihost_utils.reached_preemption_sync_point(step)
+        if jax.process_count() > 1:
+            return bool(np.max(multihost_utils.process_allgather(np.int32(self.received))))
+        return self.received
+
+
 # --------------------------------------------------------------------------- the loop
 
 class _Loop:
     """One run of ``task`` from ``start`` to ``train.steps``."""
 
-    def __init__(self, task: Task, train, manager, metrics: MetricsLog | None, counts: dict):
+    def __init__(self, task: Task, train, manager, metrics: MetricsLog | None, counts: dict,
+                 notice: PreemptionNotice):
         self.task, self.train, self.manager, self.metrics, self.counts = task, train, manager, metrics, counts
+        self.notice = notice
         self.loss = math.nan
+        self.preempted_at: int | None = None
         self._last = time.perf_counter()
         self._bar = None
 
@@ -175,12 +258,19 @@ class _Loop:
             done = step + 1 == steps
             if (step + 1) % self.train.log_every == 0 or done:
                 self._log(step, metrics)
-            if (step + 1) % self.train.save_every == 0 or done:
+            preempted = not done and self.notice.reached(step + 1)
+            if (step + 1) % self.train.save_every == 0 or done or preempted:
                 # Never checkpoint a broken state: the loss and the gradient norm of this step
                 # must be finite (finite gradients keep the AdamW update finite).
                 if not (math.isfinite(float(metrics["loss"])) and math.isfinite(float(metrics["grad_norm"]))):
                     raise self._error(f"loss or gradient norm is not finite at step {step + 1}")
                 self.manager.save(step + 1, args=self.task.save_args(state))
+            if preempted:
+                log.warning("%s: preemption notice; stopping after a checkpoint of step %d", self.task.desc,
+                            step + 1)
+                self.preempted_at = step + 1
+                break
+        self._bar.close()
         return state
 
     def _log(self, step: int, metrics: dict) -> None:
@@ -200,28 +290,48 @@ class _Loop:
         self._bar.set_postfix(loss=f"{self.loss:.4f}", **self.counts)
 
     def _error(self, what: str) -> TrainingError:
-        return TrainingError(f"{self.task.desc}: {what}; stopping. The last good checkpoint (step "
-                             f"{self.manager.latest_step()}) is kept in {self.manager.directory}")
+        self.manager.wait_until_finished()   # the latest step is then the last complete one
+        latest = self.manager.latest_step()
+        kept = (f"The last good checkpoint (step {latest}) is kept in {self.manager.directory}" if latest is not None
+                else f"No checkpoint was saved before (in {self.manager.directory})")
+        return TrainingError(f"{self.task.desc}: {what}; stopping. {kept}")
+
+
+def check_train_config(train) -> None:
+    """Refuse ``train.steps`` < 0, ``log_every`` / ``save_every`` < 1 and
+    ``keep`` < 1 (None: keep all), naming the field."""
+    for name, low in (("steps", 0), ("log_every", 1), ("save_every", 1), ("keep", 1)):
+        value = train.get(name, low)
+        if name == "keep" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BadArgument(f"train.{name} must be an integer >= {low}, got {value!r}")
 
 
 def run(task: Task, workdir: str | Path, train) -> Result:
     """Train ``task`` for ``train.steps`` steps (``train``: a config with
     ``steps``, ``log_every``, ``save_every`` and ``keep``, default 2), resuming
-    from the latest checkpoint in ``workdir``."""
+    from the latest checkpoint in ``workdir``. Raises ``Preempted`` after
+    checkpointing the step a preemption notice stopped it at (see
+    ``PreemptionNotice``)."""
+    check_train_config(train)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    manager = checkpoint_manager(workdir, task.item_names, keep=train.get("keep", 2))
+    manager = checkpoint_manager(workdir, task.item_names, keep=train.get("keep", 2), cleanup=True)
     state, start = task.state, manager.latest_step() or 0
     if start:
         state = restore_state(manager, start, state, task.data)
         log.info("%s: resumed from %s at step %d", task.desc, manager.directory, start)
     metrics = MetricsLog(workdir / "metrics.csv", start, task.columns) if jax.process_index() == 0 else None
     counts = {name: metrics.last(name) if metrics is not None else 0 for name in task.counters}
-    loop = _Loop(task, train, manager, metrics, counts)
-    try:
-        state = loop.run(state, start)
-    finally:
-        manager.wait_until_finished()
-        if metrics is not None:
-            metrics.close()
+    with PreemptionNotice() as notice:   # SIGTERM handled until every save has finished
+        loop = _Loop(task, train, manager, metrics, counts, notice)
+        try:
+            state = loop.run(state, start)
+        finally:
+            manager.wait_until_finished()
+            if metrics is not None:
+                metrics.close()
+    if loop.preempted_at is not None:
+        raise Preempted(loop.preempted_at, workdir / "checkpoints")
     return Result(state, start, loop.loss, counts)

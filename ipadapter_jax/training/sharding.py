@@ -11,6 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ipadapter_jax.io.errors import Incompatible
+
 BATCH_AXES = ("data", "fsdp")
 
 
@@ -20,10 +22,10 @@ def make_mesh(data: int = -1, fsdp: int = 1, devices: Sequence | None = None) ->
     devices = list(devices if devices is not None else jax.devices())
     if data == -1:
         if len(devices) % fsdp:
-            raise ValueError(f"fsdp={fsdp} does not divide the {len(devices)} devices")
+            raise Incompatible(f"fsdp={fsdp} does not divide the {len(devices)} devices")
         data = len(devices) // fsdp
     if data * fsdp != len(devices):
-        raise ValueError(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {len(devices)}")
+        raise Incompatible(f"mesh data={data} x fsdp={fsdp} needs {data * fsdp} devices, have {len(devices)}")
     return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 

@@ -36,6 +36,7 @@ from flax import nnx
 
 from ipadapter_jax import ip_adapter
 from ipadapter_jax import schedulers
+from ipadapter_jax.io.errors import BadArgument
 
 ADAPTER_ONLY = r"^ip_adapters/"
 
@@ -93,12 +94,12 @@ class Trainer:
                scheduler_config: dict | None = None):
         """Returns ``(trainer, trainable_state, frozen_state)``."""
         if len(unet.ip_adapters) > 1:
-            raise ValueError(f"training expects at most one attached IP-Adapter, found {len(unet.ip_adapters)}")
+            raise BadArgument(f"training expects at most one attached IP-Adapter, found {len(unet.ip_adapters)}")
         if config.image_conditioning not in ("decoupled", "concat"):
-            raise ValueError(f"image_conditioning must be 'decoupled' or 'concat', got {config.image_conditioning!r}")
+            raise BadArgument(f"image_conditioning must be 'decoupled' or 'concat', got {config.image_conditioning!r}")
         graphdef, trainable_state, rest = nnx.split(unet, path_filter(trainable), ...)
         if not jax.tree.leaves(trainable_state):
-            raise ValueError(f"the trainable rule {trainable!r} selects no parameter")
+            raise BadArgument(f"the trainable rule {trainable!r} selects no parameter")
         frozen = {"unet": rest}
         graphdefs = {}
         for name, module in (("vae", vae), ("text_encoder", text_encoder), ("image_encoder", image_encoder)):

@@ -1,0 +1,205 @@
+"""Preemption: SIGTERM stops ``train.py`` after the current step with a
+checkpoint of that step (every process agreeing on it), one line saying where
+and exit status 0; a second SIGTERM during the save does not cut it short; the
+same command then resumes with exactly the losses of an uninterrupted run. As
+one process, and as two (jax.distributed on localhost, JAX's preemption
+service); and in process, through the demo recipe's ``fit`` (the runner every
+stage shares), which restores the previous SIGTERM handler after."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_train import ROOT, command, losses, setup  # noqa: F401  (setup: the tiny model and dataset)
+from test_train_multiprocess import free_port
+
+STEPS = 40            # ~30 ms a step on CPU: SIGTERM lands well before the end
+NO_REGULAR_SAVES = ["--config.train.save_every=1000"]   # the only checkpoint before the end is the preemption's
+LINE = re.compile(r"^train\.py: preempted at step (\d+); saved a checkpoint in (\S+); "
+                  r"rerun the same command to resume$", re.M)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """The processes' environment: CPU, and a persistent compilation cache (the
+    runs of a test compile the same programs: the first compiles, the others load)."""
+    e = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+    e.pop("XLA_FLAGS", None)
+    return e
+
+
+@dataclasses.dataclass
+class Process:
+    popen: subprocess.Popen
+    out: Path
+    err: Path
+
+
+def start(cmds, logs: Path, env: dict) -> list[Process]:
+    """The commands, each writing stdout / stderr into files in ``logs`` (not
+    pipes: a full pipe would stall a process, and the other's collectives)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, c in enumerate(cmds):
+        out, err = logs / f"{i}.out", logs / f"{i}.err"
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(Process(subprocess.Popen(c, stdout=o, stderr=e, env=env, cwd=ROOT), out, err))
+    return procs
+
+
+def finish(procs: list[Process], timeout=600) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr), once all exited with status 0 (any still
+    running after ``timeout`` is killed)."""
+    try:
+        for p in procs:
+            p.popen.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.popen.poll() is None:
+                p.popen.kill()
+    outputs = [(p.out.read_text(), p.err.read_text()) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.popen.returncode == 0, err[-4000:]
+    return outputs
+
+
+def logged_rows(workdir: Path) -> int:
+    try:
+        return max(len((workdir / "metrics.csv").read_text().splitlines()) - 1, 0)
+    except FileNotFoundError:
+        return 0
+
+
+def sigterm_after(procs: list[Process], workdir: Path, rows: int = 3) -> None:
+    """SIGTERM to every process once ``rows`` steps are logged, and again right
+    after (while the checkpoint is being written)."""
+    deadline = time.time() + 600
+    running = lambda: all(p.popen.poll() is None for p in procs)  # noqa: E731
+    while logged_rows(workdir) < rows and time.time() < deadline and running():
+        time.sleep(0.005)
+    if not running():
+        finish(procs)
+        raise AssertionError("the run ended before it was preempted")
+    for _ in range(2):
+        for p in procs:
+            p.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def check_preempted(outputs, workdir: Path) -> int:
+    """Every process printed the line, naming the same step, whose checkpoint
+    (complete: no temporary folder left) is the only one; nothing was exported."""
+    found = [LINE.search(err) for _, err in outputs]
+    assert all(found), [err[-3000:] for _, err in outputs]
+    steps = {int(m[1]) for m in found}
+    assert len(steps) == 1, steps
+    step = steps.pop()
+    assert {Path(m[2]) for m in found} == {workdir / "checkpoints"}
+    assert 3 <= step < STEPS
+    assert saved_steps(workdir) == [step]
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    assert not (workdir / "ip_adapter.safetensors").exists()
+    return step
+
+
+def test_sigterm_checkpoints_the_step_and_resumes_exactly(setup, env, tmp_path):
+    reference = tmp_path / "reference"
+    finish(start([command(setup, reference, steps=STEPS, extra=NO_REGULAR_SAVES)], tmp_path / "logs0", env))
+
+    workdir = tmp_path / "preempted"
+    cmd = command(setup, workdir, steps=STEPS, extra=NO_REGULAR_SAVES)
+    procs = start([cmd], tmp_path / "logs1", env)
+    sigterm_after(procs, workdir)
+    step = check_preempted(finish(procs), workdir)
+
+    (out, _), = finish(start([cmd], tmp_path / "logs2", env))
+    assert f"'resumed_from': {step}" in out
+    np.testing.assert_array_equal(losses(workdir), losses(reference))
+    assert (workdir / "ip_adapter.safetensors").is_file()
+
+
+def two_processes(setup, workdir: Path, port: int) -> list[list[str]]:
+    return [command(setup, workdir, steps=STEPS, extra=[*NO_REGULAR_SAVES, f"--coordinator=127.0.0.1:{port}",
+                                                       "--num_processes=2", f"--process_id={i}"]) for i in range(2)]
+
+
+def test_two_processes_agree_on_the_step_and_resume_exactly(setup, env, tmp_path):
+    port = free_port()     # one for the three runs: the compilation cache's keys depend on it
+    reference = tmp_path / "reference"
+    finish(start(two_processes(setup, reference, port), tmp_path / "logs0", env))
+
+    workdir = tmp_path / "preempted"
+    procs = start(two_processes(setup, workdir, port), tmp_path / "logs1", env)
+    sigterm_after(procs, workdir)
+    step = check_preempted(finish(procs), workdir)
+
+    outputs = finish(start(two_processes(setup, workdir, port), tmp_path / "logs2", env))
+    assert f"'resumed_from': {step}" in outputs[0][0]
+    np.testing.assert_array_equal(losses(workdir), losses(reference))
+
+
+def test_fit_stops_on_sigterm_and_restores_the_handler(tmp_path):
+    """In process: a SIGTERM during a step of the demo's ``fit`` (the shared
+    runner) ends that step with a checkpoint of it and ``Preempted``; the
+    SIGTERM handler in place before is back; the rerun ends where an
+    uninterrupted run ends."""
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+
+    from ipadapter_jax.demo import recipe
+    from ipadapter_jax.training import runner
+
+    data = np.random.default_rng(0).standard_normal((32, 4)).astype(np.float32)
+    cfg = ml_collections.ConfigDict({
+        "seed": 0,
+        "optimizer": {"lr": 0.1, "schedule": "constant", "warmup_steps": 0, "accumulate": 1, "clip_norm": 0.0,
+                      "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.0, "ema_decay": 0.0},
+        "train": {"steps": 8, "save_every": 100, "log_every": 1}})
+
+    def loss_fn(params, frozen, batch, key):
+        return jnp.mean((batch["x"] + jax.random.normal(key, batch["x"].shape) * 0.01 - params["w"]) ** 2), {}
+
+    def batch_fn(step, preempt_at=None):
+        if step == preempt_at:
+            os.kill(os.getpid(), signal.SIGTERM)    # arrives while this step runs
+        return {"x": data[recipe.batch_indices(0, step, len(data), 4)]}
+
+    def fit(workdir, preempt_at=None):
+        return recipe.fit(cfg, workdir, {"w": jnp.zeros(4)}, {}, loss_fn, lambda i: batch_fn(i, preempt_at),
+                          desc="fit")
+
+    straight = fit(tmp_path / "a")
+    previous = signal.getsignal(signal.SIGTERM)
+    received = []
+
+    def handler(signum, frame):
+        received.append(signum)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        with pytest.raises(runner.Preempted) as stopped:
+            fit(tmp_path / "b", preempt_at=2)
+        assert signal.getsignal(signal.SIGTERM) is handler and not received   # restored, and not called
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.step == 3 and saved_steps(tmp_path / "b") == [3]
+    assert str(stopped.value) == (f"preempted at step 3; saved a checkpoint in {tmp_path / 'b' / 'checkpoints'}; "
+                                  "rerun the same command to resume")
+    resumed = fit(tmp_path / "b")
+    np.testing.assert_array_equal(np.asarray(resumed["w"]), np.asarray(straight["w"]))
+    np.testing.assert_array_equal(losses(tmp_path / "b"), losses(tmp_path / "a"))
