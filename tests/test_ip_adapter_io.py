@@ -152,3 +152,15 @@ def test_adapter_for_another_unet_is_not_attached(unet, tmp_path, unet_folder):
                                           rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="maps 64 -> 32, the UNet needs 64 -> 64"):
         adapters.attach(unet, adapter)
+
+
+def test_lora_keys_in_a_variant_without_lora_are_refused(unet_folder, tmp_path):
+    """Only the variants whose files carry LoRA (the registry's ``lora``) may have LoRA keys."""
+    from ipadapter_jax.io.files import CheckpointError
+
+    tu = torch_unet(unet_folder)
+    bad = fx.flat(fx.image_proj("base", fx.UNET["cross_attention_dim"]), fx.ip_layers(tu, lora_rank=4))
+    save_file(bad, tmp_path / "base-with-lora.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(unet_folder)
+    with pytest.raises(CheckpointError, match=r"LoRA keys .* 'base' adapter.*faceid"):
+        load_ip_adapter(tmp_path / "base-with-lora.safetensors", unet)

@@ -123,6 +123,10 @@ def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, short
     variant, hparams = _detect(image_proj, str(path))
     proj_dim = nnx.eval_shape(lambda: variant.build(hparams, nnx.Rngs(0))).token_dim
     lora_rank, _ = _check_against_unet(ip, proj_dim, unet, str(path))
+    if lora_rank is not None and not variant.lora:
+        with_lora = ", ".join(v.name for v in variants.VARIANTS if v.lora)
+        raise CheckpointError(f"{path}: LoRA keys (ip_adapter.N.to_*_lora) in a {variant.name!r} adapter; only "
+                              f"the variants whose files carry LoRA ({with_lora}) may have them")
     if shortcut is None:
         shortcut = "plusv2" in path.name.lower()
 

@@ -34,9 +34,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ipadapter_jax import ip_adapter
 from ipadapter_jax import schedulers
 from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 
 ADAPTER_ONLY = r"^ip_adapters/"
 
@@ -192,8 +192,8 @@ class Trainer:
                 pred = unet(noisy, timesteps, context)
             else:
                 scale = jnp.ones((len(adapter.layers),), jnp.float32)
-                prompt = ip_adapter.ImagePrompt(tokens=tokens[:, None], scale=scale)
-                pred = unet(noisy, timesteps, text, [prompt])
+                prompt = ImagePrompt(tokens=tokens[:, None], scale=scale)
+                pred = unet(noisy, timesteps, UNetConditioning(text, (prompt,)))
         pred = pred.astype(jnp.float32)
         target = noise if c.prediction_type == "epsilon" else schedulers.ddpm_velocity(alphas, latents, noise,
                                                                                         timesteps)
