@@ -13,6 +13,9 @@ Examples with real weights:
   python sample.py --model SD --ip-adapter a.safetensors --image x.png --ip-adapter b.bin --image y.png \\
       --scale 0.5 --scale 0.8          # two adapters, one reference image each
   python sample.py --model SD --prompt "a house" --init-image sketch.png --strength 0.6   # img2img
+  python sample.py --model stable-diffusion-xl-base-1.0 --image-encoder IP-Adapter/sdxl_models/image_encoder \
+      --ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors --image ref.png --prompt "a cat" \
+      --scheduler euler --guidance 5      # SDXL: the pipeline class comes from model_index.json (1024 px)
 
 Reproducibility / cross-framework checks: --init-latents noise.npy (unit variance NHWC; overrides --seed,
 scaled by the scheduler's initial sigma as diffusers does) and --save-latents final.npy (NHWC, before the VAE).
@@ -33,7 +36,8 @@ SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karra
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
-                                   "scheduler/); without it, the embedded demo model")
+                                   "scheduler/), SD 1.x/2.x or SDXL (model_index.json says which); without it, "
+                                   "the embedded demo model")
     p.add_argument("--demo", action="store_true",
                    help="use the embedded demo model, its adapter, image encoder and reference image (the default "
                         "when --model is not given)")
@@ -50,7 +54,19 @@ def parse_args(argv=None):
                    help="IP-Adapter scale; once for all adapters or once per adapter (default 1.0; demo 0.5)")
     p.add_argument("--prompt", default=None, help="text prompt (default: empty, image-only prompting; demo: "
                    "a short shape prompt)")
-    p.add_argument("--negative-prompt", default="", help="negative text prompt")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative text prompt (default: empty; SDXL: none, i.e. zero negative conditioning when "
+                        "the model says force_zeros_for_empty_prompt, as diffusers)")
+    sdxl = p.add_argument_group("SDXL only")
+    sdxl.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: --prompt)")
+    sdxl.add_argument("--negative-prompt-2", default=None,
+                      help="negative prompt for the second text encoder (default: --negative-prompt)")
+    sdxl.add_argument("--original-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="micro-conditioning original size (default: --height --width)")
+    sdxl.add_argument("--crop", type=int, nargs=2, metavar=("TOP", "LEFT"), default=None,
+                      help="micro-conditioning crop top-left (default: 0 0)")
+    sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                      help="micro-conditioning target size (default: --height --width)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; demo 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default 7.5; demo 5)")
@@ -59,8 +75,11 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=int, default=None, help="images to generate (default 1; demo 4)")
-    p.add_argument("--height", type=int, default=None, help="image height, multiple of 8 (default 512; demo 64)")
-    p.add_argument("--width", type=int, default=None, help="image width, multiple of 8 (default 512; demo 64)")
+    p.add_argument("--height", type=int, default=None,
+                   help="image height, multiple of 8 (default: the model's size, 512 for SD 1.x and 1024 for SDXL; "
+                        "demo 64)")
+    p.add_argument("--width", type=int, default=None,
+                   help="image width, multiple of 8 (default: the model's size; demo 64)")
     p.add_argument("--init-image", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
     p.add_argument("--init-latents", help="initial noise .npy [N, H/8, W/8, 4], unit variance; overrides --seed")
@@ -84,9 +103,10 @@ def parse_args(argv=None):
                    help="persistent XLA compilation cache (a second run skips compiling); '' disables")
     args = p.parse_args(argv)
     _resolve_defaults(p, args)
+    _check_sdxl_flags(p, args)
     if args.scheduler not in SCHEDULER_NAMES:
         p.error(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
-    if args.height % 8 or args.width % 8:
+    if args.height is not None and args.height % 8 or args.width is not None and args.width % 8:
         p.error(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
     if args.num_images < 1:
         p.error(f"--num-images must be at least 1, got {args.num_images}")
@@ -126,6 +146,38 @@ def parse_args(argv=None):
     return args
 
 
+SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
+SDXL_FLAGS = (("--prompt-2", "prompt_2"), ("--negative-prompt-2", "negative_prompt_2"),
+              ("--original-size", "original_size"), ("--crop", "crop"), ("--target-size", "target_size"))
+
+
+def _check_sdxl_flags(p, args) -> None:
+    """Find out which pipeline the folder needs (``args.sdxl``, from its
+    model_index.json); SDXL-only flags are refused for other models."""
+    args.sdxl = _class_name(Path(args.model)) in SDXL_CLASSES
+    if not args.sdxl:
+        given = [flag for flag, name in SDXL_FLAGS if getattr(args, name) is not None]
+        if given:
+            p.error(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SDXL models only; "
+                    f"{args.model} is not an SDXL folder "
+                    "(model_index.json)")
+    for flag, name in SDXL_FLAGS[2:]:
+        value = getattr(args, name)
+        if value is not None and (min(value) < 0 or (name != "crop" and min(value) == 0)):
+            p.error(f"{flag} takes {'non-negative' if name == 'crop' else 'positive'} numbers, got {value}")
+
+
+def _class_name(model: Path) -> str | None:
+    """``_class_name`` of the folder's model_index.json (None when unreadable: the loader reports it).
+    Plain json here, so that argument errors come before JAX is imported."""
+    import json
+
+    try:
+        return json.loads((model / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _unwritable(folder: Path) -> str | None:
     """Why images cannot be written into ``folder`` (created when missing), or None;
     checked before sampling so that no work is lost."""
@@ -159,8 +211,8 @@ def _resolve_defaults(p, args) -> None:
                         out="outputs/demo.png")
         args.scale = args.scale or [demo.DEFAULT_SCALE]
     else:
-        defaults = dict(prompt="", steps=30, guidance=7.5, num_images=1, height=512, width=512,
-                        out="outputs/sample.png")
+        # height / width stay None here: the model's size, once it is loaded.
+        defaults = dict(prompt="", steps=30, guidance=7.5, num_images=1, out="outputs/sample.png")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -196,7 +248,10 @@ def _load_latents(path: str):
     from ipadapter_jax.io.errors import BadFile
     from ipadapter_jax.io.files import read_npy
 
-    latents = read_npy(path)
+    try:
+        latents = read_npy(path)
+    except BadFile as e:
+        raise BadFile(f"--init-latents: {e}") from None
     if latents.ndim != 4 or latents.dtype.kind != "f":
         raise BadFile(f"--init-latents {path}: expected float latents [N, h, w, C], got {latents.dtype} "
                       f"{latents.shape}")
@@ -215,10 +270,14 @@ def generate(argv) -> int:
         # Cache every executable (the encoders' and the VAE's compile in under a second each, but they add up).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-    from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
+    from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, image_encoder=args.image_encoder, dtype=dtype)
+    cls = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+    pipe = cls.from_pretrained(args.model, image_encoder=args.image_encoder, dtype=dtype)
+    default_size = pipe.default_size if args.sdxl else 512
+    args.height = default_size if args.height is None else args.height
+    args.width = default_size if args.width is None else args.width
     specs = []
     for i, path in enumerate(args.ip_adapter):
         pipe.load_ip_adapter(path)
@@ -234,7 +293,12 @@ def generate(argv) -> int:
                   file=sys.stderr)
             args.num_images = latents.shape[0]
     options = {"eta": args.eta} if args.eta is not None else None
-    result = pipe(args.prompt, negative_prompt=args.negative_prompt, ip_adapter_prompts=specs,
+    extra = {}
+    if args.sdxl:
+        extra = dict(prompt_2=args.prompt_2, negative_prompt_2=args.negative_prompt_2,
+                     original_size=args.original_size, crops_coords_top_left=args.crop, target_size=args.target_size)
+    negative = args.negative_prompt if args.sdxl or args.negative_prompt is not None else ""
+    result = pipe(args.prompt, negative_prompt=negative, ip_adapter_prompts=specs, **extra,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
                   guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, scheduler_options=options,
                   height=args.height, width=args.width, num_images=args.num_images, seed=args.seed,

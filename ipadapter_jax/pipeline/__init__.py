@@ -1,6 +1,8 @@
 """Pipelines: prompts in, images out. One idea per file:
 
 * ``stable_diffusion`` ``StableDiffusionPipeline``: prepare -> denoise -> decode;
+* ``stable_diffusion_xl`` ``StableDiffusionXLPipeline``: the same with SDXL's text stage;
+* ``auto``             ``load_pipeline``: the class a folder's ``model_index.json`` names;
 * ``prompts``          ``ImagePromptSpec`` -> the UNet's ``ImagePrompt`` arrays and gates;
 * ``denoise``          the jitted ``fori_loop`` and its one compile cache;
 * ``inputs``           masks and img2img images, prepared as diffusers does;
@@ -11,7 +13,9 @@ from ipadapter_jax.pipeline.denoise import CompiledLoops, guide, make_denoise_lo
 from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
 from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts
 from ipadapter_jax.pipeline.stable_diffusion import Prepared, SampleOutput, StableDiffusionPipeline
+from ipadapter_jax.pipeline.stable_diffusion_xl import StableDiffusionXLPipeline
+from ipadapter_jax.pipeline.auto import load_pipeline, pipeline_class
 
 __all__ = ["CompiledLoops", "ImagePromptSpec", "JittedModule", "Prepared", "SampleOutput",
-           "StableDiffusionPipeline", "build_image_prompts", "data_mesh", "guide", "make_denoise_loop",
-           "shard_batch"]
+           "StableDiffusionPipeline", "StableDiffusionXLPipeline", "build_image_prompts", "data_mesh", "guide",
+           "load_pipeline", "make_denoise_loop", "pipeline_class", "shard_batch"]

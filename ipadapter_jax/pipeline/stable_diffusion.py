@@ -67,17 +67,29 @@ class Prepared:
 
 
 SUPPORTED_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+XL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 
 
-def check_pipeline_class(model_dir: Path) -> None:
+def pipeline_class_name(model_dir: Path) -> str | None:
+    """``_class_name`` of a diffusers folder's ``model_index.json`` (None without one)."""
+    if not (Path(model_dir) / "model_index.json").is_file():
+        return None
+    return load_config(Path(model_dir), "model_index.json").get("_class_name")
+
+
+def check_pipeline_class(model_dir: Path, supported: Sequence[str] = SUPPORTED_CLASSES,
+                         runs: str = "SD 1.x / 2.x") -> None:
     """Refuse, by name, a diffusers folder of a pipeline this class cannot run
     (its ``model_index.json`` says which); folders without one are tried."""
-    if not (model_dir / "model_index.json").is_file():
-        return
-    name = load_config(model_dir, "model_index.json").get("_class_name")
-    if name and name not in SUPPORTED_CLASSES:
-        raise Unsupported(f"{model_dir} is a {name} folder (model_index.json); this pipeline runs SD 1.x / 2.x "
-                          f"folders ({', '.join(SUPPORTED_CLASSES)})")
+    name = pipeline_class_name(model_dir)
+    if name and name not in supported:
+        hint = ""
+        if name in XL_CLASSES and supported is not XL_CLASSES:
+            hint = "; use StableDiffusionXLPipeline (or ipadapter_jax.pipeline.load_pipeline, which picks the class)"
+        elif name in SUPPORTED_CLASSES and supported is not SUPPORTED_CLASSES:
+            hint = "; use StableDiffusionPipeline (or ipadapter_jax.pipeline.load_pipeline, which picks the class)"
+        raise Unsupported(f"{model_dir} is a {name} folder (model_index.json); this pipeline runs {runs} "
+                          f"folders ({', '.join(supported)}){hint}")
 
 
 def refuse_nonfinite(latents: np.ndarray, images: np.ndarray) -> None:
@@ -89,6 +101,20 @@ def refuse_nonfinite(latents: np.ndarray, images: np.ndarray) -> None:
             "(try --dtype float32, or a VAE that is safe in half precision), a corrupt adapter or LoRA file, or a "
             "non-finite input (scales, embeddings, initial latents). allow_nonfinite=True (sample.py "
             "--allow-nonfinite) returns the result anyway")
+
+
+def token_ids(tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """Prompts -> [B, 77] token ids, padded to the tokenizer's length; longer
+    prompts are truncated with a warning, as diffusers does."""
+    max_len = tokenizer.model_max_length
+    ids = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
+                    return_tensors="np").input_ids
+    full = tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
+    if full.shape[-1] > ids.shape[-1]:
+        removed = tokenizer.batch_decode(full[:, max_len - 1:-1])
+        log.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                    "to %d tokens: %s", max_len, removed)
+    return ids
 
 
 class StableDiffusionPipeline:
@@ -166,14 +192,7 @@ class StableDiffusionPipeline:
     def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
         """Prompts -> [B, 77, C] text embeddings (last hidden state). Prompts longer
         than the encoder's 77 tokens are truncated with a warning, as diffusers does."""
-        max_len = self.tokenizer.model_max_length
-        ids = self.tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
-                             return_tensors="np").input_ids
-        full = self.tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
-        if full.shape[-1] > ids.shape[-1]:
-            removed = self.tokenizer.batch_decode(full[:, max_len - 1:-1])
-            log.warning("The following part of your input was truncated because CLIP can only handle sequences up "
-                        "to %d tokens: %s", max_len, removed)
+        ids = token_ids(self.tokenizer, prompts)
         return np.asarray(self._text(jnp.asarray(ids, jnp.int32)).last_hidden_state, np.float32)
 
     def _text_context(self, prompt, negative_prompt, num_images: int, cfg: bool, prompt_embeds,
@@ -194,6 +213,13 @@ class StableDiffusionPipeline:
             raise BadArgument(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         text = self.encode_prompt(prompts)
         return np.concatenate([self.encode_prompt(negatives), text]) if cfg else text
+
+    def _text_conditioning(self, text: dict, *, num_images: int, cfg: bool, height: int,
+                           width: int) -> tuple[np.ndarray, dict | None]:
+        """The text stage: (encoder_hidden_states [B or 2B, L, C], added_cond or None).
+        ``text`` holds the call's text arguments; subclasses (SDXL) override this."""
+        return self._text_context(text.pop("prompt"), text.pop("negative_prompt"), num_images, cfg,
+                                  text.pop("prompt_embeds"), text.pop("negative_prompt_embeds"), **text), None
 
     # ------------------------------------------------------------------ the stages
 
@@ -222,8 +248,11 @@ class StableDiffusionPipeline:
                 num_inference_steps: int = 30, guidance_scale: float = 7.5, scheduler: str = "ddim",
                 scheduler_options: dict | None = None, height: int = 512, width: int = 512, num_images: int = 1,
                 seed: int = 0, latents=None, init_image=None, strength: float = 0.8, prompt_embeds=None,
-                negative_prompt_embeds=None, guidance_rescale: float = 0.0) -> Prepared:
-        """Validate and encode a call (see ``__call__`` for the arguments)."""
+                negative_prompt_embeds=None, guidance_rescale: float = 0.0,
+                text_options: dict | None = None) -> Prepared:
+        """Validate and encode a call (see ``__call__`` for the arguments).
+        ``text_options``: extra keyword arguments of a subclass's text stage
+        (``_text_conditioning``), e.g. SDXL's ``prompt_2``; none here."""
         if height % 8 or width % 8:
             raise BadArgument(f"height and width must be multiples of 8, got {height}x{width}")
         if num_inference_steps < 1:
@@ -246,15 +275,18 @@ class StableDiffusionPipeline:
         # The state holds the multistep history (PNDM, DPM++), so it needs the latents' shape.
         state = sched.set_timesteps(num_inference_steps, sample_shape=latent_shape)
         steps = sched.num_steps(state)
-        context = self._text_context(prompt, negative_prompt, num_images, cfg, prompt_embeds,
-                                     negative_prompt_embeds)
+        context, added_cond = self._text_conditioning(
+            dict(prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+                 negative_prompt_embeds=negative_prompt_embeds, **(text_options or {})),
+            num_images=num_images, cfg=cfg, height=height, width=width)
         prompts, gates = build_image_prompts(list(ip_adapter_prompts), self.unet, self._image, batch=num_images,
                                              height=height, width=width, vae_scale=self.vae_scale, steps=steps,
                                              cfg=cfg)
         noise_key, latent_key, vae_key = jax.random.split(jax.random.key(seed), 3)
         x, start = self._initial_latents(sched, state, latent_shape, (latent_key, vae_key), latents, init_image,
                                          strength, num_inference_steps, (height, width))
-        return Prepared(scheduler=sched, state=state, latents=x, cond=UNetConditioning(context, prompts),
+        return Prepared(scheduler=sched, state=state, latents=x,
+                        cond=UNetConditioning(context, prompts, added_cond=added_cond),
                         gates=gates, noise_key=noise_key, start=start, steps=steps, guidance_scale=guidance_scale,
                         guidance_rescale=guidance_rescale)
 
@@ -273,7 +305,9 @@ class StableDiffusionPipeline:
         Compiles ahead of time (timed apart) once per argument signature."""
         cond = request.cond.replace(
             encoder_hidden_states=shard_batch(self.mesh, request.cond.encoder_hidden_states),
-            image_prompts=tuple(self._shard_prompt(p) for p in request.cond.image_prompts))
+            image_prompts=tuple(self._shard_prompt(p) for p in request.cond.image_prompts),
+            added_cond=(None if request.cond.added_cond is None else
+                        {k: shard_batch(self.mesh, v) for k, v in request.cond.added_cond.items()}))
         graphdef, params = nnx.split(self.unet)
         args = (params, request.state, shard_batch(self.mesh, request.latents), cond, jnp.asarray(request.gates),
                 jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale), request.noise_key,
@@ -337,6 +371,10 @@ class StableDiffusionPipeline:
                                width=width, num_images=num_images, seed=seed, latents=latents,
                                init_image=init_image, strength=strength, prompt_embeds=prompt_embeds,
                                negative_prompt_embeds=negative_prompt_embeds, guidance_rescale=guidance_rescale)
+        return self._run(request, t0, progress=progress, allow_nonfinite=allow_nonfinite)
+
+    def _run(self, request: Prepared, t0: float, *, progress: bool, allow_nonfinite: bool) -> SampleOutput:
+        """denoise + decode a prepared call (``t0``: when preparing began)."""
         timings = {"encode_s": time.perf_counter() - t0}
         final, loop_timings = self.denoise(request, progress=progress)
         timings.update(loop_timings)
