@@ -10,7 +10,12 @@ Sources (each ``__len__`` / ``__getitem__`` -> dict of numpy arrays):
 
 Every image is resized on its shortest side and center-cropped to the
 resolution, normalised to [-1, 1] (``pixels``), and also prepared for CLIP
-(``clip_pixels``, the ``CLIPImageProcessor`` recipe). A corrupt or unreadable
+(``clip_pixels``, the ``CLIPImageProcessor`` recipe). Each record also says
+what was done to its image, for SDXL's micro-conditioning (``time_ids``, see
+``sdxl_time_ids``): ``original_size`` (h, w) of the file and ``crop_top_left``
+(top, left) of the crop in the resized image, as the official
+``tutorial_train_sdxl.py`` records them. With a second tokenizer (SDXL) the
+caption's ids of it are ``input_ids_2``. A corrupt or unreadable
 image is skipped (the next record is used) and counted in the record's
 ``skipped`` field, which the training loop sums into its logs; a run of
 unreadable images as long as ``max_retries`` (or the whole dataset) is an error.
@@ -38,26 +43,46 @@ def _short(value, n: int = 120) -> str:
     return text if len(text) <= n else text[:n] + "..."
 
 
+def train_crop(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
+    """The training transform's geometry for a ``width`` x ``height`` image:
+    ``(new_w, new_h, left, top)``: the shortest side resized to ``resolution``,
+    then a center crop at (top, left) of the resized image."""
+    scale = resolution / min(width, height)
+    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
+
+
 def train_pixels(image, resolution: int) -> np.ndarray:
     """Shortest side -> ``resolution`` (bilinear, as the official transforms),
     center crop, [-1, 1], HWC float32."""
     from PIL import Image
 
     rgb = load_rgb(image)
-    w, h = rgb.size
-    scale = resolution / min(w, h)
-    new_w, new_h = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-    left, top = (new_w - resolution) // 2, (new_h - resolution) // 2
+    new_w, new_h, left, top = train_crop(*rgb.size, resolution)
     rgb = resize_crop(rgb, (new_w, new_h), (left, top, left + resolution, top + resolution), Image.BILINEAR)
     pixels = np.asarray(rgb, np.float32)
     return pixels / 127.5 - 1.0
 
 
+def sdxl_time_ids(original_size: np.ndarray, crop_top_left: np.ndarray, resolution: int) -> np.ndarray:
+    """[B, 6] float32 SDXL time ids of a batch of records: original size (h, w)
+    + crop top-left (top, left) + target size (resolution, resolution)."""
+    original_size, crop_top_left = np.asarray(original_size), np.asarray(crop_top_left)
+    target = np.full((len(original_size), 2), resolution)
+    return np.concatenate([original_size, crop_top_left, target], axis=1).astype(np.float32)
+
+
+def _ids(tokenizer, text: str) -> np.ndarray:
+    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="np").input_ids[0].astype(np.int32)
+
+
 class _ImageTextBase:
     """Shared record building: image -> pixels + clip_pixels, text -> input_ids."""
 
-    def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16):
+    def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16, tokenizer_2=None):
         self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
         self.resolution = resolution
         self.clip_size = clip_size
         self.max_retries = max_retries
@@ -84,9 +109,14 @@ class _ImageTextBase:
                 log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
                 skipped, last = skipped + 1, e
                 continue
-            ids = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                 truncation=True, return_tensors="np").input_ids[0].astype(np.int32)
-            return {"pixels": pixels, "clip_pixels": clip, "input_ids": ids, "skipped": np.int32(skipped)}
+            width, height = rgb.size
+            _, _, left, top = train_crop(width, height, self.resolution)
+            record = {"pixels": pixels, "clip_pixels": clip, "input_ids": _ids(self.tokenizer, text),
+                      "original_size": np.array([height, width], np.int32),
+                      "crop_top_left": np.array([top, left], np.int32), "skipped": np.int32(skipped)}
+            if self.tokenizer_2 is not None:
+                record["input_ids_2"] = _ids(self.tokenizer_2, text)
+            return record
         scope = (f"none of its {len(self)} records has a readable image" if attempts == len(self) else
                  f"{attempts} records in a row, from {self._describe(index)}, have no readable image")
         raise BadFile(f"{self!r}: {scope} (the last error: {last}); is the image root right?")

@@ -2,6 +2,12 @@
 the shared training runner (``runner``: step, log, checkpoint, resume), export
 the adapter in the official format.
 
+SDXL base folders (a UNet with ``addition_embed_type="text_time"``) train the
+same way with the second text encoder and tokenizer (``text_encoder_2``,
+``tokenizer_2``) added, and each image's ``time_ids`` (original size + crop
+top-left + target size) built from what its source recorded; feature caching
+(``data.cache_dir``, ``data.kind="cached"``) is SD 1.x only.
+
 Read top to bottom: ``train(config)`` is the whole recipe in sections.
 """
 
@@ -24,8 +30,10 @@ from transformers import CLIPTokenizer
 from ipadapter_jax import ip_adapter, schedulers
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported, UserError
 from ipadapter_jax.ip_adapter import variants
+from ipadapter_jax.ip_adapter.image_proj import Resampler
 from ipadapter_jax.ip_adapter.official import load_ip_adapter, save_ip_adapter
-from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
+from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
+                                  CLIPVisionModelWithProjection, UNet2DConditionModel)
 from ipadapter_jax.training import data as data_lib
 from ipadapter_jax.training import runner
 from ipadapter_jax.training import sharding as sharding_lib
@@ -52,7 +60,14 @@ def _new_adapter(cfg, unet, image_encoder) -> None:
         trainable = [v.name for v in variants.VARIANTS if v.new is not None]
         raise BadArgument(f"model.variant must be one of {trainable} to train a new adapter, got {m.variant!r}")
     rngs = nnx.Rngs(cfg.seed)
-    proj = spec.new(unet.cross_attention_layers()[0].token_dim, image_encoder.config, m.num_tokens, rngs)
+    token_dim = unet.cross_attention_layers()[0].token_dim
+    width = m.get("resampler_dim", 0)
+    if spec.name == "plus" and width:
+        # The official SDXL Plus recipe: a Resampler narrower than the tokens (dim 1280, 20 heads -> 2048).
+        proj = Resampler(dim=width, depth=4, dim_head=64, heads=max(width // 64, 1), num_queries=m.num_tokens,
+                         embedding_dim=image_encoder.config.hidden_size, output_dim=token_dim, rngs=rngs)
+    else:
+        proj = spec.new(token_dim, image_encoder.config, m.num_tokens, rngs)
     adapter = ip_adapter.IPAdapter.for_unet(unet, proj, variant=spec.name, rngs=rngs)
     adapter.init_from_unet(unet)
     ip_adapter.attach(unet, adapter)
@@ -93,6 +108,10 @@ def check_config(cfg) -> None:
             raise BadArgument(f"{field} must be a finite number >= 0, got {value!r}")
     if not cfg.optimizer.ema_decay < 1:
         raise BadArgument(f"optimizer.ema_decay must be < 1, got {cfg.optimizer.ema_decay!r}")
+    for section, name in (("step", "noise_offset"), ("model", "resampler_dim")):   # optional fields
+        value = cfg[section].get(name, 0)
+        if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise BadArgument(f"{section}.{name} must be a finite number >= 0, got {value!r}")
     runner.check_train_config(cfg.train)
 
 
@@ -116,20 +135,42 @@ def build_models(cfg):
     return unet, vae, text_encoder, tokenizer, image_encoder, schedulers.load_scheduler_config(root)
 
 
-def build_source(cfg, tokenizer, clip_size: int = 224):
-    """The data source ``cfg.data`` names. What the sources refuse (a missing
-    file or folder, a malformed dataset) is raised as ``MissingFile`` /
-    ``BadFile``."""
+def is_sdxl(unet) -> bool:
+    """An SDXL base UNet (added text + time conditioning)?"""
+    return unet.config.addition_embed_type == "text_time"
+
+
+def build_text_2(cfg, unet):
+    """SDXL's second text encoder (``CLIPTextModelWithProjection``, in
+    ``cfg.step.compute_dtype``) and tokenizer from ``model.pretrained``;
+    ``(None, None)`` for a UNet without added conditioning."""
+    if not is_sdxl(unet):
+        return None, None
+    root = Path(cfg.model.pretrained)
+    for sub in ("text_encoder_2", "tokenizer_2"):
+        if not (root / sub).is_dir():
+            raise MissingFile(f"model.pretrained: {root} holds an SDXL UNet but no {sub}/ folder (an SDXL folder "
+                              "holds unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
+    dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
+    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype)
+    return text_encoder_2, CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
+
+
+def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None):
+    """The data source ``cfg.data`` names (with ``tokenizer_2``, SDXL, records
+    carry ``input_ids_2`` too). What the sources refuse (a missing file or
+    folder, a malformed dataset) is raised as ``MissingFile`` / ``BadFile``."""
     d = cfg.data
     if d.kind not in CHOICES["data.kind"]:
         raise BadArgument(f"data.kind must be one of {list(CHOICES['data.kind'])}, got {d.kind!r}")
     try:
         if d.kind == "json":
             return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution,
-                                                clip_size=clip_size)
+                                                clip_size=clip_size, tokenizer_2=tokenizer_2)
         if d.kind == "tfds":
             return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
-                                                image_key=d.image_key, text_key=d.text_key, clip_size=clip_size)
+                                                image_key=d.image_key, text_key=d.text_key, clip_size=clip_size,
+                                                tokenizer_2=tokenizer_2)
         return data_lib.CachedSource(d.cache_dir)
     except UserError:
         raise
@@ -184,12 +225,18 @@ def _mesh(cfg):
     return mesh
 
 
-def _constants(tokenizer, text_encoder, image_encoder, cached: bool, plus: bool) -> dict:
-    """What dropped captions / images become: the ids of "" (or, with cached
-    features, the encoders' outputs for "" and zero pixels, as the encoders are
-    not in the step)."""
-    empty = np.asarray(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
-                                 return_tensors="np").input_ids[0], np.int32)
+def _empty_ids(tokenizer) -> np.ndarray:
+    return np.asarray(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
+                                return_tensors="np").input_ids[0], np.int32)
+
+
+def _constants(tokenizer, text_encoder, image_encoder, cached: bool, plus: bool, tokenizer_2=None) -> dict:
+    """What dropped captions / images become: the ids of "" (SDXL: [2, 77], one
+    row per tokenizer) or, with cached features, the encoders' outputs for ""
+    and zero pixels, as the encoders are not in the step."""
+    empty = _empty_ids(tokenizer)
+    if tokenizer_2 is not None:
+        return {"empty_text": np.stack([empty, _empty_ids(tokenizer_2)])}
     if not cached:
         return {"empty_text": empty}
     constants = {"empty_text": np.asarray(text_encoder(empty[None]).last_hidden_state[0], np.float32)}
@@ -209,9 +256,10 @@ def _shard(cfg, mesh, *trees):
 
 
 def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, cached: bool,
-          lr_schedule) -> runner.Task:
+          lr_schedule, sdxl: bool = False) -> runner.Task:
     """The runner's task: the state ``{"trainable", "opt_state"}``, batches from
-    the grain iterator (checkpointed with it) placed over (data, fsdp)."""
+    the grain iterator (checkpointed with it) placed over (data, fsdp). SDXL
+    batches get ``time_ids`` from each record's original size and crop."""
     step_fn = jax.jit(trainer.train_step, donate_argnums=(0, 1))
     base_rng = jax.random.key(cfg.seed)
 
@@ -225,6 +273,10 @@ def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, c
         skipped = int(np.sum(host_batch.pop("skipped")))
         if cached:
             host_batch = {k: host_batch[k] for k in ("latents", "text_embeds", "image_embeds")}
+        else:
+            original, crop = host_batch.pop("original_size"), host_batch.pop("crop_top_left")
+            if sdxl:
+                host_batch["time_ids"] = data_lib.sdxl_time_ids(original, crop, cfg.data.resolution)
         return sharding_lib.put_batch({**host_batch, **constants}, mesh), {"skipped_images": skipped}
 
     return runner.Task(state=state, step=step, batch=batch, lr=step_lr(cfg, lr_schedule),
@@ -252,7 +304,12 @@ def train(cfg) -> dict:
 
     # --- models and data (errors here come before any compilation)
     unet, vae, text_encoder, tokenizer, image_encoder, sched_cfg = build_models(cfg)
-    source = build_source(cfg, tokenizer, image_encoder.config.image_size)
+    text_encoder_2, tokenizer_2 = build_text_2(cfg, unet)
+    sdxl = text_encoder_2 is not None
+    if sdxl and (cfg.data.kind == "cached" or cfg.data.cache_dir):
+        raise Unsupported("feature caching (data.cache_dir / data.kind='cached') is not supported for SDXL yet; "
+                          "train from images (data.kind json or tfds, data.cache_dir='')")
+    source = build_source(cfg, tokenizer, image_encoder.config.image_size, tokenizer_2)
     spec = unet.ip_adapters[0].spec          # from the adapter itself (adapter_init may be any variant)
     if spec.needs_face_id:
         raise Unsupported("training FaceID adapters needs InsightFace embeddings in the data; not supported")
@@ -272,18 +329,19 @@ def train(cfg) -> dict:
     # --- the step
     optimizer, lr_schedule = make_optimizer(cfg)
     step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_input=spec.encoder_output,
-                          scaling_factor=vae.scaling_factor, image_conditioning=cfg.step.image_conditioning)
+                          scaling_factor=vae.scaling_factor, image_conditioning=cfg.step.image_conditioning,
+                          noise_offset=float(cfg.step.get("noise_offset", 0.0)))
     trainer, trainable, frozen = Trainer.create(
         unet, vae=None if cached else vae, text_encoder=None if cached else text_encoder,
         image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,
-        config=step_cfg, scheduler_config=sched_cfg)
-    constants = _constants(tokenizer, text_encoder, image_encoder, cached, plus)
+        config=step_cfg, scheduler_config=sched_cfg, text_encoder_2=text_encoder_2)
+    constants = _constants(tokenizer, text_encoder, image_encoder, cached, plus, tokenizer_2)
     opt_state = trainer.init_optimizer(trainable)
 
     # --- sharding, the run, then the adapter in the official format (the EMA weights when tracked)
     trainable, opt_state, frozen = _shard(cfg, mesh, trainable, opt_state, frozen)
     task = _task(cfg, trainer, {"trainable": trainable, "opt_state": opt_state}, frozen, mesh, iter(loader),
-                 constants, cached, lr_schedule)
+                 constants, cached, lr_schedule, sdxl)
     result = runner.run(task, workdir, cfg.train)
     export = Path(cfg.train.export or workdir / "ip_adapter.safetensors")
     if jax.process_index() == 0:

@@ -20,13 +20,23 @@ Only the parameters whose path matches ``trainable`` (a regex over
 ``to_k_ip``/``to_v_ip``) are differentiated and updated; everything else is
 frozen input. ``train_step`` is one jittable function of
 ``(trainable, opt_state, frozen, batch, rng, step)``.
+
+The text conditioning is one small function picked in ``Trainer.create`` from
+the UNet's ``addition_embed_type`` (``TEXT_CONDITIONING``): SD 1.x / 2.x take
+the text encoder's last hidden state; SDXL (``"text_time"``) takes both
+encoders' ``hidden_states[-2]`` side by side, encoder 2's pooled
+``text_embeds`` and the batch's per-image ``time_ids`` (original size + crop
+top-left + target size), as the official ``tutorial_train_sdxl.py`` does (a
+dropped caption is the empty prompt through both encoders, pooled included).
+``noise_offset`` (default 0: off) adds ``noise_offset * N(0, 1)`` per sample
+and channel to the noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +45,7 @@ import optax
 from flax import nnx
 
 from ipadapter_jax import schedulers
-from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 
 ADAPTER_ONLY = r"^ip_adapters/"
@@ -57,6 +67,56 @@ class StepConfig:
     # adapter" ablation: tokens appended to the text sequence of the frozen
     # cross-attention). Ignored when no adapter is attached (text-only UNet training).
     image_conditioning: str = "decoupled"
+    # > 0: noise += noise_offset * N(0, 1) of shape [B, 1, 1, C] (the official scripts' --noise_offset).
+    noise_offset: float = 0.0
+
+
+class TextConditioning(NamedTuple):
+    """The text side of a UNet call with added conditioning (SDXL): the
+    cross-attention context and ``{"text_embeds": pooled, "time_ids"}``."""
+
+    context: jax.Array
+    added_cond: dict | None = None
+
+
+def sd_text(trainer: "Trainer", frozen, batch: dict, drop_text: jax.Array) -> jax.Array:
+    """SD 1.x / 2.x: the text encoder's last hidden state [B, 77, C] (or the
+    cached ``text_embeds``); a dropped caption is ``empty_text`` (ids [77] of
+    "", or its embedding [77, C] with cached features)."""
+    if "text_embeds" in batch:
+        return jnp.where(drop_text[:, None, None], batch["empty_text"][None], batch["text_embeds"])
+    ids = jnp.where(drop_text[:, None], batch["empty_text"][None], batch["input_ids"])
+    return trainer._module("text_encoder", frozen)(ids).last_hidden_state
+
+
+def sdxl_text(trainer: "Trainer", frozen, batch: dict, drop_text: jax.Array) -> TextConditioning:
+    """SDXL: context = concat(encoder 1's, encoder 2's ``hidden_states[-2]``)
+    [B, 77, C1 + C2], pooled = encoder 2's ``text_embeds`` [B, P], time ids
+    from ``batch["time_ids"]`` [B, 6] (original (h, w), crop (top, left),
+    target (h, w) of each image).
+
+    batch: ``input_ids`` / ``input_ids_2`` [B, 77] (each tokenizer's ids) and
+    ``empty_text`` [2, 77] (the ids of "" of tokenizer 1 and 2); or cached
+    ``text_embeds`` [B, 77, C1 + C2] / ``pooled_text_embeds`` [B, P] with
+    ``empty_text`` [77, C1 + C2] / ``empty_pooled`` [P] (the encoders on "").
+    """
+    if "text_embeds" in batch:
+        context = jnp.where(drop_text[:, None, None], batch["empty_text"][None], batch["text_embeds"])
+        pooled = jnp.where(drop_text[:, None], batch["empty_pooled"][None], batch["pooled_text_embeds"])
+    else:
+        empty = batch["empty_text"]
+        ids = jnp.where(drop_text[:, None], empty[0][None], batch["input_ids"])
+        ids_2 = jnp.where(drop_text[:, None], empty[1][None], batch["input_ids_2"])
+        states = trainer._module("text_encoder", frozen)(ids).hidden_states[-2]
+        out_2 = trainer._module("text_encoder_2", frozen)(ids_2)
+        context = jnp.concatenate([states, out_2.hidden_states[-2].astype(states.dtype)], axis=-1)
+        pooled = out_2.text_embeds
+    added = {"text_embeds": pooled.astype(jnp.float32), "time_ids": jnp.asarray(batch["time_ids"], jnp.float32)}
+    return TextConditioning(context, added)
+
+
+# The text conditioning of each UNet ``addition_embed_type``.
+TEXT_CONDITIONING: dict[str | None, Callable] = {None: sd_text, "text_time": sdxl_text}
 
 
 def path_filter(pattern: str) -> Callable:
@@ -67,6 +127,38 @@ def path_filter(pattern: str) -> Callable:
         return isinstance(value, nnx.Param) and bool(regex.search("/".join(str(p) for p in path)))
 
     return select
+
+
+def _text_conditioning(unet, text_encoder, text_encoder_2) -> Callable:
+    """The text-conditioning function for ``unet`` (checked against the encoders given)."""
+    kind = getattr(unet.config, "addition_embed_type", None)
+    if kind not in TEXT_CONDITIONING:
+        raise Unsupported(f"training a UNet with addition_embed_type={kind!r} is not supported "
+                          f"(supported: {sorted(map(str, TEXT_CONDITIONING))})")
+    if kind is None:
+        if text_encoder_2 is not None:
+            raise BadArgument("text_encoder_2 is given but the UNet takes no added conditioning (SD 1.x / 2.x "
+                              "use one text encoder)")
+        return TEXT_CONDITIONING[kind]
+    if (text_encoder is None) != (text_encoder_2 is None):
+        raise BadArgument("an SDXL UNet (addition_embed_type='text_time') needs both text_encoder and "
+                          "text_encoder_2 (or neither, with cached text embeddings)")
+    if text_encoder_2 is not None:
+        pooled = getattr(text_encoder_2.config, "projection_dim", None)
+        if not hasattr(text_encoder_2, "text_projection") or pooled is None:
+            raise BadArgument("text_encoder_2 must be a CLIPTextModelWithProjection (SDXL pools its projected "
+                              "text_embeds)")
+        widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+        added = pooled + 6 * unet.config.addition_time_embed_dim
+        expected = unet.config.projection_class_embeddings_input_dim
+        if widths not in np.ravel(unet.config.cross_attention_dim) or added != expected:
+            raise Incompatible(
+                f"the text encoders do not fit this SDXL UNet: hidden sizes {text_encoder.config.hidden_size} + "
+                f"{text_encoder_2.config.hidden_size} = {widths} (UNet cross_attention_dim "
+                f"{unet.config.cross_attention_dim}); pooled {pooled} + 6 x {unet.config.addition_time_embed_dim} = "
+                f"{added} (UNet projection_class_embeddings_input_dim "
+                f"{unet.config.projection_class_embeddings_input_dim})")
+    return TEXT_CONDITIONING[kind]
 
 
 @dataclasses.dataclass
@@ -87,29 +179,37 @@ class Trainer:
     vae_factor: int = 8
     latent_channels: int = 4
     has_adapter: bool = True
+    text_conditioning: Callable = sd_text   # (trainer, frozen, batch, drop_text) -> text (see TEXT_CONDITIONING)
 
     @classmethod
     def create(cls, unet, *, vae=None, text_encoder=None, image_encoder=None, optimizer=None,
                trainable: str = ADAPTER_ONLY, config: StepConfig = StepConfig(),
-               scheduler_config: dict | None = None):
-        """Returns ``(trainer, trainable_state, frozen_state)``."""
+               scheduler_config: dict | None = None, text_encoder_2=None):
+        """Returns ``(trainer, trainable_state, frozen_state)``. ``text_encoder_2``
+        (a ``CLIPTextModelWithProjection``) is SDXL's second text encoder, needed
+        with ``text_encoder`` when the UNet's ``addition_embed_type`` is "text_time"."""
         if len(unet.ip_adapters) > 1:
             raise BadArgument(f"training expects at most one attached IP-Adapter, found {len(unet.ip_adapters)}")
         if config.image_conditioning not in ("decoupled", "concat"):
             raise BadArgument(f"image_conditioning must be 'decoupled' or 'concat', got {config.image_conditioning!r}")
+        text_conditioning = _text_conditioning(unet, text_encoder, text_encoder_2)
+        if config.noise_offset < 0:
+            raise BadArgument(f"noise_offset must be >= 0, got {config.noise_offset}")
         graphdef, trainable_state, rest = nnx.split(unet, path_filter(trainable), ...)
         if not jax.tree.leaves(trainable_state):
             raise BadArgument(f"the trainable rule {trainable!r} selects no parameter")
         frozen = {"unet": rest}
         graphdefs = {}
-        for name, module in (("vae", vae), ("text_encoder", text_encoder), ("image_encoder", image_encoder)):
+        for name, module in (("vae", vae), ("text_encoder", text_encoder), ("image_encoder", image_encoder),
+                             ("text_encoder_2", text_encoder_2)):
             if module is not None:
                 graphdefs[name], frozen[name] = nnx.split(module)
         optimizer = optimizer or optax.adamw(1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
         alphas = schedulers.ddpm_alphas_cumprod(scheduler_config or {})
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         trainer = cls(graphdef, graphdefs, config, optimizer, np.asarray(alphas), factor,
-                      unet.config.in_channels, has_adapter=len(unet.ip_adapters) == 1)
+                      unet.config.in_channels, has_adapter=len(unet.ip_adapters) == 1,
+                      text_conditioning=text_conditioning)
         return trainer, trainable_state, frozen
 
     def init_optimizer(self, trainable_state):
@@ -128,12 +228,18 @@ class Trainer:
         drop_image = (r < c.image_drop_rate) | ((r >= c.image_drop_rate + c.text_drop_rate)
                                                 & (r < c.image_drop_rate + c.text_drop_rate + c.both_drop_rate))
         drop_text = (r >= c.image_drop_rate) & (r < c.image_drop_rate + c.text_drop_rate + c.both_drop_rate)
-        return {"timesteps": jax.random.randint(k_t, (batch_size,), 0, c.num_train_timesteps),
-                "noise": jax.random.normal(k_n, latent_shape, jnp.float32),
+        noise = jax.random.normal(k_n, latent_shape, jnp.float32)
+        if c.noise_offset:
+            shape = (latent_shape[0],) + (1,) * (len(latent_shape) - 2) + (latent_shape[-1],)   # [B, 1, 1, C]
+            offset = jax.random.normal(jax.random.fold_in(k_n, 1), shape, jnp.float32)
+            noise = noise + c.noise_offset * offset
+        return {"timesteps": jax.random.randint(k_t, (batch_size,), 0, c.num_train_timesteps), "noise": noise,
                 "drop_image": drop_image, "drop_text": drop_text, "vae_key": k_v}
 
-    def encode(self, frozen, batch: dict, draws: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """-> (latents, text embeddings, image embeddings) with the dropout applied.
+    def encode(self, frozen, batch: dict, draws: dict) -> tuple[jax.Array, Any, jax.Array]:
+        """-> (latents, text conditioning, image embeddings) with the dropout applied.
+        The text conditioning is ``self.text_conditioning``'s: an array [B, S, C]
+        (SD 1.x) or a ``TextConditioning`` (SDXL: see ``sdxl_text`` for its keys).
 
         batch keys: ``pixels`` [B,H,W,3] in [-1,1] or ``latents`` (scaled);
         ``input_ids`` [B,77] or ``text_embeds``; ``clip_pixels`` (normalised) or
@@ -149,12 +255,7 @@ class Trainer:
             vae = self._module("vae", frozen)
             latents = vae.encode(batch["pixels"]).sample(draws["vae_key"]) * c.scaling_factor
 
-        drop_text = draws["drop_text"]
-        if "text_embeds" in batch:
-            text = jnp.where(drop_text[:, None, None], batch["empty_text"][None], batch["text_embeds"])
-        else:
-            ids = jnp.where(drop_text[:, None], batch["empty_text"][None], batch["input_ids"])
-            text = self._module("text_encoder", frozen)(ids).last_hidden_state
+        text = self.text_conditioning(self, frozen, batch, draws["drop_text"])
 
         drop_image = draws["drop_image"]
         if not self.has_adapter:
@@ -177,23 +278,26 @@ class Trainer:
         return latents, text, embeds
 
     def loss(self, trainable, frozen, latents, text, image_embeds, noise, timesteps) -> jax.Array:
-        """MSE (float32) of the UNet's prediction, given everything sampled."""
+        """MSE (float32) of the UNet's prediction, given everything sampled.
+        ``text``: the context [B, S, C], or a ``TextConditioning`` (context and
+        the UNet's added conditioning, SDXL)."""
         c = self.config
+        text, added = (text.context, text.added_cond) if isinstance(text, TextConditioning) else (text, None)
         unet = nnx.merge(self.unet_graphdef, trainable, frozen["unet"])
         alphas = jnp.asarray(self.alphas_cumprod, jnp.float32)
         noisy = schedulers.ddpm_add_noise(alphas, latents, noise, timesteps)
         if not len(unet.ip_adapters):
-            pred = unet(noisy, timesteps, text)
+            pred = unet(noisy, timesteps, UNetConditioning(text, added_cond=added))
         else:
             adapter = unet.ip_adapters[0]
             tokens = adapter.project(image_embeds)
             if c.image_conditioning == "concat":
                 context = jnp.concatenate([text, tokens.astype(text.dtype)], axis=1)
-                pred = unet(noisy, timesteps, context)
+                pred = unet(noisy, timesteps, UNetConditioning(context, added_cond=added))
             else:
                 scale = jnp.ones((len(adapter.layers),), jnp.float32)
                 prompt = ImagePrompt(tokens=tokens[:, None], scale=scale)
-                pred = unet(noisy, timesteps, UNetConditioning(text, (prompt,)))
+                pred = unet(noisy, timesteps, UNetConditioning(text, (prompt,), added_cond=added))
         pred = pred.astype(jnp.float32)
         target = noise if c.prediction_type == "epsilon" else schedulers.ddpm_velocity(alphas, latents, noise,
                                                                                         timesteps)
