@@ -3,6 +3,11 @@ and warm (second run: JAX's persistent compilation cache filled by the first).
 
     python bench/first_image.py                  # the embedded demo model: plain `python sample.py`
     python bench/first_image.py --model SD --image-encoder ENC --ip-adapter FILE --size 512
+    python bench/first_image.py --small-sdxl --size 64 --steps 30   # a small random SDXL folder, vs diffusers
+
+With ``--small-sdxl`` the folder is built by the tests' SDXL fixture (random weights, tiny widths; text
+prompt only) and the same request is timed in fresh diffusers ``StableDiffusionXLPipeline`` processes
+(load, sample, save the PNG) for the ratio.
 
 Each run is a fresh ``python sample.py --no-progress`` process, timed from launch to exit (the PNG is
 written last). The demo run is exactly what a user types (its defaults: 4 images, 25 steps, 64 px). ``--no-progress``: the per-step progress bar's host callback makes the loop uncacheable.
@@ -25,6 +30,48 @@ from harness import median, report  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def timed(cmd: list[str]) -> float:
+    """Seconds from launching ``cmd`` to its exit (which must be clean)."""
+    start = time.perf_counter()
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(result.stderr[-3000:])
+    return time.perf_counter() - start
+
+
+DIFFUSERS_SDXL = """
+import sys, torch
+from diffusers import StableDiffusionXLPipeline
+folder, steps, size, out = sys.argv[1:]
+pipe = StableDiffusionXLPipeline.from_pretrained(folder)
+with torch.no_grad():
+    image = pipe('a photo', num_inference_steps=int(steps), height=int(size), width=int(size)).images[0]
+image.save(out)
+"""
+
+
+def small_sdxl(tmp: Path, args) -> None:
+    """First image of a small SDXL folder, ours against diffusers' (fresh processes each)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_sdxl_pipeline import build_sdxl_folder
+
+    folder = build_sdxl_folder(tmp)["sdxl"]
+    size = args.size
+    ours = [sys.executable, str(ROOT / "sample.py"), "--model", str(folder), "--prompt", "a photo", "--steps",
+            str(args.steps), "--height", str(size), "--width", str(size), "--out", str(tmp / "out.png"),
+            "--cache-dir", str(tmp / "xla_cache"), "--no-progress"]
+    theirs = [sys.executable, "-c", DIFFUSERS_SDXL, str(folder), str(args.steps), str(size), str(tmp / "theirs.png")]
+    cold = timed(ours)
+    warm = [timed(ours) for _ in range(args.warm_runs)]
+    reference = [timed(theirs) for _ in range(args.warm_runs)]
+    report("first_image", dict(model="small SDXL (tests' fixture), text prompt", size=size, steps=args.steps,
+                               cold_s=round(cold, 2), warm_median_s=round(median(warm), 2),
+                               warm_runs=[round(w, 2) for w in warm], diffusers_median_s=round(median(reference), 2),
+                               diffusers_runs=[round(r, 2) for r in reference],
+                               ratio_warm_over_diffusers=round(median(warm) / median(reference), 3),
+                               ratio_cold_over_diffusers=round(cold / median(reference), 3)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -33,6 +80,8 @@ def main():
     parser.add_argument("--size", type=int, default=512, help="image height/width (with --model)")
     parser.add_argument("--steps", type=int, default=30, help="denoising steps (with --model)")
     parser.add_argument("--warm-runs", type=int, default=3)
+    parser.add_argument("--small-sdxl", action="store_true",
+                        help="build a small random SDXL folder and adapter and compare with diffusers")
     args = parser.parse_args()
 
     import numpy as np
@@ -40,6 +89,8 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
+        if args.small_sdxl:
+            return small_sdxl(tmp, args)
         if args.model is None:
             cmd = [sys.executable, str(ROOT / "sample.py")]
         else:
@@ -50,15 +101,8 @@ def main():
                    "--steps", str(args.steps), "--height", str(args.size), "--width", str(args.size)]
         cmd += ["--out", str(tmp / "out.png"), "--cache-dir", str(tmp / "xla_cache"), "--no-progress"]
 
-        def timed():
-            start = time.perf_counter()
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode:
-                raise SystemExit(result.stderr[-3000:])
-            return time.perf_counter() - start
-
-        cold = timed()
-        warm = [timed() for _ in range(args.warm_runs)]
+        cold = timed(cmd)
+        warm = [timed(cmd) for _ in range(args.warm_runs)]
     demo = args.model is None
     report("first_image", dict(model="demo (python sample.py)" if demo else str(args.model),
                                size=64 if demo else args.size, steps=25 if demo else args.steps, cold_s=round(cold, 2),

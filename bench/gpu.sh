@@ -2,7 +2,9 @@
 # The GPU benchmark sets, one command, sized for a short GPU slot on an H100/H200:
 #   the `gpu` set (< 5 min): SD1.5 UNet forward (batch 2 = CFG), the 50-step DDIM + CFG + IP-Adapter loop at
 #   512 px at batch 1 and 8 (JAX bf16 vs diffusers fp16 SDPA) and the 512-px training step at batch 8 (JAX bf16
-#   vs PyTorch autocast bf16), then the `gpu-extra` set within EXTRA_S seconds (default 240; 0 skips it).
+#   vs PyTorch autocast bf16), then the `gpu-sdxl` set (SDXL 1024 px: UNet forward, 30-step CFG + Plus adapter loop
+#   at batch 1 and 4, training step at batch 8) within SDXL_S seconds (default 420), then the `gpu-extra` set
+#   within EXTRA_S seconds (default 120; 0 skips it).
 # Needs jax[cuda], flax, torch (CUDA), transformers and diffusers; a folder .whl/ of wheels is installed
 # first when present (the lent GPU machines have no network). Results: bench/results/ (and $OUT when set).
 set -euo pipefail
@@ -21,7 +23,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, flax, torch, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
 python3 bench/suite.py --set gpu --no-docs || true
 save
-if [ "${EXTRA_S:-240}" != 0 ]; then
-  timeout "${EXTRA_S:-240}" python3 bench/suite.py --set gpu-extra --no-docs || true
+if [ "${SDXL_S:-420}" != 0 ]; then
+  timeout "${SDXL_S:-420}" python3 bench/suite.py --set gpu-sdxl --no-docs || true
+  save
+fi
+if [ "${EXTRA_S:-120}" != 0 ]; then
+  timeout "${EXTRA_S:-120}" python3 bench/suite.py --set gpu-extra --no-docs || true
   save
 fi

@@ -3,13 +3,17 @@
     python bench/sampling.py --config small --steps 20 --runs 5     # Python overhead dominates (CPU)
     python bench/sampling.py --config sd15 --steps 3 --runs 1       # SD1.5 architecture, 512 px (CPU)
     python bench/sampling.py --config sd15 --steps 50 --batch 1 --batch 8 --dtype bfloat16 --device cuda
+    python bench/sampling.py --config sdxl --adapter plus --size 128 --steps 30 --batch 1 --batch 4 \
+        --dtype bfloat16 --device cuda                               # SDXL 1024 px + Plus adapter (GPU)
 
 Both frameworks get the same random weights (UNet and a base IP-Adapter in the official format), the same
 text/image embeddings and the same initial noise. diffusers runs the loop StableDiffusionPipeline runs
 (scale_model_input, UNet with IP-Adapter processors, CFG, DDIM step) in float32 on CPU, or float16 with SDPA on
 CUDA; JAX runs its single jitted ``fori_loop`` (compile time reported apart). it/s counts denoising steps
-(each is one UNet call on the CFG-doubled batch). MFU uses 0.8 TFLOP per 64x64 sample forward (SD1.5, 512 px)
-and the card's dense bf16 peak.
+(each is one UNet call on the CFG-doubled batch). MFU: XLA's FLOP count of one UNet call (cost analysis of the
+compiled forward) x steps over the time, against the card's dense bf16 peak. SDXL (``--config sdxl``,
+``sdxl-small``) adds the pooled text and time-id conditioning on both sides; ``--adapter plus`` uses a
+Plus adapter (the official SDXL Plus Resampler shape on ViT-H hidden states) instead of the base one.
 """
 
 from __future__ import annotations
@@ -25,20 +29,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from harness import median, report, time_runs  # noqa: E402
-from unet_forward import SD15, SMALL  # noqa: E402
+from unet_forward import SD15, SDXL, SMALL  # noqa: E402
+
+SDXL_SMALL = dict(SDXL, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), norm_num_groups=8,
+                  cross_attention_dim=64, transformer_layers_per_block=(1, 1, 2),
+                  projection_class_embeddings_input_dim=32 + 6 * 8, addition_time_embed_dim=8)
+# config -> (UNet config, image embedding width, hidden-state width/tokens for Plus, pooled text width)
+CONFIGS = {"sd15": (SD15, 1024, (1280, 257), None), "small": (SMALL, 32, (40, 5), None),
+           "sdxl": (SDXL, 1280, (1280, 257), 1280), "sdxl-small": (SDXL_SMALL, 32, (40, 5), 32)}
+# Plus Resampler (dim, heads) per config: SDXL Plus is Resampler(dim=1280, heads=20); SD1.5 Plus (768, 12).
+PLUS_DIMS = {"sd15": (768, 12), "small": (64, 1), "sdxl": (1280, 20), "sdxl-small": (64, 1)}
 
 SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
              "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def random_ip_adapter(torch_unet, clip_dim: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A base IP-Adapter in the official flat layout for ``torch_unet``."""
+def plus_image_proj(w, c: int, hidden: int, dim: int, heads: int, depth: int = 4) -> dict[str, np.ndarray]:
+    """An official Plus ``image_proj`` (Resampler: 16 queries, 64-wide heads, FF x4) with random weights."""
+    ones, zeros = (lambda n: np.ones(n, np.float32)), (lambda n: np.zeros(n, np.float32))
+    state = {"latents": w(1, 16, dim), "proj_in.weight": w(dim, hidden), "proj_in.bias": zeros(dim),
+             "proj_out.weight": w(c, dim), "proj_out.bias": zeros(c), "norm_out.weight": ones(c),
+             "norm_out.bias": zeros(c)}
+    inner = heads * 64
+    for i in range(depth):
+        p = f"layers.{i}"
+        for norm in (f"{p}.0.norm1", f"{p}.0.norm2", f"{p}.1.0"):
+            state.update({f"{norm}.weight": ones(dim), f"{norm}.bias": zeros(dim)})
+        state.update({f"{p}.0.to_q.weight": w(inner, dim), f"{p}.0.to_kv.weight": w(2 * inner, dim),
+                      f"{p}.0.to_out.weight": w(dim, inner), f"{p}.1.1.weight": w(4 * dim, dim),
+                      f"{p}.1.3.weight": w(dim, 4 * dim)})
+    return {f"image_proj.{k}": v for k, v in state.items()}
+
+
+def random_ip_adapter(torch_unet, clip_dim: int, seed: int = 0, plus: tuple | None = None) -> dict[str, np.ndarray]:
+    """A base IP-Adapter (or, with ``plus=(hidden width, dim, heads)``, a Plus
+    one) in the official flat layout for ``torch_unet``."""
     rng = np.random.default_rng(seed)
     c = torch_unet.config.cross_attention_dim
     w = lambda *shape: (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
-    state = {"image_proj.proj.weight": w(4 * c, clip_dim), "image_proj.proj.bias": np.zeros(4 * c, np.float32),
-             "image_proj.norm.weight": np.ones(c, np.float32), "image_proj.norm.bias": np.zeros(c, np.float32)}
+    if plus:
+        state = plus_image_proj(w, c, *plus)
+    else:
+        state = {"image_proj.proj.weight": w(4 * c, clip_dim), "image_proj.proj.bias": np.zeros(4 * c, np.float32),
+                 "image_proj.norm.weight": np.ones(c, np.float32), "image_proj.norm.bias": np.zeros(c, np.float32)}
     for p, name in enumerate(torch_unet.attn_processors):
         if name.endswith("attn2.processor"):
             hidden = torch_unet.get_submodule(name.rsplit(".processor", 1)[0]).to_q.out_features
@@ -47,7 +81,7 @@ def random_ip_adapter(torch_unet, clip_dim: int, seed: int = 0) -> dict[str, np.
     return state
 
 
-def paired_models(config: dict, clip_dim: int, dtype, attention: str):
+def paired_models(config: dict, clip_dim: int, dtype, attention: str, plus: tuple | None = None):
     """The same random SD UNet in diffusers and in JAX, and a random base
     IP-Adapter attached to the JAX one; returns (torch_unet, ip_state, unet, adapter)."""
     import torch
@@ -61,7 +95,7 @@ def paired_models(config: dict, clip_dim: int, dtype, attention: str):
 
     torch.manual_seed(0)
     torch_unet = TorchUNet(**config).eval()
-    ip_state = random_ip_adapter(torch_unet, clip_dim)
+    ip_state = random_ip_adapter(torch_unet, clip_dim, plus=plus)
     unet, _ = load_state_dict_into(
         lambda: UNet2DConditionModel(config, dtype=dtype, attention_backend=attention, rngs=nnx.Rngs(0)),
         {k: v.numpy() for k, v in torch_unet.state_dict().items()})
@@ -84,7 +118,9 @@ def torch_ip_state(ip_state: dict) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["sd15", "small"], default="small")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small",
+                        help="UNet architecture (sdxl: SDXL base, use --size 128 for 1024 px)")
+    parser.add_argument("--adapter", choices=["base", "plus"], default="base", help="IP-Adapter kind")
     parser.add_argument("--batch", type=int, action="append", help="images per prompt (repeatable; default 1)")
     parser.add_argument("--size", type=int, default=64, help="latent height/width (64 = 512 px)")
     parser.add_argument("--steps", type=int, default=20)
@@ -107,10 +143,10 @@ def main():
     from ipadapter_jax.models.conditioning import UNetConditioning
     from ipadapter_jax.pipeline import make_denoise_loop
 
-    config = SD15 if args.config == "sd15" else SMALL
-    clip_dim = 1024 if args.config == "sd15" else 32
+    config, clip_dim, (hidden, n_tokens), pooled = CONFIGS[args.config]
+    plus = (hidden, *PLUS_DIMS[args.config]) if args.adapter == "plus" else None
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    torch_unet, ip_state, unet, adapter = paired_models(config, clip_dim, jdtype, args.attention)
+    torch_unet, ip_state, unet, adapter = paired_models(config, clip_dim, jdtype, args.attention, plus)
     scales = adapters.layer_scales(unet, 0.7)
 
     sched = schedulers.make_scheduler("ddim", SCHEDULER)
@@ -123,11 +159,19 @@ def main():
         rng = np.random.default_rng(batch)
         noise = rng.standard_normal((batch, args.size, args.size, 4), dtype=np.float32)
         text = rng.standard_normal((2 * batch, 77, c), dtype=np.float32)
-        image_embeds = rng.standard_normal((batch, clip_dim), dtype=np.float32)
+        shape = (batch, n_tokens, hidden) if plus else (batch, clip_dim)
+        image_embeds = rng.standard_normal(shape, dtype=np.float32)
         tokens = np.asarray(adapter.project(np.concatenate([np.zeros_like(image_embeds), image_embeds])))
         prompt = adapters.image_prompt(adapter, tokens, scales)
+        added = None
+        if pooled:
+            px = 8 * args.size
+            added = {"text_embeds": rng.standard_normal((2 * batch, pooled), dtype=np.float32),
+                     "time_ids": np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (2 * batch, 1))}
+        cond = UNetConditioning(jnp.asarray(text), (prompt,),
+                                added_cond=None if added is None else {k: jnp.asarray(v) for k, v in added.items()})
         jargs = (params, sched_state, jnp.asarray(noise) * sched.init_noise_sigma(sched_state),
-                 UNetConditioning(jnp.asarray(text), (prompt,)), jnp.ones((1, args.steps), jnp.float32),
+                 cond, jnp.ones((1, args.steps), jnp.float32),
                  jnp.float32(7.5), jnp.float32(0.0),
                  jax.random.key(0), jnp.int32(0))
         last = {}
@@ -138,12 +182,17 @@ def main():
         compile_s = time_runs(jax_loop, 1)[0]
         jax_times = time_runs(jax_loop, args.runs)
         jax_latents = np.asarray(last["jax"], np.float32)
-        record = dict(config=args.config, attention=args.attention, batch=batch, latent=args.size, steps=args.steps, dtype=args.dtype,
+        record = dict(config=args.config, adapter=args.adapter, attention=args.attention, batch=batch,
+                      latent=args.size, steps=args.steps, dtype=args.dtype,
                       runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                       jax_times_s=[round(t, 4) for t in jax_times], jax_it_per_s=round(args.steps / median(jax_times), 3))
         dev = jax.devices()[0]
-        if args.config == "sd15" and dev.platform == "gpu":
-            flops = 0.8e12 * 2 * batch * args.steps
+        if dev.platform == "gpu":
+            forward = jax.jit(lambda p, x, t, cd: nnx.merge(graphdef, p)(x, t, cd))
+            x2 = jnp.zeros((2 * batch, args.size, args.size, 4), jnp.float32)
+            cost = forward.lower(params, x2, jnp.zeros((2 * batch,), jnp.int32), cond).compile().cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            flops = float(cost["flops"]) * args.steps
             peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
             record["jax_tflops"] = round(flops / median(jax_times) / 1e12, 1)
             if peak:
@@ -163,6 +212,7 @@ def main():
             # The CFG batch [uncond x B; cond x B], one image per row: [2B, 1, D].
             t_img = torch.from_numpy(np.concatenate([np.zeros_like(image_embeds), image_embeds])[:, None]).to(
                 args.device, tdtype)
+            t_added = {k: torch.from_numpy(v).to(args.device, tdtype) for k, v in (added or {}).items()}
             t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).to(args.device, tdtype)
 
             def torch_loop():
@@ -172,7 +222,7 @@ def main():
                     for t in tsched.timesteps:
                         model_in = tsched.scale_model_input(torch.cat([latents] * 2), t)
                         eps = tu(model_in, t, encoder_hidden_states=t_text,
-                                 added_cond_kwargs={"image_embeds": [t_img]}).sample
+                                 added_cond_kwargs={"image_embeds": [t_img], **t_added}).sample
                         u, cnd = eps.chunk(2)
                         latents = tsched.step(u + 7.5 * (cnd - u), t, latents).prev_sample
                 if args.device.startswith("cuda"):

@@ -47,6 +47,20 @@ SETS = {
         ("train_step", ["--config", "sd15", "--size", "64", "--batch", "8", "--dtype", "bfloat16",
                         "--device", "cuda", "--runs", "5"]),
     ],
+    # SDXL base at 1024 px: the UNet alone, the 30-step loop with CFG and a Plus adapter (bf16 vs diffusers
+    # fp16 SDPA), the training step at batch 8 (bf16 vs PyTorch autocast bf16).
+    "gpu-sdxl": [
+        ("unet_forward", ["--config", "sdxl", "--size", "128", "--batch", "2", "--dtype", "bfloat16",
+                          "--torch-dtype", "float16", "--device", "cuda", "--runs", "10"]),
+        ("sampling", ["--config", "sdxl", "--adapter", "plus", "--size", "128", "--steps", "30", "--batch", "1",
+                      "--batch", "4", "--dtype", "bfloat16", "--device", "cuda", "--runs", "3"]),
+        ("train_step", ["--config", "sdxl", "--size", "128", "--batch", "8", "--dtype", "bfloat16",
+                        "--device", "cuda", "--runs", "5"]),
+    ],
+    # SDXL base on CPU: batch 2 (one CFG step) at 1024 px; independent weights per framework (see unet_forward).
+    "cpu-sdxl": [
+        ("unet_forward", ["--config", "sdxl", "--size", "128", "--batch", "2", "--runs", "2"]),
+    ],
     "gpu-extra": [
         ("train_step", ["--config", "sd15", "--size", "64", "--batch", "8", "--dtype", "bfloat16", "--remat",
                         "full", "--skip-torch", "--runs", "5"]),
@@ -66,6 +80,7 @@ SETS = {
 
 # How each set is run (the GPU sets through bench/gpu.sh, which installs carried wheels first).
 COMMANDS = {"cpu": "python bench/suite.py", "gpu": "bash bench/gpu.sh",
+            "gpu-sdxl": "bash bench/gpu.sh (after the gpu set)", "cpu-sdxl": "python bench/suite.py --set cpu-sdxl",
             "gpu-extra": "bash bench/gpu.sh (after the gpu set)"}
 
 
@@ -107,6 +122,8 @@ def _setting(r: dict) -> str:
     if b in ("unet_forward", "train_step", "sampling"):
         size = f"{r['latent']}x{r['latent']} latents ({r['latent'] * 8} px)"
         extra = f", {r['steps']} steps, CFG" if b == "sampling" else ""
+        if b == "sampling" and r.get("adapter", "base") != "base":
+            extra += f" + {r['adapter']} adapter"
         remat = f", remat {r['remat']}" if r.get("remat") not in (None, "none", False) else ""
         return f"{r['config']}, batch {r['batch']}, {size}{extra}{remat}, {dtype}"
     if b == "vae_decode":

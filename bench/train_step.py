@@ -3,13 +3,15 @@
     python bench/train_step.py --config small --size 32 --batch 1            # CPU
     python bench/train_step.py --config sd15 --size 32 --batch 1 --runs 2    # SD1.5 architecture at 256 px (CPU)
     python bench/train_step.py --config sd15 --size 64 --batch 8 --dtype bfloat16 --device cuda   # GPU, 512 px
+    python bench/train_step.py --config sdxl --size 128 --batch 8 --dtype bfloat16 --device cuda  # GPU, SDXL 1024 px
 
 The step: DDPM add_noise at random timesteps, UNet (frozen) with IP-Adapter branches, MSE on epsilon,
 backward to the adapter (image projection + to_k_ip/to_v_ip), AdamW update. Both frameworks start from
 cached latents / text / image embeddings (the VAE and encoders are outside the timed step, as with
 ``data.kind=cached``). PyTorch: diffusers UNet + IPAdapterAttnProcessor2_0, ``torch.optim.AdamW``; on CUDA
-under ``torch.autocast(bfloat16)`` (fp32 master weights, like JAX's bf16 compute). MFU counts 2.4 TFLOP per
-512-px sample (UNet forward + backward, 3x the 0.8 TFLOP forward), scaled by (size/64)^2.
+under ``torch.autocast(bfloat16)`` (fp32 master weights, like JAX's bf16 compute). MFU: XLA's FLOP count of
+the compiled step (cost analysis) over the time, against the card's dense bf16 peak. SDXL configs add the
+cached pooled text embedding and per-image time ids (the SDXL step's added conditioning) on both sides.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 from harness import median, report, time_runs  # noqa: E402
-from sampling import PEAK_BF16, SCHEDULER, paired_models, torch_ip_state  # noqa: E402
-from unet_forward import SD15, SMALL  # noqa: E402
+from sampling import CONFIGS, PEAK_BF16, SCHEDULER, paired_models, torch_ip_state  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=["sd15", "small"], default="small")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small",
+                        help="UNet architecture (sdxl: SDXL base, --size 128 for 1024 px)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, default=32, help="latent size (32 = 256 px, 64 = 512 px)")
     parser.add_argument("--runs", type=int, default=3)
@@ -50,8 +52,7 @@ def main():
 
     from ipadapter_jax.training.step import StepConfig, Trainer
 
-    config = SD15 if args.config == "sd15" else SMALL
-    clip_dim = 1024 if args.config == "sd15" else 32
+    config, clip_dim, _, pooled = CONFIGS[args.config]
     c = config["cross_attention_dim"]
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     torch_unet, ip_state, unet, _ = paired_models(config, clip_dim, jdtype, args.attention)
@@ -66,6 +67,11 @@ def main():
              "text_embeds": rng.standard_normal((b, 77, c), dtype=np.float32),
              "image_embeds": rng.standard_normal((b, clip_dim), dtype=np.float32),
              "empty_text": np.zeros((77, c), np.float32)}
+    if pooled:
+        px = 8 * args.size
+        batch.update(pooled_text_embeds=rng.standard_normal((b, pooled), dtype=np.float32),
+                     empty_pooled=np.zeros((pooled,), np.float32),
+                     time_ids=np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (b, 1)))
     batch = jax.device_put(batch)
     step = jax.jit(trainer.train_step, donate_argnums=(0, 1))
     start = time.perf_counter()
@@ -90,8 +96,9 @@ def main():
                   jax_first_call_s=round(compile_s + first_s, 3), jax_median_s=round(median(jax_times), 4),
                   jax_times_s=[round(t, 4) for t in jax_times], jax_samples_per_s=round(b / median(jax_times), 3))
     dev = jax.devices()[0]
-    if dev.platform == "gpu" and args.config == "sd15":
-        flops = 2.4e12 * (args.size / 64) ** 2 * b
+    if dev.platform == "gpu":
+        cost = compiled.cost_analysis()
+        flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
         peak = next((v for k, v in PEAK_BF16.items() if k in dev.device_kind), None)
         record["jax_tflops"] = round(flops / median(jax_times) / 1e12, 1)
         if peak:
@@ -120,9 +127,11 @@ def main():
             noise = torch.randn(latents.shape, generator=gen).to(device)
             t = torch.randint(0, 1000, (b,), generator=gen).to(device)
             noisy = sched.add_noise(latents, noise, t)
+            added = {"image_embeds": [tb["image_embeds"][:, None]]}
+            if pooled:
+                added.update(text_embeds=tb["pooled_text_embeds"], time_ids=tb["time_ids"])
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
-                pred = tu(noisy, t, encoder_hidden_states=tb["text_embeds"],
-                          added_cond_kwargs={"image_embeds": [tb["image_embeds"][:, None]]}).sample
+                pred = tu(noisy, t, encoder_hidden_states=tb["text_embeds"], added_cond_kwargs=added).sample
             loss = torch.nn.functional.mse_loss(pred.float(), noise.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
