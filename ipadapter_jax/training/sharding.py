@@ -64,7 +64,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-REPLICATED_KEYS = ("empty_text", "uncond_image")
+REPLICATED_KEYS = ("empty_text", "empty_pooled", "uncond_image")
 
 
 def put_batch(batch: dict, mesh: Mesh) -> dict:
