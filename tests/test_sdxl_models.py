@@ -18,6 +18,7 @@ import ipadapter_fixtures as fx
 from helpers import nchw, nhwc, rel_err
 from ipadapter_jax import adapters
 from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
+from ipadapter_jax.io.params import AbstractRngs
 from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import (CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection,
                                   UNet2DConditionModel)
@@ -249,16 +250,7 @@ def test_small_unet_processor_order(unet_folder, unet):
                      "mid_block.attentions.0"}
 
 
-class SameKey:
-    """Stands in for ``nnx.Rngs`` in an abstract build, where no value is ever
-    computed: every parameter gets the same key. (Inside a trace each
-    ``nnx.Rngs`` draw costs time proportional to the graph traced so far --
-    flax compares the counter's sharding, and a tracer's missing sharding
-    builds an error message by walking the jaxpr -- so the 1,680 draws of
-    the SDXL UNet take ~1 min under ``nnx.eval_shape``; with this, ~2 s.)"""
-
-    def params(self):
-        return jax.random.key(0)
+SameKey = AbstractRngs   # every draw the same key: the abstract build takes seconds, not a minute
 
 
 @pytest.fixture(scope="module")

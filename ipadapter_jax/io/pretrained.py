@@ -12,17 +12,19 @@ from flax import nnx
 
 from ipadapter_jax.io.errors import BadFile, UserError
 from ipadapter_jax.io.files import find_weights, load_config, read_weights, save_safetensors
-from ipadapter_jax.io.params import LoadReport, Rename, load_state_dict_into, module_state_dict
+from ipadapter_jax.io.params import AbstractRngs, LoadReport, Rename, load_state_dict_into, module_state_dict
 
 
-def load_pretrained(folder: str | os.PathLike, build: Callable[[dict], nnx.Module], *, weights_name: str,
+def load_pretrained(folder: str | os.PathLike, build: Callable[..., nnx.Module], *, weights_name: str,
                     variant: str | None = None, strict: bool = True, rename: Rename | None = None,
                     check_config: Callable[[dict], object] | None = None,
                     ) -> tuple[nnx.Module, LoadReport]:
-    """Read ``folder/config.json`` and the folder's weights into ``build(config)``.
+    """Read ``folder/config.json`` and the folder's weights into ``build(config, rngs)``.
 
-    ``build`` must construct the module from the config dict (it is traced
-    abstractly first, so building is cheap). ``check_config`` runs before any
+    ``build`` must construct the module from the config dict with the given
+    ``rngs``: it is traced abstractly first with ``AbstractRngs()`` (so
+    building is cheap), and called with real ``nnx.Rngs(0)`` only for a
+    non-strict load that leaves parameters to their init. ``check_config`` runs before any
     weights are read, so a bad config fails fast. Errors name the folder/file/key.
     """
     folder = Path(folder)
@@ -39,8 +41,8 @@ def load_pretrained(folder: str | os.PathLike, build: Callable[[dict], nnx.Modul
     files = find_weights(folder, weights_name, variant)
     state_dict = read_weights(files)
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
-    return load_state_dict_into(lambda: build(config), state_dict, source=source, strict=strict,
-                                rename=rename)
+    return load_state_dict_into(lambda: build(config, nnx.Rngs(0)), state_dict, source=source, strict=strict,
+                                rename=rename, make_abstract=lambda: build(config, AbstractRngs()))
 
 
 # --------------------------------------------------------------------------- config values
@@ -160,8 +162,8 @@ class PretrainedMixin:
         go to the constructor. Strict by default: see ``load_state_dict_into``.
         With ``return_report=True`` returns ``(module, LoadReport)``."""
 
-        def build(config):
-            module = cls.from_config(config, rngs=nnx.Rngs(0), **options)
+        def build(config, rngs):
+            module = cls.from_config(config, rngs=rngs, **options)
             module.config_json = json.dumps(config, sort_keys=True)
             return module
 
