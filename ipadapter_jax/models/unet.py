@@ -220,6 +220,62 @@ class TimestepEmbedding(nnx.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+# --------------------------------------------------------------------------- added conditioning (SDXL)
+
+ADDED_COND_KEYS = ("text_embeds", "time_ids")
+
+
+def added_embedding(add_embedding: TimestepEmbedding, cfg: UNetConfig, added_cond: dict, dtype) -> jax.Array:
+    """SDXL's ``text_time`` embedding: each time id through ``add_time_proj``
+    (sinusoidal, ``addition_time_embed_dim`` wide), flattened per sample,
+    after the pooled ``text_embeds``, then ``add_embedding`` -> [B, time_embed_dim].
+    Shared by the UNet and the ControlNet (same names, same formula)."""
+    text_embeds, time_ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
+    time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
+                                     flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
+    time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
+    add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
+    return add_embedding(add_embeds.astype(dtype))
+
+
+def check_added_cond(cfg: UNetConfig, added_cond, batch: int | None = None, *, model: str = "UNet") -> dict | None:
+    """Refuse ``added_cond`` that does not fit ``cfg.addition_embed_type`` (shapes
+    are static, so this runs at trace time); ``batch``: the sample's; ``model``
+    names the model in the messages (``UNet``, ``ControlNet``)."""
+    if cfg.addition_embed_type != "text_time":
+        if added_cond is not None:
+            raise BadArgument(f"this {model} has no added conditioning (addition_embed_type is None): "
+                              "added_cond must be None")
+        return None
+    need = "{'text_embeds': [B, pooled width], 'time_ids': [B, number of ids]}"
+    if not isinstance(added_cond, dict):
+        raise BadArgument(f"this {model} has addition_embed_type='text_time' (SDXL): pass a UNetConditioning "
+                          f"whose added_cond is {need}; got added_cond={type(added_cond).__name__}")
+    missing = [k for k in ADDED_COND_KEYS if k not in added_cond]
+    unknown = sorted(set(added_cond) - set(ADDED_COND_KEYS))
+    if missing or unknown:
+        raise BadArgument(f"added_cond of a 'text_time' (SDXL) {model} must hold exactly {need}: "
+                          + (f"missing {missing}" if missing else "")
+                          + ("; " if missing and unknown else "") + (f"unexpected {unknown}" if unknown else ""))
+    text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
+    for key, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
+        shape = tuple(jnp.shape(value))
+        if len(shape) != 2 or (batch is not None and shape[0] not in (1, batch)):
+            raise BadArgument(f"added_cond[{key!r}] must be [B, width] with B the sample's batch"
+                              + (f" ({batch})" if batch is not None else "") + f" or 1, got shape {shape}")
+    if jnp.shape(text_embeds)[0] != jnp.shape(time_ids)[0]:
+        raise BadArgument(f"added_cond: text_embeds has batch {jnp.shape(text_embeds)[0]} but time_ids has "
+                          f"batch {jnp.shape(time_ids)[0]}")
+    width, n_ids = jnp.shape(text_embeds)[1], jnp.shape(time_ids)[1]
+    got = width + n_ids * cfg.addition_time_embed_dim
+    if got != cfg.projection_class_embeddings_input_dim:
+        raise BadArgument(
+            f"added_cond: text_embeds width {width} + time_ids width {n_ids} x addition_time_embed_dim "
+            f"{cfg.addition_time_embed_dim} = {got}, but this {model}'s projection_class_embeddings_input_dim is "
+            f"{cfg.projection_class_embeddings_input_dim} (SDXL base: 1280 pooled + 6 time ids x 256 = 2816)")
+    return added_cond
+
+
 # --------------------------------------------------------------------------- transformer
 
 class GEGLU(nnx.Module):
@@ -572,55 +628,15 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         return emb
 
     def added_embedding(self, added_cond: dict) -> jax.Array:
-        """SDXL's ``text_time`` embedding: each time id through ``add_time_proj``
-        (sinusoidal, ``addition_time_embed_dim`` wide), flattened per sample,
-        after the pooled ``text_embeds``, then ``add_embedding`` -> [B, time_embed_dim]."""
-        cfg = self.config
-        text_embeds, time_ids = jnp.asarray(added_cond["text_embeds"]), jnp.asarray(added_cond["time_ids"])
-        time_embeds = timestep_embedding(time_ids.reshape(-1), cfg.addition_time_embed_dim,
-                                         flip_sin_to_cos=cfg.flip_sin_to_cos, downscale_freq_shift=cfg.freq_shift)
-        time_embeds = time_embeds.reshape(text_embeds.shape[0], -1)
-        add_embeds = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1)
-        return self.add_embedding(add_embeds.astype(self.dtype))
+        """SDXL's ``text_time`` embedding (see ``added_embedding``) -> [B, time_embed_dim]."""
+        return added_embedding(self.add_embedding, self.config, added_cond, self.dtype)
 
     ADDED_COND_KEYS = ("text_embeds", "time_ids")
 
     def check_added_cond(self, added_cond, batch: int | None = None) -> dict | None:
         """Refuse ``added_cond`` that does not fit this UNet's ``addition_embed_type``
-        (shapes are static, so this runs at trace time); ``batch``: the sample's."""
-        if self.add_embedding is None:
-            if added_cond is not None:
-                raise BadArgument("this UNet has no added conditioning (addition_embed_type is None): "
-                                  "added_cond must be None")
-            return None
-        cfg = self.config
-        need = "{'text_embeds': [B, pooled width], 'time_ids': [B, number of ids]}"
-        if not isinstance(added_cond, dict):
-            raise BadArgument(f"this UNet has addition_embed_type='text_time' (SDXL): pass a UNetConditioning "
-                              f"whose added_cond is {need}; got added_cond={type(added_cond).__name__}")
-        missing = [k for k in self.ADDED_COND_KEYS if k not in added_cond]
-        unknown = sorted(set(added_cond) - set(self.ADDED_COND_KEYS))
-        if missing or unknown:
-            raise BadArgument(f"added_cond of a 'text_time' (SDXL) UNet must hold exactly {need}: "
-                              + (f"missing {missing}" if missing else "")
-                              + ("; " if missing and unknown else "") + (f"unexpected {unknown}" if unknown else ""))
-        text_embeds, time_ids = added_cond["text_embeds"], added_cond["time_ids"]
-        for key, value in (("text_embeds", text_embeds), ("time_ids", time_ids)):
-            shape = tuple(jnp.shape(value))
-            if len(shape) != 2 or (batch is not None and shape[0] not in (1, batch)):
-                raise BadArgument(f"added_cond[{key!r}] must be [B, width] with B the sample's batch"
-                                  + (f" ({batch})" if batch is not None else "") + f" or 1, got shape {shape}")
-        if jnp.shape(text_embeds)[0] != jnp.shape(time_ids)[0]:
-            raise BadArgument(f"added_cond: text_embeds has batch {jnp.shape(text_embeds)[0]} but time_ids has "
-                              f"batch {jnp.shape(time_ids)[0]}")
-        width, n_ids = jnp.shape(text_embeds)[1], jnp.shape(time_ids)[1]
-        got = width + n_ids * cfg.addition_time_embed_dim
-        if got != cfg.projection_class_embeddings_input_dim:
-            raise BadArgument(
-                f"added_cond: text_embeds width {width} + time_ids width {n_ids} x addition_time_embed_dim "
-                f"{cfg.addition_time_embed_dim} = {got}, but this UNet's projection_class_embeddings_input_dim is "
-                f"{cfg.projection_class_embeddings_input_dim} (SDXL base: 1280 pooled + 6 time ids x 256 = 2816)")
-        return added_cond
+        (see ``check_added_cond``); ``batch``: the sample's."""
+        return check_added_cond(self.config, added_cond, batch)
 
     def conditioning(self, conditioning, image_prompts=None) -> UNetConditioning:
         """The call's conditioning as a checked ``UNetConditioning``: an array
