@@ -1,0 +1,225 @@
+"""What a single-file checkpoint holds, from its key names and shapes alone.
+
+``read_layout`` reads a ``.safetensors`` header (names, shapes, dtypes,
+metadata; no tensor data, so a 7 GB file is inspected in milliseconds and a
+truncated one is caught before anything is loaded), or a torch pickle
+(``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin``) through ``torch.load(weights_only=True)``,
+which refuses pickles that carry code, unwrapping the ``state_dict`` nesting of
+training checkpoints. ``detect_family`` names the family (SD 1.x, SD 2.x, SDXL
+base) from which text encoders the file has and the UNet's shape;
+``file_prediction_type`` reads what the file says about v-prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ipadapter_jax.convert.ldm_families import SD1, SD2, SDXL, UNET_PREFIX, Family
+from ipadapter_jax.convert.ldm_plan import list_some
+from ipadapter_jax.io.errors import BadFile, MissingFile, Unsupported
+from ipadapter_jax.io.files import CheckpointError, read_state_dict
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Markers files write beside the weights (empty tensors): ComfyUI's v-prediction
+# and zero-terminal-SNR flags.
+V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
+_CROSS_ATTENTION_K = "attn2.to_k.weight"
+_CONTEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
+_PREFIXES = {"sd1": "cond_stage_model.transformer.*", "sd2": "cond_stage_model.model.*",
+             "sdxl": "conditioner.* / label_emb"}
+
+
+@dataclasses.dataclass
+class Layout:
+    """A single file's tensors by name: shapes always, the tensors themselves
+    once ``load`` is called (pickles are loaded whole when read)."""
+
+    path: Path
+    shapes: dict[str, tuple]
+    metadata: dict[str, str]                # safetensors ``__metadata__``
+    extras: dict[str, object]               # a training checkpoint's scalars (``global_step``, ``epoch``)
+    tensors: dict[str, np.ndarray] | None = None
+
+    def load(self) -> dict[str, np.ndarray]:
+        if self.tensors is None:
+            self.tensors = read_state_dict(self.path)
+        return self.tensors
+
+
+def read_layout(path: str | os.PathLike) -> Layout:
+    """The names, shapes and metadata of a single-file checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected a single-file checkpoint (.safetensors or .ckpt)")
+    if not path.is_file():
+        raise MissingFile(f"checkpoint file not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        shapes, metadata = _safetensors_header(path)
+        return Layout(path, shapes, metadata, {})
+    if path.suffix in PICKLE_SUFFIXES:
+        tensors, extras = _read_pickle(path)
+        return Layout(path, {k: tuple(v.shape) for k, v in tensors.items()}, {}, extras, tensors)
+    raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors, .ckpt, "
+                          ".pt, .pth or .bin")
+
+
+def _safetensors_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file, or is truncated: its header claims {n} bytes "
+                                  f"of a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (corrupt header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    shapes, end = {}, 0
+    for key, entry in header.items():
+        try:
+            shapes[key] = tuple(int(d) for d in entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors header entry {key!r}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+    return shapes, metadata if isinstance(metadata, dict) else {}
+
+
+def _read_pickle(path: Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """``torch.load(weights_only=True)``: a training checkpoint's ``state_dict``
+    (nested any depth) is the weights; the scalars around it are kept as extras
+    and everything else around it (optimizer states, callbacks) is left alone."""
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'ipadapter-jax[torch]'), "
+                          "or convert it to .safetensors") from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for corrupt, truncated or unsafe pickles
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        detail = next((line for line in lines if "Unsupported" in line or "global" in line.lower()),
+                      lines[0] if lines else type(e).__name__)
+        raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint: a corrupt or truncated "
+                              "file, or a pickle carrying code or objects other than tensors, which is refused "
+                              f"(convert trusted files to .safetensors): {detail}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
+    extras: dict[str, object] = {}
+    while isinstance(obj.get("state_dict"), dict):
+        extras.update({k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))})
+        obj = obj["state_dict"]
+    return _flatten(obj, str(path), extras), extras
+
+
+def _flatten(obj: dict, source: str, extras: dict, prefix: str = "") -> dict[str, np.ndarray]:
+    import torch
+
+    out = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, source, extras, name + "."))
+        elif isinstance(value, torch.Tensor):
+            out[name] = _numpy(value)
+        elif not prefix and isinstance(value, (int, float, str, bool)):
+            extras[name] = value
+        else:
+            raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, expected a tensor")
+    return out
+
+
+def _numpy(tensor) -> np.ndarray:
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:   # numpy has no bfloat16: the same bits as ml_dtypes'
+        import ml_dtypes
+
+        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+# --------------------------------------------------------------------------- family
+
+def _has(shapes: Mapping, prefix: str) -> bool:
+    return any(k.startswith(prefix) for k in shapes)
+
+
+def context_width(shapes: Mapping[str, tuple]) -> int | None:
+    """The UNet's cross-attention input width (768 SD 1.x, 1024 SD 2.x, 2048 SDXL), or None."""
+    key = next((k for k in sorted(shapes) if k.startswith(UNET_PREFIX) and k.endswith(_CROSS_ATTENTION_K)), None)
+    return int(shapes[key][-1]) if key and shapes[key] else None
+
+
+def detect_family(shapes: Mapping[str, tuple], source: str = "checkpoint") -> Family | None:
+    """The family of a single file from its key names (and the UNet's context
+    width when it has no text encoder; None when that says nothing either)."""
+    if not _has(shapes, UNET_PREFIX):
+        hint = ""
+        if _has(shapes, "lora_") or any(".lora_" in k for k in shapes):
+            hint = " (it looks like a LoRA file: those are applied to a model, not loaded as one)"
+        elif _has(shapes, "control_model."):
+            hint = " (it looks like a ControlNet)"
+        raise BadFile(f"{source} is not a Stable Diffusion checkpoint in the single-file (LDM) layout: it has no "
+                      f"{UNET_PREFIX}* keys{hint}; its keys include {list_some(sorted(shapes), 5)}")
+    if _has(shapes, "conditioner.embedders.0.model.") and not _has(shapes, "conditioner.embedders.1."):
+        raise Unsupported(f"{source} is an SDXL refiner (one OpenCLIP text encoder at conditioner.embedders.0.model); "
+                          "only SDXL base models are supported")
+    width = context_width(shapes)
+    found = [family for family, present in (
+        (SDXL, _has(shapes, "conditioner.") or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes),
+        (SD2, _has(shapes, SD2.text[0].prefix)), (SD1, _has(shapes, SD1.text[0].prefix))) if present]
+    if len(found) > 1:   # text encoders of two families: the UNet's context width decides
+        fits = [f for f in found if _CONTEXT_WIDTHS[f.name] == width]
+        if len(fits) != 1:
+            raise BadFile(f"{source} holds parts of several families ({', '.join(f.title for f in found)}: "
+                          f"{', '.join(_PREFIXES[f.name] for f in found)}) and its UNet's context width ({width}) "
+                          "does not tell which it is")
+        found = fits
+    if found:
+        return found[0]
+    return {768: SD1, 1024: SD2}.get(width)
+
+
+def family_of_configs(configs: Mapping[str, dict]) -> Family:
+    """The family a diffusers folder's configs describe: SDXL has ``text_time``
+    added conditioning; SD 2.x's text encoder is OpenCLIP's (gelu), SD 1.x's
+    OpenAI CLIP's (quick_gelu)."""
+    unet = configs.get("unet", {})
+    if unet.get("addition_embed_type") == "text_time" or "text_encoder_2" in configs:
+        return SDXL
+    text = configs.get("text_encoder")
+    if text is not None:
+        return SD2 if text.get("hidden_act") == "gelu" else SD1
+    return SD2 if unet.get("cross_attention_dim") == 1024 else SD1
+
+
+def file_prediction_type(layout: Layout) -> str | None:
+    """``v_prediction`` / ``epsilon`` where the file says (ComfyUI's ``v_pred``
+    marker, the SAI model spec's ``modelspec.prediction_type``; a ``.ckpt``'s
+    ``global_step`` 875000 is SD 2.0-base, epsilon, as diffusers reads it),
+    else None."""
+    if V_PRED_KEY in layout.shapes:
+        return "v_prediction"
+    said = str(layout.metadata.get("modelspec.prediction_type", "")).lower().replace("-", "_")
+    if said in ("v", "v_prediction"):
+        return "v_prediction"
+    if said in ("epsilon", "eps"):
+        return "epsilon"
+    if layout.extras.get("global_step") == 875000:
+        return "epsilon"
+    return None
