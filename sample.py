@@ -67,6 +67,28 @@ def parse_args(argv=None):
                       help="micro-conditioning crop top-left (default: 0 0)")
     sdxl.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                       help="micro-conditioning target size (default: --height --width)")
+    control = p.add_argument_group("ControlNet (structure from a control map; repeat the flags per ControlNet)")
+    control.add_argument("--controlnet", action="append", default=[], metavar="DIR_OR_FILE",
+                         help="ControlNet: a diffusers folder, or a single file (.safetensors / .pth) in the original "
+                              "control_v11p_sd15_* layout (SD 1.5's config; --controlnet-config for others)")
+    control.add_argument("--controlnet-config", default=None, metavar="DIR",
+                         help="diffusers ControlNet folder (or config.json) whose config the single-file "
+                              "--controlnet files use (SDXL or unusual sizes)")
+    control.add_argument("--control-image", action="append", default=[], metavar="PNG",
+                         help="control map, one per --controlnet in the same order (edges, depth, pose, ...; "
+                              "resized to the output size)")
+    control.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                         help="conditioning scale: once for all ControlNets or once per ControlNet (default 1.0)")
+    control.add_argument("--control-start", type=float, default=0.0, metavar="F",
+                         help="fraction of the steps after which the ControlNets start acting (default 0)")
+    control.add_argument("--control-end", type=float, default=1.0, metavar="F",
+                         help="fraction of the steps after which they stop (default 1)")
+    control.add_argument("--guess-mode", action="store_true",
+                         help="ControlNets on the conditional half only, residuals scaled 0.1 -> 1.0 (diffusers' "
+                              "guess mode: the control map alone guides the structure)")
+    control.add_argument("--control-preprocess", choices=["none", "canny"], default="none",
+                         help="none: --control-image is already a map; canny: OpenCV's Canny edges of a photo "
+                              "(pip install 'ipadapter-jax[control]')")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; demo 25)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default 7.5; demo 5)")
@@ -76,8 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=int, default=None, help="images to generate (default 1; demo 4)")
     p.add_argument("--height", type=int, default=None,
-                   help="image height, multiple of 8 (default: the model's size, 512 for SD 1.x and 1024 for SDXL; "
-                        "demo 64)")
+                   help="image height, multiple of 8 (default: the model's size, its UNet's sample_size x 8: 512 "
+                        "for SD 1.x, 768 for SD 2.1, 1024 for SDXL; demo 64)")
     p.add_argument("--width", type=int, default=None,
                    help="image width, multiple of 8 (default: the model's size; demo 64)")
     p.add_argument("--init-image", help="img2img: start from this image")
@@ -112,6 +134,7 @@ def parse_args(argv=None):
         p.error(f"--num-images must be at least 1, got {args.num_images}")
     if args.steps < 1:
         p.error(f"--steps must be at least 1, got {args.steps}")
+    _check_control_flags(p, args)
     for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance]), ("--strength", [args.strength]),
                          ("--eta", [args.eta]), ("--guidance-rescale", [args.guidance_rescale])):
         bad = [v for v in values if v is not None and not math.isfinite(v)]
@@ -133,7 +156,8 @@ def parse_args(argv=None):
         p.error(f"with {len(args.ip_adapter)} adapters give one --image per adapter, got {len(args.image)}")
     if args.mask and len(args.mask) != len(args.image):
         p.error(f"{len(args.mask)} masks for {len(args.image)} images: give one --mask per --image")
-    for path in [*args.image, *args.mask, *args.ip_adapter, args.init_image, args.init_latents]:
+    for path in [*args.image, *args.mask, *args.ip_adapter, args.init_image, args.init_latents,
+                 *args.control_image]:
         if path and Path(path).is_dir():
             p.error(f"{path} is a folder; expected a file")
         if path and not Path(path).is_file():
@@ -144,6 +168,29 @@ def parse_args(argv=None):
             if problem:
                 p.error(f"{flag} {path}: {problem}")
     return args
+
+
+def _check_control_flags(p, args) -> None:
+    """The ControlNet flags agree with each other (before anything is loaded)."""
+    n = len(args.controlnet)
+    if args.control_image and not n:
+        p.error("--control-image needs a --controlnet")
+    if n and len(args.control_image) != n:
+        p.error(f"give one --control-image per --controlnet: {n} ControlNets, {len(args.control_image)} images")
+    if len(args.control_scale) not in (0, 1, n):
+        p.error(f"give --control-scale once or once per ControlNet ({n}), got {len(args.control_scale)}")
+    for flag, values in (("--control-scale", args.control_scale),
+                         ("--control-start", [args.control_start]), ("--control-end", [args.control_end])):
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            p.error(f"{flag} must be a finite number, got {bad[0]}")
+    if not 0.0 <= args.control_start < args.control_end <= 1.0:
+        p.error(f"need 0 <= --control-start < --control-end <= 1, got {args.control_start} and {args.control_end}")
+    for path in args.controlnet:
+        if not Path(path).exists():
+            p.error(f"--controlnet not found: {path}")
+    if (args.guess_mode or args.control_preprocess != "none" or args.controlnet_config) and not n:
+        p.error("--guess-mode, --control-preprocess and --controlnet-config need a --controlnet")
 
 
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
@@ -271,13 +318,13 @@ def generate(argv) -> int:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
     from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from ipadapter_jax.pipeline.control import ControlNetSpec
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
     cls = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(args.model, image_encoder=args.image_encoder, dtype=dtype)
-    default_size = pipe.default_size if args.sdxl else 512
-    args.height = default_size if args.height is None else args.height
-    args.width = default_size if args.width is None else args.width
+    args.height = pipe.default_size if args.height is None else args.height
+    args.width = pipe.default_size if args.width is None else args.width
     specs = []
     for i, path in enumerate(args.ip_adapter):
         pipe.load_ip_adapter(path)
@@ -285,6 +332,13 @@ def generate(argv) -> int:
         images = args.image if len(args.ip_adapter) == 1 else [args.image[i]]
         masks = (args.mask if len(args.ip_adapter) == 1 else [args.mask[i]]) if args.mask else None
         specs.append(ImagePromptSpec(images=images, scale=scale, masks=masks))
+    controls = []
+    for i, (net, image) in enumerate(zip(args.controlnet, args.control_image)):
+        pipe.load_controlnet(net, config=args.controlnet_config)
+        scale = args.control_scale[i] if len(args.control_scale) > 1 else (
+            args.control_scale[0] if args.control_scale else 1.0)
+        controls.append(ControlNetSpec(image, scale=scale, start=args.control_start, end=args.control_end,
+                                       preprocess=args.control_preprocess))
     latents = None
     if args.init_latents:
         latents = _load_latents(args.init_latents)
@@ -303,6 +357,7 @@ def generate(argv) -> int:
                   guidance_rescale=args.guidance_rescale, scheduler=args.scheduler, scheduler_options=options,
                   height=args.height, width=args.width, num_images=args.num_images, seed=args.seed,
                   latents=latents, init_image=args.init_image, strength=args.strength,
+                  controlnet_inputs=controls, guess_mode=args.guess_mode,
                   progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
     if args.save_latents:
         Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)

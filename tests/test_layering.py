@@ -49,7 +49,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 FORBIDDEN_SAME_LEVEL = {("models", "schedulers"), ("schedulers", "models")}
 # Import names of declared (possibly optional, possibly not installed here) dependencies
 # whose import name differs from the distribution name.
-IMPORT_NAME_ALIASES = {"pillow": "PIL", "orbax-checkpoint": "orbax"}
+IMPORT_NAME_ALIASES = {"pillow": "PIL", "orbax-checkpoint": "orbax", "opencv-python-headless": "cv2"}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax.models.conditioning import UNetConditioning
+from ipadapter_jax.pipeline.control import controlled
 
 
 def guide(eps: jax.Array, guidance: jax.Array, rescale: jax.Array) -> jax.Array:
@@ -32,26 +33,35 @@ def gated(cond: UNetConditioning, gates: jax.Array, i) -> UNetConditioning:
     return cond.replace(image_prompts=prompts)
 
 
-def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable | None = None):
+def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable | None = None,
+                      control_graphdefs: tuple = (), guess_mode: bool = False):
     """The jitted denoising loop for one UNet structure and scheduler.
 
     Returns ``denoise(params, sched_state, latents, cond, gates, guidance,
-    rescale, noise_key, start) -> latents``: ``lax.fori_loop`` from ``start``
-    over the scheduler's steps. ``cond`` is the UNet's ``UNetConditioning``;
-    under classifier-free guidance (``cfg``) its batch is [uncond; cond] and the
-    latents are doubled to match, so both halves run as one batch.
-    ``gates[a, i]`` multiplies adapter a's scales at step i (start/end);
-    ``on_step(i)`` is an optional host callback (progress bars).
+    rescale, noise_key, start, control=None) -> latents``: ``lax.fori_loop``
+    from ``start`` over the scheduler's steps. ``cond`` is the UNet's
+    ``UNetConditioning``; under classifier-free guidance (``cfg``) its batch is
+    [uncond; cond] and the latents are doubled to match, so both halves run as
+    one batch. ``gates[a, i]`` multiplies adapter a's scales at step i
+    (start/end); ``on_step(i)`` is an optional host callback (progress bars).
+    With ControlNets (``control_graphdefs``, one per net), ``control`` is a
+    ``ControlInputs`` and their residuals join each step's conditioning.
     """
 
-    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start):
+    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None):
         unet = nnx.merge(unet_graphdef, params)
+        nets = tuple(nnx.merge(g, p) for g, p in zip(control_graphdefs, control.params)) if control_graphdefs \
+            else ()
 
         def body(i, carry):
             x, state = carry
             model_in = jnp.concatenate([x, x]) if cfg else x
             model_in = scheduler.scale_model_input(state, model_in, i)
-            eps = unet(model_in, state.timesteps[i], gated(cond, gates, i)).astype(jnp.float32)
+            step_cond = gated(cond, gates, i)
+            if nets:
+                step_cond = controlled(nets, control, step_cond, model_in, state.timesteps[i], i, cfg=cfg,
+                                       guess_mode=guess_mode)
+            eps = unet(model_in, state.timesteps[i], step_cond).astype(jnp.float32)
             if cfg:
                 eps = guide(eps, guidance, rescale)
             noise = (jax.random.normal(jax.random.fold_in(noise_key, i), x.shape, jnp.float32)
@@ -80,13 +90,15 @@ class CompiledLoops:
     def __len__(self) -> int:
         return len(self._executables)
 
-    def get(self, graphdef, scheduler, *, cfg: bool, progress: bool, args: tuple):
-        """(executable, compiled_now) for these arguments."""
+    def get(self, graphdef, scheduler, *, cfg: bool, progress: bool, args: tuple, control_graphdefs: tuple = (),
+            guess_mode: bool = False):
+        """(executable, compiled_now) for these arguments (and ControlNet structures)."""
         leaves = jax.tree.leaves(args)
-        key = (graphdef, scheduler.cache_key, cfg, progress, jax.tree.structure(args),
+        key = (graphdef, scheduler.cache_key, cfg, progress, control_graphdefs, guess_mode, jax.tree.structure(args),
                tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
         if key in self._executables:
             return self._executables[key], False
-        fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, on_step=self.on_step if progress else None)
+        fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, on_step=self.on_step if progress else None,
+                               control_graphdefs=control_graphdefs, guess_mode=guess_mode)
         self._executables[key] = fn.lower(*args).compile()
         return self._executables[key], True

@@ -27,10 +27,13 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax import ip_adapter, schedulers
+from ipadapter_jax.convert.controlnet import load_controlnet
 from ipadapter_jax.io.errors import BadArgument, MissingFile, NonFiniteError, Unsupported, require_finite
 from ipadapter_jax.io.files import load_config
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
+from ipadapter_jax.models.controlnet import ControlNetModel
+from ipadapter_jax.pipeline.control import ControlInputs, ControlNetSpec, check_controlnet_fits, prepare_control
 from ipadapter_jax.pipeline.denoise import CompiledLoops
 from ipadapter_jax.pipeline.inputs import load_init_image
 from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
@@ -60,6 +63,8 @@ class Prepared:
     steps: int
     guidance_scale: float            # classifier-free guidance runs when > 1
     guidance_rescale: float = 0.0
+    control: ControlInputs | None = None   # ControlNet images and per-step scales (params added at denoise)
+    guess_mode: bool = False
 
     @property
     def cfg(self) -> bool:
@@ -137,9 +142,20 @@ class StableDiffusionPipeline:
         self._vae_encode = JittedModule(vae, "encode")
         self._vae_decode = JittedModule(vae, "decode")
         self.mesh = data_mesh()
+        self.controlnets: list[ControlNetModel] = []
         self._bar = None
         self._loops = CompiledLoops(self._tick)
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def default_size(self) -> int:
+        """Default height and width in pixels: the UNet's sample size x the VAE
+        factor, as diffusers (SD 1.5: 64 x 8 = 512, SD 2.1: 96 x 8 = 768, SDXL: 128 x 8 = 1024)."""
+        size = self.unet.config.sample_size
+        if not isinstance(size, int):
+            raise BadArgument(f"the UNet's config gives no single sample_size ({size!r}) to take the default image "
+                              "size from: pass height and width")
+        return size * self.vae_scale
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
@@ -172,6 +188,27 @@ class StableDiffusionPipeline:
     def load_ip_adapter(self, path: str | os.PathLike, **kwargs) -> ip_adapter.IPAdapter:
         """Load and attach an official IP-Adapter file; returns the adapter."""
         return ip_adapter.load_ip_adapter(path, self.unet, **kwargs)
+
+    def load_controlnet(self, controlnet: str | os.PathLike | ControlNetModel, *, config=None,
+                        variant: str | None = None) -> ControlNetModel:
+        """Add a ControlNet (a diffusers folder, a single file in the original
+        ``control_v11p_sd15_*`` layout or with diffusers names, or a loaded
+        ``ControlNetModel``; ``config``: a diffusers config folder / file / dict
+        for a single file that is not SD 1.5's default ControlNet). Calls then
+        take one ``ControlNetSpec`` per added ControlNet, in this order; their
+        residuals are summed. Returns the ControlNet."""
+        if not isinstance(controlnet, ControlNetModel):
+            name = str(controlnet)
+            controlnet = load_controlnet(controlnet, config, variant=variant, dtype=self.unet.dtype)
+        else:
+            name = f"#{len(self.controlnets)}"
+        check_controlnet_fits(controlnet, self.unet, name)
+        self.controlnets.append(controlnet)
+        return controlnet
+
+    def detach_controlnets(self) -> None:
+        """Remove every ControlNet: calls take no control inputs again."""
+        self.controlnets = []
 
     def detach_ip_adapters(self) -> None:
         """Detach every adapter: the UNet computes its plain output again."""
@@ -246,13 +283,16 @@ class StableDiffusionPipeline:
 
     def prepare(self, prompt="", *, negative_prompt="", ip_adapter_prompts: Sequence[ImagePromptSpec] = (),
                 num_inference_steps: int = 30, guidance_scale: float = 7.5, scheduler: str = "ddim",
-                scheduler_options: dict | None = None, height: int = 512, width: int = 512, num_images: int = 1,
-                seed: int = 0, latents=None, init_image=None, strength: float = 0.8, prompt_embeds=None,
-                negative_prompt_embeds=None, guidance_rescale: float = 0.0,
+                scheduler_options: dict | None = None, height: int | None = None, width: int | None = None,
+                num_images: int = 1, seed: int = 0, latents=None, init_image=None, strength: float = 0.8,
+                prompt_embeds=None, negative_prompt_embeds=None, guidance_rescale: float = 0.0,
+                controlnet_inputs: Sequence[ControlNetSpec] = (), guess_mode: bool = False,
                 text_options: dict | None = None) -> Prepared:
         """Validate and encode a call (see ``__call__`` for the arguments).
         ``text_options``: extra keyword arguments of a subclass's text stage
         (``_text_conditioning``), e.g. SDXL's ``prompt_2``; none here."""
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
         if height % 8 or width % 8:
             raise BadArgument(f"height and width must be multiples of 8, got {height}x{width}")
         if num_inference_steps < 1:
@@ -285,10 +325,15 @@ class StableDiffusionPipeline:
         noise_key, latent_key, vae_key = jax.random.split(jax.random.key(seed), 3)
         x, start = self._initial_latents(sched, state, latent_shape, (latent_key, vae_key), latents, init_image,
                                          strength, num_inference_steps, (height, width))
+        control = prepare_control(self.controlnets, list(controlnet_inputs), batch=num_images, height=height,
+                                  width=width, steps=steps, start=start, param_states=())
+        # diffusers: a ControlNet with global_pool_conditions always runs in guess mode.
+        guess_mode = bool(guess_mode) or any(net.config.global_pool_conditions for net in self.controlnets)
         return Prepared(scheduler=sched, state=state, latents=x,
                         cond=UNetConditioning(context, prompts, added_cond=added_cond),
                         gates=gates, noise_key=noise_key, start=start, steps=steps, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale)
+                        guidance_rescale=guidance_rescale, control=control,
+                        guess_mode=guess_mode and control is not None)
 
     def _shard_prompt(self, prompt: ImagePrompt) -> ImagePrompt:
         shard = lambda x: shard_batch(self.mesh, x)
@@ -312,9 +357,15 @@ class StableDiffusionPipeline:
         args = (params, request.state, shard_batch(self.mesh, request.latents), cond, jnp.asarray(request.gates),
                 jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale), request.noise_key,
                 jnp.int32(request.start))
+        control_graphdefs = ()
+        if request.control is not None:
+            control_graphdefs, states = zip(*(nnx.split(net) for net in self.controlnets))
+            args += (request.control.replace(params=tuple(states), images=tuple(
+                shard_batch(self.mesh, image) for image in request.control.images)),)
         t0 = time.perf_counter()
         compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, progress=progress,
-                                                 args=args)
+                                                 args=args, control_graphdefs=tuple(control_graphdefs),
+                                                 guess_mode=request.guess_mode)
         timings = {"compile_s": time.perf_counter() - t0}
         if progress and compiled_now:
             log.info("compiled the denoising loop (%d steps) in %.1f s", request.steps, timings["compile_s"])
@@ -343,10 +394,11 @@ class StableDiffusionPipeline:
     def __call__(self, prompt: str | Sequence[str] = "", *, negative_prompt: str | Sequence[str] = "",
                  ip_adapter_prompts: Sequence[ImagePromptSpec] = (), num_inference_steps: int = 30,
                  guidance_scale: float = 7.5, guidance_rescale: float = 0.0, scheduler: str = "ddim",
-                 scheduler_options: dict | None = None, height: int = 512, width: int = 512,
+                 scheduler_options: dict | None = None, height: int | None = None, width: int | None = None,
                  num_images: int = 1, seed: int = 0, latents: np.ndarray | None = None,
                  init_image=None, strength: float = 0.8, output_type: str = "np", progress: bool = False,
                  prompt_embeds: np.ndarray | None = None, negative_prompt_embeds: np.ndarray | None = None,
+                 controlnet_inputs: Sequence[ControlNetSpec] = (), guess_mode: bool = False,
                  allow_nonfinite: bool = False) -> SampleOutput:
         """Sample images.
 
@@ -354,10 +406,15 @@ class StableDiffusionPipeline:
         ip_adapter_prompts: one ``ImagePromptSpec`` per attached adapter, in attach order.
         latents: unit-variance initial noise [B, h, w, 4] (NHWC); overrides ``seed``
           and is scaled by the scheduler's initial sigma, as diffusers does.
+        height / width: pixels, multiples of 8 (default: the model's size, ``default_size``).
         init_image / strength: img2img (VAE-encode the image, start part-way).
         prompt_embeds / negative_prompt_embeds: precomputed text conditioning [B, L, C]
           instead of ``prompt`` / ``negative_prompt`` (any length L, e.g. text tokens
           with appended image tokens for the "simple adapter" ablation); both or neither.
+        controlnet_inputs: one ``ControlNetSpec`` (control image, scale, start/end,
+          preprocessing) per ControlNet added with ``load_controlnet``, in that order.
+        guess_mode: ControlNets act on the conditional half only, their residuals
+          scaled from 0.1 (shallowest) to 1.0 (mid block), as diffusers' guess mode.
         allow_nonfinite: return a result holding NaN / inf instead of raising
           ``NonFiniteError`` (for debugging).
         Returns ``SampleOutput`` (images in [0, 1], final latents, timings).
@@ -370,7 +427,8 @@ class StableDiffusionPipeline:
                                scheduler=scheduler, scheduler_options=scheduler_options, height=height,
                                width=width, num_images=num_images, seed=seed, latents=latents,
                                init_image=init_image, strength=strength, prompt_embeds=prompt_embeds,
-                               negative_prompt_embeds=negative_prompt_embeds, guidance_rescale=guidance_rescale)
+                               negative_prompt_embeds=negative_prompt_embeds, guidance_rescale=guidance_rescale,
+                               controlnet_inputs=controlnet_inputs, guess_mode=guess_mode)
         return self._run(request, t0, progress=progress, allow_nonfinite=allow_nonfinite)
 
     def _run(self, request: Prepared, t0: float, *, progress: bool, allow_nonfinite: bool) -> SampleOutput:

@@ -39,6 +39,12 @@ from ipadapter_jax.pipeline.stable_diffusion import (XL_CLASSES, Prepared, Sampl
                                                      check_pipeline_class, token_ids)
 
 
+# The component folders of an SDXL folder, and what each is (for the error naming a missing one).
+_COMPONENTS = {"unet": "the UNet", "vae": "the VAE", "text_encoder": "the first text encoder, CLIP ViT-L",
+               "text_encoder_2": "the second text encoder, OpenCLIP ViT-bigG/14 (CLIPTextModelWithProjection)",
+               "tokenizer": "the first text encoder's tokenizer", "tokenizer_2": "the second text encoder's tokenizer"}
+
+
 def _pair(name: str, value, default) -> tuple[int, int]:
     if value is None:
         return tuple(int(v) for v in default)
@@ -83,11 +89,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 f"text_encoder_2's projection ({pooled}) + 6 time ids x {unet.config.addition_time_embed_dim} "
                 f"= {added}")
 
-    @property
-    def default_size(self) -> int:
-        """Default height and width in pixels: the UNet's sample size x the VAE factor."""
-        return int(self.unet.config.sample_size) * self.vae_scale
-
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
                         dtype=jnp.float32, variant: str | None = None,
@@ -100,11 +101,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if not model_dir.is_dir():
             raise MissingFile(f"model folder not found: {model_dir}")
         check_pipeline_class(model_dir, XL_CLASSES, runs="SDXL")
-        for sub in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        for sub, what in _COMPONENTS.items():
             if not (model_dir / sub).is_dir():
-                raise MissingFile(f"{sub} folder not found: {model_dir / sub} (a StableDiffusionXLPipeline folder "
-                                  "holds unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, "
-                                  "scheduler/)")
+                raise MissingFile(f"{sub} folder not found: {model_dir / sub}. The SDXL folder {model_dir} lacks "
+                                  f"its {sub} ({what}); a StableDiffusionXLPipeline folder holds unet/, vae/, "
+                                  "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/")
         opts = dict(dtype=dtype, attention_backend=attention_backend, variant=variant)
         unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", **opts)
         vae = AutoencoderKL.from_pretrained(model_dir / "vae", attention_backend=attention_backend, variant=variant)
@@ -196,7 +197,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
                 guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=None, target_size=None,
                 negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
-                clip_skip: int | None = None) -> Prepared:
+                clip_skip: int | None = None, controlnet_inputs: Sequence = (), guess_mode: bool = False) -> Prepared:
         """Validate and encode a call (see ``__call__`` for the arguments)."""
         for name, value in (("pooled_prompt_embeds", pooled_prompt_embeds),
                             ("negative_pooled_prompt_embeds", negative_pooled_prompt_embeds)):
@@ -216,7 +217,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                                num_images=num_images, seed=seed, latents=latents, init_image=init_image,
                                strength=strength, prompt_embeds=prompt_embeds,
                                negative_prompt_embeds=negative_prompt_embeds, guidance_rescale=guidance_rescale,
-                               text_options=options)
+                               controlnet_inputs=controlnet_inputs, guess_mode=guess_mode, text_options=options)
 
     def __call__(self, prompt: str | Sequence[str] = "", *, output_type: str = "np", progress: bool = False,
                  allow_nonfinite: bool = False, **kwargs) -> SampleOutput:

@@ -1,0 +1,238 @@
+"""ControlNet + IP-Adapter end to end against diffusers' ControlNet pipelines
+(``StableDiffusionControlNetPipeline`` / ``StableDiffusionXLControlNetPipeline``
++ ``load_ip_adapter``), same initial latents: final latents <= 1e-4 relative.
+Cases: base and Plus adapters with one ControlNet at scale 0.8 ending at 0.7;
+two ControlNets with different scales; guess mode; SDXL; sample.py. Also the
+ControlNets' view of the conditioning (text only, the conditional half in
+guess mode) and the bad inputs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import ipadapter_fixtures as fx
+import sd_fixtures
+from helpers import nchw, nhwc, rel_err
+from ipadapter_jax.io.errors import BadArgument, Incompatible, UserError
+from ipadapter_jax.models.conditioning import UNetConditioning
+from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
+from ipadapter_jax.pipeline.control import ControlInputs, ControlNetSpec, controlled, keep_table
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT = "a red striped circle on the blue background"
+STEPS = 6
+TOL = 1e-4
+
+
+def random_controlnet(unet_config: dict, seed: int, folder: Path) -> Path:
+    """A diffusers ControlNet for ``unet_config`` whose zero convolutions are
+    random (a trained ControlNet's are not zero), saved to ``folder``."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    keys = ("block_out_channels", "layers_per_block", "attention_head_dim", "norm_num_groups", "cross_attention_dim",
+            "down_block_types", "transformer_layers_per_block", "use_linear_projection", "addition_embed_type",
+            "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+    net = ControlNetModel(**{k: v for k, v in unet_config.items() if k in keys},
+                          conditioning_embedding_out_channels=(8, 16))  # 2x down: the fixtures' VAE factor
+    with torch.no_grad():
+        for module in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+            module.weight.normal_(0.0, 0.3)
+            module.bias.normal_(0.0, 0.1)
+    net.save_pretrained(folder)
+    return folder
+
+
+def control_png(path: Path, seed: int, size=(16, 16)) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cn")
+    paths = sd_fixtures.build_pipeline_folder(root)
+    paths["image"] = sd_fixtures.reference_image(root / "ref.png")
+    paths["cn1"] = random_controlnet(fx.UNET, 1, root / "cn1")
+    paths["cn2"] = random_controlnet(fx.UNET, 2, root / "cn2")
+    paths["map1"] = control_png(root / "map1.png", 1)
+    paths["map2"] = control_png(root / "map2.png", 2)
+    paths["latents"] = root / "noise.npy"
+    np.save(paths["latents"], np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32))
+    return paths
+
+
+def diffusers_run(paths, adapter: str, nets: list[str], scales: list[float], *, start=0.0, end=1.0,
+                  guess_mode=False) -> np.ndarray:
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from PIL import Image
+    from transformers import CLIPVisionModelWithProjection
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    controlnets = [ControlNetModel.from_pretrained(paths[n]) for n in nets]
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(
+        paths["sd"], controlnet=controlnets if len(nets) > 1 else controlnets[0], safety_checker=None,
+        requires_safety_checker=False, feature_extractor=CLIPImageProcessorPil(),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(paths["image_encoder"]))
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.load_ip_adapter(str(paths[adapter].parent), subfolder="", weight_name=paths[adapter].name,
+                         image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.7)
+    maps = [Image.open(paths[f"map{n[-1]}"]) for n in nets]
+    with torch.no_grad():
+        out = pipe(PROMPT, negative_prompt="", image=maps if len(nets) > 1 else maps[0],
+                   ip_adapter_image=Image.open(paths["image"]), num_inference_steps=STEPS, guidance_scale=7.5,
+                   height=16, width=16, latents=nchw(np.load(paths["latents"])), output_type="latent",
+                   controlnet_conditioning_scale=scales if len(nets) > 1 else scales[0],
+                   control_guidance_start=start, control_guidance_end=end, guess_mode=guess_mode)
+    return nhwc(out.images)
+
+
+@pytest.fixture(scope="module")
+def jax_pipe(paths):
+    return StableDiffusionPipeline.from_pretrained(paths["sd"], image_encoder=paths["image_encoder"])
+
+
+def jax_run(pipe, paths, adapter: str, nets: list[str], scales: list[float], *, start=0.0, end=1.0,
+            guess_mode=False) -> np.ndarray:
+    pipe.detach_ip_adapters()
+    pipe.detach_controlnets()
+    pipe.load_ip_adapter(paths[adapter])
+    for n in nets:
+        pipe.load_controlnet(paths[n])
+    specs = [ControlNetSpec(paths[f"map{n[-1]}"], scale=s, start=start, end=end) for n, s in zip(nets, scales)]
+    return pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=0.7)],
+                num_inference_steps=STEPS, guidance_scale=7.5, scheduler="ddim", height=16, width=16,
+                latents=np.load(paths["latents"]), controlnet_inputs=specs, guess_mode=guess_mode).latents
+
+
+CASES = {
+    "base_scale_0.8_end_0.7": ("adapter", ["cn1"], [0.8], dict(end=0.7)),
+    "plus_scale_0.8_end_0.7": ("plus", ["cn1"], [0.8], dict(end=0.7)),
+    "two_controlnets": ("adapter", ["cn1", "cn2"], [0.5, 1.2], dict(start=0.2)),
+    "guess_mode": ("adapter", ["cn1"], [1.0], dict(guess_mode=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sd15_controlnet_parity(paths, jax_pipe, case):
+    adapter, nets, scales, options = CASES[case]
+    expected = diffusers_run(paths, adapter, nets, scales, **options)
+    actual = jax_run(jax_pipe, paths, adapter, nets, scales, **options)
+    assert rel_err(actual, expected) <= TOL
+    # The control is not a no-op: without it the result moves.
+    jax_pipe.detach_controlnets()
+    plain = jax_pipe(PROMPT, ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=0.7)],
+                     num_inference_steps=STEPS, guidance_scale=7.5, scheduler="ddim", height=16, width=16,
+                     latents=np.load(paths["latents"])).latents
+    assert rel_err(plain, expected) > 1e-3
+
+
+def test_sample_py_matches_diffusers(paths, tmp_path):
+    expected = diffusers_run(paths, "adapter", ["cn1", "cn2"], [0.5, 1.2], start=0.2)
+    out = tmp_path / "final.npy"
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(paths["sd"]), "--image-encoder",
+           str(paths["image_encoder"]), "--ip-adapter", str(paths["adapter"]), "--image", str(paths["image"]),
+           "--scale", "0.7", "--prompt", PROMPT, "--steps", str(STEPS), "--scheduler", "ddim", "--height", "16",
+           "--width", "16", "--controlnet", str(paths["cn1"]), "--control-image", str(paths["map1"]),
+           "--controlnet", str(paths["cn2"]), "--control-image", str(paths["map2"]), "--control-scale", "0.5",
+           "--control-scale", "1.2", "--control-start", "0.2", "--init-latents", str(paths["latents"]),
+           "--save-latents", str(out), "--out", str(tmp_path / "img.png"), "--cache-dir", ""]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert rel_err(np.load(out), expected) <= TOL
+
+
+# --------------------------------------------------------------------------- what the ControlNets see
+
+class Recorder:
+    """Stands in for a ControlNet: records its inputs, returns fixed residuals."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, sample, timestep, text, image, *, conditioning_scale, added_cond, guess_mode):
+        self.calls.append(dict(sample=sample, text=text, image=image, scale=conditioning_scale, added=added_cond,
+                               guess_mode=guess_mode))
+        return (jnp.ones_like(sample),), jnp.ones_like(sample) * 2
+
+
+def test_controlnets_see_text_only_and_guess_mode_the_conditional_half():
+    text = jnp.arange(2 * 3 * 4, dtype=jnp.float32).reshape(2, 3, 4)        # [uncond; cond]
+    tokens = jnp.full((2, 1, 5, 4), 7.0)
+    cond = UNetConditioning(text, ({"tokens": tokens},), added_cond={"text_embeds": jnp.arange(2.0)[:, None],
+                                                                      "time_ids": jnp.ones((2, 6))})
+    x = jnp.stack([jnp.zeros((2, 2, 1)), jnp.ones((2, 2, 1))])
+    control = ControlInputs(params=(), images=(jnp.full((1, 4, 4, 3), 0.5),), scales=jnp.asarray([[0.3, 0.6]]))
+    net = Recorder()
+    out = controlled([net], control, cond, x, 10, 1, cfg=True, guess_mode=False)
+    call = net.calls[-1]
+    assert call["text"] is text and call["image"].shape[0] == 2 and float(call["scale"]) == pytest.approx(0.6)
+    assert out.down_block_residuals[0].shape == x.shape and out.image_prompts == cond.image_prompts
+    out = controlled([net], control, cond, x, 10, 0, cfg=True, guess_mode=True)
+    call = net.calls[-1]
+    np.testing.assert_array_equal(call["text"], text[1:])
+    np.testing.assert_array_equal(call["sample"], x[1:])
+    np.testing.assert_array_equal(call["added"]["text_embeds"], [[1.0]])
+    assert call["image"].shape[0] == 1 and call["guess_mode"]
+    np.testing.assert_array_equal(out.down_block_residuals[0][0], 0.0)      # unconditional half: no control
+    np.testing.assert_array_equal(out.mid_block_residual[1], 2.0)
+
+
+def test_keep_table_follows_diffusers():
+    spec = ControlNetSpec(None, scale=0.8, start=0.2, end=0.7)
+    n = 10
+    expected = [0.0 if (i / n < 0.2 or (i + 1) / n > 0.7) else 0.8 for i in range(n)]
+    np.testing.assert_allclose(keep_table([spec], n, 0)[0], expected)
+    # img2img: the fractions count the steps run, from the start step.
+    np.testing.assert_allclose(keep_table([spec], n + 4, 4)[0, 4:], expected)
+
+
+# --------------------------------------------------------------------------- bad input
+
+def test_bad_inputs(paths, jax_pipe, tmp_path):
+    jax_pipe.detach_ip_adapters()
+    jax_pipe.detach_controlnets()
+    jax_pipe.load_controlnet(paths["cn1"])
+    call = lambda specs: jax_pipe(PROMPT, num_inference_steps=2, height=16, width=16,  # noqa: E731
+                                  controlnet_inputs=specs)
+    with pytest.raises(BadArgument, match="2 control inputs for 1 loaded ControlNets"):
+        call([ControlNetSpec(paths["map1"]), ControlNetSpec(paths["map2"])])
+    with pytest.raises(BadArgument, match="0 control inputs for 1"):
+        call([])
+    with pytest.raises(BadArgument, match="start < end"):
+        call([ControlNetSpec(paths["map1"], start=0.5, end=0.5)])
+    with pytest.raises(BadArgument, match="scale must be a finite number"):
+        call([ControlNetSpec(paths["map1"], scale=float("nan"))])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(UserError, match="broken.png"):
+        call([ControlNetSpec(broken)])
+    with pytest.raises(BadArgument, match="preprocess"):
+        call([ControlNetSpec(paths["map1"], preprocess="depth")])
+    jax_pipe.detach_controlnets()
+
+
+def test_family_mismatch_names_both(paths, jax_pipe, tmp_path):
+    sdxl_net = random_controlnet(fx.SDXL_UNET, 3, tmp_path / "sdxl_cn")
+    with pytest.raises(Incompatible, match="SDXL-style.*SD 1.x/2.x-style"):
+        jax_pipe.load_controlnet(sdxl_net)
+    assert jax_pipe.controlnets == []
+
+
+def test_canny_without_opencv_names_the_extra(paths, jax_pipe, monkeypatch):
+    monkeypatch.setitem(sys.modules, "cv2", None)     # import cv2 -> ImportError
+    from ipadapter_jax.pipeline.control import load_control_image
+
+    with pytest.raises(UserError, match=r"ipadapter-jax\[control\]"):
+        load_control_image(paths["map1"], 16, 16, preprocess="canny")
