@@ -105,6 +105,34 @@ def paired_models(config: dict, clip_dim: int, dtype, attention: str, plus: tupl
     return torch_unet, ip_state, unet, adapter
 
 
+def paired_controlnets(torch_unet, n: int, dtype, attention: str):
+    """``n`` random ControlNets for ``torch_unet`` (``from_unet`` with random
+    zero convolutions, as trained ones are not zero) in diffusers and in JAX."""
+    import torch
+    from diffusers import ControlNetModel as TorchControlNet
+    from flax import nnx
+
+    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.io.params import AbstractRngs
+    from ipadapter_jax.models import ControlNetModel
+
+    pairs = []
+    for k in range(n):
+        torch.manual_seed(100 + k)
+        net = TorchControlNet.from_unet(torch_unet).eval()
+        with torch.no_grad():
+            for m in [*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out]:
+                m.weight.normal_(0.0, 0.02)
+        config = ControlNetModel.parse_config(dict(net.config))
+        ours, _ = load_state_dict_into(
+            lambda: ControlNetModel(config, dtype=dtype, attention_backend=attention, rngs=nnx.Rngs(0)),
+            {key: v.numpy() for key, v in net.state_dict().items()},
+            make_abstract=lambda: ControlNetModel(config, dtype=dtype, attention_backend=attention,
+                                                  rngs=AbstractRngs()))
+        pairs.append((net, ours))
+    return pairs
+
+
 def torch_ip_state(ip_state: dict) -> dict:
     """Official flat layout -> the nested dict diffusers' ``_load_ip_adapter_weights`` takes."""
     import torch
@@ -121,6 +149,8 @@ def main():
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small",
                         help="UNet architecture (sdxl: SDXL base, use --size 128 for 1024 px)")
     parser.add_argument("--adapter", choices=["base", "plus"], default="base", help="IP-Adapter kind")
+    parser.add_argument("--controlnets", type=int, default=0,
+                        help="ControlNets composed with the adapter (random, from_unet; residuals summed)")
     parser.add_argument("--batch", type=int, action="append", help="images per prompt (repeatable; default 1)")
     parser.add_argument("--size", type=int, default=64, help="latent height/width (64 = 512 px)")
     parser.add_argument("--steps", type=int, default=20)
@@ -142,6 +172,7 @@ def main():
     from ipadapter_jax import ip_adapter as adapters, schedulers
     from ipadapter_jax.models.conditioning import UNetConditioning
     from ipadapter_jax.pipeline import make_denoise_loop
+    from ipadapter_jax.pipeline.control import ControlInputs
 
     config, clip_dim, (hidden, n_tokens), pooled = CONFIGS[args.config]
     plus = (hidden, *PLUS_DIMS[args.config]) if args.adapter == "plus" else None
@@ -151,7 +182,9 @@ def main():
 
     sched = schedulers.make_scheduler("ddim", SCHEDULER)
     graphdef, params = nnx.split(unet)
-    loop = make_denoise_loop(graphdef, sched, cfg=True)
+    nets = paired_controlnets(torch_unet, args.controlnets, jdtype, args.attention) if args.controlnets else []
+    net_graphdefs, net_states = (tuple(zip(*(nnx.split(ours) for _, ours in nets))) if nets else ((), ()))
+    loop = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs)
     c = config["cross_attention_dim"]
 
     for batch in batches:
@@ -170,10 +203,13 @@ def main():
                      "time_ids": np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (2 * batch, 1))}
         cond = UNetConditioning(jnp.asarray(text), (prompt,),
                                 added_cond=None if added is None else {k: jnp.asarray(v) for k, v in added.items()})
+        hint = rng.uniform(0, 1, (batch, 8 * args.size, 8 * args.size, 3)).astype(np.float32)
+        control = ControlInputs(params=net_states, images=(jnp.asarray(hint),) * len(nets),
+                                scales=jnp.ones((len(nets), args.steps), jnp.float32)) if nets else None
         jargs = (params, sched_state, jnp.asarray(noise) * sched.init_noise_sigma(sched_state),
                  cond, jnp.ones((1, args.steps), jnp.float32),
                  jnp.float32(7.5), jnp.float32(0.0),
-                 jax.random.key(0), jnp.int32(0))
+                 jax.random.key(0), jnp.int32(0), control)
         last = {}
 
         def jax_loop():
@@ -182,7 +218,8 @@ def main():
         compile_s = time_runs(jax_loop, 1)[0]
         jax_times = time_runs(jax_loop, args.runs)
         jax_latents = np.asarray(last["jax"], np.float32)
-        record = dict(config=args.config, adapter=args.adapter, attention=args.attention, batch=batch,
+        record = dict(config=args.config, adapter=args.adapter, controlnets=args.controlnets,
+                      attention=args.attention, batch=batch,
                       latent=args.size, steps=args.steps, dtype=args.dtype,
                       runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                       jax_times_s=[round(t, 4) for t in jax_times], jax_it_per_s=round(args.steps / median(jax_times), 3))
@@ -213,6 +250,19 @@ def main():
             t_img = torch.from_numpy(np.concatenate([np.zeros_like(image_embeds), image_embeds])[:, None]).to(
                 args.device, tdtype)
             t_added = {k: torch.from_numpy(v).to(args.device, tdtype) for k, v in (added or {}).items()}
+            t_nets = [net.to(args.device, tdtype) for net, _ in nets]
+            t_hint = torch.from_numpy(np.concatenate([hint, hint])).permute(0, 3, 1, 2).to(args.device, tdtype)
+
+            def residuals(model_in, t):
+                """diffusers' MultiControlNet: every net on the CFG batch, residuals summed."""
+                down, mid = None, None
+                for net in t_nets:
+                    d, m = net(model_in, t, encoder_hidden_states=t_text, controlnet_cond=t_hint,
+                               conditioning_scale=1.0, added_cond_kwargs=t_added or None, return_dict=False)
+                    down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+                    mid = m if mid is None else mid + m
+                return ({} if down is None else
+                        dict(down_block_additional_residuals=down, mid_block_additional_residual=mid))
             t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).to(args.device, tdtype)
 
             def torch_loop():
@@ -221,7 +271,7 @@ def main():
                 with torch.no_grad():
                     for t in tsched.timesteps:
                         model_in = tsched.scale_model_input(torch.cat([latents] * 2), t)
-                        eps = tu(model_in, t, encoder_hidden_states=t_text,
+                        eps = tu(model_in, t, encoder_hidden_states=t_text, **residuals(model_in, t),
                                  added_cond_kwargs={"image_embeds": [t_img], **t_added}).sample
                         u, cnd = eps.chunk(2)
                         latents = tsched.step(u + 7.5 * (cnd - u), t, latents).prev_sample

@@ -38,6 +38,8 @@ SETS = {
         ("train_step", ["--config", "sd15", "--size", "32", "--batch", "1", "--runs", "2"]),
         ("vae_decode", ["--size", "64", "--batch", "1", "--runs", "3"]),
         ("clip_vision", ["--batch", "1", "--runs", "5"]),
+        # One SD 1.5 denoising step (CFG) with a ControlNet + IP-Adapter at 512 px (issue: ControlNet).
+        ("sampling", ["--config", "sd15", "--controlnets", "1", "--size", "64", "--steps", "1", "--runs", "3"]),
     ],
     "gpu": [
         ("unet_forward", ["--config", "sd15", "--batch", "2", "--dtype", "bfloat16", "--torch-dtype", "float16",
@@ -56,6 +58,11 @@ SETS = {
                       "--batch", "4", "--dtype", "bfloat16", "--device", "cuda", "--runs", "3"]),
         ("train_step", ["--config", "sdxl", "--size", "128", "--batch", "8", "--dtype", "bfloat16",
                         "--device", "cuda", "--runs", "5"]),
+        # ControlNet + IP-Adapter, batch 1: SD 1.5 at 512 px and SDXL at 1024 px (issue: ControlNet).
+        ("sampling", ["--config", "sd15", "--controlnets", "1", "--steps", "30", "--batch", "1", "--dtype",
+                      "bfloat16", "--device", "cuda", "--runs", "3"]),
+        ("sampling", ["--config", "sdxl", "--controlnets", "1", "--size", "128", "--steps", "30", "--batch", "1",
+                      "--dtype", "bfloat16", "--device", "cuda", "--runs", "3"]),
     ],
     # SDXL base on CPU: batch 2 (one CFG step) at 1024 px; independent weights per framework (see unet_forward).
     "cpu-sdxl": [
@@ -124,6 +131,8 @@ def _setting(r: dict) -> str:
         extra = f", {r['steps']} steps, CFG" if b == "sampling" else ""
         if b == "sampling" and r.get("adapter", "base") != "base":
             extra += f" + {r['adapter']} adapter"
+        if b == "sampling" and r.get("controlnets"):
+            extra += f" + {r['controlnets']} ControlNet"
         remat = f", remat {r['remat']}" if r.get("remat") not in (None, "none", False) else ""
         return f"{r['config']}, batch {r['batch']}, {size}{extra}{remat}, {dtype}"
     if b == "vae_decode":

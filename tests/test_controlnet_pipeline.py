@@ -236,3 +236,44 @@ def test_canny_without_opencv_names_the_extra(paths, jax_pipe, monkeypatch):
 
     with pytest.raises(UserError, match=r"ipadapter-jax\[control\]"):
         load_control_image(paths["map1"], 16, 16, preprocess="canny")
+
+
+# --------------------------------------------------------------------------- SDXL
+
+def test_sdxl_controlnet_parity(tmp_path):
+    """SDXL + an SDXL-style ControlNet (text_time) + base adapter, Euler, no
+    negative prompt (zero negative conditioning), non-square 16x24 output."""
+    from diffusers import ControlNetModel, EulerDiscreteScheduler, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    import test_sdxl_pipeline as sx
+    from ipadapter_jax.pipeline import StableDiffusionXLPipeline
+
+    paths = sx.build_sdxl_folder(tmp_path)
+    net = random_controlnet(fx.SDXL_UNET, 4, tmp_path / "sdxl_cn")
+    control = control_png(tmp_path / "map.png", 4, size=(sx.WIDTH, sx.HEIGHT))
+    latents = np.random.default_rng(0).standard_normal(sx.LATENT_SHAPE).astype(np.float32)
+    embeds = np.random.default_rng(1).standard_normal((1, fx.CLIP_DIM)).astype(np.float32)
+
+    pipe = StableDiffusionXLControlNetPipeline.from_pretrained(paths["sdxl"],
+                                                               controlnet=ControlNetModel.from_pretrained(net))
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.load_ip_adapter(str(paths["adapter"].parent), subfolder="", weight_name=paths["adapter"].name,
+                         image_encoder_folder=None)
+    pipe.set_ip_adapter_scale(0.7)
+    e = torch.from_numpy(embeds)[None]
+    with torch.no_grad():
+        expected = nhwc(pipe(sx.PROMPT, image=Image.open(control), num_inference_steps=sx.STEPS, guidance_scale=5.0,
+                             height=sx.HEIGHT, width=sx.WIDTH, latents=nchw(latents), output_type="latent",
+                             ip_adapter_image_embeds=[torch.cat([torch.zeros_like(e), e])],
+                             controlnet_conditioning_scale=0.8, control_guidance_end=0.7).images)
+
+    mine = StableDiffusionXLPipeline.from_pretrained(paths["sdxl"])
+    mine.load_ip_adapter(paths["adapter"])
+    mine.load_controlnet(net)
+    out = mine(sx.PROMPT, num_inference_steps=sx.STEPS, guidance_scale=5.0, scheduler="euler", height=sx.HEIGHT,
+               width=sx.WIDTH, latents=latents, ip_adapter_prompts=[ImagePromptSpec(embeds=embeds, scale=0.7)],
+               controlnet_inputs=[ControlNetSpec(control, scale=0.8, end=0.7)]).latents
+    assert rel_err(out, expected) <= TOL
+    with pytest.raises(Incompatible, match="SD 1.x/2.x-style.*SDXL-style"):
+        mine.load_controlnet(random_controlnet(fx.UNET, 5, tmp_path / "sd15_cn"))
