@@ -22,7 +22,7 @@ from typing import Iterable
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile
+from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile
 from ipadapter_jax.io.files import read_npy, read_state_dict, save_safetensors
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.ip_adapter import variants
@@ -57,6 +57,7 @@ def prompt_tokens(adapter, *, image_encoder=None, images: Iterable | None = None
     def encode(imgs):
         if image_encoder is None:
             raise BadArgument("pass image_encoder= to encode images (or precomputed embeds=)")
+        check_image_encoder(adapter, image_encoder)
         # The encoder's own resolution (224 for the official encoders; the demo's is 64).
         size = getattr(getattr(image_encoder, "config", None), "image_size", 224)
         return encode_image(image_encoder, preprocess(list(imgs), size, size), spec.encoder_output)
@@ -103,8 +104,23 @@ def zero_image_states(adapter, image_encoder, n: int) -> np.ndarray:
     if image_encoder is None:
         raise BadArgument(f"the default negative of a {adapter.variant!r} IP-Adapter is the image encoder run on "
                          "zero pixels: pass image_encoder= or negative_embeds=")
+    check_image_encoder(adapter, image_encoder)
     size = image_encoder.config.image_size
     return encode_image(image_encoder, np.zeros((n, size, size, 3), np.float32), "hidden_states")
+
+
+def check_image_encoder(adapter, image_encoder) -> None:
+    """Refuse, before running it, an image encoder whose output does not have the
+    width the adapter takes (e.g. the SDXL bigG encoder for a ViT-H adapter),
+    naming both encoders and the folder to use. Encoders without a config pass."""
+    config = getattr(image_encoder, "config", None)
+    output = "hidden_states" if adapter.spec.takes_face_crop else adapter.spec.encoder_output
+    if config is None or output is None:
+        return
+    width = config.projection_dim if output == "image_embeds" else config.hidden_size
+    if width != adapter.clip_dim:
+        raise Incompatible(variants.encoder_mismatch(adapter.variant, output, adapter.clip_dim, width,
+                                                     what="the image encoder gives"))
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:

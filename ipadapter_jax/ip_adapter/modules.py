@@ -111,20 +111,33 @@ class IPAdapter(nnx.Module):
             raise BadArgument(f"this is a {self.variant!r} IP-Adapter: it takes {what[spec.embed_rank]}, got an "
                               f"array of shape {tuple(embeds.shape)} (see ipadapter_jax.ip_adapter.encode_image)")
         if embeds.shape[-1] != self.embed_dim:
-            raise Incompatible(f"{self.variant!r} IP-Adapter expects embeddings of width {self.embed_dim}, got "
-                               f"{embeds.shape[-1]}: was it encoded by the image encoder this adapter was "
-                               "trained with?")
+            if spec.needs_face_id:
+                raise Incompatible(f"this {self.variant!r} IP-Adapter takes ID embeddings of width {self.embed_dim} "
+                                   f"(InsightFace's normed_embedding), got {embeds.shape[-1]}")
+            raise Incompatible(variants.encoder_mismatch(self.variant, spec.encoder_output, self.embed_dim,
+                                                         embeds.shape[-1]))
         if not spec.takes_face_crop:
             return self.image_proj(embeds)
         if clip_hidden_states is None or jnp.ndim(clip_hidden_states) != 3:
             raise BadArgument(f"a {self.variant!r} IP-Adapter needs clip_hidden_states [B, 257, D] of the face "
                               "crop as well as the ID embedding")
+        if jnp.shape(clip_hidden_states)[-1] != self.clip_dim:
+            raise Incompatible(variants.encoder_mismatch(self.variant, "hidden_states", self.clip_dim,
+                                                         jnp.shape(clip_hidden_states)[-1]))
         return self.image_proj(embeds, jnp.asarray(clip_hidden_states), shortcut=self.shortcut, s_scale=s_scale)
 
     @property
     def embed_dim(self) -> int:
         """Width of the embeddings ``project`` takes (the ID width for FaceID)."""
         return self.image_proj.input_dim
+
+    @property
+    def clip_dim(self) -> int | None:
+        """Width of the CLIP features the adapter takes: ``embed_dim``, or for
+        FaceID-Plus the face crop's hidden states (None for FaceID: no CLIP input)."""
+        if self.spec.takes_face_crop:
+            return self.image_proj.perceiver_resampler.proj_in.in_features
+        return None if self.spec.needs_face_id else self.embed_dim
 
     @property
     def num_tokens(self) -> int | None:
@@ -144,9 +157,9 @@ def attach(unet, adapter: IPAdapter) -> int:
     """Attach ``adapter`` to ``unet``; returns its index (its position in the
     UNet's ``image_prompts``). Refuses an adapter shaped for another UNet."""
     cross = unet.cross_attention_layers()
-    if len(adapter.layers) != len(cross):
-        raise Incompatible(f"the IP-Adapter has {len(adapter.layers)} cross-attention layers, the UNet "
-                         f"{len(cross)}: it was made for another base model (SD1.5: 16, SDXL: 70)")
+    if len(adapter.layers) != len(cross) or adapter.token_dim != cross[0].token_dim:
+        raise Incompatible(variants.base_model_mismatch("the IP-Adapter", len(adapter.layers), adapter.token_dim,
+                                                        len(cross), cross[0].token_dim))
     for layer, info in zip(adapter.layers, cross):
         if (layer.to_k_ip.in_features, layer.to_k_ip.out_features) != (info.token_dim, info.hidden_size):
             raise Incompatible(f"IP-Adapter layer {info.index} ({info.name}) maps {layer.to_k_ip.in_features} -> "

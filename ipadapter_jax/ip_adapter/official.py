@@ -26,6 +26,7 @@ from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.io.files import CheckpointError, atomic_write, read_state_dict, save_safetensors
 from ipadapter_jax.io.params import load_state_dict_into, module_state_dict
 from ipadapter_jax.ip_adapter import modules, variants
+from ipadapter_jax.ip_adapter.variants import BaseModelMismatch
 
 _KV = re.compile(r"^ip_adapter\.(\d+)\.(to_[kv]_ip)\.weight$")
 _LORA = re.compile(r"^ip_adapter\.(\d+)\.(to_(?:q|k|v|out)_lora)\.(down|up)\.weight$")
@@ -77,12 +78,8 @@ def _check_against_unet(ip: dict[str, np.ndarray], proj_dim: int, unet, source: 
         raise CheckpointError(f"{source}: no ip_adapter.N.to_k_ip.weight keys")
     token_dim = ip[f"ip_adapter.{kv_ids[0]}.to_k_ip.weight"].shape[1]
     unet_dim = cross[0].token_dim
-    base = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
     if token_dim != unet_dim or len(kv_ids) != len(cross):
-        raise CheckpointError(
-            f"{source}: this adapter has {len(kv_ids)} cross-attention layers of width {token_dim} "
-            f"({base.get(token_dim, 'unknown base model')}); the UNet has {len(cross)} of width {unet_dim} "
-            f"({base.get(unet_dim, 'unknown base model')}). Use the adapter made for this base model.")
+        raise BaseModelMismatch(variants.base_model_mismatch(source, len(kv_ids), token_dim, len(cross), unet_dim))
     if proj_dim != token_dim:
         raise CheckpointError(f"{source}: image_proj makes tokens of width {proj_dim} but ip_adapter expects "
                               f"{token_dim}")

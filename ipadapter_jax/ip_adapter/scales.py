@@ -1,9 +1,19 @@
 """Per-layer adapter scales: one scale per cross-attention layer (processor
 order), from a float, a per-layer sequence, diffusers' per-block dict
-(InstantStyle) or a ComfyUI weight type over ComfyUI's layer order."""
+(InstantStyle) or a ComfyUI weight type over ComfyUI's block order.
+
+ComfyUI_IPAdapter_plus weighs by ``transformer_index``: the position of the
+layer's transformer (a ``Transformer2DModel``, ComfyUI's ``SpatialTransformer``)
+in forward order, input -> middle -> output blocks. Every attention layer of
+one transformer shares its weight: SD 1.x/2.x have 16 transformers of one layer
+each; SDXL has 11 holding its 70 layers (up to 10 each). The special types
+(style transfer, composition, ...) name transformers of a given layout, kept as
+data in ``COMFY_LAYOUTS``.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -14,21 +24,85 @@ from ipadapter_jax.io.errors import BadArgument, Unsupported
 WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input", "weak middle",
                 "weak output", "strong middle", "style transfer", "composition", "strong style transfer",
                 "style and composition", "strong style and composition")
+_KINDS = {"down": "input", "mid": "middle", "up": "output"}      # diffusers' block groups, ComfyUI's names
+
+
+@dataclasses.dataclass(frozen=True)
+class ComfyLayout:
+    """The transformers ComfyUI's special weight types pick in one UNet layout
+    (``IPAdapterPlus.py``'s ``is_sdxl`` tables), by transformer index.
+
+    style: style transfer. strong_style: strong style transfer (and the style
+    part of strong style and composition). composition: {index: factor} of the
+    composition weight for "composition" and "style and composition";
+    strong_composition: the same for "strong style and composition".
+    """
+
+    name: str
+    style: tuple[int, ...]
+    strong_style: tuple[int, ...]
+    composition: dict
+    strong_composition: dict
+
+
+# Keyed by the number of transformers in the (input, middle, output) blocks.
+COMFY_LAYOUTS = {
+    # SD 1.x / 2.x: input blocks 1, 2, 4, 5, 7, 8 -> 0-5, middle -> 6, output blocks 3-11 -> 7-15.
+    (6, 1, 9): ComfyLayout("SD 1.x/2.x", style=(0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15),
+                           strong_style=(0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                           composition={4: 0.25, 5: 1.0}, strong_composition={4: 1.0, 5: 1.0}),
+    # SDXL: input blocks 4, 5, 7, 8 -> 0-3, middle -> 4, output blocks 0-5 -> 5-10; style is
+    # up_blocks.0.attentions.1 (6), composition down_blocks.2.attentions.1 (3).
+    (4, 1, 6): ComfyLayout("SDXL", style=(6,), strong_style=(0, 1, 2, 4, 5, 6, 7, 8, 9, 10),
+                           composition={3: 1.0}, strong_composition={3: 1.0}),
+}
+
+
+def _transformers(unet) -> list[tuple[str, int, int]]:
+    """(group, block, attention) of each transformer, in ComfyUI's forward order
+    (down -> mid -> up; blocks and their attentions in order)."""
+    rank = {"down": 0, "mid": 1, "up": 2}
+    found = {(c.group, c.block, c.attention_index) for c in unet.cross_attention_layers()}
+    return sorted(found, key=lambda k: (rank[k[0]], k[1], k[2]))
 
 
 def comfy_order(unet) -> list[int]:
-    """ComfyUI's transformer index (input -> middle -> output) of each
-    cross-attention layer, listed in processor order (down -> up -> mid)."""
-    cross = unet.cross_attention_layers()
-    ordered = ([c for c in cross if c.group == "down"] + [c for c in cross if c.group == "mid"]
-               + [c for c in cross if c.group == "up"])
-    position = {c.index: i for i, c in enumerate(ordered)}
-    return [position[c.index] for c in cross]
+    """ComfyUI's ``transformer_index`` of each cross-attention layer, listed in
+    processor order (down -> up -> mid): the position of the layer's transformer
+    in forward order (input -> middle -> output)."""
+    position = {k: i for i, k in enumerate(_transformers(unet))}
+    return [position[(c.group, c.block, c.attention_index)] for c in unet.cross_attention_layers()]
 
 
-def _comfy_weights(weight_type: str, weight: float, composition: float, n: int,
-                   block_types: list[str]) -> np.ndarray:
-    """ComfyUI_IPAdapter_plus weight types over its transformer index t (0..n-1)."""
+def comfy_layout(unet) -> ComfyLayout | None:
+    """The ``COMFY_LAYOUTS`` entry of this UNet's transformer layout (None: another layout)."""
+    transformers = _transformers(unet)
+    return COMFY_LAYOUTS.get(tuple(sum(g == group for g, _, _ in transformers) for group in ("down", "mid", "up")))
+
+
+def _special_weights(weight_type: str, weight: float, composition: float, layout: ComfyLayout,
+                     n: int) -> np.ndarray:
+    """The special weight types: a weight on the transformers they name, 0 elsewhere."""
+    style = {t: weight for t in layout.style}
+    strong = {t: weight for t in layout.strong_style}
+    table = {
+        "style transfer": style,
+        "composition": {t: weight * f for t, f in layout.composition.items()},
+        "strong style transfer": strong,
+        "style and composition": {**style, **{t: composition * f for t, f in layout.composition.items()}},
+        "strong style and composition": {**strong, **{t: composition * f
+                                                      for t, f in layout.strong_composition.items()}},
+    }
+    if weight_type not in table:
+        raise BadArgument(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+    return np.array([table[weight_type].get(t, 0.0) for t in range(n)])
+
+
+def _comfy_weights(weight_type: str, weight: float, composition: float, kinds: list[str],
+                   layout: ComfyLayout | None) -> np.ndarray:
+    """ComfyUI_IPAdapter_plus weight types over its transformer index t (0..n-1);
+    ``kinds[t]``: input / middle / output."""
+    n = len(kinds)
     t = np.arange(n, dtype=np.float64)
     w = np.full(n, float(weight))
     half = n / 2
@@ -45,21 +119,15 @@ def _comfy_weights(weight_type: str, weight: float, composition: float, n: int,
     weak = {"weak input": ("input",), "weak middle": ("middle",), "weak output": ("output",),
             "strong middle": ("input", "output")}
     if weight_type in weak:
-        return np.where(np.isin(block_types, weak[weight_type]), w * 0.2, w)
-    if n != 16:
-        raise Unsupported(f"weight type {weight_type!r} is defined for SD1.5's 16 layers; this UNet has {n}")
-    style = [0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15]
-    strong_style = [0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
-    table = {
-        "style transfer": {i: weight for i in style},
-        "composition": {4: weight * 0.25, 5: weight},
-        "strong style transfer": {i: weight for i in strong_style},
-        "style and composition": {**{i: weight for i in style}, 4: composition * 0.25, 5: composition},
-        "strong style and composition": {**{i: weight for i in strong_style}, 4: composition, 5: composition},
-    }
-    if weight_type not in table:
+        return np.where(np.isin(kinds, weak[weight_type]), w * 0.2, w)
+    if weight_type not in WEIGHT_TYPES:
         raise BadArgument(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
-    return np.array([table[weight_type].get(i, 0.0) for i in range(n)])
+    if layout is None:
+        known = "; ".join(f"{v.name}: {k[0]} input, {k[1]} middle, {k[2]} output" for k, v in COMFY_LAYOUTS.items())
+        counts = [kinds.count(k) for k in ("input", "middle", "output")]
+        raise Unsupported(f"weight type {weight_type!r} names transformers of the SD 1.x/2.x and SDXL UNets "
+                          f"({known}); this UNet has {counts[0]} input, {counts[1]} middle, {counts[2]} output")
+    return _special_weights(weight_type, weight, composition, layout, n)
 
 
 def _block_dict_scales(unet, scale: dict) -> np.ndarray:
@@ -113,25 +181,25 @@ def layer_scales(unet, scale: Any = 1.0, *, weight_type: str | None = None,
     """One scale per cross-attention layer (processor order), float32.
 
     scale: a float (every layer), a per-layer sequence, or diffusers'
-      per-block dict (InstantStyle: ``{"up": {"block_1": [0, 1, 0]}}`` style-only
-      on SD1.5; add ``"down": {"block_2": [0, 1]}`` for layout).
+      per-block dict (InstantStyle: ``{"up": {"block_0": [0, 1, 0]}}`` style-only
+      on SDXL, ``{"up": {"block_1": [0, 1, 0]}}`` on SD1.5; add ``"down":
+      {"block_2": [0, 1]}`` for layout); a block's entry covers every layer of
+      that attention (all its transformer blocks), as diffusers'
+      ``set_ip_adapter_scale``.
     weight_type: a ComfyUI weight type (``WEIGHT_TYPES``) applied to the float
-      ``scale`` over ComfyUI's layer order (input -> middle -> output);
-      ``composition_weight`` is the composition weight of the "style and
-      composition" types.
+      ``scale`` over ComfyUI's transformer order (input -> middle -> output;
+      every layer of a transformer shares its weight; the special types on the
+      SD 1.x/2.x and SDXL layouts, ``COMFY_LAYOUTS``); ``composition_weight``
+      is the composition weight of the "style and composition" types.
     """
     cross = unet.cross_attention_layers()
     n = len(cross)
     if weight_type is not None:
         if not isinstance(scale, (int, float)):
             raise BadArgument("weight_type needs a single float scale")
-        order = comfy_order(unet)
-        kinds = {"down": "input", "mid": "middle", "up": "output"}
-        by_t = [None] * n
-        for c, t in zip(cross, order):
-            by_t[t] = kinds[c.group]
-        weights = _comfy_weights(weight_type, scale, composition_weight, n, by_t)
-        return np.asarray([weights[t] for t in order], np.float32)
+        kinds = [_KINDS[group] for group, _, _ in _transformers(unet)]
+        weights = _comfy_weights(weight_type, scale, composition_weight, kinds, comfy_layout(unet))
+        return np.asarray([weights[t] for t in comfy_order(unet)], np.float32)
     if isinstance(scale, dict):
         return _block_dict_scales(unet, scale).astype(np.float32)
     arr = np.asarray(scale, np.float32)

@@ -8,6 +8,11 @@ input, what its default negative ("uncond") input is, whether its files carry
 LoRA, and how to build a fresh one for training. Adding a variant is adding an
 entry to ``VARIANTS``.
 
+The same file says what the official adapters are made for (``BASE_MODELS``:
+SD 1.x / 2.x / SDXL by their cross-attention layers; ``IMAGE_ENCODERS``: the
+ViT-H and bigG encoders by their output widths), so that a wrong pairing is
+refused naming both sides and what to use instead.
+
 Detection follows diffusers' order of checks (``_convert_ip_adapter_image_proj_to_diffusers``):
 the first entry whose ``marker`` key is present wins.
 """
@@ -21,7 +26,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.io.files import CheckpointError
 from ipadapter_jax.ip_adapter.image_proj import (FaceIDPlusModel, FaceIDProjModel, ImageProjModel, MLPProjModel,
                                                  Resampler)
@@ -146,6 +151,95 @@ VARIANTS: tuple[Variant, ...] = (
             "ip-adapter-plus_sd15, ip-adapter-plus-face_sd15", new=_new_plus),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
+
+
+# --------------------------------------------------------------------------- what adapters are made for
+# Official adapters fit one base model (its cross-attention layers) and one image
+# encoder (its output widths); a wrong pairing is refused naming both sides.
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """A base model family as an adapter sees it: the token width of its UNet's
+    cross-attention layers (SD 1.x 768, SD 2.x 1024, SDXL 2048: the widths alone
+    tell the families apart) and where its official adapter files are."""
+
+    name: str
+    token_dim: int
+    adapters: str
+
+
+BASE_MODELS: tuple[BaseModel, ...] = (
+    BaseModel("SD 1.x", 768, "the *_sd15* files in h94/IP-Adapter's models/"),
+    BaseModel("SD 2.x", 1024, "h94/IP-Adapter has none: train one"),
+    BaseModel("SDXL", 2048, "the *_sdxl* files in h94/IP-Adapter's sdxl_models/"),
+)
+
+
+def base_model(token_dim: int) -> BaseModel | None:
+    """The base model whose UNet takes tokens of this width (None: not a known one)."""
+    return next((b for b in BASE_MODELS if b.token_dim == token_dim), None)
+
+
+class BaseModelMismatch(Incompatible, CheckpointError):
+    """An adapter made for another base model than the UNet's (an ``Incompatible``
+    pairing; also a ``CheckpointError``, which it was before)."""
+
+
+def base_model_mismatch(source: str, adapter_layers: int, adapter_dim: int, unet_layers: int,
+                        unet_dim: int) -> str:
+    """The message for an adapter whose cross-attention layers (count, token
+    width) are not the UNet's: both sides, their base model families, and what
+    to use instead."""
+    mine, theirs = base_model(adapter_dim), base_model(unet_dim)
+    if mine and theirs and mine is not theirs:
+        return (f"{source}: this is an {mine.name} adapter ({adapter_layers} cross-attention layers of width "
+                f"{adapter_dim}) but the UNet is {theirs.name} ({unet_layers} cross-attention layers of width "
+                f"{unet_dim}). Use an {theirs.name} adapter ({theirs.adapters}) with this model, or an "
+                f"{mine.name} model with this adapter.")
+    name = lambda b: f" ({b.name})" if b else " (no known base model)"
+    return (f"{source}: this adapter has {adapter_layers} cross-attention layers of width {adapter_dim}"
+            f"{name(mine)}; the UNet has {unet_layers} of width {unet_dim}{name(theirs)}. Use the adapter made "
+            "for this base model.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageEncoder:
+    """An official image encoder: the widths of what it outputs and the
+    h94/IP-Adapter folder it ships in."""
+
+    name: str
+    folder: str
+    image_embeds: int       # projected CLS (base adapters)
+    hidden_states: int      # penultimate layer (Plus, full-face, FaceID-Plus)
+
+    def width(self, output: str) -> int:
+        return self.image_embeds if output == "image_embeds" else self.hidden_states
+
+
+IMAGE_ENCODERS: tuple[ImageEncoder, ...] = (
+    ImageEncoder("OpenCLIP ViT-H/14", "models/image_encoder", 1024, 1280),
+    ImageEncoder("OpenCLIP ViT-bigG/14", "sdxl_models/image_encoder", 1280, 1664),
+)
+
+
+def image_encoder_for(output: str, width: int) -> ImageEncoder | None:
+    """The official encoder whose ``output`` ("image_embeds" / "hidden_states")
+    has this width (None: not an official one)."""
+    return next((e for e in IMAGE_ENCODERS if e.width(output) == width), None)
+
+
+def encoder_mismatch(variant: str, output: str, expected: int, got: int, what: str = "got") -> str:
+    """The message for CLIP features of the wrong width: both widths, the encoders
+    they come from, and which encoder folder to use."""
+    def named(width):
+        encoder = image_encoder_for(output, width)
+        return f"{width} ({encoder.name}, {encoder.folder})" if encoder else str(width)
+
+    message = f"this {variant!r} IP-Adapter takes CLIP {output} of width {named(expected)}, {what} {named(got)}"
+    needed = image_encoder_for(output, expected)
+    if needed:
+        return message + f": encode the reference images with {needed.folder} ({needed.name})"
+    return message + ": was it encoded by the image encoder this adapter was trained with?"
 
 
 def get(name: str) -> Variant:
