@@ -25,7 +25,9 @@ from pathlib import Path
 
 import pytest
 
+import ipadapter_fixtures as fx
 import sd_fixtures
+from test_controlnet_pipeline import control_png, random_controlnet
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -40,6 +42,8 @@ PATHS = {
     '"IP-Adapter/models/ip-adapter-plus_sd15.safetensors"': "plus",
     '"ref.png"': "reference",
     '"my-adapter.safetensors"': "saved_adapter",
+    '"control_v11p_sd15_canny"': "controlnet",
+    '"edges.png"': "edges",
 }
 # Literal text -> replacement. The fixture's VAE downsamples 2x and its UNet is sized for 8x8 latents
 # (16 px images), where SD 1.5's 512 px images have 64x64 latents.
@@ -104,6 +108,8 @@ def files(tmp_path_factory):
     paths = sd_fixtures.build_pipeline_folder(root)
     paths["reference"] = sd_fixtures.reference_image(root / "ref.png")
     paths["saved_adapter"] = root / "my-adapter.safetensors"
+    paths["controlnet"] = random_controlnet(fx.UNET, 1, root / "controlnet")
+    paths["edges"] = control_png(root / "edges.png", 1)
     return paths
 
 

@@ -6,10 +6,12 @@
 * ``single_file``      ``load_pipeline_from_single_file``: a pipeline from one LDM-layout checkpoint;
 * ``prompts``          ``ImagePromptSpec`` -> the UNet's ``ImagePrompt`` arrays and gates;
 * ``denoise``          the jitted ``fori_loop`` and its one compile cache;
+* ``control``          ``ControlNetSpec``: ControlNet residuals inside the loop;
 * ``inputs``           masks and img2img images, prepared as diffusers does;
 * ``jitted``           frozen modules behind one jitted function; the ``data`` mesh.
 """
 
+from ipadapter_jax.pipeline.control import ControlNetSpec
 from ipadapter_jax.pipeline.denoise import CompiledLoops, guide, make_denoise_loop
 from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
 from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts
@@ -18,7 +20,7 @@ from ipadapter_jax.pipeline.stable_diffusion_xl import StableDiffusionXLPipeline
 from ipadapter_jax.pipeline.auto import load_pipeline, pipeline_class
 from ipadapter_jax.pipeline.single_file import load_pipeline_from_single_file
 
-__all__ = ["CompiledLoops", "ImagePromptSpec", "JittedModule", "Prepared", "SampleOutput",
+__all__ = ["CompiledLoops", "ControlNetSpec", "ImagePromptSpec", "JittedModule", "Prepared", "SampleOutput",
            "StableDiffusionPipeline", "StableDiffusionXLPipeline", "build_image_prompts", "data_mesh", "guide",
            "load_pipeline", "load_pipeline_from_single_file", "make_denoise_loop", "pipeline_class",
            "shard_batch"]
