@@ -333,3 +333,23 @@ def test_with_img2img_masks_two_adapters_and_the_mesh(paths, tmp_path):
                          controlnet_inputs=[ControlNetSpec(paths["map1"], scale=0.8)], num_inference_steps=4,
                          height=16, width=16, seed=0).latents)
     assert rel_err(outs[1], outs[0]) <= 5e-2
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--controlnet", "{cn1}"], "one --control-image per --controlnet"),
+    (["--controlnet", "{cn1}", "--control-image", "{map1}", "--control-image", "{map2}"],
+     "one --control-image per --controlnet"),
+    (["--controlnet", "{cn1}", "--control-image", "{map1}", "--control-start", "0.6", "--control-end", "0.5"],
+     "--control-start < --control-end"),
+    (["--controlnet", "{cn1}", "--control-image", "{map1}", "--control-scale", "nan"], "finite"),
+    (["--controlnet", "{cn1}", "--control-image", "missing.png"], "file not found: missing.png"),
+    (["--controlnet", "nowhere", "--control-image", "{map1}"], "--controlnet not found: nowhere"),
+    (["--guess-mode"], "need a --controlnet"),
+])
+def test_sample_py_control_flag_errors(paths, tmp_path, flags, message):
+    flags = [f.format(**{k: str(v) for k, v in paths.items()}) for f in flags]
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(paths["sd"]), *flags, "--out",
+           str(tmp_path / "x.png")]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
