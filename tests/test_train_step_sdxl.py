@@ -300,3 +300,21 @@ def test_sdxl_config_trains_and_exports(config, tmp_path):
     assert len([k for k in state if k.endswith("to_k_ip.weight")]) == 11
     unet = UNet2DConditionModel.from_pretrained(paths["sdxl"] / "unet")
     load_ip_adapter(summary["export"], unet)
+    if config == "sdxl_ip_adapter":
+        # The export is an official-format file: diffusers' SDXL pipeline loads it and samples what ours does.
+        from diffusers import StableDiffusionXLPipeline as TorchXL
+
+        from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionXLPipeline
+        from test_sdxl_pipeline import diffusers_run, jax_run
+
+        export = Path(summary["export"])
+        theirs = TorchXL.from_pretrained(paths["sdxl"])
+        theirs.load_ip_adapter(str(export.parent), subfolder="", weight_name=export.name, image_encoder_folder=None)
+        run_paths = {**paths, "latents": tmp_path / "noise.npy"}
+        np.save(run_paths["latents"], rng.standard_normal((1, 8, 12, 4)).astype(np.float32))
+        embeds = rng.standard_normal((1, fx.CLIP_DIM)).astype(np.float32)
+        expected = diffusers_run(theirs, run_paths, embeds=embeds)
+        ours = StableDiffusionXLPipeline.from_pretrained(paths["sdxl"])
+        ours.load_ip_adapter(export)
+        actual = jax_run(ours, run_paths, ip_adapter_prompts=[ImagePromptSpec(embeds=embeds, scale=1.0)])
+        assert rel_err(actual, expected) <= 1e-4
