@@ -16,6 +16,10 @@ Examples with real weights:
   python sample.py --model stable-diffusion-xl-base-1.0 --image-encoder IP-Adapter/sdxl_models/image_encoder \
       --ip-adapter IP-Adapter/sdxl_models/ip-adapter_sdxl.safetensors --image ref.png --prompt "a cat" \
       --scheduler euler --guidance 5      # SDXL: the pipeline class comes from model_index.json (1024 px)
+  python sample.py --model dreamshaper_8.safetensors --model-config stable-diffusion-v1-5 \\
+      --lora add_detail.safetensors:0.8 --embedding easynegative.safetensors --negative-prompt easynegative \\
+      --image-encoder IP-Adapter/models/image_encoder --ip-adapter IP-Adapter/models/ip-adapter_sd15.safetensors \\
+      --image ref.png --prompt "a cat"    # a civitai-style single file + a LoRA + an embedding
 
 Reproducibility / cross-framework checks: --init-latents noise.npy (unit variance NHWC; overrides --seed,
 scaled by the scheduler's initial sigma as diffusers does) and --save-latents final.npy (NHWC, before the VAE).
@@ -36,8 +40,10 @@ SCHEDULER_NAMES = ("ddim", "pndm", "euler", "euler-a", "dpm++2m", "dpm++2m-karra
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
-                                   "scheduler/), SD 1.x/2.x or SDXL (model_index.json says which); without it, "
-                                   "the embedded demo model")
+                                   "scheduler/), SD 1.x/2.x or SDXL (model_index.json says which), or a single-file "
+                                   "checkpoint (.safetensors / .ckpt in the LDM layout of AUTOMATIC1111, ComfyUI and "
+                                   "civitai; the family is detected from its keys; needs --model-config); without "
+                                   "it, the embedded demo model")
     p.add_argument("--demo", action="store_true",
                    help="use the embedded demo model, its adapter, image encoder and reference image (the default "
                         "when --model is not given)")
@@ -57,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--negative-prompt", default=None,
                    help="negative text prompt (default: empty; SDXL: none, i.e. zero negative conditioning when "
                         "the model says force_zeros_for_empty_prompt, as diffusers)")
+    _add_community_args(p)
     sdxl = p.add_argument_group("SDXL only")
     sdxl.add_argument("--prompt-2", default=None, help="prompt for the second text encoder (default: --prompt)")
     sdxl.add_argument("--negative-prompt-2", default=None,
@@ -126,6 +133,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     _resolve_defaults(p, args)
     _check_sdxl_flags(p, args)
+    _check_community_flags(p, args)
     if args.scheduler not in SCHEDULER_NAMES:
         p.error(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
     if args.height is not None and args.height % 8 or args.width is not None and args.width % 8:
@@ -193,25 +201,136 @@ def _check_control_flags(p, args) -> None:
         p.error("--guess-mode, --control-preprocess and --controlnet-config need a --controlnet")
 
 
+def _add_community_args(p) -> None:
+    """Flags for community checkpoints: single files, LoRA and textual-inversion embeddings."""
+    g = p.add_argument_group(
+        "community checkpoints (single-file models, LoRA, textual inversion)",
+        "--model-config, --ema/--no-ema, --vae and --prediction-type apply to --model FILE only (a folder has its "
+        "own); --lora and --embedding work with any model")
+    g.add_argument("--model-config", metavar="DIR",
+                   help="with --model FILE: a diffusers folder of the file's family (SD 1.x, 2.x or SDXL); its "
+                        "tokenizers (a single file has none) and configs are used, not its weights")
+    ema = g.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=None,
+                     help="with --model FILE: the UNet's EMA weights (model_ema.*)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", default=None,
+                     help="with --model FILE: the plain UNet weights (the default, as diffusers)")
+    g.add_argument("--vae", metavar="DIR_OR_FILE",
+                   help="with --model FILE: a VAE folder or file replacing the file's (needed when the file has "
+                        "none and --model-config holds no VAE weights)")
+    g.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                   help="with --model FILE: what the UNet predicts, where the file does not say (default: "
+                        "--model-config's scheduler, else the family's: SD 2.x v_prediction, others epsilon)")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="merge a LoRA file (kohya / A1111 / civitai, or diffusers / PEFT; LoCon too) into the UNet "
+                        "and text encoder(s) at load, scaled by SCALE (default 1.0); repeatable, each with its "
+                        "own scale; a layer the model lacks is an error")
+    g.add_argument("--lora-lenient", action="store_true",
+                   help="skip LoRA layers the model lacks (listed on stderr) instead of refusing the file")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding (A1111 .pt / .safetensors, diffusers learned_embeds, SDXL "
+                        "clip_l + clip_g); write TOKEN (default: the file's stem, or its diffusers key) in "
+                        "--prompt or --negative-prompt; repeatable")
+
+
+def _split_spec(spec: str) -> tuple[str, str | None]:
+    """``FILE[:X]`` split as the library's parse_lora_spec / parse_embedding_spec
+    split it (a path that exists as given is taken whole, colons and all), in
+    plain Python so that argument errors come before JAX is imported."""
+    if Path(spec).is_file() or ":" not in spec:
+        return spec, None
+    file, _, tail = spec.rpartition(":")
+    return file, tail
+
+
+def _check_spec_file(p, flag: str, spec: str, file: str, what: str) -> None:
+    if Path(file).is_dir():
+        p.error(f"{flag} {spec}: {file} is a folder; expected {what}")
+    if not Path(file).is_file():
+        p.error(f"{flag} file not found: {file}")
+
+
+def _check_community_flags(p, args) -> None:
+    """Single-file flags need a single file; --lora / --embedding specs parse and
+    name existing files (before anything is loaded)."""
+    single = [flag for flag, value in (("--model-config", args.model_config), ("--vae", args.vae),
+                                       ("--prediction-type", args.prediction_type),
+                                       ("--ema" if args.ema else "--no-ema", args.ema)) if value is not None]
+    if single and Path(args.model).is_dir():
+        p.error(f"{', '.join(single)} {'applies' if len(single) == 1 else 'apply'} to single-file models "
+                f"(--model FILE) only; {args.model} is a folder, which has its own configs, tokenizers and VAE")
+    if args.model_config is not None and not Path(args.model_config).is_dir():
+        p.error(f"--model-config {args.model_config}: "
+                f"{'not a folder' if Path(args.model_config).exists() else 'not found'}; expected a diffusers "
+                "folder of the checkpoint's family (tokenizer/, configs)")
+    if args.vae is not None and not Path(args.vae).exists():
+        p.error(f"--vae not found: {args.vae}")
+    for spec in args.lora:
+        file, scale = _split_spec(spec)
+        if scale is not None:
+            try:
+                value = float(scale)
+            except ValueError:
+                p.error(f"--lora {spec}: expected FILE or FILE:SCALE with a number SCALE, got {scale!r}")
+            if not math.isfinite(value):
+                p.error(f"--lora {spec}: the scale must be a finite number, got {scale}")
+        _check_spec_file(p, "--lora", spec, file, "a LoRA file (.safetensors, .pt, .bin)")
+    if args.lora_lenient and not args.lora:
+        p.error("--lora-lenient needs a --lora")
+    for spec in args.embedding:
+        file, token = _split_spec(spec)
+        if token is not None and (not token or any(c.isspace() for c in token)):
+            p.error(f"--embedding {spec}: expected FILE or FILE:TOKEN with a one-word TOKEN")
+        _check_spec_file(p, "--embedding", spec, file, "an embedding file (.safetensors, .pt, .bin)")
+
+
 SDXL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
 SDXL_FLAGS = (("--prompt-2", "prompt_2"), ("--negative-prompt-2", "negative_prompt_2"),
               ("--original-size", "original_size"), ("--crop", "crop"), ("--target-size", "target_size"))
 
 
 def _check_sdxl_flags(p, args) -> None:
-    """Find out which pipeline the folder needs (``args.sdxl``, from its
-    model_index.json); SDXL-only flags are refused for other models."""
-    args.sdxl = _class_name(Path(args.model)) in SDXL_CLASSES
-    if not args.sdxl:
-        given = [flag for flag, name in SDXL_FLAGS if getattr(args, name) is not None]
+    """Find out which pipeline the model needs (``args.sdxl``: from a folder's
+    model_index.json, a single file's keys; None for a .ckpt until it is
+    loaded); SDXL-only flags are refused for other models."""
+    args.single_file = Path(args.model).is_file()
+    if args.single_file:
+        args.sdxl = _single_file_is_sdxl(Path(args.model))
+    else:
+        args.sdxl = _class_name(Path(args.model)) in SDXL_CLASSES
+    if args.sdxl is False:
+        given = _sdxl_flags_given(args)
         if given:
             p.error(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SDXL models only; "
-                    f"{args.model} is not an SDXL folder "
-                    "(model_index.json)")
+                    f"{args.model} is not an SDXL "
+                    f"{'checkpoint (no conditioner.* keys)' if args.single_file else 'folder (model_index.json)'}")
     for flag, name in SDXL_FLAGS[2:]:
         value = getattr(args, name)
         if value is not None and (min(value) < 0 or (name != "crop" and min(value) == 0)):
             p.error(f"{flag} takes {'non-negative' if name == 'crop' else 'positive'} numbers, got {value}")
+
+
+def _sdxl_flags_given(args) -> list[str]:
+    return [flag for flag, name in SDXL_FLAGS if getattr(args, name) is not None]
+
+
+def _single_file_is_sdxl(path: Path) -> bool | None:
+    """Whether a single-file checkpoint is SDXL (its ``conditioner.*`` keys), from
+    the safetensors header in plain JSON (no JAX yet); None for other files (a
+    .ckpt is known once loaded) and unreadable headers (the loader reports them)."""
+    import json
+
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if size > path.stat().st_size:
+                return None
+            header = json.loads(f.read(size))
+        return any(str(key).startswith("conditioner.") for key in header)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _class_name(model: Path) -> str | None:
@@ -305,6 +424,33 @@ def _load_latents(path: str):
     return latents
 
 
+def _load_model(args, dtype):
+    """The pipeline of --model (a folder, or a single file read with its flags),
+    with the --lora files merged into its weights and the --embedding tokens added."""
+    from ipadapter_jax.convert import apply_loras, load_embeddings
+    from ipadapter_jax.io.errors import BadArgument
+    from ipadapter_jax.pipeline import (StableDiffusionPipeline, StableDiffusionXLPipeline,
+                                        load_pipeline_from_single_file)
+
+    if args.single_file:
+        pipe = load_pipeline_from_single_file(args.model, config_dir=args.model_config, vae=args.vae,
+                                              ema=bool(args.ema), prediction_type=args.prediction_type,
+                                              image_encoder=args.image_encoder, dtype=dtype)
+        args.sdxl = isinstance(pipe, StableDiffusionXLPipeline)
+        given = _sdxl_flags_given(args)
+        if given and not args.sdxl:   # a .ckpt: its family is known only now
+            raise BadArgument(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to SDXL models "
+                              f"only; {args.model} is not an SDXL checkpoint")
+    else:
+        cls = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+        pipe = cls.from_pretrained(args.model, image_encoder=args.image_encoder, dtype=dtype)
+    for report in apply_loras(pipe, args.lora, lenient=args.lora_lenient):
+        print(report, file=sys.stderr)
+    for tokens in load_embeddings(pipe, args.embedding):
+        print(f"embedding: use {tokens[0]!r} in prompts", file=sys.stderr)
+    return pipe
+
+
 def generate(argv) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
@@ -317,12 +463,11 @@ def generate(argv) -> int:
         # Cache every executable (the encoders' and the VAE's compile in under a second each, but they add up).
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
-    from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from ipadapter_jax.pipeline import ImagePromptSpec
     from ipadapter_jax.pipeline.control import ControlNetSpec
 
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    cls = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
-    pipe = cls.from_pretrained(args.model, image_encoder=args.image_encoder, dtype=dtype)
+    pipe = _load_model(args, dtype)
     args.height = pipe.default_size if args.height is None else args.height
     args.width = pipe.default_size if args.width is None else args.width
     specs = []

@@ -23,10 +23,13 @@ import re
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
 import ipadapter_fixtures as fx
 import sd_fixtures
+from ipadapter_jax.convert import folder_to_single_file
 from test_controlnet_pipeline import control_png, random_controlnet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +47,9 @@ PATHS = {
     '"my-adapter.safetensors"': "saved_adapter",
     '"control_v11p_sd15_canny"': "controlnet",
     '"edges.png"': "edges",
+    '"dreamshaper_8.safetensors"': "single_file",
+    '"add_detail.safetensors"': "lora",
+    '"easynegative.safetensors"': "embedding",
 }
 # Literal text -> replacement. The fixture's VAE downsamples 2x and its UNet is sized for 8x8 latents
 # (16 px images), where SD 1.5's 512 px images have 64x64 latents.
@@ -110,6 +116,15 @@ def files(tmp_path_factory):
     paths["saved_adapter"] = root / "my-adapter.safetensors"
     paths["controlnet"] = random_controlnet(fx.UNET, 1, root / "controlnet")
     paths["edges"] = control_png(root / "edges.png", 1)
+    # Community checkpoints: the SD folder as one file, a one-layer kohya LoRA, a 2-vector A1111 embedding.
+    paths["single_file"] = folder_to_single_file(paths["sd"], root / "dreamshaper_8.safetensors")
+    rng, layer = np.random.default_rng(0), "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    paths["lora"] = root / "add_detail.safetensors"
+    save_file({f"{layer}.lora_down.weight": rng.standard_normal((2, 32)).astype(np.float32),
+               f"{layer}.lora_up.weight": rng.standard_normal((32, 2)).astype(np.float32)}, paths["lora"])
+    paths["embedding"] = root / "easynegative.safetensors"
+    save_file({"emb_params": rng.standard_normal((2, fx.UNET["cross_attention_dim"])).astype(np.float32)},
+              paths["embedding"])
     return paths
 
 
