@@ -197,8 +197,19 @@ def _check_control_flags(p, args) -> None:
     for path in args.controlnet:
         if not Path(path).exists():
             p.error(f"--controlnet not found: {path}")
-    if (args.guess_mode or args.control_preprocess != "none" or args.controlnet_config) and not n:
-        p.error("--guess-mode, --control-preprocess and --controlnet-config need a --controlnet")
+    given = [flag for flag, used in (("--control-scale", args.control_scale), ("--guess-mode", args.guess_mode),
+                                     ("--control-start", args.control_start != 0.0),
+                                     ("--control-end", args.control_end != 1.0),
+                                     ("--control-preprocess", args.control_preprocess != "none"),
+                                     ("--controlnet-config", args.controlnet_config)) if used]
+    if given and not n:
+        p.error(f"{', '.join(given)} need a --controlnet")
+    if args.control_preprocess == "canny":
+        import importlib.util
+
+        if importlib.util.find_spec("cv2") is None:
+            p.error("--control-preprocess canny needs OpenCV: pip install 'ipadapter-jax[control]' "
+                    "(or opencv-python-headless)")
 
 
 def _add_community_args(p) -> None:

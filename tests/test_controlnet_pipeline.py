@@ -345,6 +345,7 @@ def test_with_img2img_masks_two_adapters_and_the_mesh(paths, tmp_path):
     (["--controlnet", "{cn1}", "--control-image", "missing.png"], "file not found: missing.png"),
     (["--controlnet", "nowhere", "--control-image", "{map1}"], "--controlnet not found: nowhere"),
     (["--guess-mode"], "need a --controlnet"),
+    (["--control-scale", "0.5", "--control-end", "0.5"], "--control-scale, --control-end need a --controlnet"),
 ])
 def test_sample_py_control_flag_errors(paths, tmp_path, flags, message):
     flags = [f.format(**{k: str(v) for k, v in paths.items()}) for f in flags]
@@ -353,3 +354,62 @@ def test_sample_py_control_flag_errors(paths, tmp_path, flags, message):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --------------------------------------------------------------------------- control images
+
+def test_control_images_as_diffusers_prepares_them(tmp_path):
+    """RGBA with a transparent background, 16-bit grey, palette and RGB maps of
+    another (non-square) size: ours equal diffusers' control image processor
+    (VaeImageProcessor with do_convert_rgb, no normalisation, Lanczos resize)."""
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from ipadapter_jax.pipeline.control import control_images, load_control_image
+
+    rng = np.random.default_rng(0)
+    rgba = rng.integers(0, 256, (12, 20, 4), dtype=np.uint8)
+    rgba[:, :10, 3] = 0                                                     # transparent half
+    maps = {"rgba.png": Image.fromarray(rgba, "RGBA"),
+            "depth16.png": Image.fromarray(rng.integers(0, 65536, (30, 18), dtype=np.uint16)),
+            "palette.png": Image.fromarray(rng.integers(0, 256, (9, 7, 3), dtype=np.uint8)).convert("P"),
+            "rgb.png": Image.fromarray(rng.integers(0, 256, (40, 28, 3), dtype=np.uint8))}
+    processor = VaeImageProcessor(vae_scale_factor=2, do_convert_rgb=True, do_normalize=False)
+    for name, image in maps.items():
+        image.save(tmp_path / name)
+        expected = nhwc(processor.preprocess(Image.open(tmp_path / name), height=16, width=24))
+        actual = load_control_image(tmp_path / name, 16, 24)
+        assert actual.shape == expected.shape == (1, 16, 24, 3), name
+        np.testing.assert_allclose(actual, expected, atol=1e-6, err_msg=name)
+    # One image per batch image, in order; a single image is repeated; other counts are refused.
+    spec = ControlNetSpec([tmp_path / "rgb.png", tmp_path / "rgba.png"])
+    pair = control_images(spec, 2, 16, 24, "controlnet 0")
+    np.testing.assert_array_equal(pair[1:], load_control_image(tmp_path / "rgba.png", 16, 24))
+    assert control_images(ControlNetSpec(tmp_path / "rgb.png"), 3, 16, 24, "c").shape == (3, 16, 24, 3)
+    with pytest.raises(BadArgument, match="2 control images for a batch of 3"):
+        control_images(spec, 3, 16, 24, "controlnet 0")
+
+
+def test_request_prepared_for_other_controlnets_refused(paths, jax_pipe):
+    jax_pipe.detach_ip_adapters()
+    jax_pipe.detach_controlnets()
+    jax_pipe.load_controlnet(paths["cn1"])
+    request = jax_pipe.prepare(PROMPT, num_inference_steps=2, controlnet_inputs=[ControlNetSpec(paths["map1"])])
+    jax_pipe.detach_controlnets()
+    with pytest.raises(BadArgument, match="prepared for 1 ControlNets but the pipeline now has 0"):
+        jax_pipe.denoise(request)
+
+
+def test_sample_py_canny_without_opencv(paths, monkeypatch, capsys):
+    """Refused while parsing (before any model loads), naming the extra to install."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT))
+    import sample
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cv2" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args(["--model", str(paths["sd"]), "--controlnet", str(paths["cn1"]), "--control-image",
+                           str(paths["map1"]), "--control-preprocess", "canny"])
+    assert exit_info.value.code == 2 and "pip install 'ipadapter-jax[control]'" in capsys.readouterr().err

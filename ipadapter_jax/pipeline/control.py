@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -21,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from ipadapter_jax.io.errors import BadArgument, Incompatible, MissingFile
-from ipadapter_jax.io.images import load_rgb
+from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported
+from ipadapter_jax.io.images import check_array_image, load_image
 from ipadapter_jax.models.conditioning import UNetConditioning
 
 PREPROCESSORS = ("none", "canny")
@@ -68,26 +69,52 @@ def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     try:
         import cv2
     except ImportError:
-        raise MissingFile("--control-preprocess canny needs OpenCV: pip install 'ipadapter-jax[control]' "
+        raise Unsupported("--control-preprocess canny needs OpenCV: pip install 'ipadapter-jax[control]' "
                           "(or opencv-python-headless)") from None
     edges = cv2.Canny(np.ascontiguousarray(image), low, high)
     return np.repeat(edges[:, :, None], 3, axis=2)
 
 
+def control_pil(image):
+    """A control map (path, PIL image or uint8 [H, W, 3 or 4] array) as a PIL image in its own mode."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image)
+    if isinstance(image, np.ndarray):
+        check_array_image(image)
+        return Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise BadArgument(f"a control image must be a path, a PIL image or a uint8 array, got {type(image).__name__}")
+    return image
+
+
+def _rgb(image, source):
+    try:
+        return image.convert("RGB")
+    except ValueError as e:   # modes Pillow cannot convert
+        raise (BadFile if source else BadArgument)(
+            f"{source or 'control image'}: cannot convert a {image.mode} image to RGB: {e}") from None
+
+
 def load_control_image(image, height: int, width: int, *, preprocess: str = "none", canny_low: int = 100,
                        canny_high: int = 200) -> np.ndarray:
-    """A control map -> float32 [1, height, width, 3] in [0, 1]: RGB, optional
-    Canny (on the image as given), Lanczos resize to the output size."""
+    """A control map -> float32 [1, height, width, 3] in [0, 1], as diffusers'
+    control image processor (``VaeImageProcessor(do_convert_rgb=True,
+    do_normalize=False)``): Lanczos resize to the output size in the image's
+    own mode, then a plain ``convert("RGB")`` (so transparent pixels come out
+    black and 16-bit maps saturate at 255, as there). ``preprocess="canny"``
+    runs OpenCV's Canny on the RGB image first."""
     from PIL import Image
 
     if preprocess not in PREPROCESSORS:
         raise BadArgument(f"control preprocess must be one of {PREPROCESSORS}, got {preprocess!r}")
-    rgb = load_rgb(image)
+    source = image if isinstance(image, (str, os.PathLike)) else None
+    pil = control_pil(image)
     if preprocess == "canny":
-        rgb = Image.fromarray(canny(np.asarray(rgb), canny_low, canny_high))
-    if rgb.size != (width, height):
-        rgb = rgb.resize((width, height), Image.LANCZOS)
-    return (np.asarray(rgb, np.float32) / 255.0)[None]
+        pil = Image.fromarray(canny(np.asarray(_rgb(pil, source)), canny_low, canny_high))
+    pil = pil.resize((width, height), Image.LANCZOS)
+    return (np.asarray(_rgb(pil, source), np.float32) / 255.0)[None]
 
 
 def check_spec(spec: ControlNetSpec, where: str) -> None:

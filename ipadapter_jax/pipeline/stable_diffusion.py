@@ -327,8 +327,8 @@ class StableDiffusionPipeline:
                                          strength, num_inference_steps, (height, width))
         control = prepare_control(self.controlnets, list(controlnet_inputs), batch=num_images, height=height,
                                   width=width, steps=steps, start=start, param_states=())
-        # diffusers: a ControlNet with global_pool_conditions always runs in guess mode.
-        guess_mode = bool(guess_mode) or any(net.config.global_pool_conditions for net in self.controlnets)
+        # diffusers: guess mode is forced when the (first) ControlNet has global_pool_conditions.
+        guess_mode = bool(guess_mode) or bool(self.controlnets and self.controlnets[0].config.global_pool_conditions)
         return Prepared(scheduler=sched, state=state, latents=x,
                         cond=UNetConditioning(context, prompts, added_cond=added_cond),
                         gates=gates, noise_key=noise_key, start=start, steps=steps, guidance_scale=guidance_scale,
@@ -358,6 +358,10 @@ class StableDiffusionPipeline:
                 jnp.float32(request.guidance_scale), jnp.float32(request.guidance_rescale), request.noise_key,
                 jnp.int32(request.start))
         control_graphdefs = ()
+        given = 0 if request.control is None else len(request.control.images)
+        if given != len(self.controlnets):
+            raise BadArgument(f"this request was prepared for {given} ControlNets but the pipeline now has "
+                              f"{len(self.controlnets)}: prepare it again after load_controlnet / detach_controlnets")
         if request.control is not None:
             control_graphdefs, states = zip(*(nnx.split(net) for net in self.controlnets))
             args += (request.control.replace(params=tuple(states), images=tuple(
