@@ -80,7 +80,7 @@ def parse_args(argv=None):
                               "control_v11p_sd15_* layout (SD 1.5's config; --controlnet-config for others)")
     control.add_argument("--controlnet-config", default=None, metavar="DIR",
                          help="diffusers ControlNet folder (or config.json) whose config the single-file "
-                              "--controlnet files use (SDXL or unusual sizes)")
+                              "--controlnet files use (SDXL or unusual sizes); folders keep their own")
     control.add_argument("--control-image", action="append", default=[], metavar="PNG",
                          help="control map, one per --controlnet in the same order (edges, depth, pose, ...; "
                               "resized to the output size)")
@@ -490,7 +490,8 @@ def generate(argv) -> int:
         specs.append(ImagePromptSpec(images=images, scale=scale, masks=masks))
     controls = []
     for i, (net, image) in enumerate(zip(args.controlnet, args.control_image)):
-        pipe.load_controlnet(net, config=args.controlnet_config)
+        # --controlnet-config is for single files; a diffusers folder carries its own config.json.
+        pipe.load_controlnet(net, config=args.controlnet_config if Path(net).is_file() else None)
         scale = args.control_scale[i] if len(args.control_scale) > 1 else (
             args.control_scale[0] if args.control_scale else 1.0)
         controls.append(ControlNetSpec(image, scale=scale, start=args.control_start, end=args.control_end,

@@ -139,13 +139,22 @@ def test_sd15_controlnet_parity(paths, jax_pipe, case):
 
 
 def test_sample_py_matches_diffusers(paths, tmp_path):
+    """Two ControlNets through sample.py, the second as a single file in the
+    original layout (control_model.* keys, SD 1.5-style)."""
+    from safetensors.numpy import load_file, save_file
+
+    from ipadapter_jax.convert import controlnet_to_original
+
     expected = diffusers_run(paths, "adapter", ["cn1", "cn2"], [0.5, 1.2], start=0.2)
+    original = tmp_path / "control_v11p_sd15_test.safetensors"
+    save_file(controlnet_to_original(load_file(paths["cn2"] / "diffusion_pytorch_model.safetensors")), original)
     out = tmp_path / "final.npy"
     cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(paths["sd"]), "--image-encoder",
            str(paths["image_encoder"]), "--ip-adapter", str(paths["adapter"]), "--image", str(paths["image"]),
            "--scale", "0.7", "--prompt", PROMPT, "--steps", str(STEPS), "--scheduler", "ddim", "--height", "16",
            "--width", "16", "--controlnet", str(paths["cn1"]), "--control-image", str(paths["map1"]),
-           "--controlnet", str(paths["cn2"]), "--control-image", str(paths["map2"]), "--control-scale", "0.5",
+           "--controlnet", str(original), "--controlnet-config", str(paths["cn2"]), "--control-image",
+           str(paths["map2"]), "--control-scale", "0.5",
            "--control-scale", "1.2", "--control-start", "0.2", "--init-latents", str(paths["latents"]),
            "--save-latents", str(out), "--out", str(tmp_path / "img.png"), "--cache-dir", ""]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -225,7 +234,7 @@ def test_bad_inputs(paths, jax_pipe, tmp_path):
 
 def test_family_mismatch_names_both(paths, jax_pipe, tmp_path):
     sdxl_net = random_controlnet(fx.SDXL_UNET, 3, tmp_path / "sdxl_cn")
-    with pytest.raises(Incompatible, match="SDXL-style.*SD 1.x/2.x-style"):
+    with pytest.raises(Incompatible, match="SDXL-style.*SD 1.x/2.x-style.*cross_attention_dim: ControlNet"):
         jax_pipe.load_controlnet(sdxl_net)
     assert jax_pipe.controlnets == []
 

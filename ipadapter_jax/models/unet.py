@@ -631,7 +631,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         """SDXL's ``text_time`` embedding (see ``added_embedding``) -> [B, time_embed_dim]."""
         return added_embedding(self.add_embedding, self.config, added_cond, self.dtype)
 
-    ADDED_COND_KEYS = ("text_embeds", "time_ids")
+    ADDED_COND_KEYS = ADDED_COND_KEYS
 
     def check_added_cond(self, added_cond, batch: int | None = None) -> dict | None:
         """Refuse ``added_cond`` that does not fit this UNet's ``addition_embed_type``

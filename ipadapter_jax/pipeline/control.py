@@ -172,25 +172,29 @@ def prepare_control(controlnets: Sequence, specs: Sequence[ControlNetSpec], *, b
                          scales=jnp.asarray(keep_table(specs, steps, start)))
 
 
+# What a ControlNet must share with the UNet for its residuals to fit the UNet's skips.
+FITTING_FIELDS = ("addition_embed_type", "block_out_channels", "cross_attention_dim", "down_block_types",
+                  "layers_per_block")
+
+
 def check_controlnet_fits(controlnet, unet, name: str) -> None:
     """Refuse a ControlNet whose residuals cannot be added to ``unet`` (another
-    family: SD 1.5 vs SDXL), naming both."""
-    def describe(cfg):
-        kind = "SDXL-style (text_time added conditioning)" if cfg.addition_embed_type == "text_time" else \
+    family: SD 1.5 vs SDXL, or another layout), naming both and what differs."""
+    def family(cfg):
+        return "SDXL-style (text_time added conditioning)" if cfg.addition_embed_type == "text_time" else \
             "SD 1.x/2.x-style"
-        return (f"{kind}, block_out_channels {tuple(cfg.block_out_channels)}, cross_attention_dim "
-                f"{cfg.cross_attention_dim}")
+
+    def value(cfg, field):
+        v = cfg.per_block(field) if field in ("layers_per_block", "cross_attention_dim") else getattr(cfg, field)
+        return tuple(v) if isinstance(v, (list, tuple)) else v
 
     c, u = controlnet.config.unet, unet.config
-    same = (tuple(c.block_out_channels) == tuple(u.block_out_channels)
-            and c.addition_embed_type == u.addition_embed_type
-            and np.array_equal(np.ravel(c.cross_attention_dim), np.ravel(u.cross_attention_dim))
-            and tuple(c.down_block_types) == tuple(u.down_block_types)
-            and c.per_block("layers_per_block") == u.per_block("layers_per_block"))
-    if not same:
-        raise Incompatible(f"ControlNet {name} does not fit this UNet: the ControlNet is {describe(c)}; the UNet is "
-                           f"{describe(u)}. Use a ControlNet trained for this base model (an SDXL ControlNet for "
-                           "SDXL, an SD 1.5 one for SD 1.5)")
+    differ = [f for f in FITTING_FIELDS if value(c, f) != value(u, f)]
+    if differ:
+        details = "; ".join(f"{f}: ControlNet {value(c, f)} vs UNet {value(u, f)}" for f in differ)
+        raise Incompatible(f"ControlNet {name} does not fit this UNet: the ControlNet is {family(c)}, the UNet is "
+                           f"{family(u)} ({details}). Use a ControlNet trained for this base model (an SDXL "
+                           "ControlNet for SDXL, an SD 1.5 one for SD 1.5)")
 
 
 def controlled(controlnets: Sequence, control: ControlInputs, cond: UNetConditioning, model_in: jax.Array,
