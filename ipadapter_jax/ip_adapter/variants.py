@@ -140,15 +140,19 @@ class Variant:
 # In diffusers' order of checks.
 VARIANTS: tuple[Variant, ...] = (
     Variant("base", "proj.weight", ImageProjModel, _base_hparams, IMAGE_EMBEDS, "zeros", False,
-            "ip-adapter_sd15, ip-adapter_sd15_light, ip-adapter_sd15_vit-G", new=_new_base),
+            "ip-adapter_sd15, ip-adapter_sd15_light, ip-adapter_sd15_vit-G, ip-adapter_sdxl, ip-adapter_sdxl_vit-h",
+            new=_new_base),
     Variant("full-face", "proj.3.weight", MLPProjModel, _full_face_hparams, HIDDEN_STATES, "zero_pixels", False,
             "ip-adapter-full-face_sd15"),
     Variant("faceid-plus", "perceiver_resampler.proj_in.weight", FaceIDPlusModel, _faceid_plus_hparams,
-            FACE_ID_AND_HIDDEN, "zeros", True, "ip-adapter-faceid-plus_sd15, ip-adapter-faceid-plusv2_sd15"),
+            FACE_ID_AND_HIDDEN, "zeros", True,
+            "ip-adapter-faceid-plus_sd15, ip-adapter-faceid-plusv2_sd15, ip-adapter-faceid-plusv2_sdxl"),
     Variant("faceid", "norm.weight", FaceIDProjModel, _faceid_hparams, FACE_ID, "zeros", True,
-            "ip-adapter-faceid_sd15, ip-adapter-faceid-portrait_sd15"),
+            "ip-adapter-faceid_sd15, ip-adapter-faceid-portrait_sd15, ip-adapter-faceid_sdxl, "
+            "ip-adapter-faceid-portrait_sdxl"),
     Variant("plus", "latents", Resampler, _plus_hparams, HIDDEN_STATES, "zero_pixels", False,
-            "ip-adapter-plus_sd15, ip-adapter-plus-face_sd15", new=_new_plus),
+            "ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, ip-adapter-plus_sdxl_vit-h, "
+            "ip-adapter-plus-face_sdxl_vit-h", new=_new_plus),
 )
 BY_NAME = {v.name: v for v in VARIANTS}
 
