@@ -54,6 +54,13 @@ def parse_args(argv=None):
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="reference image; with several adapters, the i-th --image goes to the i-th adapter; "
                         "with one adapter, all images condition it (tokens concatenated)")
+    p.add_argument("--face-embeds", action="append", default=[], metavar="NPY",
+                   help="FaceID adapters: InsightFace ID embeddings (.npy, [N, 512] or [512]); the i-th goes to the "
+                        "i-th FaceID adapter. FaceID-Plus also takes the face crop as its --image")
+    p.add_argument("--s-scale", type=float, default=1.0,
+                   help="FaceID-Plus(V2) shortcut scale s_scale (default 1.0)")
+    p.add_argument("--lora-scale", type=float, default=1.0,
+                   help="strength of a FaceID adapter's LoRA (default 1.0)")
     p.add_argument("--mask", action="append", default=[], metavar="PATH",
                    help="attention mask per reference image (white = where that image applies)")
     p.add_argument("--scale", action="append", type=float, default=[],
@@ -156,15 +163,17 @@ def parse_args(argv=None):
         p.error("--image needs --image-encoder (the CLIP vision folder the adapter was trained with)")
     if args.image and not args.ip_adapter:
         p.error("--image needs an --ip-adapter")
-    if args.ip_adapter and not args.image:
-        p.error("--ip-adapter needs at least one --image")
+    if args.ip_adapter and not args.image and not args.face_embeds:
+        p.error("--ip-adapter needs at least one --image (or --face-embeds for a FaceID adapter)")
+    if args.face_embeds and not args.ip_adapter:
+        p.error("--face-embeds needs a FaceID --ip-adapter")
     if len(args.scale) not in (0, 1, len(args.ip_adapter)):
         p.error(f"give --scale once or once per adapter ({len(args.ip_adapter)}), got {len(args.scale)}")
-    if len(args.ip_adapter) > 1 and len(args.image) != len(args.ip_adapter):
+    if len(args.ip_adapter) > 1 and len(args.image) != len(args.ip_adapter) and not args.face_embeds:
         p.error(f"with {len(args.ip_adapter)} adapters give one --image per adapter, got {len(args.image)}")
     if args.mask and len(args.mask) != len(args.image):
         p.error(f"{len(args.mask)} masks for {len(args.image)} images: give one --mask per --image")
-    for path in [*args.image, *args.mask, *args.ip_adapter, args.init_image, args.init_latents,
+    for path in [*args.image, *args.mask, *args.ip_adapter, *args.face_embeds, args.init_image, args.init_latents,
                  *args.control_image]:
         if path and Path(path).is_dir():
             p.error(f"{path} is a folder; expected a file")
@@ -176,6 +185,40 @@ def parse_args(argv=None):
             if problem:
                 p.error(f"{flag} {path}: {problem}")
     return args
+
+
+def _image_prompts(args, pipe, spec_class) -> list:
+    """Load the adapters; one image prompt each: its --image(s) (with one adapter,
+    all of them), its --scale, its --mask(s); FaceID adapters take the next
+    --face-embeds (FaceID-Plus: and the face crop as --image)."""
+    import numpy as np
+
+    from ipadapter_jax.io.errors import BadArgument
+
+    adapters = [pipe.load_ip_adapter(path) for path in args.ip_adapter]
+    face_ids = iter(args.face_embeds)
+    image_users = [a for a in adapters if not (a.spec.needs_face_id and not a.spec.takes_face_crop)]
+    if len(adapters) > 1 and len(args.image) != len(image_users):
+        raise BadArgument(f"{len(image_users)} of the {len(adapters)} adapters take an image: give one --image each "
+                          f"(in --ip-adapter order), got {len(args.image)}")
+    n_face = sum(a.spec.needs_face_id for a in adapters)
+    if len(args.face_embeds) != n_face:
+        raise BadArgument(f"{n_face} FaceID adapters: give one --face-embeds each, got {len(args.face_embeds)}")
+    takes_image = {id(a) for a in image_users}
+    next_image = 0
+    specs = []
+    for i, adapter in enumerate(adapters):
+        scale = args.scale[i] if len(args.scale) > 1 else (args.scale[0] if args.scale else 1.0)
+        own, masks = None, None
+        if id(adapter) in takes_image:
+            own = args.image if len(adapters) == 1 else [args.image[next_image]]
+            if args.mask:
+                masks = args.mask if len(adapters) == 1 else [args.mask[next_image]]
+            next_image += 1
+        face = np.load(next(face_ids)) if adapter.spec.needs_face_id else None
+        specs.append(spec_class(images=own or None, face_embeds=face, scale=scale, masks=masks,
+                                s_scale=args.s_scale, lora_scale=args.lora_scale))
+    return specs
 
 
 def _check_control_flags(p, args) -> None:
@@ -481,13 +524,7 @@ def generate(argv) -> int:
     pipe = _load_model(args, dtype)
     args.height = pipe.default_size if args.height is None else args.height
     args.width = pipe.default_size if args.width is None else args.width
-    specs = []
-    for i, path in enumerate(args.ip_adapter):
-        pipe.load_ip_adapter(path)
-        scale = args.scale[i] if len(args.scale) > 1 else (args.scale[0] if args.scale else 1.0)
-        images = args.image if len(args.ip_adapter) == 1 else [args.image[i]]
-        masks = (args.mask if len(args.ip_adapter) == 1 else [args.mask[i]]) if args.mask else None
-        specs.append(ImagePromptSpec(images=images, scale=scale, masks=masks))
+    specs = _image_prompts(args, pipe, ImagePromptSpec)
     controls = []
     for i, (net, image) in enumerate(zip(args.controlnet, args.control_image)):
         # --controlnet-config is for single files; a diffusers folder carries its own config.json.

@@ -222,11 +222,13 @@ FACE_CASES = {
 
 
 @pytest.mark.parametrize("name", list(FACE_CASES))
-def test_faceid_adapter_file_matches_diffusers(world, plain, jax_vith, name):
+def test_faceid_adapter_file_matches_diffusers(world, plain, jax_vith, name, tmp_path):
     """diffusers loads the file's LoRA itself (PEFT, one ``faceid_0`` adapter at
     weight 1) and takes the ID embeddings as ``ip_adapter_image_embeds``
     ([zeros; ids], [2, faces, ID]); PlusV2 gets the face crop's hidden states
-    from diffusers' own image encoding, with ``shortcut`` and ``shortcut_scale``."""
+    from diffusers' own image encoding, with ``shortcut`` and ``shortcut_scale``.
+    Ours runs through sample.py (``--face-embeds``, the crop as ``--image``,
+    ``--s-scale``); the LoRA check runs from Python."""
     from PIL import Image
 
     faces, scale, s_scale = FACE_CASES[name]
@@ -254,12 +256,24 @@ def test_faceid_adapter_file_matches_diffusers(world, plain, jax_vith, name):
             return jax_vith(PROMPT, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=HEIGHT, width=WIDTH,
                             latents=world.noise, ip_adapter_prompts=[spec]).latents
 
-        out = run()
         without_lora = run(lora_scale=0.0) if has_lora else None
     finally:
         jax_vith.detach_ip_adapters()
+    np.save(tmp_path / "ids.npy", ids)
+    final = tmp_path / "final.npy"
+    cmd = [sys.executable, str(ROOT / "sample.py"), "--model", str(world.sdxl), "--ip-adapter", str(world.root / name),
+           "--face-embeds", str(tmp_path / "ids.npy"), "--scale", str(scale), "--prompt", PROMPT,
+           "--height", str(HEIGHT), "--width", str(WIDTH), "--steps", str(STEPS), "--scheduler", "euler",
+           "--guidance", str(GUIDANCE), "--init-latents", str(world.root / "noise.npy"), "--save-latents", str(final),
+           "--out", str(tmp_path / "x.png"), "--no-progress", "--cache-dir", str(world.cache)]
+    if s_scale is not None:
+        cmd += ["--image-encoder", str(world.root / "vit-h"), "--image", str(world.root / "face.png"),
+                "--s-scale", str(s_scale)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = np.load(final)
     err = rel_err(out, expected)
-    print(f"{name}: API vs diffusers rel err {err:.2e}, adapter effect {rel_err(plain, expected):.2e}")
+    print(f"{name}: sample.py vs diffusers rel err {err:.2e}, adapter effect {rel_err(plain, expected):.2e}")
     assert err <= TOL
     assert rel_err(plain, expected) > 1e-3
     if has_lora:   # both sides apply the file's LoRA: the result without it is far off
