@@ -18,7 +18,8 @@ LoRA, an embedding and an IP-Adapter in one command, against diffusers
     prediction-type marker, with a config folder whose scheduler says epsilon:
     ``--prediction-type v_prediction`` makes it a v-prediction model, equal to
     diffusers' v-prediction run and far from its epsilon run.
-(3) Bad input through sample.py: one ``error:`` line, no traceback, exit status 2.
+(3) Bad input through sample.py: one ``error:`` line, no traceback, exit status 2
+    (a .ckpt without torch installed, --model FILE with no tokenizer to be found too).
 """
 
 from __future__ import annotations
@@ -257,6 +258,31 @@ def test_bad_input_is_one_line(case, sd1, tmp_path, capsys):
     print(errors[0])
     for mention in mentions:
         assert mention in errors[0], (mention, errors[0])
+    assert not (tmp_path / "x.png").exists()
+
+
+def _one_error_line(rc: int, err: str) -> str:
+    assert rc == 2 and "Traceback" not in err, (rc, err[-3000:])
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    return errors[0]
+
+
+def test_ckpt_without_torch_and_no_tokenizer_anywhere(sd1, tmp_path, monkeypatch, capsys):
+    """A .ckpt when torch is not installed, and --model FILE alone with nothing in
+    the Hugging Face cache: one error line each, saying what to do."""
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in load_file(sd1["file"]).items()}}, ckpt)
+    base = ["--steps", 1, "--no-progress", "--cache-dir", "", "--out", tmp_path / "x.png"]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", None)   # import torch -> ImportError
+        line = _one_error_line(*sample_py(["--model", ckpt, "--model-config", sd1["configs"], *base], capsys))
+    assert "model.ckpt is a PyTorch pickle" in line and "pip install torch==2.13.0" in line, line
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    line = _one_error_line(*sample_py(["--model", sd1["file"], *base], capsys))
+    for words in ("carries no tokenizer", "--model-config", "local Hugging Face cache", "empty-hub-cache",
+                  "stable-diffusion-v1-5/stable-diffusion-v1-5/tokenizer"):
+        assert words in line, (words, line)
     assert not (tmp_path / "x.png").exists()
 
 

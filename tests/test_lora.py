@@ -13,8 +13,10 @@ every fused UNet / text-encoder weight <= 1e-6 relative, a UNet forward <= 1e-4.
   attention LoRA (REFERENCE.md) and treats a missing alpha as the file's first
   alpha;
 * ``sgm_to_diffusers`` on the real SD 1.5 and SDXL configs, written out by hand;
-* bad input: missing layer (and ``lenient``), rank / shape mismatch, SDXL LoRA
-  on SD 1.5 and the reverse, another network type, not a LoRA file, a half pair.
+* bad input: missing layer (and ``lenient``), rank / shape mismatch, shapes no
+  pair has (rank 0, 1-D, 3-D: refused when read, naming the key), SDXL LoRA on
+  SD 1.5 and the reverse, another network type, not a LoRA file, a half pair;
+  an upper-case ``.SAFETENSORS`` suffix.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors.numpy import save_file
 import ipadapter_fixtures as fx
 import sd_fixtures
 from helpers import nchw, nhwc, rel_err
-from ipadapter_jax.convert import apply_lora, apply_lora_to_models, parse_lora_spec, sgm_to_diffusers
+from ipadapter_jax.convert import apply_lora, apply_lora_to_models, parse_lora_spec, read_lora, sgm_to_diffusers
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported
 from ipadapter_jax.io.params import module_state_dict
 from ipadapter_jax.models import CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
@@ -402,6 +404,39 @@ def test_rank_and_shape_mismatch(sd_models, tmp_path):
     with pytest.raises(Incompatible, match=r"attn1_to_q.*\(32, 48\) update.*model's weight is \(32, 32\)"):
         apply_lora_to_models(models, tmp_path / "shape.safetensors")
     assert _unchanged(models, before)
+
+
+def test_malformed_pairs_named_when_read(sd_models, tmp_path):
+    """Shapes no low-rank pair has are refused when the file is read, naming the
+    key, before the family check or the model: rank 0, a 1-D down weight (on a
+    cross-attention key, whose width the family check reads), a 3-D up weight."""
+    models, before = sd_models
+    rng = np.random.default_rng(15)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    cases = {"rank0": ({f"{name}.lora_down.weight": np.zeros((0, 64), np.float32),
+                        f"{name}.lora_up.weight": np.zeros((32, 0), np.float32)}, BadFile, r"attn2_to_k.*rank 0"),
+             "flat": ({f"{name}.lora_down.weight": rng.standard_normal(64).astype(np.float32),
+                       f"{name}.lora_up.weight": rng.standard_normal((32, 1)).astype(np.float32)},
+                      BadFile, r"attn2_to_k.lora_down.weight.*down \(64,\) / up \(32, 1\).*2-D.*4-D"),
+             "3d_up": ({f"{name}.lora_down.weight": rng.standard_normal((2, 64)).astype(np.float32),
+                        f"{name}.lora_up.weight": rng.standard_normal((32, 2, 1)).astype(np.float32)},
+                       BadFile, r"attn2_to_k.*up \(32, 2, 1\)")}
+    for case, (tensors, error, message) in cases.items():
+        save_file(tensors, tmp_path / f"{case}.safetensors")
+        with pytest.raises(error, match=message):
+            apply_lora_to_models(models, tmp_path / f"{case}.safetensors")
+        with pytest.raises(error, match=message):
+            read_lora(tmp_path / f"{case}.safetensors")
+    assert _unchanged(models, before)
+
+
+def test_upper_case_suffix_keeps_peft_metadata(sd, tmp_path):
+    """``.SAFETENSORS``: read as safetensors, its lora_adapter_metadata (alphas) included."""
+    upper = tmp_path / "PEFT.SAFETENSORS"
+    upper.write_bytes(sd[1]["peft"].read_bytes())
+    want = {(layer.component, layer.name): (layer.alpha, layer.rank) for layer in read_lora(sd[1]["peft"]).layers}
+    got = {(layer.component, layer.name): (layer.alpha, layer.rank) for layer in read_lora(upper).layers}
+    assert got == want and {alpha for alpha, _ in got.values()} == {2.0, 3.0, 8.0}
 
 
 def test_sdxl_lora_on_sd15_and_the_reverse(sd, sdxl, tmp_path):

@@ -21,15 +21,21 @@ written as diffusers folders, then as single files by our writer:
     by the official parameter counts);
 (f) bad input: a pickle carrying code, no known family, truncated files, EMA
     asked of a file without it, missing / extra / misshapen keys, a config
-    folder of another family, a file without a VAE or a tokenizer.
+    folder of another family, a file without a VAE or a tokenizer, a .ckpt
+    without torch installed, ``load_pipeline`` options of the other loader;
+(g) upper-case suffixes, the training buffers ``scale_factor`` / ``lvlb_weights``,
+    and tokenizers from the local Hugging Face cache when no config folder is
+    given (SD 1.x in the family's repo order, SDXL's two).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +46,19 @@ from safetensors.numpy import load_file, save_file
 import sd_fixtures
 from helpers import nchw, nhwc, rel_err
 from ipadapter_jax.cli import run
+from ipadapter_jax.convert import controlnet, ldm_families
 from ipadapter_jax.convert.__main__ import PROG, main as convert_main
 from ipadapter_jax.convert.ldm_detect import detect_family, file_prediction_type, read_layout
 from ipadapter_jax.convert.ldm_families import FAMILIES
 from ipadapter_jax.convert.ldm_text import with_text_model_prefix
 from ipadapter_jax.convert.build import build_module, expected_shapes
-from ipadapter_jax.convert.single_file import (folder_to_single_file, ldm_shapes, modules_to_ldm, read_folder,
-                                               read_single_file)
-from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported
-from ipadapter_jax.io.files import CheckpointError
+from ipadapter_jax.convert.single_file import (SingleFileModel, folder_to_single_file, ldm_shapes, modules_to_ldm,
+                                               read_folder, read_single_file)
+from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported, UserError
+from ipadapter_jax.io.files import CheckpointError, TorchRequired
+from ipadapter_jax.io.params import module_state_dict
 from ipadapter_jax.pipeline import StableDiffusionXLPipeline, load_pipeline
+from ipadapter_jax.pipeline import single_file as pipeline_single_file
 from ipadapter_jax.pipeline.single_file import load_pipeline_from_single_file
 from test_sdxl_pipeline import build_sdxl_folder
 
@@ -461,8 +470,9 @@ def test_config_folder_of_another_family(models):
         read_single_file(models["sdxl"][1], config_dir=models["sd2"][0])
 
 
-def test_tokenizers_needed(models, tmp_path):
+def test_tokenizers_needed(models, tmp_path, monkeypatch):
     _, file = models["sd1"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))   # whatever this machine has cached
     with pytest.raises(MissingFile, match="carries no tokenizer.*--model-config"):
         load_pipeline_from_single_file(file)
     with pytest.raises(MissingFile, match="not found"):
@@ -483,3 +493,126 @@ def test_cli_errors_are_one_line(models, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         convert_main(["to-diffusers", "--help"])
     assert exit_.value.code == 0 and "--model-config" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- community-file details
+
+def test_pickles_without_torch(models, tmp_path, monkeypatch, capsys):
+    """A .ckpt without torch installed: a user error naming the file and how to
+    install torch (one line from the CLI), not an ImportError traceback."""
+    _, file = models["sd1"]
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in load_file(file).items()}}, tmp_path / "m.ckpt")
+    monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
+    message = r"m.ckpt is a PyTorch pickle.*not installed: pip install torch==2.13.0"
+    with pytest.raises(TorchRequired, match=message) as error:
+        read_single_file(tmp_path / "m.ckpt")
+    assert isinstance(error.value, UserError)
+    assert run(PROG, convert_main, ["to-diffusers", str(tmp_path / "m.ckpt"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{PROG}: error: ") and err.count("\n") == 1 and "pip install torch==2.13.0" in err
+
+
+def test_suffix_case_and_training_buffers(models, tmp_path):
+    """``.SAFETENSORS`` / ``.CKPT`` read as their lower-case forms; the training
+    buffers ``scale_factor`` and ``lvlb_weights`` are ignored like the rest of the
+    DDPM schedule (one list, shared with the ControlNet reader)."""
+    folder, file = models["sd1"]
+    want = read_single_file(file, config_dir=folder).components
+    tensors = load_file(file)
+    upper = tmp_path / "MODEL.SAFETENSORS"
+    upper.write_bytes(file.read_bytes())
+    torch.save({"state_dict": {k: torch.from_numpy(v) for k, v in tensors.items()}}, tmp_path / "model.CKPT")
+    buffers = _edited(file, tmp_path / "buffers.safetensors", add={
+        "scale_factor": np.array(0.18215, np.float32), "lvlb_weights": np.ones(1000, np.float32),
+        "betas": np.ones(1000, np.float32)})
+    for path in (upper, tmp_path / "model.CKPT", buffers):
+        got = read_single_file(path, config_dir=folder).components
+        for name, component in want.items():
+            assert_same(got[name].state_dict, component.state_dict, f"{path.name} {name}")
+    assert controlnet.DDPM_BUFFERS is ldm_families.DDPM_BUFFERS <= ldm_families.IGNORED_KEYS
+
+
+def test_load_pipeline_refuses_the_other_loaders_options(models):
+    """``load_pipeline``: ``variant`` names a folder's weights files, a file has
+    one set; a single file's options given with a folder are refused too."""
+    folder, file = models["sd1"]
+    with pytest.raises(BadArgument, match=r"variant='fp16'.*sd1.safetensors is a single-file checkpoint"):
+        load_pipeline(file, variant="fp16")
+    with pytest.raises(BadArgument, match=r"vae=.*ema=True.*is a diffusers folder"):
+        load_pipeline(folder, vae=folder / "vae", ema=True)
+
+
+def _hub_snapshot(cache: Path, repo: str, tokenizer: Path, subfolder: str | None = None) -> Path:
+    """A Hugging Face hub cache entry as huggingface_hub lays it out: refs/main
+    names a commit, snapshots/<commit>/[subfolder/] holds the tokenizer files."""
+    entry = cache / f"models--{repo.replace('/', '--')}"
+    commit = hashlib.sha1(repo.encode()).hexdigest()
+    (entry / "refs").mkdir(parents=True)
+    (entry / "refs" / "main").write_text(commit)
+    target = entry / "snapshots" / commit / (subfolder or "")
+    shutil.copytree(tokenizer, target)
+    return target
+
+
+def test_tokenizers_from_the_hub_cache(models, tmp_path, monkeypatch):
+    """Without config_dir the family's tokenizers come from the local Hugging
+    Face cache (HF_HUB_CACHE; never the network), first repo found of the
+    family's list; the pipeline tokenizes as the folder's tokenizer does. The
+    tiny model is read as the family's standard configuration (swapped in for
+    SD 1.x's, which is full size). Nothing cached: an error naming the cache and
+    the repos, before the file is read."""
+    from transformers import CLIPTokenizer
+
+    folder, file = models["sd1"]
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    sd1 = FAMILIES["sd1"]
+    for name in ("unet", "vae", "text_encoder"):
+        monkeypatch.setitem(sd1.configs, name, json.loads((folder / name / "config.json").read_text()))
+
+    def refused_before_reading(path, **_):
+        raise AssertionError(f"{path} was read")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline_single_file, "read_single_file", refused_before_reading)
+        with pytest.raises(MissingFile, match=r"carries no tokenizer.*nor is the SD 1.x tokenizer in the local "
+                                              r"Hugging Face cache \(.*hub;.*stable-diffusion-v1-5/stable-diffusion-"
+                                              r"v1-5/tokenizer / runwayml.* / openai/clip-vit-large-patch14"):
+            load_pipeline_from_single_file(file)
+        (tmp_path / "configs" / "tokenizer").mkdir(parents=True)   # a config folder whose tokenizer/ is empty
+        with pytest.raises(MissingFile, match=r"tokenizer holds no vocab.json"):
+            load_pipeline_from_single_file(file, config_dir=tmp_path / "configs")
+
+    # Looked up in the family's order: the last one alone, then the first beside it.
+    last = _hub_snapshot(cache, "openai/clip-vit-large-patch14", folder / "tokenizer")
+    assert [f for f, _ in pipeline_single_file.hub_tokenizers(sd1)] == [last]
+    first = _hub_snapshot(cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", folder / "tokenizer", "tokenizer")
+    assert [f for f, _ in pipeline_single_file.hub_tokenizers(sd1)] == [first]
+
+    pipe = load_pipeline_from_single_file(file)
+    reference = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
+    assert len(pipe.tokenizer) == len(reference) > 300   # (an empty tokenizer has 2 tokens)
+    for text in (PROMPT, "", "the the thé, 3 cats!"):
+        ours = pipe.tokenizer(text, padding="max_length", max_length=77, truncation=True).input_ids
+        assert ours == reference(text, padding="max_length", max_length=77, truncation=True).input_ids, text
+    assert_same(module_state_dict(pipe.unet), folder_tensors(folder)["unet"])
+
+
+def test_sdxl_tokenizers_from_the_hub_cache(models, tmp_path, monkeypatch):
+    """SDXL takes two tokenizers; the fallback repos (OpenAI's CLIP-L, LAION's
+    bigG) give them, the second padded with "!" as SDXL's tokenizer_2 is."""
+    from transformers import CLIPTokenizer
+
+    folder, _ = models["sdxl"]
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _hub_snapshot(tmp_path / "hub", "openai/clip-vit-large-patch14", folder / "tokenizer")
+    plain = tmp_path / "plain"   # bigG's tokenizer pads with <|endoftext|>
+    sd_fixtures.write_tokenizer(plain)
+    _hub_snapshot(tmp_path / "hub", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", plain)
+    model = SingleFileModel(FAMILIES["sdxl"], {}, {}, {}, "epsilon")
+    first, second = pipeline_single_file.load_tokenizers(model)
+    for ours, name in ((first, "tokenizer"), (second, "tokenizer_2")):
+        reference = CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True)
+        assert ours.pad_token == reference.pad_token == ("!" if name == "tokenizer_2" else "<|endoftext|>")
+        assert ours(PROMPT, padding="max_length", max_length=77).input_ids == \
+            reference(PROMPT, padding="max_length", max_length=77).input_ids

@@ -7,12 +7,14 @@ A1111 ``.safetensors`` (``emb_params``, 3 vectors) and ``.pt``
 ``learned_embeds`` ({token: [d]}), an SDXL ``clip_l`` / ``clip_g`` pair (2
 vectors each, both encoders and the pooled embedding); bad input: widths that
 fit no text encoder, SDXL / SD 1.x embeddings on the other family, a token the
-tokenizer knows, pickles holding code or objects, files of no known layout.
+tokenizer knows, pickles holding code or objects, files of no known layout, a
+``.pt`` file when torch is not installed (a user error, not a traceback).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +26,9 @@ import ipadapter_fixtures as fx
 import sd_fixtures
 from helpers import rel_err
 from ipadapter_jax.convert import (TextualInversionTokenizer, load_embeddings, load_textual_inversion,
-                                   parse_embedding_spec)
-from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible
+                                   parse_embedding_spec, read_embedding)
+from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, UserError
+from ipadapter_jax.io.files import TorchRequired
 from ipadapter_jax.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 TOL = 1e-5
@@ -181,6 +184,22 @@ def test_truncated_and_missing_files(sd, tmp_path):
         load_textual_inversion(ours, tmp_path / "cut.pt")
     with pytest.raises(FileNotFoundError, match="embedding file not found"):
         load_textual_inversion(ours, tmp_path / "none.pt")
+
+
+def test_pt_without_torch_and_suffix_case(tmp_path, monkeypatch):
+    """A ``.pt`` embedding: an upper-case suffix reads the same (bfloat16 vectors
+    widened exactly); without torch installed, a user error naming the file and
+    the install command, not an ImportError traceback."""
+    vectors = torch.from_numpy(_vectors(11, 2, WIDTH)).to(torch.bfloat16)
+    torch.save({"string_to_param": {"*": vectors}, "name": "x", "step": 10}, tmp_path / "Soft-Look.PT")
+    embedding = read_embedding(tmp_path / "Soft-Look.PT")
+    assert embedding.token == "Soft-Look" and embedding.kind == "A1111"
+    np.testing.assert_array_equal(embedding.vectors[None], vectors.float().numpy())
+    monkeypatch.setitem(sys.modules, "torch", None)   # import torch -> ImportError
+    with pytest.raises(TorchRequired, match=r"Soft-Look.PT is a PyTorch pickle.*torch.*not installed.*"
+                                            r"pip install torch==2.13.0.*ipadapter-jax\[torch\]") as error:
+        read_embedding(tmp_path / "Soft-Look.PT")
+    assert isinstance(error.value, UserError)
 
 
 def test_parse_embedding_spec(tmp_path):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from ipadapter_jax.cli import run
 from ipadapter_jax.convert.ldm_detect import read_layout
 from ipadapter_jax.convert.single_file import PREDICTION_TYPES, folder_to_single_file, single_file_to_diffusers
 from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.files import is_safetensors
 
 PROG = "python -m ipadapter_jax.convert"
 
@@ -62,7 +62,7 @@ def parse_args(argv) -> argparse.Namespace:
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args.command == "to-single-file":
-        if Path(args.out).suffix != ".safetensors":
+        if not is_safetensors(args.out):
             raise BadArgument(f"OUT must be a .safetensors file, got {args.out}")
         path = folder_to_single_file(args.model_dir, args.out, half=args.half)
         print(f"wrote {path} ({len(read_layout(path).shapes)} tensors)")

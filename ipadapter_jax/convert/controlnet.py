@@ -17,13 +17,17 @@ copy under LDM names plus the hint encoder and the zero convs, usually under
 
 with resnet parts ``in_layers.0/2`` (norm1/conv1), ``emb_layers.1`` (time_emb_proj),
 ``out_layers.0/3`` (norm2/conv2), ``skip_connection`` (conv_shortcut); names inside
-an attention block are the same in both layouts. ``original_key`` is that map
-(diffusers name -> original name); reading inverts it over every parameter of
-the model the config describes, so the two directions cannot disagree.
+an attention block are the same in both layouts (the block numbering and the
+part names are the UNet's, from ``convert.ldm_unet``). ``original_key`` is that
+map (diffusers name -> original name); reading inverts it over every parameter
+of the model the config describes, so the two directions cannot disagree.
+Training buffers beside the weights of a full checkpoint (``DDPM_BUFFERS``) are
+those the single-file reader ignores (``convert.ldm_families``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -33,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.convert.ldm_families import DDPM_BUFFERS
+from ipadapter_jax.convert.ldm_unet import TOP, block_param, by_module, ldm_blocks
 from ipadapter_jax.io.errors import BadArgument, Incompatible, MissingFile
 from ipadapter_jax.io.files import CheckpointError, load_config, read_json, read_state_dict
 from ipadapter_jax.io.params import load_state_dict_into, to_torch_layout, torch_key
@@ -58,18 +64,10 @@ SD15_CONTROLNET_CONFIG = {
 # Diffusion model beside ``control_model.``: those parts are not the ControlNet's.
 SD_COMPONENT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.",
                          "model_ema.")
-DDPM_BUFFERS = frozenset({
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
-    "lvlb_weights", "logvar", "scale_factor",
-})
-
-_RESNET_PARTS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
-                 "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
-_FIXED_NAMES = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-                "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-                "conv_in": "input_blocks.0.0", "controlnet_cond_embedding.conv_in": "input_hint_block.0",
+# The UNet's modules outside the numbered blocks that a ControlNet (the UNet's
+# encoder half) has, and its own: diffusers name -> original name.
+_FIXED_NAMES = {**{k: v for k, v in TOP.items() if k not in ("conv_norm_out", "conv_out")},
+                "controlnet_cond_embedding.conv_in": "input_hint_block.0",
                 "controlnet_mid_block": "middle_block_out.0"}
 
 
@@ -88,26 +86,20 @@ def original_key(key: str, *, layers_per_block: int, hint_blocks: int) -> str:
         return f"input_hint_block.{2 * (int(m[1]) + 1)}.{leaf}"
     if m := re.fullmatch(r"controlnet_down_blocks\.(\d+)", module):
         return f"zero_convs.{m[1]}.0.{leaf}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        block, kind, layer, rest = int(m[1]), m[2], int(m[3]), m[4]
-        index = 1 + block * (layers_per_block + 1) + layer
-        return f"input_blocks.{index}.0.{_resnet_part(rest)}" if kind == "resnets" else \
-            f"input_blocks.{index}.1.{rest}"
-    if m := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(\w+)", key):
-        return f"input_blocks.{1 + int(m[1]) * (layers_per_block + 1) + layers_per_block}.0.op.{m[2]}"
-    if m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key):
-        # middle_block alternates resnet, attention, resnet (no attention: the one resnet is .0).
-        if m[1] == "resnets":
-            return f"middle_block.{2 * int(m[2])}.{_resnet_part(m[3])}"
-        return f"middle_block.{2 * int(m[2]) + 1}.{m[3]}"
+    if m := re.match(r"down_blocks\.(\d+)\.|mid_block\.", key):
+        name = block_param(key, _encoder_blocks(layers_per_block, int(m[1] or 0) + 2))
+        if name is not None:
+            return name
     raise CheckpointError(f"{key!r} is not a ControlNet parameter of the original layout's map")
 
 
-def _resnet_part(rest: str) -> str:
-    part, _, tail = rest.partition(".")
-    if part not in _RESNET_PARTS:
-        raise CheckpointError(f"unknown resnet parameter {rest!r}")
-    return f"{_RESNET_PARTS[part]}.{tail}"
+@functools.lru_cache(maxsize=32)
+def _encoder_blocks(layers_per_block: int, blocks: int) -> dict[str, tuple[str, str]]:
+    """The LDM numbering (``ldm_unet.ldm_blocks``) of a ControlNet's down blocks
+    and mid block, inverted: diffusers module -> (LDM block, role). Down block
+    b's numbers depend only on the blocks before it, so a map of ``blocks`` > b
+    equal blocks (each with transformers, which the model has or not) names it."""
+    return by_module(ldm_blocks((layers_per_block,) * blocks, (True,) * blocks))
 
 
 def _count(keys, pattern: str) -> int:

@@ -13,7 +13,6 @@ base) from which text encoders the file has and the UNet's shape;
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Mapping
@@ -23,9 +22,10 @@ import numpy as np
 from ipadapter_jax.convert.ldm_families import SD1, SD2, SDXL, UNET_PREFIX, Family
 from ipadapter_jax.convert.ldm_plan import list_some
 from ipadapter_jax.io.errors import BadFile, MissingFile, Unsupported
-from ipadapter_jax.io.files import CheckpointError, read_state_dict
+from ipadapter_jax.io.files import (CheckpointError, flatten_state_dict, is_safetensors, is_torch_pickle,
+                                    read_safetensors_header, read_state_dict, read_torch_pickle)
 
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+_SCALARS = (int, float, str, bool)
 # Markers files write beside the weights (empty tensors): ComfyUI's v-prediction
 # and zero-terminal-SNR flags.
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
@@ -61,96 +61,36 @@ def read_layout(path: str | os.PathLike) -> Layout:
         raise MissingFile(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes)")
-    if path.suffix == ".safetensors":
-        shapes, metadata = _safetensors_header(path)
+    if is_safetensors(path):
+        shapes, metadata = read_safetensors_header(path)
         return Layout(path, shapes, metadata, {})
-    if path.suffix in PICKLE_SUFFIXES:
+    if is_torch_pickle(path):
         tensors, extras = _read_pickle(path)
         return Layout(path, {k: tuple(v.shape) for k, v in tensors.items()}, {}, extras, tensors)
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors, .ckpt, "
                           ".pt, .pth or .bin")
 
 
-def _safetensors_header(path: Path) -> tuple[dict[str, tuple], dict[str, str]]:
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if n < 2 or n > size - 8:
-            raise CheckpointError(f"{path} is not a safetensors file, or is truncated: its header claims {n} bytes "
-                                  f"of a {size}-byte file")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is not a readable safetensors file (corrupt header: {e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    shapes, end = {}, 0
-    for key, entry in header.items():
-        try:
-            shapes[key] = tuple(int(d) for d in entry["shape"])
-            end = max(end, int(entry["data_offsets"][1]))
-        except (TypeError, KeyError, IndexError, ValueError):
-            raise CheckpointError(f"{path}: malformed safetensors header entry {key!r}") from None
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
-    return shapes, metadata if isinstance(metadata, dict) else {}
-
-
 def _read_pickle(path: Path) -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    """``torch.load(weights_only=True)``: a training checkpoint's ``state_dict``
-    (nested any depth) is the weights; the scalars around it are kept as extras
-    and everything else around it (optimizer states, callbacks) is left alone."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch (pip install 'ipadapter-jax[torch]'), "
-                          "or convert it to .safetensors") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt, truncated or unsafe pickles
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = next((line for line in lines if "Unsupported" in line or "global" in line.lower()),
-                      lines[0] if lines else type(e).__name__)
-        raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint: a corrupt or truncated "
-                              "file, or a pickle carrying code or objects other than tensors, which is refused "
-                              f"(convert trusted files to .safetensors): {detail}") from None
+    """A training checkpoint's ``state_dict`` (nested any depth) is the weights;
+    the scalars around it are kept as extras and everything else around it
+    (optimizer states, callbacks) is left alone."""
+    obj = read_torch_pickle(path, flatten=False)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
     extras: dict[str, object] = {}
     while isinstance(obj.get("state_dict"), dict):
-        extras.update({k: v for k, v in obj.items() if isinstance(v, (int, float, str, bool))})
+        extras.update({k: v for k, v in obj.items() if isinstance(v, _SCALARS)})
         obj = obj["state_dict"]
-    return _flatten(obj, str(path), extras), extras
-
-
-def _flatten(obj: dict, source: str, extras: dict, prefix: str = "") -> dict[str, np.ndarray]:
-    import torch
-
-    out = {}
-    for key, value in obj.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, source, extras, name + "."))
-        elif isinstance(value, torch.Tensor):
-            out[name] = _numpy(value)
-        elif not prefix and isinstance(value, (int, float, str, bool)):
+    tensors = {}
+    for name, value in flatten_state_dict(obj, str(path), keep_values=True).items():
+        if isinstance(value, np.ndarray):
+            tensors[name] = value
+        elif "." not in name and isinstance(value, _SCALARS):   # a scalar beside the weights (``epoch``)
             extras[name] = value
         else:
-            raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, expected a tensor")
-    return out
-
-
-def _numpy(tensor) -> np.ndarray:
-    import torch
-
-    tensor = tensor.detach().cpu().contiguous()
-    if tensor.dtype == torch.bfloat16:   # numpy has no bfloat16: the same bits as ml_dtypes'
-        import ml_dtypes
-
-        return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-    return tensor.numpy()
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(value).__name__}, expected a tensor")
+    return tensors, extras
 
 
 # --------------------------------------------------------------------------- family

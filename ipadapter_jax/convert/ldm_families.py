@@ -8,7 +8,9 @@ provenance fields ``_diffusers_version``, ``_name_or_path``,
 ``transformers_version`` and ``torch_dtype`` are left out, the last because
 transformers 5 would load the weights in that dtype). A single file carries no
 configuration, so these are what it is read with unless a diffusers folder
-gives others (``model_config``).
+gives others (``model_config``). Nor does it carry tokenizers: each text
+encoder names the Hugging Face repos whose tokenizer it takes, looked up in the
+local cache (never downloaded) when no configuration folder gives one.
 """
 
 from __future__ import annotations
@@ -20,23 +22,48 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
 
-# Buffers of the original training code, not weights: the DDPM noise schedule
-# (the scheduler config carries it), the EMA's counters.
-IGNORED_KEYS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
-                "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
-                "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
-                "posterior_mean_coef1", "posterior_mean_coef2", "logvar", "model_ema.decay",
-                "model_ema.num_updates")
+# Buffers of the original training code (``LatentDiffusion`` / ``DDPM``), not
+# weights: the noise schedule (the scheduler config carries it), the loss
+# weights, the latent scale. Full checkpoints of the single-file models and of
+# original-layout ControlNets (``convert.controlnet``) hold them.
+DDPM_BUFFERS = frozenset({
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "lvlb_weights", "logvar", "scale_factor",
+})
+# What a single file may hold beside its parts: those buffers and the EMA's counters.
+IGNORED_KEYS = DDPM_BUFFERS | {"model_ema.decay", "model_ema.num_updates"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HubTokenizer:
+    """Where a tokenizer is found in the local Hugging Face cache: a repo, the
+    folder in it (None: the repo's top level), and a padding token to use
+    instead of the repo's (SDXL pads its second encoder's text with ``!``)."""
+
+    repo: str
+    subfolder: str | None = None
+    pad_token: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.repo}/{self.subfolder}" if self.subfolder else self.repo
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSlot:
     """One text encoder of a family: its diffusers component, where the single
-    file keeps it, and in which naming (``clip``: transformers', ``openclip``)."""
+    file keeps it, in which naming (``clip``: transformers', ``openclip``), and
+    where its tokenizer may be cached (first found is used; a single file has none)."""
 
     component: str
     prefix: str
     layout: str
+    hub_tokenizers: tuple[HubTokenizer, ...] = ()
+
+    @property
+    def tokenizer(self) -> str:
+        return self.component.replace("text_encoder", "tokenizer")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,13 +80,17 @@ class Family:
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
-        return tuple(slot.component.replace("text_encoder", "tokenizer") for slot in self.text)
+        return tuple(slot.tokenizer for slot in self.text)
 
     def config(self, component: str) -> dict:
         """A copy of the standard configuration of ``component`` (``unet``,
         ``vae``, ``text_encoder``, ``text_encoder_2``, ``scheduler``, ``model_index``)."""
         return copy.deepcopy(self.configs[component])
 
+
+# Tokenizers shared by families: OpenAI's CLIP ViT-L/14 (SD 1.x, SDXL's first encoder).
+_CLIP_L = "openai/clip-vit-large-patch14"
+_SDXL_REPO = "stabilityai/stable-diffusion-xl-base-1.0"
 
 _DOWN = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
 _UP = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
@@ -97,7 +128,9 @@ _SD_SCHEDULER = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_star
 
 SD1 = Family(
     name="sd1", title="SD 1.x",
-    text=(TextSlot("text_encoder", "cond_stage_model.transformer.", "clip"),),
+    text=(TextSlot("text_encoder", "cond_stage_model.transformer.", "clip", (
+        HubTokenizer("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"),
+        HubTokenizer("runwayml/stable-diffusion-v1-5", "tokenizer"), HubTokenizer(_CLIP_L))),),
     ignored=("cond_stage_model.transformer.text_model.embeddings.position_ids",
              "cond_stage_model.transformer.embeddings.position_ids"),   # older files lack text_model.
     configs={
@@ -115,7 +148,9 @@ SD1 = Family(
 
 SD2 = Family(
     name="sd2", title="SD 2.x",
-    text=(TextSlot("text_encoder", "cond_stage_model.model.", "openclip"),),
+    text=(TextSlot("text_encoder", "cond_stage_model.model.", "openclip", (
+        HubTokenizer("stabilityai/stable-diffusion-2-1", "tokenizer"),
+        HubTokenizer("stabilityai/stable-diffusion-2-1-base", "tokenizer"))),),
     # OpenCLIP's projection and logit scale: diffusers' SD 2.x text encoder uses
     # neither (its output is the penultimate block's, through ln_final). The
     # last resblock, which diffusers drops too, is ignored by the reader.
@@ -137,8 +172,11 @@ SD2 = Family(
 
 SDXL = Family(
     name="sdxl", title="SDXL",
-    text=(TextSlot("text_encoder", "conditioner.embedders.0.transformer.", "clip"),
-          TextSlot("text_encoder_2", "conditioner.embedders.1.model.", "openclip")),
+    text=(TextSlot("text_encoder", "conditioner.embedders.0.transformer.", "clip", (
+              HubTokenizer(_SDXL_REPO, "tokenizer"), HubTokenizer(_CLIP_L))),
+          TextSlot("text_encoder_2", "conditioner.embedders.1.model.", "openclip", (
+              HubTokenizer(_SDXL_REPO, "tokenizer_2"),
+              HubTokenizer("laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", pad_token="!")))),
     ignored=("conditioner.embedders.0.transformer.text_model.embeddings.position_ids",
              "conditioner.embedders.1.model.logit_scale"),
     configs={

@@ -16,85 +16,126 @@ The LDM UNet numbers its blocks flat instead of nesting them:
   -> ``skip_connection``. Transformers keep diffusers' names.
 
 Keys here carry no prefix (the single file adds ``model.diffusion_model.``).
+``ldm_blocks`` (the numbering), ``TOP`` and ``RESNET`` are the one statement of
+this layout: the single-file reader and writer, the sgm names of kohya SDXL
+LoRA files (``convert.lora``) and original-layout ControlNets
+(``convert.controlnet``) all derive from them.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ipadapter_jax.convert.ldm_plan import Rule
 from ipadapter_jax.models.unet import UNetConfig
 
-_TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-        "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-        "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+# Modules outside the numbered blocks: diffusers name -> LDM name.
+TOP = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+       "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+       "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+# A resnet's parts: diffusers name -> LDM name.
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
           "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+RESNET_FROM_LDM = {ldm: name for name, ldm in RESNET.items()}
+# A sampler's ``conv`` in the LDM layout: the downsampler's is ``op``, the upsampler's ``conv``.
+SAMPLER_CONV = {"downsampler": "op", "upsampler": "conv"}
 
-_DOWN = re.compile(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)$")
-_UP = re.compile(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)$")
-_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)$")
-_PARAM = re.compile(r"(\w+)\.(weight|bias)$")
+_BLOCK_PARAM = re.compile(r"^((?:down_blocks|up_blocks)\.\d+\.(?:resnets|attentions|downsamplers|upsamplers)\.\d+"
+                          r"|mid_block\.(?:resnets|attentions)\.\d+)\.(.+)$")
 
 
-def _resnet(rest: str) -> str | None:
-    m = _PARAM.match(rest)
-    return f"{RESNET[m.group(1)]}.{m.group(2)}" if m and m.group(1) in RESNET else None
+@functools.lru_cache(maxsize=64)
+def ldm_blocks(layers: tuple[int, ...], down_attention: tuple[bool, ...], up_attention: tuple[bool, ...] = (),
+               mid: bool = True) -> dict[str, tuple[str, str]]:
+    """The LDM UNet's numbered blocks -> (diffusers module, role), roles
+    "resnet", "attention", "downsampler", "upsampler": ``input_blocks.{i}.{0|1}``,
+    ``middle_block.{0|1|2}``, ``output_blocks.{i}.{0|1|2}``.
+
+    layers: the resnets of each down block (``layers_per_block``);
+    down_attention / up_attention: whether each down / up block has
+    transformers; no up blocks (a ControlNet: the encoder half) number none;
+    mid: whether there is a mid block. (Returned shared: do not modify.)"""
+    n = len(layers)
+    blocks: dict[str, tuple[str, str]] = {}
+    i = 1   # input_blocks.0 is conv_in
+    for b, count in enumerate(layers):
+        for j in range(count):
+            blocks[f"input_blocks.{i}.0"] = (f"down_blocks.{b}.resnets.{j}", "resnet")
+            if down_attention[b]:
+                blocks[f"input_blocks.{i}.1"] = (f"down_blocks.{b}.attentions.{j}", "attention")
+            i += 1
+        if b < n - 1:
+            blocks[f"input_blocks.{i}.0"] = (f"down_blocks.{b}.downsamplers.0", "downsampler")
+            i += 1
+    if mid:
+        blocks.update({"middle_block.0": ("mid_block.resnets.0", "resnet"),
+                       "middle_block.1": ("mid_block.attentions.0", "attention"),
+                       "middle_block.2": ("mid_block.resnets.1", "resnet")})
+    i = 0
+    for b, (attention, count) in enumerate(zip(up_attention, layers[::-1])):
+        for j in range(count + 1):
+            blocks[f"output_blocks.{i}.0"] = (f"up_blocks.{b}.resnets.{j}", "resnet")
+            if attention:
+                blocks[f"output_blocks.{i}.1"] = (f"up_blocks.{b}.attentions.{j}", "attention")
+            if j == count and b < n - 1:   # the upsampler beside the last layer, after its transformer
+                blocks[f"output_blocks.{i}.{2 if attention else 1}"] = (f"up_blocks.{b}.upsamplers.0", "upsampler")
+            i += 1
+    return blocks
+
+
+def unet_blocks(config: UNetConfig) -> dict[str, tuple[str, str]]:
+    """``ldm_blocks`` of a UNet config."""
+    return ldm_blocks(tuple(int(n) for n in config.per_block("layers_per_block")),
+                      tuple(t.startswith("CrossAttn") for t in config.down_block_types),
+                      tuple(t.startswith("CrossAttn") for t in config.up_block_types), bool(config.mid_block_type))
+
+
+def by_module(blocks: dict[str, tuple[str, str]]) -> dict[str, tuple[str, str]]:
+    """``ldm_blocks``' map inverted: diffusers module -> (LDM block, role)."""
+    return {module: (block, role) for block, (module, role) in blocks.items()}
+
+
+def ldm_sublayer(role: str, sub: str) -> str | None:
+    """A module inside a block, diffusers name -> LDM name (None: not one of the block's)."""
+    if role == "resnet":
+        return RESNET.get(sub)
+    if role in SAMPLER_CONV:
+        return SAMPLER_CONV[role] if sub == "conv" else None
+    return sub
+
+
+def diffusers_sublayer(role: str, sub: str) -> str | None:
+    """A module inside a block, LDM name -> diffusers name (the inverse of ``ldm_sublayer``)."""
+    if role == "resnet":
+        return RESNET_FROM_LDM.get(sub)
+    if role in SAMPLER_CONV:
+        return "conv" if sub == SAMPLER_CONV[role] else None
+    return sub
+
+
+def block_param(key: str, modules: dict[str, tuple[str, str]]) -> str | None:
+    """A diffusers parameter inside a numbered block -> its LDM name, or None.
+    ``modules``: ``by_module`` of the model's blocks. Resnet and sampler parts
+    hold ``weight`` / ``bias``; names inside a transformer are kept."""
+    m = _BLOCK_PARAM.match(key)
+    if not m or m.group(1) not in modules:
+        return None
+    block, role = modules[m.group(1)]
+    if role == "attention":
+        return f"{block}.{m.group(2)}"
+    sub, _, leaf = m.group(2).rpartition(".")
+    name = ldm_sublayer(role, sub) if leaf in ("weight", "bias") else None
+    return name and f"{block}.{name}.{leaf}"
 
 
 def unet_rule(config: dict) -> Rule:
     """``rule(diffusers key) -> (LDM key, "copy", 0)`` for a UNet of this diffusers config."""
-    cfg = UNetConfig.from_dict(config, source="unet config")
-    layers = [int(n) for n in cfg.per_block("layers_per_block")]
-    n = len(layers)
-    # Each down block's layers take one index each, then its downsampler one more.
-    down_start = [1 + sum(layers[:b]) + b for b in range(n)]
-    up_layers = [count + 1 for count in reversed(layers)]
-    up_start = [sum(up_layers[:b]) for b in range(n)]
-    up_attention = [t.startswith("CrossAttn") for t in cfg.up_block_types]
-
-    def down(b: int, kind: str, j: int, rest: str) -> str | None:
-        if kind == "resnets" and j < layers[b]:
-            name = _resnet(rest)
-            return name and f"input_blocks.{down_start[b] + j}.0.{name}"
-        if kind == "attentions" and j < layers[b]:
-            return f"input_blocks.{down_start[b] + j}.1.{rest}"
-        if kind == "downsamplers" and j == 0 and b < n - 1 and rest in ("conv.weight", "conv.bias"):
-            return f"input_blocks.{down_start[b] + layers[b]}.0.op.{rest[5:]}"
-        return None
-
-    def up(b: int, kind: str, j: int, rest: str) -> str | None:
-        if kind == "resnets" and j < up_layers[b]:
-            name = _resnet(rest)
-            return name and f"output_blocks.{up_start[b] + j}.0.{name}"
-        if kind == "attentions" and j < up_layers[b]:
-            return f"output_blocks.{up_start[b] + j}.1.{rest}"
-        if kind == "upsamplers" and j == 0 and b < n - 1 and rest in ("conv.weight", "conv.bias"):
-            slot = 2 if up_attention[b] else 1
-            return f"output_blocks.{up_start[b] + up_layers[b] - 1}.{slot}.{rest}"
-        return None
-
-    def mid(kind: str, j: int, rest: str) -> str | None:
-        if kind == "resnets" and j in (0, 1):
-            name = _resnet(rest)
-            return name and f"middle_block.{2 * j}.{name}"
-        if kind == "attentions" and j == 0:
-            return f"middle_block.1.{rest}"
-        return None
+    modules = by_module(unet_blocks(UNetConfig.from_dict(config, source="unet config")))
 
     def rule(key: str):
         module, _, leaf = key.rpartition(".")
-        if module in _TOP:
-            return f"{_TOP[module]}.{leaf}", "copy", 0
-        name = None
-        if m := _DOWN.match(key):
-            b = int(m.group(1))
-            name = down(b, m.group(2), int(m.group(3)), m.group(4)) if b < n else None
-        elif m := _UP.match(key):
-            b = int(m.group(1))
-            name = up(b, m.group(2), int(m.group(3)), m.group(4)) if b < n else None
-        elif m := _MID.match(key):
-            name = mid(m.group(1), int(m.group(2)), m.group(3))
+        name = f"{TOP[module]}.{leaf}" if module in TOP else block_param(key, modules)
         return (name, "copy", 0) if name else None
 
     return rule

@@ -40,10 +40,10 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
+from ipadapter_jax.convert.ldm_unet import RESNET_FROM_LDM, TOP, diffusers_sublayer, unet_blocks
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported, require_finite
-from ipadapter_jax.io.files import read_state_dict
+from ipadapter_jax.io.files import is_safetensors, read_safetensors_header, read_state_dict
 from ipadapter_jax.io.params import to_flax_layout
 from ipadapter_jax.models.unet import UNetConfig
 
@@ -182,10 +182,9 @@ def _peft_role(component: str, rest: str) -> tuple[str, str] | None:
 
 def _peft_metadata(path: Path) -> dict[str, dict]:
     """diffusers' ``lora_adapter_metadata`` (``{"unet.lora_alpha": 8, ...}``) per component."""
-    if path.suffix != ".safetensors":
+    if not is_safetensors(path):
         return {}
-    with safe_open(str(path), framework="numpy") as f:
-        raw = (f.metadata() or {}).get(METADATA_KEY)
+    raw = read_safetensors_header(path)[1].get(METADATA_KEY)
     if not raw:
         return {}
     try:
@@ -248,64 +247,36 @@ def read_lora(path: str | os.PathLike) -> LoraFile:
     else:
         lora = _read_peft(state, path)
     for layer in lora.layers:
+        _check_shapes(layer, path)
         require_finite(f"{path}: {layer.key}", layer.down)
         require_finite(f"{path}: the up weight beside {layer.key}", layer.up)
     return lora
 
 
+def _check_shapes(layer: LoraLayer, path: Path) -> None:
+    """A low-rank pair that can be multiplied: down [r, in] or [r, in, kh, kw],
+    up [out, r] or [out, r, 1, 1], r >= 1; else an error naming the key."""
+    down, up = layer.down, layer.up
+    shapes = f"down {tuple(down.shape)} / up {tuple(up.shape)}"
+    if down.ndim not in (2, 4) or up.ndim not in (2, 4):
+        raise BadFile(f"{path}: LoRA layer {layer.key!r}: {shapes}; expected 2-D (linear) or 4-D (convolution) "
+                      "weights")
+    if down.shape[0] == 0 or up.shape[1] == 0:
+        raise BadFile(f"{path}: LoRA layer {layer.key!r} has rank 0 ({shapes}); a LoRA layer has rank >= 1")
+    if 0 in down.shape or 0 in up.shape:
+        raise BadFile(f"{path}: LoRA layer {layer.key!r}: {shapes}; a weight with a dimension of size 0")
+    if up.ndim == 4 and up.shape[2:] != (1, 1):
+        raise Unsupported(f"{path}: LoRA layer {layer.key!r} has a {up.shape[2]}x{up.shape[3]} up kernel; only 1x1 "
+                          "up projections (LoRA / LoCon) are supported")
+    if up.shape[1] != layer.rank:
+        raise Incompatible(f"{path}: LoRA layer {layer.key!r}: rank mismatch, down {tuple(down.shape)} has rank "
+                           f"{layer.rank} but up {tuple(up.shape)} expects rank {up.shape[1]}")
+
+
 # --------------------------------------------------------------------------- sgm (LDM) UNet names
 
-_RESNET_PARTS = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-                 "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
-_SGM_FIXED = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
-              "time_embed.2": "time_embedding.linear_2", "label_emb.0.0": "add_embedding.linear_1",
-              "label_emb.0.2": "add_embedding.linear_2", "out.0": "conv_norm_out", "out.2": "conv_out"}
-
-
-def sgm_unet_blocks(config: UNetConfig) -> dict[str, tuple[str, str]]:
-    """The sgm / LDM UNet's numbered blocks -> (diffusers module, role) for a
-    UNet config: ``input_blocks.{i}.{0|1}``, ``middle_block.{0|1|2}``,
-    ``output_blocks.{i}.{0|1|2}``; roles "resnet", "attention",
-    "downsampler" (sgm ``op``), "upsampler" (sgm ``conv``)."""
-    n = len(config.down_block_types)
-    per_block = config.per_block("layers_per_block")
-    blocks: dict[str, tuple[str, str]] = {}
-    i = 1
-    for b, kind in enumerate(config.down_block_types):
-        for j in range(per_block[b]):
-            blocks[f"input_blocks.{i}.0"] = (f"down_blocks.{b}.resnets.{j}", "resnet")
-            if kind.startswith("CrossAttn"):
-                blocks[f"input_blocks.{i}.1"] = (f"down_blocks.{b}.attentions.{j}", "attention")
-            i += 1
-        if b < n - 1:
-            blocks[f"input_blocks.{i}.0"] = (f"down_blocks.{b}.downsamplers.0", "downsampler")
-            i += 1
-    if config.mid_block_type:
-        blocks.update({"middle_block.0": ("mid_block.resnets.0", "resnet"),
-                       "middle_block.1": ("mid_block.attentions.0", "attention"),
-                       "middle_block.2": ("mid_block.resnets.1", "resnet")})
-    i = 0
-    for b, (kind, layers) in enumerate(zip(config.up_block_types, per_block[::-1])):
-        attention = kind.startswith("CrossAttn")
-        for j in range(layers + 1):
-            blocks[f"output_blocks.{i}.0"] = (f"up_blocks.{b}.resnets.{j}", "resnet")
-            if attention:
-                blocks[f"output_blocks.{i}.1"] = (f"up_blocks.{b}.attentions.{j}", "attention")
-            if j == layers and b < n - 1:
-                blocks[f"output_blocks.{i}.{2 if attention else 1}"] = (f"up_blocks.{b}.upsamplers.0", "upsampler")
-            i += 1
-    return blocks
-
-
-def _sublayer(role: str, rest: str) -> str | None:
-    """A block's sublayer (dotted, sgm spelling) -> diffusers spelling, None if unknown."""
-    if role == "resnet":
-        return _RESNET_PARTS.get(rest)
-    if role == "downsampler":
-        return "conv" if rest == "op" else None
-    if role == "upsampler":
-        return "conv" if rest == "conv" else None
-    return rest
+# The LDM layout (``convert.ldm_unet``) read the other way: LDM name -> diffusers name.
+_SGM_FIXED = {ldm: name for name, ldm in TOP.items()}
 
 
 def sgm_to_diffusers(path: str, config: UNetConfig) -> str | None:
@@ -313,27 +284,26 @@ def sgm_to_diffusers(path: str, config: UNetConfig) -> str | None:
     ``input_blocks.3.0.op``, ``output_blocks.2.2.conv``, ``time_embed.0``) ->
     our diffusers module path for a UNet of ``config``; None when this UNet has
     no such block."""
-    for sgm, ours in _SGM_FIXED.items():
-        if path == sgm:
-            return ours
-    blocks = sgm_unet_blocks(config)
+    if path in _SGM_FIXED:
+        return _SGM_FIXED[path]
+    blocks = unet_blocks(config)
     match = re.match(r"^(input_blocks\.\d+\.\d+|middle_block\.\d+|output_blocks\.\d+\.\d+)\.(.+)$", path)
     if not match or match.group(1) not in blocks:
         return None
     prefix, role = blocks[match.group(1)]
-    sub = _sublayer(role, match.group(2))
+    sub = diffusers_sublayer(role, match.group(2))
     return None if sub is None else f"{prefix}.{sub}"
 
 
 _KOHYA_SGM = re.compile(r"^(?:(input_blocks|output_blocks)_(\d+)_(\d+)|(middle_block)_(\d+))_(.+)$")
 _KOHYA_SGM_FIXED = {k.replace(".", "_"): v for k, v in _SGM_FIXED.items()}
-_KOHYA_RESNET = {k.replace(".", "_"): k for k in _RESNET_PARTS}
+_KOHYA_RESNET = {k.replace(".", "_"): k for k in RESNET_FROM_LDM}
 
 
 def _kohya_sgm_name(name: str, blocks: dict[str, tuple[str, str]]) -> str | None:
     """A kohya SDXL UNet name (sgm path with ``_``) -> the diffusers module path
     with ``_`` (looked up like SD 1.x names), None when this UNet has no such block.
-    ``blocks``: ``sgm_unet_blocks`` of the UNet's config."""
+    ``blocks``: ``unet_blocks`` of the UNet's config."""
     if name in _KOHYA_SGM_FIXED:
         return _KOHYA_SGM_FIXED[name].replace(".", "_")
     match = _KOHYA_SGM.match(name)
@@ -343,7 +313,7 @@ def _kohya_sgm_name(name: str, blocks: dict[str, tuple[str, str]]) -> str | None
     prefix, role = blocks.get(f"{kind}.{i}.{j}" if kind else f"{middle}.{m}", (None, None))
     if prefix is None:
         return None
-    sub = _sublayer(role, _KOHYA_RESNET.get(rest, rest) if role == "resnet" else rest)
+    sub = diffusers_sublayer(role, _KOHYA_RESNET.get(rest, rest) if role == "resnet" else rest)
     return None if sub is None else f"{prefix}.{sub}".replace(".", "_")
 
 
@@ -391,17 +361,9 @@ def _torch_shape(shape: tuple) -> tuple:
 
 def _delta(layer: LoraLayer, target: tuple, path: Path) -> np.ndarray:
     """``up @ down * alpha / rank`` in the target's torch layout (1x1 conv <-> linear
-    reshaped), or an ``Incompatible`` naming the layer and both shapes."""
+    reshaped), or an ``Incompatible`` naming the layer and both shapes. The
+    pair's own shapes were checked when the file was read (``_check_shapes``)."""
     down, up = layer.down, layer.up
-    if down.ndim not in (2, 4) or up.ndim not in (2, 4):
-        raise BadFile(f"{path}: LoRA layer {layer.key!r}: down {down.shape} / up {up.shape}; expected 2-D "
-                      "(linear) or 4-D (convolution) weights")
-    if up.ndim == 4 and up.shape[2:] != (1, 1):
-        raise Unsupported(f"{path}: LoRA layer {layer.key!r} has a {up.shape[2]}x{up.shape[3]} up kernel; only 1x1 "
-                          "up projections (LoRA / LoCon) are supported")
-    if up.shape[1] != layer.rank:
-        raise Incompatible(f"{path}: LoRA layer {layer.key!r}: rank mismatch, down {tuple(down.shape)} has rank "
-                           f"{layer.rank} but up {tuple(up.shape)} expects rank {up.shape[1]}")
     delta = up.reshape(up.shape[0], layer.rank).astype(np.float64) @ down.reshape(layer.rank, -1).astype(np.float64)
     delta = (delta * layer.scaling()).reshape((up.shape[0],) + tuple(down.shape[1:]))
     if delta.shape != target and delta.shape[:2] == target[:2] and {delta.shape[2:], target[2:]} <= {(), (1, 1)}:
@@ -471,7 +433,7 @@ def _plan(lora: LoraFile, models: dict, *, lenient: bool) -> tuple[list, list[st
     error; ``lenient`` turns "the model lacks this layer" into a skip."""
     targets = {c: _Targets(m) for c, m in models.items() if m is not None}
     unet = models.get("unet")
-    blocks = sgm_unet_blocks(unet.config) if unet is not None else {}
+    blocks = unet_blocks(unet.config) if unet is not None else {}
     plan, missing, errors = [], [], []
     for layer in lora.layers:
         found = targets[layer.component].find(layer, lora.format, blocks) if layer.component in targets else None

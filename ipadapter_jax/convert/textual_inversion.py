@@ -4,9 +4,10 @@ encoder's token-embedding matrix, usable in prompts and negative prompts.
 File formats (told apart by their keys):
 
 * A1111 ``.pt``: ``{"string_to_param": {"*": [n, d]}, "name": ..., "step": ...}``,
-  read with ``torch.load(weights_only=True)`` (dicts, strings, numbers and
-  tensors load; a pickle holding code or other objects, such as the original
-  ``textual_inversion`` repo's ``ParameterDict``, is refused);
+  read with ``torch.load(weights_only=True)`` (``io.files.read_torch_pickle``:
+  dicts, strings, numbers and tensors load; a pickle holding code or other
+  objects, such as the original ``textual_inversion`` repo's ``ParameterDict``,
+  is refused);
 * A1111 ``.safetensors``: ``{"emb_params": [n, d]}``;
 * diffusers' ``learned_embeds.safetensors`` / ``.bin``: ``{token: [d] or [n, d]}``;
 * SDXL: ``{"clip_l": [n, 768], "clip_g": [n, 1280]}``, one embedding per text encoder.
@@ -30,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, require_finite
-from ipadapter_jax.io.files import read_state_dict
+from ipadapter_jax.io.files import is_safetensors, is_torch_pickle, read_state_dict, read_torch_pickle
 
 # The pipelines' (text encoder, tokenizer) attribute pairs, in order.
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -84,45 +85,18 @@ class TextualInversionTokenizer:
 
 # --------------------------------------------------------------------------- reading
 
-def _torch_load(path: Path):
-    """A weights-only torch pickle -> nested dicts / numpy arrays / plain values."""
-    try:
-        import torch
-    except ImportError:
-        raise ImportError(f"{path} is a PyTorch pickle; reading it needs torch (pip install "
-                          "'ipadapter-jax[torch]'), or convert it to .safetensors") from None
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt / unsafe pickles
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()
-                      and not line.strip().startswith(("Weights only load failed", "Please file", "Check the"))),
-                     type(e).__name__)
-        raise BadFile(f"{path} could not be read as a weights-only torch file (a corrupt or truncated file, or a "
-                      "pickle holding code or objects other than tensors, dicts, numbers and strings, e.g. the "
-                      "original textual_inversion repo's ParameterDict, which is refused: convert trusted files "
-                      f"to .safetensors): {first}") from None
-
-    def convert(value):
-        if isinstance(value, torch.Tensor):   # numpy has no bfloat16: widened, other dtypes kept
-            value = value.detach()
-            return (value.float() if value.dtype == torch.bfloat16 else value).numpy()
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        return value
-
-    return convert(obj)
-
-
 def _read_raw(path: Path):
+    """The file's content: nested dicts / numpy arrays / plain values (A1111
+    ``.pt`` files keep names and step counts beside the vectors)."""
     if path.is_dir():
         raise BadFile(f"{path} is a folder; expected an embedding file (.safetensors, .pt or .bin)")
     if not path.is_file():
         raise MissingFile(f"embedding file not found: {path}")
-    if path.suffix in (".pt", ".bin", ".pth", ".ckpt"):
+    if is_torch_pickle(path):
         if path.stat().st_size == 0:
             raise BadFile(f"{path} is empty (0 bytes); expected an embedding file")
-        return _torch_load(path)
-    if path.suffix == ".safetensors":
+        return read_torch_pickle(path, flatten=False)
+    if is_safetensors(path):
         return read_state_dict(path)
     raise BadFile(f"{path}: unknown embedding format {path.suffix!r}; expected .safetensors, .pt or .bin")
 

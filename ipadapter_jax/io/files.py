@@ -1,6 +1,7 @@
 """Reading and writing checkpoint files: diffusers/transformers model folders,
-``.safetensors`` (no torch needed) and ``.bin`` pickles (``torch.load`` with
-``weights_only=True``, only when torch is installed).
+``.safetensors`` (no torch needed) and PyTorch pickles (``.bin`` / ``.pt`` /
+``.pth`` / ``.ckpt``: ``torch.load`` with ``weights_only=True``, only when
+torch is installed; ``read_torch_pickle`` is the one reader of them).
 
 Everything is returned as float32-castable numpy arrays keyed by the torch
 parameter name; nothing here knows about Flax.
@@ -11,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from ipadapter_jax.io.errors import BadFile, MissingFile
+from ipadapter_jax.io.errors import BadFile, MissingFile, Unsupported
 
 
 class CheckpointError(BadFile):
@@ -147,47 +149,138 @@ def _read_raw_tensor(path: Path, key: str) -> np.ndarray:
     return np.frombuffer(buf, dtype=getattr(ml_dtypes, name)).reshape(entry["shape"])
 
 
-def _read_bin(path: Path) -> dict[str, np.ndarray]:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TORCH_PIN = "torch==2.13.0"
+
+
+class TorchRequired(Unsupported, ImportError):
+    """A PyTorch pickle was given but torch is not installed (also an
+    ``ImportError``, what callers caught before this class)."""
+
+
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """A ``.safetensors`` name (any case: ``.SAFETENSORS`` too)."""
+    return Path(path).suffix.lower() == ".safetensors"
+
+
+def is_torch_pickle(path: str | os.PathLike) -> bool:
+    """A PyTorch pickle's name: ``.bin``, ``.pt``, ``.pth``, ``.ckpt`` (any case)."""
+    return Path(path).suffix.lower() in PICKLE_SUFFIXES
+
+
+def read_torch_pickle(path: str | os.PathLike, *, flatten: bool = True, keep_values: bool = False):
+    """A PyTorch pickle (``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt``) through
+    ``torch.load(weights_only=True)``, which refuses pickles that carry code.
+    Tensors come back as numpy arrays (bfloat16 as ml_dtypes' bfloat16, bit for bit).
+
+    flatten: the file must hold a dict; nested dicts are joined with ``.``
+      (``{"image_proj": {"proj.weight": t}}`` -> ``image_proj.proj.weight``).
+      Without it the object is returned as stored, nesting, lists and plain
+      values (names, step counts) kept.
+    keep_values: with ``flatten``, keep entries that are not tensors (a training
+      checkpoint's ``global_step``) as they are, instead of refusing them.
+
+    Raises ``TorchRequired`` naming the file when torch is not installed, and
+    ``CheckpointError`` (a ``BadFile``) naming it for a corrupt file or a pickle
+    that carries code or objects other than tensors, containers, numbers and strings."""
+    path = Path(path)
     try:
         import torch
     except ImportError:
-        raise ImportError(f"{path} is a PyTorch pickle (.bin); reading it needs torch "
-                          "(pip install 'ipadapter-jax[torch]'), or convert it to .safetensors") from None
+        raise TorchRequired(f"{path} is a PyTorch pickle ({path.suffix}); reading it needs torch, which is not "
+                            f"installed: pip install {TORCH_PIN} (or the package's torch extra: pip install "
+                            "'ipadapter-jax[torch]'), or convert the file to .safetensors") from None
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for corrupt/unsafe pickles
-        raise CheckpointError(f"{path} could not be read as a weights-only torch checkpoint (a corrupt or "
-                              "truncated file, or a pickle holding code or objects other than tensors, which "
-                              f"is refused: convert trusted files to .safetensors): {_torch_problem(e)}") from None
+    except Exception as e:  # torch raises several types for corrupt, truncated or unsafe pickles
+        raise CheckpointError(_refusal(path, e)) from None
+    obj = _to_numpy(obj)
+    if not flatten:
+        return obj
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
-    return _flatten_torch(obj, str(path))
+    return flatten_state_dict(obj, str(path), keep_values=keep_values)
 
 
-def _torch_problem(e: Exception) -> str:
-    """The informative part of a ``torch.load`` error: without the advice to retry
-    with ``weights_only=False`` (which would run the code a malicious file holds)."""
-    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [line.strip() for line in str(e).splitlines()
-             if line.strip() and not line.strip().startswith(boilerplate)]
-    return " ".join(lines) or type(e).__name__
+def _refusal(path: Path, e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file: code (a GLOBAL the
+    weights-only unpickler blocks) or a damaged file; without torch's advice to
+    retry with ``weights_only=False`` (which would run the code a malicious file holds)."""
+    text = str(e)
+    code = re.search(r"GLOBAL\s+([\w.]+)", text)
+    if code:
+        return (f"{path} could not be read as a weights-only torch file: it is a pickle carrying code or objects "
+                "other than tensors, containers, numbers and strings (unsupported GLOBAL "
+                f"{code.group(1)}), which is refused; convert files you trust to .safetensors")
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "(1)", "(2)")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith(boilerplate)]
+    detail = " ".join(lines) or type(e).__name__
+    return (f"{path} could not be read as a weights-only torch file: a corrupt or truncated file, or not a "
+            f"PyTorch checkpoint ({_short(detail, 300)})")
 
 
-def _flatten_torch(obj: dict, source: str, prefix: str = "") -> dict[str, np.ndarray]:
+def _to_numpy(value):
+    """Tensors (``nn.Parameter`` too) -> numpy, inside dicts / lists / tuples; other values as they are."""
     import torch
 
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        if tensor.dtype == torch.bfloat16:   # numpy has no bfloat16: the same bits as ml_dtypes'
+            import ml_dtypes
+
+            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return tensor.numpy()
+    if isinstance(value, dict):
+        return {k: _to_numpy(v) for k, v in value.items()}
+    if type(value) in (list, tuple):   # (not torch.Size, a tuple of ints)
+        return type(value)(_to_numpy(v) for v in value)
+    return value
+
+
+def flatten_state_dict(obj: dict, source: str, *, keep_values: bool = False, prefix: str = "") -> dict:
+    """Nested dicts -> one dict with ``.``-joined keys; a leaf that is not an
+    array is refused naming it (kept as it is with ``keep_values``)."""
     out = {}
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            out.update(_flatten_torch(value, source, name + "."))
-        elif isinstance(value, torch.Tensor):
-            if value.dtype == torch.bfloat16:
-                value = value.float()
-            out[name] = value.numpy()
+            out.update(flatten_state_dict(value, source, keep_values=keep_values, prefix=name + "."))
+        elif isinstance(value, np.ndarray) or keep_values:
+            out[name] = value
         else:
             raise CheckpointError(f"{source}: entry {name!r} is a {type(value).__name__}, expected a tensor")
     return out
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple], dict[str, str]]:
+    """A ``.safetensors`` file's tensor shapes and ``__metadata__`` from its
+    header alone (no tensor data: a 7 GB file is read in milliseconds); a
+    corrupt or truncated file is an error naming it."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file, or is truncated: its header claims {n} bytes "
+                                  f"of a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (corrupt header: {e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    shapes, end = {}, 0
+    for key, entry in header.items():
+        try:
+            shapes[key] = tuple(int(d) for d in entry["shape"])
+            end = max(end, int(entry["data_offsets"][1]))
+        except (TypeError, KeyError, IndexError, ValueError):
+            raise CheckpointError(f"{path}: malformed safetensors header entry {key!r}") from None
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}")
+    return shapes, metadata if isinstance(metadata, dict) else {}
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -201,11 +294,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise MissingFile(f"weights file not found: {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty (0 bytes); expected a .safetensors or .bin weights file")
-    if path.suffix == ".safetensors":
+    if is_safetensors(path):
         return _read_safetensors(path)
-    if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
-        return _read_bin(path)
-    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors or .bin")
+    if is_torch_pickle(path):
+        return read_torch_pickle(path)
+    raise CheckpointError(f"{path}: unknown weights format {path.suffix!r}; expected .safetensors, or a PyTorch "
+                          "pickle (.bin, .pt, .pth, .ckpt)")
 
 
 def read_npy(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
