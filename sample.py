@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
                                    "scheduler/), SD 1.x/2.x or SDXL (model_index.json says which), or a single-file "
                                    "checkpoint (.safetensors / .ckpt in the LDM layout of AUTOMATIC1111, ComfyUI and "
-                                   "civitai; the family is detected from its keys; needs --model-config); without "
+                                   "civitai; the family is detected from its keys; tokenizers from --model-config or the "
+                                   "local Hugging Face cache); without "
                                    "it, the embedded demo model")
     p.add_argument("--demo", action="store_true",
                    help="use the embedded demo model, its adapter, image encoder and reference image (the default "
@@ -263,7 +264,8 @@ def _add_community_args(p) -> None:
         "own); --lora and --embedding work with any model")
     g.add_argument("--model-config", metavar="DIR",
                    help="with --model FILE: a diffusers folder of the file's family (SD 1.x, 2.x or SDXL); its "
-                        "tokenizers (a single file has none) and configs are used, not its weights")
+                        "tokenizers (a single file has none) and configs are used, not its weights; without it, "
+                        "the family's tokenizers from the local Hugging Face cache (never downloaded)")
     ema = g.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=None,
                      help="with --model FILE: the UNet's EMA weights (model_ema.*)")
