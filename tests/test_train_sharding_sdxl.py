@@ -1,8 +1,8 @@
 """The SDXL training step (cached text: context, pooled embedding, per-image
-time ids) on meshes of 8 virtual CPU devices, 8x1 (data) and 4x2 (data x
-fsdp, the frozen UNet's kernels sharded by ``configs/sdxl_ip_adapter.py``'s
-rules), gives the loss and updated adapter parameters of 1 device
-(relative 1e-5)."""
+time ids) on a 4x2 mesh of 8 virtual CPU devices (data x fsdp, the frozen
+UNet's kernels sharded by ``configs/sdxl_ip_adapter.py``'s rules) gives the
+loss and updated adapter parameters of 1 device (relative 1e-5). (The pure
+data-parallel 8x1 mesh is covered for SD 1.5 in test_train_sharding.py.)"""
 
 from __future__ import annotations
 
@@ -47,8 +47,7 @@ batch = {{"latents": rng.standard_normal((8, 8, 8, 4), dtype=np.float32),
          "empty_text": np.zeros((7, c), np.float32), "empty_pooled": np.zeros((pooled,), np.float32)}}
 rules = [(pattern, P(*spec)) for pattern, spec in sdxl_ip_adapter.get_config().sharding_rules]
 results = {{}}
-for name, mesh in [("1", sharding.make_mesh(1, 1, devices=jax.devices()[:1])),
-                   ("8x1", sharding.make_mesh(8, 1)), ("4x2", sharding.make_mesh(4, 2))]:
+for name, mesh in [("1", sharding.make_mesh(1, 1, devices=jax.devices()[:1])), ("4x2", sharding.make_mesh(4, 2))]:
     put = lambda tree: jax.device_put(tree, sharding.param_shardings(tree, mesh, rules))
     t, f = put(trainable), put(frozen)
     o = put(trainer.init_optimizer(t))
@@ -79,7 +78,7 @@ def test_sdxl_meshes_match_one_device(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     res = json.loads(out.read_text())
-    for name in ("8x1", "4x2"):
+    for name in ("4x2",):
         assert abs(res[name]["loss"] - res["1"]["loss"]) / abs(res["1"]["loss"]) <= 1e-5, name
         for a, b in zip(res[name]["params"], res["1"]["params"], strict=True):
             a, b = np.asarray(a), np.asarray(b)
