@@ -8,11 +8,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 from jax import lax
 
-from helpers import rel_err
-from ipadapter_jax.models import layers, winograd
+from helpers import nchw, nhwc, rel_err
+from ipadapter_jax.models import AutoencoderKL, UNet2DConditionModel, layers, winograd
+from test_unet import CONFIGS as UNET_CONFIGS
+from test_vae import CONFIG as VAE_CONFIG
 
 
 def lax_conv(x, k, padding):
@@ -105,3 +108,49 @@ def test_other_backends_keep_the_native_convolution(monkeypatch):
     monkeypatch.setattr(nnx.Conv, "__call__", lambda self, x: calls.append(x.shape) or x)
     m(x)
     assert calls == [(2, 40, 40, 8)]
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """A small SD1.5-like UNet and a small VAE (the parity tests' configs), saved, with
+    diffusers' outputs: UNet at 2 x 16 x 16 latents, VAE decode of 1 x 12 x 12 latents."""
+    from diffusers import AutoencoderKL as TorchVAE
+    from diffusers import UNet2DConditionModel as TorchUNet
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    unet, vae = TorchUNet(**UNET_CONFIGS["sd15_like"]).eval(), TorchVAE(**VAE_CONFIG).eval()
+    folder = tmp_path_factory.mktemp("winograd")
+    unet.save_pretrained(folder / "unet")
+    vae.save_pretrained(folder / "vae")
+    x = rng.standard_normal((2, 16, 16, 4), dtype=np.float32)
+    context = rng.standard_normal((2, 7, 24), dtype=np.float32)
+    t = np.array([3, 917])
+    z = rng.standard_normal((1, 12, 12, 4), dtype=np.float32)
+    with torch.no_grad():
+        unet_out = nhwc(unet(nchw(x), torch.from_numpy(t), torch.from_numpy(context)).sample)
+        vae_out = nhwc(vae.decode(nchw(z)).sample)
+    return folder, (x, t, context), unet_out, z, vae_out
+
+
+@pytest.mark.parametrize("tile", winograd.TILES)
+def test_models_keep_parity_with_every_3x3_convolution_on_winograd(monkeypatch, references, tile):
+    """The UNet and VAE parity bound (1e-5 against diffusers) holds with every 3x3 stride-1
+    convolution forced onto F(tile x tile), at any size, beyond what CPU_CONV_TABLE picks."""
+    folder, unet_args, unet_out, z, vae_out = references
+    path = f"winograd{tile}"
+    monkeypatch.setattr(layers, "CPU_CONV_TABLE", ((0, 1, 1, path),))
+    traced = []
+    run = layers.CONV_PATHS[path]
+    monkeypatch.setitem(layers.CONV_PATHS, path, lambda *a: traced.append(a[1].shape) or run(*a))
+
+    def jitted(model, method):
+        graphdef, state = nnx.split(model)
+        return jax.jit(lambda s, *a: method(nnx.merge(graphdef, s), *a)), state
+
+    forward, state = jitted(UNet2DConditionModel.from_pretrained(folder / "unet"), lambda m, *a: m(*a))
+    assert rel_err(forward(state, *unet_args), unet_out) <= 1e-5
+    n_unet = len(traced)
+    decode, state = jitted(AutoencoderKL.from_pretrained(folder / "vae"), lambda m, z: m.decode(z))
+    assert rel_err(decode(state, z), vae_out) <= 1e-5
+    assert n_unet >= 20 and len(traced) - n_unet >= 10          # the convolutions did take the path
