@@ -75,8 +75,8 @@ def jax_calls(shape, grad: bool):
 def torch_call(shape, grad: bool, x, k):
     import torch
 
-    xt = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
-    wt = torch.from_numpy(np.asarray(k)).permute(3, 2, 0, 1).contiguous()
+    xt = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).contiguous()
+    wt = torch.from_numpy(np.array(k)).permute(3, 2, 0, 1).contiguous()
     if grad:
         xt.requires_grad_(True)
         wt.requires_grad_(True)
