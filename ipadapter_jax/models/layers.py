@@ -82,11 +82,13 @@ IM2COL_MAX_ROWS = 512
 
 # Winograd for 3x3 stride-1 float32 convolutions on CPU, first matching row wins:
 # (fewest rows = batch x output pixels, fewest C_in, fewest C_out, path). Measured per shape
-# with bench/conv.py (BENCHMARKS.md, "3x3 convolutions on CPU"): F(4x4) wins from 2 x 32 x 32
-# up (0.5-0.7x XLA's time), F(2x2) between 512 and 2048 rows where F(4x4)'s 2.25x larger
-# transformed kernel costs more than its fewer multiplies save; at <= 256 rows, and for the
-# few-channel convolutions (4 -> 320, 128 -> 3), Winograd loses. A shape no row matches takes
-# im2col up to IM2COL_MAX_ROWS, XLA's convolution above.
+# with bench/conv.py (BENCHMARKS.md, "3x3 convolutions on CPU"): F(4x4) from 2 x 32 x 32 up
+# (0.35-0.66x XLA's time at >= 256 channels); F(2x2) between 513 and 2047 rows, where the two
+# tile sizes were within noise and F(2x2) rounds as XLA does, and at SD's 16 x 16 batch-2
+# level with >= 1280 channels (0.75-0.94x im2col). At <= 256 rows the per-call kernel
+# transform costs more than Winograd saves, and the few-channel convolutions (4 -> 320,
+# 128 -> 3) are faster on XLA. A shape no row matches takes im2col up to IM2COL_MAX_ROWS,
+# XLA's convolution above.
 CPU_CONV_TABLE: tuple[tuple[int, int, int, str], ...] = (
     (2048, 32, 32, "winograd4"),
     (513, 128, 128, "winograd2"),
@@ -124,7 +126,7 @@ class Conv(nnx.Conv):
             return super().__call__(inputs)
         kh, kw = self.kernel_size
         (pt, pb), (pl, pr) = padding
-        b, h, w, c = inputs.shape
+        b, h, w, _ = inputs.shape
         rows = b * ((h + pt + pb - kh) // strides[0] + 1) * ((w + pl + pr - kw) // strides[1] + 1)
         dtype = self.dtype or inputs.dtype
         path = cpu_conv_path(self.kernel.shape, strides, rows, dtype)
