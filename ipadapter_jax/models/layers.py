@@ -15,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.models import winograd
 
 Dtype = Any
 
@@ -42,6 +44,35 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
                 rngs=rngs)
 
 
+def conv_xla(x: jax.Array, kernel: jax.Array, strides: tuple, padding) -> jax.Array:
+    """XLA's own convolution (what ``nnx.Conv`` calls): NHWC input, HWIO kernel."""
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple, padding) -> jax.Array:
+    """The same convolution as one matmul over the kh x kw shifted copies of the input."""
+    kh, kw, c, _ = kernel.shape
+    (pt, pb), (pl, pr) = padding
+    b, h, w, _ = x.shape
+    out_h = (h + pt + pb - kh) // strides[0] + 1
+    out_w = (w + pl + pr - kw) // strides[1] + 1
+    x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    cols = [x[:, i:i + strides[0] * (out_h - 1) + 1:strides[0], j:j + strides[1] * (out_w - 1) + 1:strides[1]]
+            for i in range(kh) for j in range(kw)]
+    y = jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)
+    return y.reshape(b, out_h, out_w, -1)
+
+
+def _winograd(tile: int):
+    def conv_winograd(x: jax.Array, kernel: jax.Array, strides: tuple, padding) -> jax.Array:
+        return winograd.conv(x, kernel, tile=tile, padding=padding)
+    return conv_winograd
+
+
+# The CPU convolution paths by name; each computes conv_xla's function up to float rounding.
+# Winograd is 3x3 stride 1 only.
+CONV_PATHS = {"xla": conv_xla, "im2col": conv_im2col, "winograd2": _winograd(2), "winograd4": _winograd(4)}
+
 # Largest matmul row count (batch x output pixels) for which a CPU convolution runs as
 # im2col + one matmul. XLA:CPU's convolution is slow at small spatial sizes (SD's
 # 1280-channel 3x3 at 8x8), forward and even more so with the input gradient, so im2col
@@ -49,33 +80,59 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, stride: int =
 # in BENCHMARKS.md ("Where the performance goals landed", the CPU convolution paragraph).
 IM2COL_MAX_ROWS = 512
 
+# Winograd for 3x3 stride-1 float32 convolutions on CPU, first matching row wins:
+# (fewest rows = batch x output pixels, fewest C_in, fewest C_out, path). Measured per shape
+# with bench/conv.py (BENCHMARKS.md, "3x3 convolutions on CPU"): F(4x4) from 2 x 32 x 32 up
+# (0.35-0.66x XLA's time at >= 256 channels); F(2x2) between 513 and 2047 rows, where the two
+# tile sizes were within noise and F(2x2) rounds as XLA does, and at SD's 16 x 16 batch-2
+# level with >= 1280 channels (0.75-0.94x im2col). At <= 256 rows the per-call kernel
+# transform costs more than Winograd saves, and the few-channel convolutions (4 -> 320,
+# 128 -> 3) are faster on XLA. A shape no row matches takes im2col up to IM2COL_MAX_ROWS,
+# XLA's convolution above.
+CPU_CONV_TABLE: tuple[tuple[int, int, int, str], ...] = (
+    (2048, 32, 32, "winograd4"),
+    (513, 128, 128, "winograd2"),
+    (512, 1280, 1280, "winograd2"),
+)
+
+
+def cpu_conv_path(kernel_shape: tuple, strides: tuple, rows: int, dtype) -> str:
+    """Which of CONV_PATHS computes a CPU convolution with this HWIO ``kernel_shape``,
+    ``strides``, ``rows`` = batch x output pixels and compute ``dtype``.
+    The one place the choice is made (float32 only for Winograd: its rounding was
+    measured there)."""
+    kh, kw, cin, cout = kernel_shape
+    if (kh, kw) == (1, 1):
+        return "xla"                       # already a matmul to XLA
+    if (kh, kw) == (3, 3) and tuple(strides) == (1, 1) and jnp.dtype(dtype) == jnp.float32:
+        for min_rows, min_in, min_out, path in CPU_CONV_TABLE:
+            if rows >= min_rows and cin >= min_in and cout >= min_out:
+                return path
+    return "im2col" if rows <= IM2COL_MAX_ROWS else "xla"
+
 
 class Conv(nnx.Conv):
-    """``nnx.Conv`` (same parameters) that, on CPU, computes small-spatial
-    convolutions as im2col + one matmul: the same function, up to float rounding."""
+    """``nnx.Conv`` (same parameters) that, on CPU, computes the convolution by the path
+    ``cpu_conv_path`` picks (im2col, Winograd or XLA's): the same function, up to float
+    rounding. Other backends keep their native convolution (cuDNN, XLA:TPU)."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        kh, kw = self.kernel_size
         strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides or (1, 1))
         padding = self.padding
         dilated = any(d is not None and any(v != 1 for v in np.atleast_1d(d))
                       for d in (self.kernel_dilation, self.input_dilation))
-        if (jax.default_backend() != "cpu" or inputs.ndim != 4 or (kh, kw) == (1, 1) or self.feature_group_count != 1
+        if (jax.default_backend() != "cpu" or inputs.ndim != 4 or self.feature_group_count != 1
                 or not isinstance(padding, (tuple, list)) or dilated):
             return super().__call__(inputs)
+        kh, kw = self.kernel_size
         (pt, pb), (pl, pr) = padding
-        b, h, w, c = inputs.shape
-        out_h = (h + pt + pb - kh) // strides[0] + 1
-        out_w = (w + pl + pr - kw) // strides[1] + 1
-        if b * out_h * out_w > IM2COL_MAX_ROWS:
-            return super().__call__(inputs)
+        b, h, w, _ = inputs.shape
+        rows = b * ((h + pt + pb - kh) // strides[0] + 1) * ((w + pl + pr - kw) // strides[1] + 1)
         dtype = self.dtype or inputs.dtype
-        kernel = self.kernel[...].astype(dtype)
-        x = jnp.pad(inputs.astype(dtype), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-        cols = [x[:, i:i + strides[0] * (out_h - 1) + 1:strides[0], j:j + strides[1] * (out_w - 1) + 1:strides[1]]
-                for i in range(kh) for j in range(kw)]
-        y = jnp.concatenate(cols, axis=-1).reshape(-1, kh * kw * c) @ kernel.reshape(kh * kw * c, -1)
-        y = y.reshape(b, out_h, out_w, -1)
+        path = cpu_conv_path(self.kernel.shape, strides, rows, dtype)
+        if path == "xla":
+            return super().__call__(inputs)
+        y = CONV_PATHS[path](inputs.astype(dtype), self.kernel[...].astype(dtype), strides, padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
