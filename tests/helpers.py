@@ -19,6 +19,18 @@ def rel_err(actual, expected) -> float:
     return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
 
 
+def saved_diffusers(tmp_path_factory, name: str, class_name: str, config: dict, *, seed: int = 0):
+    """A random diffusers ``class_name(**config)`` (seeded) saved to a fresh temp folder
+    ``name``, the way users' model folders look; returns the folder."""
+    import diffusers
+    import torch
+
+    torch.manual_seed(seed)
+    folder = tmp_path_factory.mktemp(name)
+    getattr(diffusers, class_name)(**config).save_pretrained(folder)
+    return folder
+
+
 def nchw(x: np.ndarray):
     """NHWC numpy -> NCHW torch tensor."""
     import torch

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from helpers import rel_err
+from helpers import rel_err, saved_diffusers
 from ipadapter_jax.convert import CheckpointError, read_state_dict
 from ipadapter_jax.models import AutoencoderKL, UNet2DConditionModel
 
@@ -27,22 +27,12 @@ WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 @pytest.fixture(scope="module")
 def unet_folder(tmp_path_factory):
-    from diffusers import UNet2DConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("unet")
-    TorchUNet(**UNET).save_pretrained(folder)
-    return folder
+    return saved_diffusers(tmp_path_factory, "unet", "UNet2DConditionModel", UNET)
 
 
 @pytest.fixture(scope="module")
 def vae_folder(tmp_path_factory):
-    from diffusers import AutoencoderKL as TorchVAE
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("vae")
-    TorchVAE(**VAE).save_pretrained(folder)
-    return folder
+    return saved_diffusers(tmp_path_factory, "vae", "AutoencoderKL", VAE)
 
 
 def copy_folder(src, dst, state=None, config=None):

@@ -9,7 +9,7 @@ import torch
 from safetensors.numpy import save_file
 
 import ipadapter_fixtures as fx
-from helpers import nchw, nhwc, rel_err
+from helpers import nchw, nhwc, rel_err, saved_diffusers
 from ipadapter_jax import adapters
 from ipadapter_jax.convert.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
@@ -20,12 +20,7 @@ B, HW, SEQ = 2, 8, 5
 
 @pytest.fixture(scope="module")
 def unet_folder(tmp_path_factory):
-    from diffusers import UNet2DConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("unet")
-    TorchUNet(**fx.UNET).save_pretrained(folder)
-    return folder
+    return saved_diffusers(tmp_path_factory, "unet", "UNet2DConditionModel", fx.UNET)
 
 
 def torch_unet(folder):

@@ -28,7 +28,7 @@ import torch
 from flax import nnx
 
 import ipadapter_fixtures as fx
-from helpers import nchw, nhwc, rel_err
+from helpers import nchw, nhwc, rel_err, saved_diffusers
 from ipadapter_jax import adapters
 from ipadapter_jax.io.errors import Incompatible, MissingFile, Unsupported
 from ipadapter_jax.ip_adapter import IPAdapter, load_ip_adapter, prompt_tokens
@@ -69,12 +69,7 @@ def sd15():
 
 @pytest.fixture(scope="module")
 def small_folder(tmp_path_factory):
-    from diffusers import UNet2DConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sdxl_like_unet")
-    TorchUNet(**SDXL_LIKE).save_pretrained(folder)
-    return folder
+    return saved_diffusers(tmp_path_factory, "sdxl_like_unet", "UNet2DConditionModel", SDXL_LIKE)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 
 import ipadapter_fixtures as fx
-from helpers import nchw, nhwc, rel_err
+from helpers import nchw, nhwc, rel_err, saved_diffusers
 from ipadapter_jax import adapters
 from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
 from ipadapter_jax.io.params import AbstractRngs
@@ -92,12 +92,7 @@ def encoders(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unet_folder(tmp_path_factory):
-    from diffusers import UNet2DConditionModel as TorchUNet
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("sdxl_unet")
-    TorchUNet(**fx.SDXL_UNET).save_pretrained(folder)
-    return folder
+    return saved_diffusers(tmp_path_factory, "sdxl_unet", "UNet2DConditionModel", fx.SDXL_UNET)
 
 
 @pytest.fixture(scope="module")

@@ -483,7 +483,7 @@ def test_cli_errors_are_one_line(models, tmp_path, capsys):
     folder, file = models["sd1"]
     assert run(PROG, convert_main, ["to-diffusers", str(tmp_path / "none.safetensors"), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"{PROG}: error: checkpoint file not found") and err.count("\n") == 1
+    assert err.startswith(f"{PROG}: error: single-file checkpoint not found") and err.count("\n") == 1
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     assert run(PROG, convert_main, ["to-diffusers", str(file), str(tmp_path / "full")]) == 2

@@ -45,7 +45,8 @@ def setup(tmp_path_factory):
 
 
 def torch_trainable(tu) -> dict[str, torch.nn.Parameter]:
-    """The trainable tensors of the reference, by official key."""
+    """The trainable tensors of the reference, by official key, the only ones that
+    get gradients (cleared)."""
     proj = tu.encoder_hid_proj.image_projection_layers[0]
     out = {"image_proj.proj.weight": proj.image_embeds.weight, "image_proj.proj.bias": proj.image_embeds.bias,
            "image_proj.norm.weight": proj.norm.weight, "image_proj.norm.bias": proj.norm.bias}
@@ -53,6 +54,11 @@ def torch_trainable(tu) -> dict[str, torch.nn.Parameter]:
         if hasattr(processor, "to_k_ip"):
             out[f"ip_adapter.{p}.to_k_ip.weight"] = processor.to_k_ip[0].weight
             out[f"ip_adapter.{p}.to_v_ip.weight"] = processor.to_v_ip[0].weight
+    for p in tu.parameters():      # gradients for these only, none left from before
+        p.requires_grad_(False)
+    for p in out.values():
+        p.requires_grad_(True)
+        p.grad = None
     return out
 
 
@@ -64,11 +70,6 @@ def torch_step(tu, data, prediction_type="epsilon"):
     t = torch.from_numpy(data["timesteps"])
     noisy = sched.add_noise(latents, noise, t)
     params = torch_trainable(tu)
-    for p in tu.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-        p.grad = None
     pred = tu(noisy, t, encoder_hidden_states=torch.from_numpy(data["text"]),
               added_cond_kwargs={"image_embeds": [torch.from_numpy(data["embeds"])[:, None]]}).sample
     target = noise if prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)

@@ -97,11 +97,6 @@ def torch_step(s):
     t = torch.from_numpy(draws["timesteps"])
     noisy = sched.add_noise(latents, noise, t)
     params = torch_trainable(tu)
-    for p in tu.parameters():
-        p.requires_grad_(False)
-    for p in params.values():
-        p.requires_grad_(True)
-        p.grad = None
     added = {"text_embeds": pooled, "time_ids": torch.from_numpy(batch["time_ids"]),
              "image_embeds": [embeds[:, None]]}
     pred = tu(noisy, t, encoder_hidden_states=context, added_cond_kwargs=added).sample

@@ -21,9 +21,9 @@ import numpy as np
 
 from ipadapter_jax.convert.ldm_families import SD1, SD2, SDXL, UNET_PREFIX, Family
 from ipadapter_jax.convert.ldm_plan import list_some
-from ipadapter_jax.io.errors import BadFile, MissingFile, Unsupported
+from ipadapter_jax.io.errors import BadFile, Unsupported
 from ipadapter_jax.io.files import (CheckpointError, flatten_state_dict, is_safetensors, is_torch_pickle,
-                                    read_safetensors_header, read_state_dict, read_torch_pickle)
+                                    read_safetensors_header, read_state_dict, read_torch_pickle, require_file)
 
 _SCALARS = (int, float, str, bool)
 # Markers files write beside the weights (empty tensors): ComfyUI's v-prediction
@@ -54,13 +54,7 @@ class Layout:
 
 def read_layout(path: str | os.PathLike) -> Layout:
     """The names, shapes and metadata of a single-file checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadFile(f"{path} is a folder; expected a single-file checkpoint (.safetensors or .ckpt)")
-    if not path.is_file():
-        raise MissingFile(f"checkpoint file not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes)")
+    path = require_file(path, "single-file checkpoint", ".safetensors or .ckpt")
     if is_safetensors(path):
         shapes, metadata = read_safetensors_header(path)
         return Layout(path, shapes, metadata, {})

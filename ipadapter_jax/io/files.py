@@ -283,17 +283,24 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple], 
     return shapes, metadata if isinstance(metadata, dict) else {}
 
 
+def require_file(path: str | os.PathLike, what: str, formats: str) -> Path:
+    """``path`` as a Path, or an error naming it when it is a folder, missing or
+    empty; ``what`` ("weights file") and ``formats`` (".safetensors or .bin") word it."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadFile(f"{path} is a folder; expected a {what} ({formats})")
+    if not path.is_file():
+        raise MissingFile(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes); expected a {what} ({formats})")
+    return path
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """One weights file -> {torch key: numpy array}. ``.bin`` nested dicts are
     flattened with ``.`` (so ``{"image_proj": {"proj.weight": ...}}`` becomes
     ``image_proj.proj.weight``, the safetensors layout)."""
-    path = Path(path)
-    if path.is_dir():
-        raise BadFile(f"{path} is a folder; expected a weights file (.safetensors or .bin)")
-    if not path.is_file():
-        raise MissingFile(f"weights file not found: {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); expected a .safetensors or .bin weights file")
+    path = require_file(path, "weights file", ".safetensors or .bin")
     if is_safetensors(path):
         return _read_safetensors(path)
     if is_torch_pickle(path):
