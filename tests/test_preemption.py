@@ -150,6 +150,8 @@ def test_two_processes_agree_on_the_step_and_resume_exactly(setup, env, tmp_path
     outputs = finish(start(two_processes(setup, workdir, port), tmp_path / "logs2", env))
     assert f"'resumed_from': {step}" in outputs[0][0]
     np.testing.assert_array_equal(losses(workdir), losses(reference))
+    assert (workdir / "ip_adapter.safetensors").is_file()
+    assert saved_steps(workdir)[-1] == STEPS
 
 
 def test_fit_stops_on_sigterm_and_restores_the_handler(tmp_path):

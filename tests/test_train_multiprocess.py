@@ -1,6 +1,8 @@
 """Two JAX processes on localhost (jax.distributed, gloo CPU collectives), each
 feeding its half of the batch, take the same training steps as one process
-with the whole batch (loss and updated parameters, relative 1e-5)."""
+with the whole batch (loss and updated parameters, relative 1e-5). ``train.py``
+itself as two processes (each reading its shard through grain, checkpointing,
+preempted, resuming, exporting) is tests/test_preemption.py's two-process test."""
 
 from __future__ import annotations
 
@@ -86,39 +88,3 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(two["params"], one["params"]):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(a - b) / np.linalg.norm(b) <= 1e-5
-
-
-def test_train_py_runs_as_two_processes(tmp_path):
-    """``train.py`` unchanged, launched as 2 processes (each reading its shard of
-    the data through grain), completes its steps, checkpoints and exports."""
-    import json as _json
-
-    from PIL import Image
-
-    paths = sd_fixtures.build_pipeline_folder(tmp_path)
-    images = tmp_path / "images"
-    images.mkdir()
-    records = []
-    for i in range(8):
-        Image.fromarray(np.full((20, 20, 3), 30 * i, np.uint8)).save(images / f"{i}.png")
-        records.append({"image_file": f"{i}.png", "text": f"grey {i}"})
-    (tmp_path / "data.json").write_text(_json.dumps(records))
-    workdir = tmp_path / "run"
-    port = str(free_port())
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    procs = []
-    for i in range(2):
-        cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "tiny.py"),
-               f"--config.model.pretrained={paths['sd']}", f"--config.model.image_encoder={paths['image_encoder']}",
-               f"--config.data.json_file={tmp_path / 'data.json'}", f"--config.data.image_root={images}",
-               f"--config.workdir={workdir}", "--config.train.steps=4", "--config.train.save_every=2",
-               f"--coordinator=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"]
-        procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outputs = [p.communicate(timeout=900) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
-    assert (workdir / "ip_adapter.safetensors").is_file()
-    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] == 4
