@@ -65,6 +65,9 @@ def conv_im2col(x: jax.Array, kernel: jax.Array, strides: tuple, padding) -> jax
 
 def _winograd(tile: int):
     def conv_winograd(x: jax.Array, kernel: jax.Array, strides: tuple, padding) -> jax.Array:
+        if tuple(strides) != (1, 1) or kernel.shape[:2] != (3, 3):
+            raise ValueError(f"Winograd computes 3x3 stride-1 convolutions only, not {kernel.shape[:2]} kernels "
+                             f"with strides {tuple(strides)}")
         return winograd.conv(x, kernel, tile=tile, padding=padding)
     return conv_winograd
 
