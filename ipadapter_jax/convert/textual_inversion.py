@@ -30,8 +30,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, require_finite
-from ipadapter_jax.io.files import is_safetensors, is_torch_pickle, read_state_dict, read_torch_pickle
+from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, require_finite
+from ipadapter_jax.io.files import is_safetensors, is_torch_pickle, read_state_dict, read_torch_pickle, require_file
 
 # The pipelines' (text encoder, tokenizer) attribute pairs, in order.
 ENCODERS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))
@@ -88,13 +88,8 @@ class TextualInversionTokenizer:
 def _read_raw(path: Path):
     """The file's content: nested dicts / numpy arrays / plain values (A1111
     ``.pt`` files keep names and step counts beside the vectors)."""
-    if path.is_dir():
-        raise BadFile(f"{path} is a folder; expected an embedding file (.safetensors, .pt or .bin)")
-    if not path.is_file():
-        raise MissingFile(f"embedding file not found: {path}")
+    path = require_file(path, "embedding file", ".safetensors, .pt or .bin")
     if is_torch_pickle(path):
-        if path.stat().st_size == 0:
-            raise BadFile(f"{path} is empty (0 bytes); expected an embedding file")
         return read_torch_pickle(path, flatten=False)
     if is_safetensors(path):
         return read_state_dict(path)
