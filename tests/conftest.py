@@ -3,10 +3,40 @@ every test gets. Helpers the test modules import live in ``helpers.py``."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+
 import jax
 import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+_CACHE_VARS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def pytest_configure(config):
+    """One persistent XLA compilation cache for the whole run, made by the main
+    process and inherited through the environment by the xdist workers and by
+    every train.py / sample.py subprocess. Many tests compile the same programs
+    (the same tiny models in several modules, the runs of a resume test): the
+    first compiles, the others load. Executables are keyed by their HLO, flags
+    and backend, so a hit runs the same code as a compile would. A fresh folder
+    per run, removed at the end: nothing carries over between runs."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="ipadapter_jax_test_xla_cache_")
+    config._ipadapter_jax_cache = folder
+    os.environ.update(_CACHE_VARS, JAX_COMPILATION_CACHE_DIR=folder)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+    folder = getattr(config, "_ipadapter_jax_cache", None)
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
