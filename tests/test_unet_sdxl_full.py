@@ -11,11 +11,15 @@ the down/up sizes matter."""
 
 from __future__ import annotations
 
+import functools
 import gc
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from helpers import nchw, nhwc, rel_err
 from ipadapter_jax.io.params import load_state_dict_into
@@ -50,15 +54,23 @@ def free(module: torch.nn.Module) -> None:
 SPLIT = ("down_blocks.2", "up_blocks.0")   # compared child by child (memory)
 
 
+@functools.cache
+def abstract_unet() -> nnx.Module:
+    """Our SDXL UNet traced once, shapes only (a few seconds): every block's
+    abstract build is a slice of it, not another trace of the whole model."""
+    return nnx.eval_shape(lambda: UNet2DConditionModel(SDXL_UNET, rngs=SameKey()))
+
+
 def jax_block(name: str, block: torch.nn.Module):
     """Our UNet's submodule ``name`` (dotted, e.g. ``up_blocks.0.attentions.1``)
     holding the torch module's weights (strict)."""
+    module = abstract_unet()
+    for piece in name.split("."):
+        module = module[int(piece)] if piece.isdigit() else getattr(module, piece)
+    graphdef, shapes = nnx.split(module)
 
-    def make():
-        module = UNet2DConditionModel(SDXL_UNET, rngs=SameKey())
-        for piece in name.split("."):
-            module = module[int(piece)] if piece.isdigit() else getattr(module, piece)
-        return module
+    def make():   # the block's structure and shapes, under load_state_dict_into's own trace
+        return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes))
 
     state = {k: v.numpy() for k, v in block.state_dict().items()}
     module, _ = load_state_dict_into(make, state, source=name)
