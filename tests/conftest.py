@@ -33,6 +33,25 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Modules in the order the two xdist workers should start them: each module
+# runs whole on one worker (``--dist loadscope`` in pyproject.toml, so its
+# module-scoped reference models are built once, not once per worker), and
+# the longest go first so that no long module starts when the other worker is
+# nearly done. Measured module totals (setup + calls): see BENCHMARKS.md
+# "Test suite time". Modules not listed follow in collection order.
+LONGEST_FIRST = (
+    "test_train.py", "test_preemption.py", "test_train_step_sdxl.py", "test_train_step.py",
+    "test_controlnet_pipeline.py", "test_unet_sdxl_full.py", "test_sdxl_variants.py", "test_unet.py",
+    "test_pipeline.py", "test_demo_model.py", "test_train_multiprocess.py", "test_train_sharding.py",
+    "test_unet_sd15_full.py", "test_train_sharding_sdxl.py", "test_notebook.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: collection order within a module
+
+
 def pytest_unconfigure(config):
     folder = getattr(config, "_ipadapter_jax_cache", None)
     if folder:
