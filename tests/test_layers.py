@@ -17,6 +17,7 @@ from ipadapter_jax.models import layers
     (8, 6, 3, 2, ((0, 1), (0, 1)), 8),       # the VAE's asymmetric-pad downsampler
     (4, 5, 3, 2, 1, 7),                      # the UNet's downsampler, odd size
     (3, 4, 2, 2, 0, 6),                      # even kernel, no padding
+    (8, 6, 1, 1, 0, 5),                      # 1x1 (resnet shortcut, transformer proj_in / proj_out): a matmul
 ])
 def test_im2col_matches_native_convolution(cin, cout, kernel, stride, padding, size):
     assert jax.default_backend() == "cpu"

@@ -97,6 +97,10 @@ def test_winograd_only_where_it_applies():
                                    ((3, 3, 320, 320), (1, 1), jnp.bfloat16), ((2, 2, 320, 320), (1, 1), jnp.float32)]:
         assert not layers.cpu_conv_path(kernel, strides, big, dtype).startswith("winograd")
     assert layers.cpu_conv_path((3, 3, 320, 320), (1, 1), layers.IM2COL_MAX_ROWS, jnp.float32) == "im2col"
+    # 1x1 stride 1 is a plain matmul at every size (the im2col path with one "column").
+    assert {layers.cpu_conv_path((1, 1, 320, 640), (1, 1), rows, dtype)
+            for rows in (16, big) for dtype in (jnp.float32, jnp.bfloat16)} == {"im2col"}
+    assert layers.cpu_conv_path((1, 1, 320, 640), (2, 2), big, jnp.float32) == "xla"
 
 
 def test_other_backends_keep_the_native_convolution(monkeypatch):

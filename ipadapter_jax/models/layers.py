@@ -106,7 +106,9 @@ def cpu_conv_path(kernel_shape: tuple, strides: tuple, rows: int, dtype) -> str:
     measured there)."""
     kh, kw, cin, cout = kernel_shape
     if (kh, kw) == (1, 1):
-        return "xla"                       # already a matmul to XLA
+        # A matmul (im2col of a 1x1 kernel is the input itself). XLA:CPU's convolution
+        # copies the kernel into its own layout on every call (BENCHMARKS.md, "The training step").
+        return "im2col" if tuple(strides) == (1, 1) else "xla"
     if (kh, kw) == (3, 3) and tuple(strides) == (1, 1) and jnp.dtype(dtype) == jnp.float32:
         for min_rows, min_in, min_out, path in CPU_CONV_TABLE:
             if rows >= min_rows and cin >= min_in and cout >= min_out:
