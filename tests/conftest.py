@@ -33,17 +33,18 @@ def pytest_configure(config):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-# Modules in the order the two xdist workers should start them: each module
-# runs whole on one worker (``--dist loadscope`` in pyproject.toml, so its
-# module-scoped reference models are built once, not once per worker), and
-# the longest go first so that no long module starts when the other worker is
-# nearly done. Measured module totals (setup + calls): see BENCHMARKS.md
-# "Test suite time". Modules not listed follow in collection order.
+# Modules in the order the two xdist workers are handed them: each module runs
+# whole on one worker (``--dist loadscope`` in pyproject.toml, so its
+# module-scoped reference models are built once, not once per worker). xdist
+# gives a worker its next module while it still has a test or two of the last
+# one to run, so this is a rough longest-first order, not a schedule. Sorted by
+# the module totals measured on 2026-12-01 (BENCHMARKS.md, "Test suite time");
+# modules not listed (each under a minute) follow in collection order.
 LONGEST_FIRST = (
-    "test_train.py", "test_preemption.py", "test_train_step_sdxl.py", "test_train_step.py",
-    "test_controlnet_pipeline.py", "test_unet_sdxl_full.py", "test_sdxl_variants.py", "test_unet.py",
-    "test_pipeline.py", "test_demo_model.py", "test_train_multiprocess.py", "test_train_sharding.py",
-    "test_unet_sd15_full.py", "test_train_sharding_sdxl.py", "test_notebook.py",
+    "test_train.py", "test_preemption.py", "test_controlnet_pipeline.py", "test_train_step_sdxl.py",
+    "test_demo_model.py", "test_unet.py", "test_train_step.py", "test_sdxl_variants.py", "test_pipeline.py",
+    "test_unet_sdxl_full.py", "test_train_sharding.py", "test_train_multiprocess.py",
+    "test_train_sharding_sdxl.py", "test_unet_sd15_full.py",
 )
 
 

@@ -18,6 +18,7 @@ from ipadapter_jax.models import layers
     (4, 5, 3, 2, 1, 7),                      # the UNet's downsampler, odd size
     (3, 4, 2, 2, 0, 6),                      # even kernel, no padding
     (8, 6, 1, 1, 0, 5),                      # 1x1 (resnet shortcut, transformer proj_in / proj_out): a matmul
+    (8, 6, 1, 1, 1, 5),                      # 1x1 with padding (the output grows by the border)
 ])
 def test_im2col_matches_native_convolution(cin, cout, kernel, stride, padding, size):
     assert jax.default_backend() == "cpu"

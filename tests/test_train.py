@@ -96,14 +96,15 @@ def test_train_export_and_load(setup, tmp_path):
 
 
 def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
+    steps = 24     # after the first checkpoint (step 4) the run has 20 steps and 5 saves to go: the kill lands
     reference = tmp_path / "reference"
-    run(command(setup, reference))
+    run(command(setup, reference, steps=steps))
     expected = losses(reference)
 
     killed = tmp_path / "killed"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen(command(setup, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env, cwd=ROOT)
+    proc = subprocess.Popen(command(setup, killed, steps=steps), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
     deadline = time.time() + 600
     ckpt = killed / "checkpoints"
     while time.time() < deadline and proc.poll() is None:
@@ -111,10 +112,10 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
             break
         time.sleep(0.05)
     time.sleep(0.3)            # land somewhere in the following steps (or in the next save)
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    run(command(setup, killed))
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    run(command(setup, killed, steps=steps))
     np.testing.assert_array_equal(losses(killed), expected)
 
 

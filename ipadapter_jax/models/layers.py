@@ -91,7 +91,7 @@ IM2COL_MAX_ROWS = 512
 # level with >= 1280 channels (0.75-0.94x im2col). At <= 256 rows the per-call kernel
 # transform costs more than Winograd saves, and the few-channel convolutions (4 -> 320,
 # 128 -> 3) are faster on XLA. A shape no row matches takes im2col up to IM2COL_MAX_ROWS,
-# XLA's convolution above.
+# XLA's convolution above; 1x1 stride-1 kernels are a matmul at any size and dtype.
 CPU_CONV_TABLE: tuple[tuple[int, int, int, str], ...] = (
     (2048, 32, 32, "winograd4"),
     (513, 128, 128, "winograd2"),
@@ -106,8 +106,9 @@ def cpu_conv_path(kernel_shape: tuple, strides: tuple, rows: int, dtype) -> str:
     measured there)."""
     kh, kw, cin, cout = kernel_shape
     if (kh, kw) == (1, 1):
-        # A matmul (im2col of a 1x1 kernel is the input itself). XLA:CPU's convolution
-        # copies the kernel into its own layout on every call (BENCHMARKS.md, "The training step").
+        # A matmul (im2col of a 1x1 kernel is the input itself): XLA:CPU's convolution copies
+        # the kernel into its own layout on every call. The SD1.5 forward gained 1.5% from this,
+        # the training step nothing measurable (BENCHMARKS.md, "The training step, profiled").
         return "im2col" if tuple(strides) == (1, 1) else "xla"
     if (kh, kw) == (3, 3) and tuple(strides) == (1, 1) and jnp.dtype(dtype) == jnp.float32:
         for min_rows, min_in, min_out, path in CPU_CONV_TABLE:
