@@ -137,7 +137,8 @@ def parse_args(argv=None):
                    help="show Python tracebacks for user errors too (or set IPADAPTER_JAX_DEBUG=1)")
     p.add_argument("--cache-dir", default=os.environ.get("IPADAPTER_JAX_CACHE",
                                                          str(Path.home() / ".cache" / "ipadapter_jax")),
-                   help="persistent XLA compilation cache (a second run skips compiling); '' disables")
+                   help="persistent XLA compilation cache (a second run skips compiling); '' uses none, unless "
+                        "JAX's own JAX_COMPILATION_CACHE_DIR is set")
     args = p.parse_args(argv)
     _resolve_defaults(p, args)
     _check_sdxl_flags(p, args)
