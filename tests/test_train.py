@@ -1,6 +1,7 @@
 """train.py end to end on a tiny model and a dataset made here: trains, logs,
 checkpoints, exports an adapter that diffusers and sample.py load; a run killed
-with SIGKILL resumes with exactly the loss sequence of an uninterrupted one."""
+with SIGKILL, or stopped by SIGTERM, resumes with exactly the loss sequence of
+an uninterrupted one (one uninterrupted run is the reference of both)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 import sd_fixtures
 
 ROOT = Path(__file__).resolve().parent.parent
+STEPS = 40     # of the uninterrupted run (~30 ms a step): a SIGTERM after 3 logged steps lands well before the end
 
 
 @pytest.fixture(scope="module")
@@ -63,15 +65,24 @@ def run(cmd, timeout=900):
     return result
 
 
-def test_train_export_and_load(setup, tmp_path):
-    workdir = tmp_path / "run"
-    run(command(setup, workdir, steps=40, extra=["--config.train.log_every=1"]))
-    values = losses(workdir)
-    assert len(values) == 40 and np.isfinite(values).all()
+@pytest.fixture(scope="module")
+def straight(setup, tmp_path_factory):
+    """One uninterrupted 40-step run (a checkpoint every 4 steps, a loss row per
+    step): the export the load test reads, and the reference of the resume tests
+    (constant learning rate and draws that depend on the step only, so its first
+    k losses are those of a k-step run, whatever the checkpoint cadence)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    run(command(setup, workdir, steps=STEPS))
+    return workdir
+
+
+def test_train_export_and_load(setup, straight, tmp_path):
+    values = losses(straight)
+    assert len(values) == STEPS and np.isfinite(values).all()
     assert np.mean(values[-10:]) < np.mean(values[:10]), values          # the loss falls
-    with open(workdir / "metrics.csv") as f:
+    with open(straight / "metrics.csv") as f:
         assert int(list(csv.DictReader(f))[-1]["skipped_images"]) >= 1    # the broken image was counted
-    export = workdir / "ip_adapter.safetensors"
+    export = straight / "ip_adapter.safetensors"
     assert export.is_file()
 
     # diffusers loads the exported file...
@@ -83,7 +94,7 @@ def test_train_export_and_load(setup, tmp_path):
             self.unet = unet
 
     Holder(TorchUNet.from_pretrained(setup["sd"] / "unet")).load_ip_adapter(
-        str(workdir), subfolder="", weight_name=export.name, image_encoder_folder=None)
+        str(straight), subfolder="", weight_name=export.name, image_encoder_folder=None)
     # ... and so does sample.py.
     out = tmp_path / "img.png"
     result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", str(setup["sd"]),
@@ -95,12 +106,8 @@ def test_train_export_and_load(setup, tmp_path):
     assert out.is_file()
 
 
-def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
+def test_kill_and_resume_matches_uninterrupted(setup, straight, tmp_path):
     steps = 24     # after the first checkpoint (step 4) the run has 20 steps and 5 saves to go: the kill lands
-    reference = tmp_path / "reference"
-    run(command(setup, reference, steps=steps))
-    expected = losses(reference)
-
     killed = tmp_path / "killed"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(command(setup, killed, steps=steps), stdout=subprocess.DEVNULL,
@@ -116,7 +123,26 @@ def test_kill_and_resume_matches_uninterrupted(setup, tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     run(command(setup, killed, steps=steps))
-    np.testing.assert_array_equal(losses(killed), expected)
+    np.testing.assert_array_equal(losses(killed), losses(straight)[:steps])
+
+
+def test_sigterm_checkpoints_the_step_and_resumes_exactly(setup, straight, tmp_path):
+    """SIGTERM (twice: the second lands during the save) stops the run after the
+    current step with a checkpoint of it and one line; the rerun resumes with
+    the uninterrupted run's losses. Two processes: tests/test_preemption.py."""
+    from test_preemption import NO_REGULAR_SAVES, check_preempted, finish, preemption_env, sigterm_after, start
+
+    env = preemption_env()
+    workdir = tmp_path / "preempted"
+    cmd = command(setup, workdir, steps=STEPS, extra=NO_REGULAR_SAVES)
+    procs = start([cmd], tmp_path / "logs1", env)
+    sigterm_after(procs, workdir)
+    step = check_preempted(finish(procs), workdir, STEPS)
+
+    (out, _), = finish(start([cmd], tmp_path / "logs2", env))
+    assert f"'resumed_from': {step}" in out
+    np.testing.assert_array_equal(losses(workdir), losses(straight))
+    assert (workdir / "ip_adapter.safetensors").is_file()
 
 
 def test_missing_data_is_a_clear_error_before_compiling(setup, tmp_path):
@@ -176,11 +202,19 @@ def test_train_on_a_tfds_dataset(setup, tmp_path):
     assert len(losses(workdir)) == 6 and (workdir / "ip_adapter.safetensors").is_file()
 
 
-def test_train_from_cached_features(setup, tmp_path):
+@pytest.fixture(scope="module")
+def cached(setup, tmp_path_factory):
+    """A 6-step run with data.cache_dir: (its workdir, the feature cache it made)."""
+    root = tmp_path_factory.mktemp("cached")
+    workdir, cache = root / "run", root / "cache"
+    run(command(setup, workdir, steps=6, extra=[f"--config.data.cache_dir={cache}"]))
+    return workdir, cache
+
+
+def test_train_from_cached_features(setup, cached, tmp_path):
     """data.cache_dir: the json dataset is encoded once by the frozen encoders, then
     training reads only the cached latents / embeddings (and reuses the cache)."""
-    workdir, cache = tmp_path / "run", tmp_path / "cache"
-    run(command(setup, workdir, steps=6, extra=[f"--config.data.cache_dir={cache}"]))
+    workdir, cache = cached
     assert {p.name for p in cache.iterdir()} >= {"latents.npy", "text_embeds.npy", "image_embeds.npy"}
     assert np.load(cache / "latents.npy").shape[1:] == (8, 8, 4)
     assert len(losses(workdir)) == 6 and np.isfinite(losses(workdir)).all()
@@ -223,9 +257,8 @@ def test_continue_training_a_plus_adapter(setup, tmp_path):
     assert "image_proj.latents" in load_file(workdir / "ip_adapter.safetensors")
 
 
-def test_feature_cache_of_another_setting_is_refused(setup, tmp_path):
-    cache = tmp_path / "cache"
-    run(command(setup, tmp_path / "a", steps=2, extra=[f"--config.data.cache_dir={cache}"]))
+def test_feature_cache_of_another_setting_is_refused(setup, cached, tmp_path):
+    _, cache = cached
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     result = subprocess.run(command(setup, tmp_path / "b", steps=2, extra=[f"--config.data.cache_dir={cache}",
                                                                            "--config.data.resolution=32"]),

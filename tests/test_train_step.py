@@ -93,7 +93,7 @@ def test_one_step_matches_pytorch(setup, prediction_type):
     tu, unet, data = setup
     trainer, trainable, frozen = Trainer.create(unet, config=StepConfig(prediction_type=prediction_type),
                                                 scheduler_config=SD15_SCHEDULER)
-    loss, grads = jax.value_and_grad(trainer.loss)(trainable, frozen, data["latents"], data["text"],
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss))(trainable, frozen, data["latents"], data["text"],
                                                    data["embeds"], data["noise"], data["timesteps"])
     opt_state = trainer.init_optimizer(trainable)
     updates, _ = trainer.optimizer.update(grads, opt_state, trainable)
