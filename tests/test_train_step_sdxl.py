@@ -122,7 +122,7 @@ def test_one_sdxl_step_matches_pytorch(setup):
     assert isinstance(text, TextConditioning)
     assert text.context.shape == (B, 77, sum(fx.SDXL_TEXT_WIDTHS))
     assert text.added_cond["text_embeds"].shape == (B, fx.SDXL_POOLED)
-    loss, grads = jax.value_and_grad(trainer.loss)(trainable, frozen, latents, text, embeds, s["draws"]["noise"],
+    loss, grads = jax.jit(jax.value_and_grad(trainer.loss))(trainable, frozen, latents, text, embeds, s["draws"]["noise"],
                                                    s["draws"]["timesteps"])
     opt_state = trainer.init_optimizer(trainable)
     updates, _ = trainer.optimizer.update(grads, opt_state, trainable)
@@ -146,18 +146,21 @@ def test_one_sdxl_step_matches_pytorch(setup):
 
 def test_conditioning_reaches_the_loss(setup):
     """The time ids and the caption dropout each change the loss."""
+    import jax
+
     s = setup
     trainer, trainable, frozen = make_trainer(s)
 
+    @jax.jit   # one program for the three calls (op by op, each would be slower)
     def loss_of(batch, draws):
         latents, text, embeds = trainer.encode(frozen, batch, draws)
-        return float(trainer.loss(trainable, frozen, latents, text, embeds, draws["noise"], draws["timesteps"]))
+        return trainer.loss(trainable, frozen, latents, text, embeds, draws["noise"], draws["timesteps"])
 
-    base = loss_of(s["batch"], s["draws"])
+    base = float(loss_of(s["batch"], s["draws"]))
     other_ids = {**s["batch"], "time_ids": s["batch"]["time_ids"] + np.float32(64)}
-    assert abs(loss_of(other_ids, s["draws"]) - base) > 1e-6 * abs(base)
+    assert abs(float(loss_of(other_ids, s["draws"])) - base) > 1e-6 * abs(base)
     no_drop = {**s["draws"], "drop_text": np.zeros(B, bool)}
-    assert abs(loss_of(s["batch"], no_drop) - base) > 1e-6 * abs(base)
+    assert abs(float(loss_of(s["batch"], no_drop)) - base) > 1e-6 * abs(base)
 
 
 def test_sdxl_train_step_jits_and_lowers_the_loss(setup):
