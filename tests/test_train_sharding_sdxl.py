@@ -47,11 +47,11 @@ batch = {{"latents": rng.standard_normal((8, 8, 8, 4), dtype=np.float32),
          "empty_text": np.zeros((7, c), np.float32), "empty_pooled": np.zeros((pooled,), np.float32)}}
 rules = [(pattern, P(*spec)) for pattern, spec in sdxl_ip_adapter.get_config().sharding_rules]
 results = {{}}
+step = jax.jit(trainer.train_step)   # one jit for every mesh: traced once, compiled per sharding
 for name, mesh in [("1", sharding.make_mesh(1, 1, devices=jax.devices()[:1])), ("4x2", sharding.make_mesh(4, 2))]:
     put = lambda tree: jax.device_put(tree, sharding.param_shardings(tree, mesh, rules))
     t, f = put(trainable), put(frozen)
     o = put(trainer.init_optimizer(t))
-    step = jax.jit(trainer.train_step)
     for i in range(2):
         t, o, metrics = step(t, o, f, sharding.put_batch(batch, mesh), jax.random.key(0), np.int32(i))
     if name == "4x2":

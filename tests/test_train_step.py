@@ -165,9 +165,8 @@ def test_remat_gives_the_same_gradients_with_less_memory(setup):
     for remat in (False, "dots", True):
         unet.remat = remat
         trainer, trainable, frozen = Trainer.create(unet, scheduler_config=SD15_SCHEDULER)
-        fn = jax.jit(jax.value_and_grad(trainer.loss))
-        compiled = fn.lower(trainable, frozen, *args).compile()
-        loss, grads = fn(trainable, frozen, *args)
+        compiled = jax.jit(jax.value_and_grad(trainer.loss)).lower(trainable, frozen, *args).compile()
+        loss, grads = compiled(trainable, frozen, *args)
         results[remat] = (float(loss), jax.tree.leaves(grads), compiled.memory_analysis().temp_size_in_bytes)
     unet.remat = False
     for policy in ("dots", True):
