@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_train import ROOT, command, losses, setup  # noqa: F401  (setup: the tiny model and dataset)
+from test_train import ROOT, STEPS, command, losses, setup  # noqa: F401  (setup: the tiny model and dataset)
 from test_train_multiprocess import free_port
 
-STEPS = 40            # ~30 ms a step on CPU: SIGTERM after 3 logged steps lands well before the end
 NO_REGULAR_SAVES = ["--config.train.save_every=1000"]   # the only checkpoint before the end is the preemption's
 LINE = re.compile(r"^train\.py: preempted at step (\d+); saved a checkpoint in (\S+); "
                   r"rerun the same command to resume$", re.M)

@@ -69,8 +69,9 @@ def run(cmd, timeout=900):
 def straight(setup, tmp_path_factory):
     """One uninterrupted 40-step run (a checkpoint every 4 steps, a loss row per
     step): the export the load test reads, and the reference of the resume tests
-    (constant learning rate and draws that depend on the step only, so its first
-    k losses are those of a k-step run, whatever the checkpoint cadence)."""
+    (constant learning rate, draws that depend on the step only and a data
+    iterator whose position is checkpointed, so its first k losses are those of
+    a k-step run, whatever the checkpoint cadence)."""
     workdir = tmp_path_factory.mktemp("straight")
     run(command(setup, workdir, steps=STEPS))
     return workdir
@@ -130,9 +131,9 @@ def test_sigterm_checkpoints_the_step_and_resumes_exactly(setup, straight, tmp_p
     """SIGTERM (twice: the second lands during the save) stops the run after the
     current step with a checkpoint of it and one line; the rerun resumes with
     the uninterrupted run's losses. Two processes: tests/test_preemption.py."""
-    from test_preemption import NO_REGULAR_SAVES, check_preempted, finish, preemption_env, sigterm_after, start
+    from test_preemption import NO_REGULAR_SAVES, check_preempted, finish, sigterm_after, start
 
-    env = preemption_env()
+    env = dict(os.environ, JAX_PLATFORMS="cpu")   # as ``run`` gives the reference: the same XLA settings
     workdir = tmp_path / "preempted"
     cmd = command(setup, workdir, steps=STEPS, extra=NO_REGULAR_SAVES)
     procs = start([cmd], tmp_path / "logs1", env)
