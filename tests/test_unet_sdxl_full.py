@@ -47,8 +47,7 @@ def materialise(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def free(module: torch.nn.Module) -> None:
-    module.to_empty(device="meta")
-    gc.collect()
+    module.to_empty(device="meta")   # the weights go with their last reference (no cycle holds them)
 
 
 SPLIT = ("down_blocks.2", "up_blocks.0")   # compared child by child (memory)
@@ -87,7 +86,7 @@ def compare(name: str, module: torch.nn.Module, run_torch, run_ours) -> tuple[fl
     free(module)
     err = rel_err(run_ours(ours), nhwc(out_torch))
     del ours
-    gc.collect()
+    gc.collect()   # our block's weights sit in reference cycles: collect them before the next block
     return err, out_torch
 
 
