@@ -5,28 +5,21 @@ same command then resumes with exactly the losses of an uninterrupted run. Here
 as two processes (jax.distributed on localhost, JAX's preemption service), and
 in process, through the demo recipe's ``fit`` (the runner every stage shares),
 which restores the previous SIGTERM handler after. The one-process case is in
-tests/test_train.py (it shares that module's uninterrupted run); the helpers
-here serve both."""
+tests/test_train.py (it shares that module's uninterrupted run), with the
+helpers that start, signal and check the runs of both."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from test_train import ROOT, STEPS, command, losses, setup  # noqa: F401  (setup: the tiny model and dataset)
+from test_train import (NO_REGULAR_SAVES, STEPS, check_preempted, command, finish, losses,  # noqa: F401
+                        saved_steps, setup, sigterm_after, start)   # setup: the tiny model and dataset
 from test_train_multiprocess import free_port
-
-NO_REGULAR_SAVES = ["--config.train.save_every=1000"]   # the only checkpoint before the end is the preemption's
-LINE = re.compile(r"^train\.py: preempted at step (\d+); saved a checkpoint in (\S+); "
-                  r"rerun the same command to resume$", re.M)
 
 
 def preemption_env() -> dict:
@@ -41,84 +34,6 @@ def preemption_env() -> dict:
 @pytest.fixture
 def env() -> dict:
     return preemption_env()
-
-
-@dataclasses.dataclass
-class Process:
-    popen: subprocess.Popen
-    out: Path
-    err: Path
-
-
-def start(cmds, logs: Path, env: dict) -> list[Process]:
-    """The commands, each writing stdout / stderr into files in ``logs`` (not
-    pipes: a full pipe would stall a process, and the other's collectives)."""
-    logs.mkdir(parents=True, exist_ok=True)
-    procs = []
-    for i, c in enumerate(cmds):
-        out, err = logs / f"{i}.out", logs / f"{i}.err"
-        with open(out, "w") as o, open(err, "w") as e:
-            procs.append(Process(subprocess.Popen(c, stdout=o, stderr=e, env=env, cwd=ROOT), out, err))
-    return procs
-
-
-def finish(procs: list[Process], timeout=600) -> list[tuple[str, str]]:
-    """Each process's (stdout, stderr), once all exited with status 0 (any still
-    running after ``timeout`` is killed)."""
-    try:
-        for p in procs:
-            p.popen.wait(timeout=timeout)
-    finally:
-        for p in procs:
-            if p.popen.poll() is None:
-                p.popen.kill()
-    outputs = [(p.out.read_text(), p.err.read_text()) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.popen.returncode == 0, err[-4000:]
-    return outputs
-
-
-def logged_rows(workdir: Path) -> int:
-    try:
-        return max(len((workdir / "metrics.csv").read_text().splitlines()) - 1, 0)
-    except FileNotFoundError:
-        return 0
-
-
-def sigterm_after(procs: list[Process], workdir: Path, rows: int = 3) -> None:
-    """SIGTERM to every process once ``rows`` steps are logged, and again right
-    after (while the checkpoint is being written)."""
-    deadline = time.time() + 600
-    running = lambda: all(p.popen.poll() is None for p in procs)  # noqa: E731
-    while logged_rows(workdir) < rows and time.time() < deadline and running():
-        time.sleep(0.005)
-    if not running():
-        finish(procs)
-        raise AssertionError("the run ended before it was preempted")
-    for _ in range(2):
-        for p in procs:
-            p.popen.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
-
-
-def saved_steps(workdir: Path) -> list[int]:
-    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-
-
-def check_preempted(outputs, workdir: Path, total: int = STEPS) -> int:
-    """Every process printed the line, naming the same step, whose checkpoint
-    (complete: no temporary folder left) is the only one; nothing was exported."""
-    found = [LINE.search(err) for _, err in outputs]
-    assert all(found), [err[-3000:] for _, err in outputs]
-    steps = {int(m[1]) for m in found}
-    assert len(steps) == 1, steps
-    step = steps.pop()
-    assert {Path(m[2]) for m in found} == {workdir / "checkpoints"}
-    assert 3 <= step < total
-    assert saved_steps(workdir) == [step]
-    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
-    assert not (workdir / "ip_adapter.safetensors").exists()
-    return step
 
 
 def two_processes(setup, workdir: Path, port: int) -> list[list[str]]:

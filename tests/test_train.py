@@ -6,8 +6,10 @@ an uninterrupted one (one uninterrupted run is the reference of both)."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -63,6 +65,92 @@ def run(cmd, timeout=900):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+# --------------------------------------------------------------------------- runs stopped from outside
+# (here and in tests/test_preemption.py)
+
+NO_REGULAR_SAVES = ["--config.train.save_every=1000"]   # the only checkpoint before the end is the preemption's
+LINE = re.compile(r"^train\.py: preempted at step (\d+); saved a checkpoint in (\S+); "
+                  r"rerun the same command to resume$", re.M)
+
+
+@dataclasses.dataclass
+class Process:
+    popen: subprocess.Popen
+    out: Path
+    err: Path
+
+
+def start(cmds, logs: Path, env: dict) -> list[Process]:
+    """The commands, each writing stdout / stderr into files in ``logs`` (not
+    pipes: a full pipe would stall a process, and the other's collectives)."""
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, c in enumerate(cmds):
+        out, err = logs / f"{i}.out", logs / f"{i}.err"
+        with open(out, "w") as o, open(err, "w") as e:
+            procs.append(Process(subprocess.Popen(c, stdout=o, stderr=e, env=env, cwd=ROOT), out, err))
+    return procs
+
+
+def finish(procs: list[Process], timeout=600) -> list[tuple[str, str]]:
+    """Each process's (stdout, stderr), once all exited with status 0 (any still
+    running after ``timeout`` is killed)."""
+    try:
+        for p in procs:
+            p.popen.wait(timeout=timeout)
+    finally:
+        for p in procs:
+            if p.popen.poll() is None:
+                p.popen.kill()
+    outputs = [(p.out.read_text(), p.err.read_text()) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.popen.returncode == 0, err[-4000:]
+    return outputs
+
+
+def logged_rows(workdir: Path) -> int:
+    try:
+        return max(len((workdir / "metrics.csv").read_text().splitlines()) - 1, 0)
+    except FileNotFoundError:
+        return 0
+
+
+def sigterm_after(procs: list[Process], workdir: Path, rows: int = 3) -> None:
+    """SIGTERM to every process once ``rows`` steps are logged, and again right
+    after (while the checkpoint is being written)."""
+    deadline = time.time() + 600
+    running = lambda: all(p.popen.poll() is None for p in procs)  # noqa: E731
+    while logged_rows(workdir) < rows and time.time() < deadline and running():
+        time.sleep(0.005)
+    if not running():
+        finish(procs)
+        raise AssertionError("the run ended before it was preempted")
+    for _ in range(2):
+        for p in procs:
+            p.popen.send_signal(signal.SIGTERM)
+        time.sleep(0.05)
+
+
+def saved_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def check_preempted(outputs, workdir: Path, total: int = STEPS) -> int:
+    """Every process printed the line, naming the same step, whose checkpoint
+    (complete: no temporary folder left) is the only one; nothing was exported."""
+    found = [LINE.search(err) for _, err in outputs]
+    assert all(found), [err[-3000:] for _, err in outputs]
+    steps = {int(m[1]) for m in found}
+    assert len(steps) == 1, steps
+    step = steps.pop()
+    assert {Path(m[2]) for m in found} == {workdir / "checkpoints"}
+    assert 3 <= step < total
+    assert saved_steps(workdir) == [step]
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    assert not (workdir / "ip_adapter.safetensors").exists()
+    return step
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +219,6 @@ def test_sigterm_checkpoints_the_step_and_resumes_exactly(setup, straight, tmp_p
     """SIGTERM (twice: the second lands during the save) stops the run after the
     current step with a checkpoint of it and one line; the rerun resumes with
     the uninterrupted run's losses. Two processes: tests/test_preemption.py."""
-    from test_preemption import NO_REGULAR_SAVES, check_preempted, finish, sigterm_after, start
-
     env = dict(os.environ, JAX_PLATFORMS="cpu")   # as ``run`` gives the reference: the same XLA settings
     workdir = tmp_path / "preempted"
     cmd = command(setup, workdir, steps=STEPS, extra=NO_REGULAR_SAVES)
