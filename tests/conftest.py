@@ -10,20 +10,28 @@ import tempfile
 import jax
 import pytest
 
+from helpers import TEST_XLA_FLAGS
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 _CACHE_VARS = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
 def pytest_configure(config):
-    """One persistent XLA compilation cache for the whole run, made by the main
+    """The test run's XLA compiler settings (helpers.TEST_XLA_FLAGS) and one
+    persistent XLA compilation cache for the whole run, made by the main
     process and inherited through the environment by the xdist workers and by
     every train.py / sample.py subprocess. Many tests compile the same programs
     (the same tiny models in several modules, the runs of a resume test): the
     first compiles, the others load. Executables are keyed by their HLO, flags
     and backend, so a hit runs the same code as a compile would. A fresh folder
     per run, removed at the end: nothing carries over between runs."""
-    if os.environ.get("PYTEST_XDIST_WORKER") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    # Set before any backend starts (XLA reads the flags once).
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f for f in TEST_XLA_FLAGS.split() if f not in flags])
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     folder = tempfile.mkdtemp(prefix="ipadapter_jax_test_xla_cache_")
     config._ipadapter_jax_cache = folder

@@ -7,8 +7,33 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import numpy as np
+
+
+# XLA:CPU compiler settings of the test run (tests/conftest.py sets them; BENCHMARKS.md, "Test suite time").
+# The tests' models are tiny, so their time goes to compiling, most of it in LLVM's optimisation of the
+# generated loops, not to running: at LLVM level 0 with XLA's expensive LLVM passes off the tests take less
+# time (tests/test_train_step.py alone 113 -> 91 s). XLA builds the same programs (HLO, fusions, library calls
+# for the matmuls and convolutions); the generated loops round differently at the last bits, and every parity
+# bound holds unchanged. IPADAPTER_JAX_TEST_XLA_FLAGS="" runs the suite with XLA's defaults.
+TEST_XLA_FLAGS = os.environ.get("IPADAPTER_JAX_TEST_XLA_FLAGS",
+                                "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+
+def cpu_env(devices: int | None = None, *, xla_defaults: bool = False) -> dict:
+    """The environment of a subprocess test: this run's environment (its
+    compilation cache and XLA settings, tests/conftest.py) on CPU, with
+    ``devices`` virtual CPU devices (XLA's default of one when None) and,
+    with ``xla_defaults``, XLA's default compiler settings instead of the
+    test run's (``TEST_XLA_FLAGS``)."""
+    drop = set(TEST_XLA_FLAGS.split()) if xla_defaults else set()
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform") and f not in drop]
+    if devices is not None:
+        flags.append(f"--xla_force_host_platform_device_count={devices}")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
 
 
 def rel_err(actual, expected) -> float:

@@ -19,7 +19,7 @@ import torch
 
 import ipadapter_fixtures as fx
 import sd_fixtures
-from helpers import nchw, nhwc, rel_err
+from helpers import cpu_env, nchw, nhwc, rel_err
 from ipadapter_jax.io.errors import BadArgument, Incompatible, UserError
 from ipadapter_jax.models.conditioning import UNetConditioning
 from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
@@ -310,8 +310,6 @@ def test_with_img2img_masks_two_adapters_and_the_mesh(paths, tmp_path):
     """ControlNet + img2img + a masked adapter + a gated second adapter: the
     same call on 8 virtual CPU devices (batch split over the data axis) and on
     1 device agree; bfloat16 compute stays close to float32."""
-    import os
-
     from PIL import Image
 
     mask = np.zeros((16, 16), np.uint8)
@@ -321,7 +319,7 @@ def test_with_img2img_masks_two_adapters_and_the_mesh(paths, tmp_path):
     script = COMBINED.format(sd=str(paths["sd"]), enc=str(paths["image_encoder"]), adapter=str(paths["adapter"]),
                              plus=str(paths["plus"]), cn=str(paths["cn1"]), image=str(paths["image"]),
                              mask=str(tmp_path / "mask.png"), control=str(paths["map1"]), out=str(out))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices=8)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "8"

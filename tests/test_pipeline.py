@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import sd_fixtures
-from helpers import nchw, nhwc, rel_err
+from helpers import cpu_env, nchw, nhwc, rel_err
 from ipadapter_jax.pipeline import ImagePromptSpec, StableDiffusionPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,11 +116,9 @@ np.save({out!r}, out.latents)
 def test_batch_sharded_over_eight_devices_matches_one(paths, jax_pipe, tmp_path):
     """The same call on 8 (virtual CPU) devices, batch split over the data axis,
     gives the latents of 1 device."""
-    import os
-
     script = SHARDED.format(tests=str(ROOT / "tests"), sd=str(paths["sd"]), enc=str(paths["image_encoder"]),
                             adapter=str(paths["adapter"]), image=str(paths["image"]), out=str(tmp_path / "x.npy"))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices=8)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     one = jax_pipe("a red circle", ip_adapter_prompts=[ImagePromptSpec(images=[paths["image"]], scale=0.7)],

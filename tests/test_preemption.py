@@ -17,18 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import cpu_env
 from test_train import (NO_REGULAR_SAVES, STEPS, check_preempted, command, finish, losses,  # noqa: F401
                         saved_steps, setup, sigterm_after, start)   # setup: the tiny model and dataset
 from test_train_multiprocess import free_port
 
 
 def preemption_env() -> dict:
-    """The processes' environment: CPU, one device each (no forced device count);
-    the test run's persistent compilation cache (tests/conftest.py) comes with
-    os.environ, so the runs of a test compile once."""
-    e = dict(os.environ, JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)
-    return e
+    """The processes' environment: CPU, one device each (no forced device count),
+    with the test run's persistent compilation cache and XLA settings
+    (tests/conftest.py)."""
+    return cpu_env()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ preempted, resuming, exporting) is tests/test_preemption.py's two-process test."
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import sd_fixtures
+from helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,8 +71,7 @@ def test_two_processes_match_one(tmp_path):
     script = SCRIPT.format(tests=str(ROOT / "tests"), unet=str(paths["sd"] / "unet"), adapter=str(paths["adapter"]),
                            out=out)
     (tmp_path / "run.py").write_text(script)
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env()
     port = str(free_port())
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "run.py"), str(i), "2", port], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -5,7 +5,6 @@ updated parameters of 1 device (relative 1e-5)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 import sd_fixtures
+from helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def test_meshes_match_one_device(tmp_path, unused):
     out = tmp_path / "results.json"
     script = SCRIPT.format(tests=str(ROOT / "tests"), unet=str(paths["sd"] / "unet"), adapter=str(paths["adapter"]),
                            out=str(out))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices=8)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     res = json.loads(out.read_text())

@@ -7,7 +7,6 @@ data-parallel 8x1 mesh is covered for SD 1.5 in test_train_sharding.py.)"""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 import ipadapter_fixtures as fx
+from helpers import cpu_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_sdxl_meshes_match_one_device(tmp_path):
     out = tmp_path / "results.json"
     script = SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), unet=str(tmp_path / "unet"),
                            adapter=str(tmp_path / "adapter.safetensors"), c=c, pooled=fx.SDXL_POOLED, out=str(out))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = cpu_env(devices=8)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     res = json.loads(out.read_text())
