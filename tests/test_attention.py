@@ -79,6 +79,48 @@ def test_fused_forward_reference_backward_gradients():
     assert rel_err(fused(q, k, v, 0.25), reference(*(np.asarray(x) for x in (q, k, v)), 0.25)) <= 1e-5
 
 
+@pytest.mark.parametrize("block_bytes", [4 << 20, 2 << 20])
+def test_blocked_gradients_are_the_reference_gradients(block_bytes, monkeypatch):
+    """The blocked path's flash-style backward (recomputed probabilities from the
+    saved logsumexp; query rows padded to its 158- or 128-row blocks; at 2 MB the 6 batch-heads
+    split into groups of 3) against autodiff through the plain path."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 512)
+    monkeypatch.setattr(attention, "BACKWARD_BLOCK_BYTES", block_bytes)
+    assert attention.backward_blocks(6, 1500, 1100) == ((6, 158) if block_bytes == 4 << 20 else (3, 128))
+    rng = np.random.default_rng(5)
+    q, k = (jnp.asarray(rng.standard_normal((2, n, 3, 16), dtype=np.float32)) for n in (1500, 1100))
+    v = jnp.asarray(rng.standard_normal((2, 1100, 3, 24), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((2, 1500, 3, 24), dtype=np.float32))
+    loss = lambda backend: lambda q, k, v: jnp.sum(w * attention.dot_product_attention(q, k, v, scale=0.25,
+                                                                                       backend=backend))
+    assert "custom_vjp_call" in str(jax.make_jaxpr(loss("blocked"))(q, k, v))   # the blocked path runs
+    grads = lambda backend: jax.jit(jax.grad(loss(backend), argnums=(0, 1, 2)))(q, k, v)
+    for g, r in zip(grads("blocked"), grads("xla")):
+        assert rel_err(g, r) <= 1e-5
+
+
+def test_blocked_gradients_in_bfloat16(monkeypatch):
+    """bfloat16 inputs: the blocked path's gradients are no further from float32
+    autodiff than twice the plain bfloat16 path's (measured: 0.9% against 1.6%)."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 512)
+    rng = np.random.default_rng(6)
+    q, k, v, w = (rng.standard_normal((1, n, 2, 32), dtype=np.float32) for n in (1100, 1000, 1000, 1100))
+    q = 4 * q      # larger scores, sharper softmax: bfloat16 errors show more
+    loss = lambda backend, dtype: lambda q, k, v: jnp.sum(w * attention.dot_product_attention(
+        q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=32 ** -0.5, backend=backend).astype(jnp.float32))
+    want = jax.grad(loss("xla", jnp.float32), argnums=(0, 1, 2))(q, k, v)
+    plain = jax.grad(loss("xla", jnp.bfloat16), argnums=(0, 1, 2))(q, k, v)
+    blocked = jax.grad(loss("blocked", jnp.bfloat16), argnums=(0, 1, 2))(q, k, v)
+    for b, p, r in zip(blocked, plain, want):
+        assert rel_err(b, r) <= max(2 * rel_err(p, r), 1e-2), (rel_err(b, r), rel_err(p, r))
+
+
 def test_cudnn_supports(monkeypatch):
     """cuDNN's fused kernel is used only where it runs: half precision on a GPU and
     head dims <= 256, multiples of 8 (the SD VAE's single 512-wide head is not)."""

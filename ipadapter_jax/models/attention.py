@@ -58,23 +58,113 @@ def _blocked(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Arra
     score block small, which wins on CPU at SD1.5's 64x64 layer (measured in
     BENCHMARKS.md, "UNet forward"). On accelerators use "jax": a sequential
     map would serialise the device.
+
+    Its gradient is flash attention's (``_blocked_backward``), not autodiff of
+    the loop: autodiff would store every block's probabilities and read them
+    back one head at a time. Being a ``jax.custom_vjp``, it has no forward-mode
+    derivative (``jax.jvp``); the "xla" backend has.
     """
-    b, lq, h, d = q.shape
-    lk = k.shape[1]
-    heads_major = lambda x, n: x.transpose(0, 2, 1, 3).reshape(b * h, n, x.shape[-1])
-    qh, kh, vh = heads_major(q, lq), heads_major(k, lk), heads_major(v, lk)
+    b, lq, h, _ = q.shape
+    heads_major = lambda x: x.transpose(0, 2, 1, 3).reshape(b * h, x.shape[1], x.shape[-1])
+    out = _blocked_heads(heads_major(q), heads_major(k), heads_major(v), scale)
+    return out.reshape(b, h, lq, -1).transpose(0, 2, 1, 3)
+
+
+def _blocked_forward(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+    """Heads-major [BH, L, D] inputs -> (output [BH, Lq, Dv], logsumexp of the scaled scores [BH, Lq])."""
+    lq, d = qh.shape[1:]
     block = min(QUERY_BLOCK, lq)
     pad = (-lq) % block
     if pad:
         qh = jnp.pad(qh, ((0, 0), (0, pad), (0, 0)))
 
+    def one_block(x, kk, vv):
+        logits = jnp.einsum("qd,kd->qk", x, kk).astype(jnp.float32) * scale
+        peak = logits.max(-1, keepdims=True)
+        unnormalized = jnp.exp(logits - peak)    # jax.nn.softmax's steps, so both paths round alike
+        total = unnormalized.sum(-1, keepdims=True)
+        out = jnp.einsum("qk,kd->qd", (unnormalized / total).astype(vv.dtype), vv)
+        return out, (peak + jnp.log(total))[:, 0]
+
     def one_head(args):
         qq, kk, vv = args
-        blocks = qq.reshape(-1, block, d)
-        return jax.lax.map(lambda x: _attend(x, kk, vv, scale), blocks).reshape(-1, vv.shape[-1])
+        out, lse = jax.lax.map(lambda x: one_block(x, kk, vv), qq.reshape(-1, block, d))
+        return out.reshape(-1, vv.shape[-1]), lse.reshape(-1)
 
-    out = jax.lax.map(one_head, (qh, kh, vh))[:, :lq]
-    return out.reshape(b, h, lq, -1).transpose(0, 2, 1, 3)
+    out, lse = jax.lax.map(one_head, (qh, kh, vh))
+    return out[:, :lq], lse[:, :lq]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_heads(qh: jax.Array, kh: jax.Array, vh: jax.Array, scale: float) -> jax.Array:
+    return _blocked_forward(qh, kh, vh, scale)[0]
+
+
+def _blocked_with_residuals(qh, kh, vh, scale):
+    out, lse = _blocked_forward(qh, kh, vh, scale)
+    return out, (qh, kh, vh, out, lse)
+
+
+# The blocked path's backward pass works on (heads x query rows) blocks of at most this many
+# float32 scores (fewer heads, not fewer rows, once BACKWARD_MIN_ROWS is reached): measured
+# against autodiff of the forward loop and other block sizes in BENCHMARKS.md ("Attention
+# backward on CPU").
+BACKWARD_BLOCK_BYTES = 4 << 20
+BACKWARD_MIN_ROWS = 128
+
+
+def backward_blocks(heads: int, lq: int, lk: int) -> tuple[int, int]:
+    """(heads, query rows) per block of the blocked path's backward pass; ``heads``
+    divides the batch*head count."""
+    rows = min(lq, max(BACKWARD_MIN_ROWS, BACKWARD_BLOCK_BYTES // (4 * lk * heads)))
+    group = heads
+    while group > 1 and group * rows * lk * 4 > BACKWARD_BLOCK_BYTES:
+        group = max(n for n in range(1, group) if heads % n == 0)
+    return group, rows
+
+
+def _blocked_backward(scale: float, residuals, g: jax.Array):
+    """Flash attention's backward pass (Dao et al. 2022, algorithm 2) from the saved
+    logsumexp: each block's probabilities are recomputed from q and k, never stored;
+    dK and dV accumulate over the query blocks. In float32, whatever the input dtype,
+    except the recomputed scores: q k^T by the forward pass's expression (input dtype,
+    then float32), so that the probabilities are those the saved logsumexp belongs to."""
+    qh, kh, vh, out, lse = residuals
+    dtypes = (qh.dtype, kh.dtype, vh.dtype)
+    qh, kh, vh, out, g = (x.astype(jnp.float32) for x in (qh, kh, vh, out, g))
+    bh, lq, d = qh.shape
+    lk = kh.shape[1]
+    heads, rows = backward_blocks(bh, lq, lk)
+    pad = (-lq) % rows
+    delta = jnp.sum(g * out, axis=-1)       # rowsum(dO * O) = rowsum(P * dP)
+
+    def blocks(x):   # [BH, Lq, ...] -> [BH / heads, Lq / rows, heads, rows, ...]; padded rows have g = 0
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(bh // heads, heads, -1, rows, *x.shape[2:]).swapaxes(1, 2)
+
+    def group(args):
+        qg, gg, lse_g, delta_g, kk, vv = args
+
+        def step(carry, xs):
+            dk, dv = carry
+            qb, gb, lse_b, delta_b = xs
+            scores = jnp.einsum("hqd,hkd->hqk", qb.astype(dtypes[0]), kk.astype(dtypes[1])).astype(jnp.float32)
+            probs = jnp.exp(scores * scale - lse_b[..., None])
+            dv = dv + jnp.einsum("hqk,hqd->hkd", probs, gb)
+            dscores = probs * (jnp.einsum("hqd,hkd->hqk", gb, vv) - delta_b[..., None]) * scale
+            dk = dk + jnp.einsum("hqk,hqd->hkd", dscores, qb)
+            return (dk, dv), jnp.einsum("hqk,hkd->hqd", dscores, kk)
+
+        (dk, dv), dq = jax.lax.scan(step, (jnp.zeros_like(kk), jnp.zeros_like(vv)), (qg, gg, lse_g, delta_g))
+        return dq, dk, dv
+
+    grouped = lambda x: x.reshape(bh // heads, heads, *x.shape[1:])
+    dq, dk, dv = jax.lax.map(group, (blocks(qh), blocks(g), blocks(lse), blocks(delta), grouped(kh), grouped(vh)))
+    dq = dq.swapaxes(1, 2).reshape(bh, lq + pad, d)[:, :lq]
+    return dq.astype(dtypes[0]), dk.reshape(kh.shape).astype(dtypes[1]), dv.reshape(vh.shape).astype(dtypes[2])
+
+
+_blocked_heads.defvjp(_blocked_with_residuals, _blocked_backward)
 
 
 def cudnn_supports(q: jax.Array, v: jax.Array) -> bool:
