@@ -24,12 +24,33 @@ def time_runs(fn: Callable[[], object], runs: int) -> list[float]:
     return times
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (with its family/model numbers when the name is
+    generic, as on some virtual machines), or None where that file is missing."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    fields = {}
+    for line in info:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name")
+    if not name:
+        return None
+    if len(name.split()) <= 2 and "cpu family" in fields:
+        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
+    return name
+
+
 def machine() -> str:
     import jax
 
     dev = jax.devices()[0]
     if dev.platform == "cpu":
-        return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        # The CPU's model (and vendor) is part of the result: PyTorch's MKL / oneDNN and XLA's
+        # kernels are not equally fast on every x86 CPU, so ratios move between machines.
+        return f"{cpu_model() or platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
     return f"{dev.device_kind} ({dev.platform})"
 
 
