@@ -145,18 +145,22 @@ def _blocked_backward(scale: float, residuals, g: jax.Array):
     def group(args):
         qg, gg, lse_g, delta_g, kk, vv = args
 
+        # dK and dV accumulate transposed, [heads, D, Lk]: XLA:CPU computes P^T dO as
+        # [D, rows] x [rows, Lk] several times faster than as [Lk, rows] x [rows, D] with a
+        # small D (BENCHMARKS.md, "Attention backward on CPU").
         def step(carry, xs):
-            dk, dv = carry
+            dk_t, dv_t = carry
             qb, gb, lse_b, delta_b = xs
             scores = jnp.einsum("hqd,hkd->hqk", qb.astype(dtypes[0]), kk.astype(dtypes[1])).astype(jnp.float32)
             probs = jnp.exp(scores * scale - lse_b[..., None])
-            dv = dv + jnp.einsum("hqk,hqd->hkd", probs, gb)
+            dv_t = dv_t + jnp.einsum("hqd,hqk->hdk", gb, probs)
             dscores = probs * (jnp.einsum("hqd,hkd->hqk", gb, vv) - delta_b[..., None]) * scale
-            dk = dk + jnp.einsum("hqk,hqd->hkd", dscores, qb)
-            return (dk, dv), jnp.einsum("hqk,hkd->hqd", dscores, kk)
+            dk_t = dk_t + jnp.einsum("hqd,hqk->hdk", qb, dscores)
+            return (dk_t, dv_t), jnp.einsum("hqk,hkd->hqd", dscores, kk)
 
-        (dk, dv), dq = jax.lax.scan(step, (jnp.zeros_like(kk), jnp.zeros_like(vv)), (qg, gg, lse_g, delta_g))
-        return dq, dk, dv
+        zeros = (jnp.zeros_like(kk.swapaxes(1, 2)), jnp.zeros_like(vv.swapaxes(1, 2)))
+        (dk_t, dv_t), dq = jax.lax.scan(step, zeros, (qg, gg, lse_g, delta_g))
+        return dq, dk_t.swapaxes(1, 2), dv_t.swapaxes(1, 2)
 
     grouped = lambda x: x.reshape(bh // heads, heads, *x.shape[1:])
     dq, dk, dv = jax.lax.map(group, (blocks(qh), blocks(g), blocks(lse), blocks(delta), grouped(kh), grouped(vh)))
