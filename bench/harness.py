@@ -25,10 +25,11 @@ def time_runs(fn: Callable[[], object], runs: int) -> list[float]:
 
 
 def cpu_model() -> str | None:
-    """The CPU's model name from /proc/cpuinfo (with its family/model numbers when the name is
-    generic, as on some virtual machines), or None where that file is missing."""
+    """The CPU's model name from /proc/cpuinfo with its family / model / stepping numbers
+    (many names are generic: "AMD EPYC", "Intel(R) Xeon(R) CPU @ 2.20GHz" cover several
+    generations), or None where that file is missing or has no model name."""
     try:
-        info = Path("/proc/cpuinfo").read_text().splitlines()
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
     except OSError:
         return None
     fields = {}
@@ -38,9 +39,9 @@ def cpu_model() -> str | None:
     name = fields.get("model name")
     if not name:
         return None
-    if len(name.split()) <= 2 and "cpu family" in fields:
-        name += f" (family {fields['cpu family']}, model {fields.get('model', '?')})"
-    return name
+    ids = [f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"),
+                                                        ("stepping", "stepping")) if fields.get(key)]
+    return f"{name} ({', '.join(ids)})" if ids else name
 
 
 def machine() -> str:

@@ -145,9 +145,10 @@ def _blocked_backward(scale: float, residuals, g: jax.Array):
     def group(args):
         qg, gg, lse_g, delta_g, kk, vv = args
 
-        # dK and dV accumulate transposed, [heads, D, Lk]: XLA:CPU computes P^T dO as
-        # [D, rows] x [rows, Lk] several times faster than as [Lk, rows] x [rows, D] with a
-        # small D (BENCHMARKS.md, "Attention backward on CPU").
+        # dK and dV accumulate transposed, [heads, D, Lk]: XLA:CPU computes (P^T dO)^T as
+        # [D, rows] x [rows, Lk] several times faster than P^T dO as [Lk, rows] x [rows, D]
+        # with a small D (BENCHMARKS.md, "Attention backward on CPU"). The transpose back stays
+        # after the scan: inside the loop XLA folds it into the dot and the slow form returns.
         def step(carry, xs):
             dk_t, dv_t = carry
             qb, gb, lse_b, delta_b = xs
