@@ -1,13 +1,36 @@
 """ipadapter-jax: IP-Adapter for Stable Diffusion in JAX/Flax NNX.
 
-The core never imports torch or diffusers; they are needed only to read
-``.bin`` pickles and for the parity tests.
+``import ipadapter_jax`` loads no JAX: the public names below are imported on
+first use (PEP 562), so the command lines answer ``--help`` and argument errors
+before JAX starts. The core never imports torch or diffusers; they are needed
+only to read ``.bin`` pickles and for the parity tests.
 """
 
-from ipadapter_jax.io import CheckpointError
-from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
-                                  CLIPVisionModelWithProjection, UNet2DConditionModel)
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["AutoencoderKL", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPVisionModelWithProjection",
-           "CheckpointError", "UNet2DConditionModel", "__version__"]
+
+# Public name -> the module that defines it (imported when the name is first used).
+_LAZY = {
+    "AutoencoderKL": "ipadapter_jax.models",
+    "CLIPTextModel": "ipadapter_jax.models",
+    "CLIPTextModelWithProjection": "ipadapter_jax.models",
+    "CLIPVisionModelWithProjection": "ipadapter_jax.models",
+    "UNet2DConditionModel": "ipadapter_jax.models",
+    "CheckpointError": "ipadapter_jax.io.files",
+}
+__all__ = sorted([*_LAZY, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ipadapter_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

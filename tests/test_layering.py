@@ -6,12 +6,18 @@ for a single-file module; ``__init__`` for the package root
 
 (a) a module imports package modules only from its own part or parts below it
     (``models`` and ``schedulers`` share a level but do not import each other);
-    ``__main__.py`` modules are CLI entry points and may import anything;
+    ``__main__.py`` modules and ``if __name__ == "__main__":`` blocks are CLI
+    entry points and may import anything;
 (b) no function-local (or class-body) imports of package modules: every
-    package import is at module level (``if TYPE_CHECKING:`` blocks included);
+    package import is at module level (``if TYPE_CHECKING:`` blocks included),
+    except in ``LAZY_IMPORT_PARTS`` (the command lines, which check their
+    arguments before JAX loads); lazy re-exports (PEP 562 ``__getattr__``)
+    name their modules in a ``_LAZY`` table, checked by (e);
 (c) the graph of imports between parts is acyclic;
 (d) the package imports nothing from outside it but the standard library and
-    installed third-party distributions (never ``tests``, ``sample``, ...).
+    installed third-party distributions (never ``tests``, ``sample``, ...);
+(e) a ``_LAZY`` table (name -> module) in a package ``__init__`` names only
+    modules of its own part or of lower parts, and each exists.
 
 Adding a part means adding it to ``LAYERS``: an unknown part fails (a).
 """
@@ -36,15 +42,19 @@ ROOT_PART = "__init__"  # the part of the package root, ipadapter_jax/__init__.p
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("io",),
     ("models", "schedulers"),
+    ("families",),  # one record per base model: detection, components, key maps, text conditioning
     ("ip_adapter",),
     ("convert",),
     ("pipeline",),
     ("training",),
     ("demo",),
-    ("cli",),      # what the command-line entry points share (one-line user errors)
     ("eval",),
-    ("adapters", "image_encoding", ROOT_PART),  # compatibility re-exports and the package root
+    ("cli",),      # the command lines: argument checks before JAX, user errors as one line
+    (ROOT_PART,),  # the package root (lazy: PEP 562)
 )
+# Parts whose functions may import package modules: the command lines check their
+# arguments before JAX loads, then import the heavy parts (DESIGN.md: cli/).
+LAZY_IMPORT_PARTS = frozenset({"cli"})
 # Parts of one level that still must not import each other.
 FORBIDDEN_SAME_LEVEL = {("models", "schedulers"), ("schedulers", "models")}
 # Import names of declared (possibly optional, possibly not installed here) dependencies
@@ -60,6 +70,7 @@ class Import:
     target: str        # the imported module's dotted name (for `from a import b`: a.b when b is a module)
     local: bool        # inside a function / class body / lambda
     type_checking: bool  # inside an `if TYPE_CHECKING:` block
+    entry_point: bool = False  # inside an `if __name__ == "__main__":` block
 
     def where(self) -> str:
         return f"{self.module}:{self.line}: `{self.source}`"
@@ -95,6 +106,13 @@ def is_package_module(dotted: str, package_dir: Path, package: str) -> bool:
     return dotted == package or base.with_suffix(".py").is_file() or (base / "__init__.py").is_file()
 
 
+def _is_main_guard(test: ast.expr) -> bool:
+    """``__name__ == "__main__"``."""
+    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__"
+            and len(test.comparators) == 1 and isinstance(test.comparators[0], ast.Constant)
+            and test.comparators[0].value == "__main__")
+
+
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or \
            (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
@@ -111,11 +129,17 @@ def imports_of(path: Path, package_dir: Path, package: str, repo: Path) -> list[
     rel_path = path.relative_to(repo).as_posix()
     found: list[Import] = []
 
+    main_lines: set[int] = set()
+    for node in tree.body:
+        if isinstance(node, ast.If) and _is_main_guard(node.test):
+            main_lines.update(range(node.lineno, (node.end_lineno or node.lineno) + 1))
+
     def add(node, targets, local, type_checking):
         source = ast.get_source_segment(text, node) or ast.unparse(node)
         source = " ".join(source.split())
         for target in targets:
-            found.append(Import(rel_path, node.lineno, source, target, local, type_checking))
+            found.append(Import(rel_path, node.lineno, source, target, local, type_checking,
+                                node.lineno in main_lines))
 
     def visit(node, local, type_checking):
         for child in ast.iter_child_nodes(node):
@@ -182,7 +206,7 @@ def layering_violations(imports: dict[Path, list[Import]], package_dir: Path, pa
                        "LAYERS (tests/test_layering.py); add it at its level")
             continue
         for imp in found:
-            if imp.target.split(".")[0] != package:
+            if imp.target.split(".")[0] != package or imp.entry_point:
                 continue
             other = part_of_module(imp.target, package)
             if other == part:
@@ -199,15 +223,58 @@ def layering_violations(imports: dict[Path, list[Import]], package_dir: Path, pa
     return out
 
 
-def local_import_violations(imports: dict[Path, list[Import]], package: str) -> list[str]:
+def local_import_violations(imports: dict[Path, list[Import]], package: str,
+                            lazy_parts: frozenset = LAZY_IMPORT_PARTS) -> list[str]:
     """Rule (b)."""
-    return [f"{imp.where()}: function-local import of {imp.target}; import it at module level"
-            for found in imports.values() for imp in found
-            if imp.local and not imp.type_checking and imp.target.split(".")[0] == package]
+    out = []
+    for path, found in imports.items():
+        package_dir = next(p for p in path.parents if p.name == package)
+        if part_of_path(path, package_dir) in lazy_parts:
+            continue
+        out += [f"{imp.where()}: function-local import of {imp.target}; import it at module level"
+                for imp in found if imp.local and not imp.type_checking and imp.target.split(".")[0] == package]
+    return out
+
+
+def lazy_table_violations(package_dir: Path, package: str) -> list[str]:
+    """Rule (e): every ``_LAZY = {name: module}`` table of a package ``__init__``
+    names existing modules of its own part or lower parts."""
+    out = []
+    for path in package_files(package_dir):
+        if path.name != "__init__.py":
+            continue
+        part = part_of_path(path, package_dir)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_LAZY" for t in node.targets)):
+                continue
+            table = _literal_lazy_table(node.value)
+            for name, module in table.items():
+                where = f"{path.relative_to(package_dir.parent).as_posix()}:{node.lineno}: _LAZY[{name!r}]"
+                if not is_package_module(module, package_dir, package):
+                    out.append(f"{where}: {module} is not a module of the package")
+                    continue
+                other = part_of_module(module, package)
+                if other != part and (level_of(other) is None or level_of(other) > (level_of(part) or 0)):
+                    out.append(f"{where}: {module} is in the higher (or unlayered) part {other!r}")
+    return out
+
+
+def _literal_lazy_table(node: ast.expr) -> dict[str, str]:
+    """A ``_LAZY`` dict literal: ``{"name": "module"}`` entries and ``**dict.fromkeys((names), "module")``."""
+    table = {}
+    if not isinstance(node, ast.Dict):
+        return table
+    for key, value in zip(node.keys, node.values):
+        if key is not None:
+            table[ast.literal_eval(key)] = ast.literal_eval(value)
+        elif isinstance(value, ast.Call) and getattr(value.func, "attr", None) == "fromkeys":
+            for name in ast.literal_eval(value.args[0]):
+                table[name] = ast.literal_eval(value.args[1])
+    return table
 
 
 def part_graph(imports: dict[Path, list[Import]], package_dir: Path, package: str) -> dict[str, dict[str, Import]]:
-    """{part: {imported part: first such import}}, without ``__main__`` modules."""
+    """{part: {imported part: first such import}}, without ``__main__`` modules and blocks."""
     graph: dict[str, dict[str, Import]] = {}
     for path, found in imports.items():
         if path.name == "__main__.py":
@@ -215,7 +282,7 @@ def part_graph(imports: dict[Path, list[Import]], package_dir: Path, package: st
         part = part_of_path(path, package_dir)
         edges = graph.setdefault(part, {})
         for imp in found:
-            if imp.target.split(".")[0] == package:
+            if imp.target.split(".")[0] == package and not imp.entry_point:
                 other = part_of_module(imp.target, package)
                 if other != part:
                     edges.setdefault(other, imp)
@@ -379,6 +446,11 @@ def test_part_graph_is_acyclic(package_imports):
     assert not violations, _report(violations, "cycles in the part graph")
 
 
+def test_lazy_tables_name_own_or_lower_modules():
+    violations = lazy_table_violations(REPO / PACKAGE, PACKAGE)
+    assert not violations, _report(violations, "bad lazy re-exports")
+
+
 def test_no_imports_from_outside_the_package_but_installed_ones(package_imports):
     violations = outside_import_violations(package_imports, PACKAGE, REPO)
     assert not violations, _report(violations, "imports of modules outside the package")
@@ -390,7 +462,6 @@ FAKE = {
     "__init__.py": "from pkg.pipeline import run\n",
     "io/__init__.py": "import json\n",
     "io/files.py": "from pkg.models import unet\n",                          # (a): io -> models
-    "models/__init__.py": "",
     "models/unet.py": ("from typing import TYPE_CHECKING\n"
                        "from . import layers\n"
                        "from pkg.schedulers import ddim\n"                    # (a): models -> schedulers
@@ -399,7 +470,9 @@ FAKE = {
                        "def f():\n"
                        "    from pkg.io import files\n"                       # (b)
                        "    import json\n"),
-    "models/layers.py": "import numpy\n",
+    "models/layers.py": "import numpy\nif __name__ == \"__main__\":\n    from pkg.pipeline import run\n",  # allowed
+    "models/__init__.py": "_LAZY = {\"run\": \"pkg.pipeline.run\", **dict.fromkeys((\"unet\",), \"pkg.models.unet\")}\n",
+    "cli/__init__.py": "def main():\n    from pkg.pipeline import run\n",           # allowed: lazy part
     "schedulers.py": "from pkg.io.files import read\nimport tests.helpers\n",  # (d)
     "pipeline/__init__.py": "from .run import run\n",
     "pipeline/run.py": "from ..models import unet\nfrom pkg import io\n",
@@ -429,3 +502,7 @@ def test_checker_finds_each_kind_of_violation(tmp_path):
                      "import it at module level"]
     assert len(loops) == 1 and "io -> models -> io" in loops[0] and "pkg/io/files.py:1" in loops[0], loops
     assert len(outside) == 1 and outside[0].startswith("pkg/schedulers.py:2: `import tests.helpers`"), outside
+    assert not any("layers.py" in v or "cli/" in v for v in layering + local + loops), (layering, local, loops)
+    lazy = lazy_table_violations(package_dir, "pkg")
+    assert lazy == ["pkg/models/__init__.py:1: _LAZY['run']: pkg.pipeline.run is in the higher (or unlayered) "
+                    "part 'pipeline'"], lazy

@@ -5,14 +5,35 @@
 * ``params``: torch names and layouts <-> NNX state, the strict fill;
 * ``pretrained``: ``from_pretrained`` / ``save_pretrained`` for model folders;
 * ``images``: image files -> RGB -> CLIP pixels;
-* ``errors``: the user-error classes every layer raises and the CLIs print as one line.
+* ``errors``: the user-error classes every layer raises and the CLIs print as one line;
+* ``hub``: Hugging Face hub ids (``org/name``, ``org/name:path``) -> local paths.
+
+The names below are imported on first use (PEP 562): ``ipadapter_jax.io.errors``
+and ``ipadapter_jax.io.hub`` load without JAX, so the command lines can check
+their arguments before JAX starts.
 """
 
-from ipadapter_jax.io.files import (CheckpointError, atomic_write, find_weights, load_config, read_state_dict,
-                                    read_weights, save_safetensors)
-from ipadapter_jax.io.params import LoadReport, load_state_dict_into, module_state_dict, torch_key
-from ipadapter_jax.io.pretrained import PretrainedMixin, load_pretrained, save_pretrained
+from __future__ import annotations
 
-__all__ = ["CheckpointError", "LoadReport", "PretrainedMixin", "atomic_write", "find_weights", "load_config",
-           "load_pretrained", "load_state_dict_into", "module_state_dict", "read_state_dict", "read_weights",
-           "save_pretrained", "save_safetensors", "torch_key"]
+import importlib
+
+_LAZY = {
+    **dict.fromkeys(("CheckpointError", "atomic_write", "find_weights", "load_config", "read_state_dict",
+                     "read_weights", "save_safetensors"), "ipadapter_jax.io.files"),
+    **dict.fromkeys(("LoadReport", "load_state_dict_into", "module_state_dict", "torch_key"),
+                    "ipadapter_jax.io.params"),
+    **dict.fromkeys(("PretrainedMixin", "load_pretrained", "save_pretrained"), "ipadapter_jax.io.pretrained"),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ipadapter_jax.io' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
