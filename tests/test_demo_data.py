@@ -298,18 +298,27 @@ def test_fit_resumes_exactly_from_its_checkpoint(tmp_path):
         noise = jax.random.normal(key, batch["x"].shape) * 0.01
         return jnp.mean((batch["x"] + noise - params["w"]) ** 2), {}
 
+    drawn = []   # the steps a run asked batches for: where it started
+
     def batch_fn(step):
+        drawn.append(step)
         return {"x": data[recipe.batch_indices(0, step, len(data), 4)]}
 
     def start():   # fit donates its input buffers: a fresh state per call
         return {"w": jnp.zeros(4)}
 
+    def metrics(workdir):
+        with open(workdir / "metrics.csv") as f:
+            return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
     straight = recipe.fit(_fit_config(6), tmp_path / "a", start(), {}, loss_fn, batch_fn, desc="a")
     recipe.fit(_fit_config(3), tmp_path / "b", start(), {}, loss_fn, batch_fn, desc="b")
+    drawn.clear()
     resumed = recipe.fit(_fit_config(6), tmp_path / "b", start(), {}, loss_fn, batch_fn, desc="b")
+    assert drawn == [3, 4, 5]   # started from the checkpoint of step 3, not from scratch
     np.testing.assert_array_equal(np.asarray(straight["w"]), np.asarray(resumed["w"]))
-    with open(tmp_path / "b" / "metrics.csv") as f:
-        assert [int(r["step"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+    assert [s for s, _ in metrics(tmp_path / "b")] == [1, 2, 3, 4, 5, 6]
+    assert metrics(tmp_path / "b") == metrics(tmp_path / "a")   # the same losses, step by step
 
 
 def test_colour_classifier_reads_held_out_records():
