@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 import ipadapter_fixtures as fx
 from helpers import nchw, rel_err
-from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.models import CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.training.step import StepConfig, TextConditioning, Trainer
@@ -222,7 +222,8 @@ def test_records_carry_size_and_crop(tmp_path):
 
     from PIL import Image
 
-    from ipadapter_jax.training.data import JsonImageTextSource, sdxl_time_ids
+    from ipadapter_jax.families.text import time_ids
+    from ipadapter_jax.training.data import JsonImageTextSource
     from sd_fixtures import write_tokenizer
     from transformers import CLIPTokenizer
 
@@ -237,8 +238,8 @@ def test_records_carry_size_and_crop(tmp_path):
     assert tall["original_size"].tolist() == [30, 20] and tall["crop_top_left"].tolist() == [4, 0]   # 16 x 24
     assert wide["original_size"].tolist() == [20, 50] and wide["crop_top_left"].tolist() == [0, 12]  # 40 x 16
     np.testing.assert_array_equal(tall["input_ids_2"], tall["input_ids"])
-    ids = sdxl_time_ids(np.stack([tall["original_size"], wide["original_size"]]),
-                        np.stack([tall["crop_top_left"], wide["crop_top_left"]]), 16)
+    ids = time_ids(np.stack([tall["original_size"], wide["original_size"]]),
+                   np.stack([tall["crop_top_left"], wide["crop_top_left"]]), (16, 16))
     assert ids.dtype == np.float32 and ids.tolist() == [[30, 20, 4, 0, 16, 16], [20, 50, 0, 12, 16, 16]]
     assert "input_ids_2" not in JsonImageTextSource(tmp_path / "data.json", tmp_path, tok, 16)[0]
 
@@ -256,7 +257,7 @@ def test_sdxl_config_trains_and_exports(config, tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     from ipadapter_jax.ip_adapter.official import read_ip_adapter
-    from ipadapter_jax.training import loop
+    from ipadapter_jax.training import ip_adapter_task as loop
 
     root = Path(__file__).resolve().parent.parent
     if str(root) not in sys.path:

@@ -22,7 +22,7 @@ part names are the UNet's, from ``convert.ldm_unet``). ``original_key`` is that
 map (diffusers name -> original name); reading inverts it over every parameter
 of the model the config describes, so the two directions cannot disagree.
 Training buffers beside the weights of a full checkpoint (``DDPM_BUFFERS``) are
-those the single-file reader ignores (``convert.ldm_families``).
+those the single-file reader ignores (``ipadapter_jax.families``).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax.convert.ldm_families import DDPM_BUFFERS
+from ipadapter_jax.families import DDPM_BUFFERS
 from ipadapter_jax.convert.ldm_unet import TOP, block_param, by_module, ldm_blocks
 from ipadapter_jax.io.errors import BadArgument, Incompatible, MissingFile
 from ipadapter_jax.io.files import CheckpointError, load_config, read_json, read_state_dict

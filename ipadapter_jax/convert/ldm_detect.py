@@ -19,8 +19,8 @@ from typing import Mapping
 
 import numpy as np
 
-from ipadapter_jax.convert.ldm_families import SD1, SD2, SDXL, UNET_PREFIX, Family
 from ipadapter_jax.convert.ldm_plan import list_some
+from ipadapter_jax.families import FAMILIES, UNET_PREFIX, Family, of_configs, of_token_dim
 from ipadapter_jax.io.errors import BadFile, Unsupported
 from ipadapter_jax.io.files import (CheckpointError, flatten_state_dict, is_safetensors, is_torch_pickle,
                                     read_safetensors_header, read_state_dict, read_torch_pickle, require_file)
@@ -30,9 +30,6 @@ _SCALARS = (int, float, str, bool)
 # and zero-terminal-SNR flags.
 V_PRED_KEY, ZTSNR_KEY = "v_pred", "ztsnr"
 _CROSS_ATTENTION_K = "attn2.to_k.weight"
-_CONTEXT_WIDTHS = {"sd1": 768, "sd2": 1024, "sdxl": 2048}
-_PREFIXES = {"sd1": "cond_stage_model.transformer.*", "sd2": "cond_stage_model.model.*",
-             "sdxl": "conditioner.* / label_emb"}
 
 
 @dataclasses.dataclass
@@ -114,32 +111,21 @@ def detect_family(shapes: Mapping[str, tuple], source: str = "checkpoint") -> Fa
         raise Unsupported(f"{source} is an SDXL refiner (one OpenCLIP text encoder at conditioner.embedders.0.model); "
                           "only SDXL base models are supported")
     width = context_width(shapes)
-    found = [family for family, present in (
-        (SDXL, _has(shapes, "conditioner.") or f"{UNET_PREFIX}label_emb.0.0.weight" in shapes),
-        (SD2, _has(shapes, SD2.text[0].prefix)), (SD1, _has(shapes, SD1.text[0].prefix))) if present]
+    found = [f for f in FAMILIES.values() if any(_has(shapes, marker) for marker in f.file_markers)]
     if len(found) > 1:   # text encoders of two families: the UNet's context width decides
-        fits = [f for f in found if _CONTEXT_WIDTHS[f.name] == width]
+        fits = [f for f in found if f.token_dim == width]
         if len(fits) != 1:
             raise BadFile(f"{source} holds parts of several families ({', '.join(f.title for f in found)}: "
-                          f"{', '.join(_PREFIXES[f.name] for f in found)}) and its UNet's context width ({width}) "
-                          "does not tell which it is")
+                          f"{', '.join(' / '.join(m + '*' for m in f.file_markers) for f in found)}) and its "
+                          f"UNet's context width ({width}) does not tell which it is")
         found = fits
     if found:
         return found[0]
-    return {768: SD1, 1024: SD2}.get(width)
+    return of_token_dim(width) if width is not None else None
 
 
-def family_of_configs(configs: Mapping[str, dict]) -> Family:
-    """The family a diffusers folder's configs describe: SDXL has ``text_time``
-    added conditioning; SD 2.x's text encoder is OpenCLIP's (gelu), SD 1.x's
-    OpenAI CLIP's (quick_gelu)."""
-    unet = configs.get("unet", {})
-    if unet.get("addition_embed_type") == "text_time" or "text_encoder_2" in configs:
-        return SDXL
-    text = configs.get("text_encoder")
-    if text is not None:
-        return SD2 if text.get("hidden_act") == "gelu" else SD1
-    return SD2 if unet.get("cross_attention_dim") == 1024 else SD1
+# A diffusers folder's family from its configs (kept under its earlier name).
+family_of_configs = of_configs
 
 
 def file_prediction_type(layout: Layout) -> str | None:

@@ -35,10 +35,10 @@ import numpy as np
 
 from ipadapter_jax.convert import ldm_plan
 from ipadapter_jax.convert.build import MODEL_CLASSES, WEIGHTS_NAMES, expected_shapes
-from ipadapter_jax.convert.ldm_detect import (V_PRED_KEY, ZTSNR_KEY, Layout, detect_family, family_of_configs,
-                                              file_prediction_type, read_layout)
-from ipadapter_jax.convert.ldm_families import (EMA_PREFIX, IGNORED_KEYS, UNET_PREFIX, VAE_PREFIX, Family,
-                                                TextSlot)
+from ipadapter_jax.convert.ldm_detect import (V_PRED_KEY, ZTSNR_KEY, Layout, detect_family, file_prediction_type,
+                                              read_layout)
+from ipadapter_jax.families import EMA_PREFIX, IGNORED_KEYS, UNET_PREFIX, VAE_PREFIX, Family, TextSlot
+from ipadapter_jax.families import of_configs as family_of_configs
 from ipadapter_jax.convert.ldm_plan import list_some
 from ipadapter_jax.convert.ldm_text import clip_rule, openclip_rule, with_text_model_prefix
 from ipadapter_jax.convert.ldm_unet import unet_rule
@@ -160,7 +160,7 @@ def _text_section(tensors: Mapping, slot: TextSlot, config: dict, family: Family
     if slot.layout == "clip":
         # Files made with transformers before 4.x's text_model nesting lack the prefix.
         section = with_text_model_prefix(section)
-    elif family.name == "sd2":
+    elif slot.skips_last_block:
         # diffusers' SD 2.x text encoder stops one block before OpenCLIP's last
         # (SD 2.x conditions on the penultimate block's output): that block is not used.
         last = f"transformer.resblocks.{config['num_hidden_layers']}."
@@ -241,8 +241,9 @@ def read_single_file(path: str | os.PathLike, *, config_dir: str | os.PathLike |
                           "support rescale_betas_zero_snr")
     prediction = _prediction_type(layout, prediction_type, configs["scheduler"], source)
     configs["scheduler"]["prediction_type"] = prediction
-    if family.name == "sd2" and config_dir is None and prediction == "epsilon":
-        configs["unet"]["sample_size"], configs["vae"]["sample_size"] = 64, 512   # SD 2.x-base: 512 px
+    if family.epsilon_sample_size and config_dir is None and prediction == "epsilon":   # SD 2.x-base: 512 px
+        size = family.epsilon_sample_size
+        configs["unet"]["sample_size"], configs["vae"]["sample_size"] = size, size * 8
     tensors = layout.load()
     try:
         components = _components(tensors, family, configs, source, ema=ema, vae=vae, config_dir=config_dir)

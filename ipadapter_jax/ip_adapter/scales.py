@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from ipadapter_jax.families import FAMILIES, ComfyLayout
 from ipadapter_jax.io.errors import BadArgument, Unsupported
 
 
@@ -27,35 +28,9 @@ WEIGHT_TYPES = ("linear", "ease in", "ease out", "ease in-out", "reverse in-out"
 _KINDS = {"down": "input", "mid": "middle", "up": "output"}      # diffusers' block groups, ComfyUI's names
 
 
-@dataclasses.dataclass(frozen=True)
-class ComfyLayout:
-    """The transformers ComfyUI's special weight types pick in one UNet layout
-    (``IPAdapterPlus.py``'s ``is_sdxl`` tables), by transformer index.
-
-    style: style transfer. strong_style: strong style transfer (and the style
-    part of strong style and composition). composition: {index: factor} of the
-    composition weight for "composition" and "style and composition";
-    strong_composition: the same for "strong style and composition".
-    """
-
-    name: str
-    style: tuple[int, ...]
-    strong_style: tuple[int, ...]
-    composition: dict
-    strong_composition: dict
-
-
-# Keyed by the number of transformers in the (input, middle, output) blocks.
-COMFY_LAYOUTS = {
-    # SD 1.x / 2.x: input blocks 1, 2, 4, 5, 7, 8 -> 0-5, middle -> 6, output blocks 3-11 -> 7-15.
-    (6, 1, 9): ComfyLayout("SD 1.x/2.x", style=(0, 1, 2, 3, 9, 10, 11, 12, 13, 14, 15),
-                           strong_style=(0, 1, 2, 3, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                           composition={4: 0.25, 5: 1.0}, strong_composition={4: 1.0, 5: 1.0}),
-    # SDXL: input blocks 4, 5, 7, 8 -> 0-3, middle -> 4, output blocks 0-5 -> 5-10; style is
-    # up_blocks.0.attentions.1 (6), composition down_blocks.2.attentions.1 (3).
-    (4, 1, 6): ComfyLayout("SDXL", style=(6,), strong_style=(0, 1, 2, 4, 5, 6, 7, 8, 9, 10),
-                           composition={3: 1.0}, strong_composition={3: 1.0}),
-}
+# Keyed by the number of transformers in the (input, middle, output) blocks; the
+# layouts are the families' (``ipadapter_jax.families``: ``Family.comfy``).
+COMFY_LAYOUTS: dict[tuple[int, int, int], ComfyLayout] = {f.comfy.counts: f.comfy for f in FAMILIES.values()}
 
 
 def _transformers(unet) -> list[tuple[str, int, int]]:

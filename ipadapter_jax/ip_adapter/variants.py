@@ -8,7 +8,7 @@ input, what its default negative ("uncond") input is, whether its files carry
 LoRA, and how to build a fresh one for training. Adding a variant is adding an
 entry to ``VARIANTS``.
 
-The same file says what the official adapters are made for (``BASE_MODELS``:
+The same file says what the official adapters are made for (``base_model``, from ``ipadapter_jax.families``:
 SD 1.x / 2.x / SDXL by their cross-attention layers; ``IMAGE_ENCODERS``: the
 ViT-H and bigG encoders by their output widths), so that a wrong pairing is
 refused naming both sides and what to use instead.
@@ -26,6 +26,7 @@ from typing import Callable
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.families import Family, of_token_dim
 from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.io.files import CheckpointError
 from ipadapter_jax.ip_adapter.image_proj import (FaceIDPlusModel, FaceIDProjModel, ImageProjModel, MLPProjModel,
@@ -74,13 +75,17 @@ def _plus_hparams(sp: dict) -> dict:
                 output_dim=sp["proj_out.weight"].shape[0], ff_mult=sp["layers.0.1.1.weight"].shape[0] // dim)
 
 
-def _new_base(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs) -> nnx.Module:
+def _new_base(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs, *, width: int = 0) -> nnx.Module:
+    if width:
+        raise BadArgument(f"the base adapter's projection has no inner width to set (got {width})")
     return ImageProjModel(encoder_config.projection_dim, token_dim, num_tokens, rngs=rngs)
 
 
-def _new_plus(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs) -> nnx.Module:
-    # The official Plus recipe: depth 4, 64-wide heads, dim = the UNet's token width.
-    return Resampler(dim=token_dim, depth=4, dim_head=64, heads=max(token_dim // 64, 1), num_queries=num_tokens,
+def _new_plus(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs, *, width: int = 0) -> nnx.Module:
+    # The official Plus recipe: depth 4, 64-wide heads, dim = the UNet's token width, or
+    # narrower (``width``; the official SDXL Plus recipe: dim 1280, 20 heads -> 2048).
+    dim = width or token_dim
+    return Resampler(dim=dim, depth=4, dim_head=64, heads=max(dim // 64, 1), num_queries=num_tokens,
                      embedding_dim=encoder_config.hidden_size, output_dim=token_dim, rngs=rngs)
 
 
@@ -109,6 +114,8 @@ class Variant:
     negative: str
     lora: bool
     files: str
+    # (token_dim, image encoder config, num_tokens, rngs, *, width=0) -> a fresh projection, for
+    # training; ``width``: the projection's inner width where it has one (0: its default).
     new: Callable | None = None
 
     def build(self, hparams: dict, rngs: nnx.Rngs) -> nnx.Module:
@@ -161,27 +168,10 @@ BY_NAME = {v.name: v for v in VARIANTS}
 # Official adapters fit one base model (its cross-attention layers) and one image
 # encoder (its output widths); a wrong pairing is refused naming both sides.
 
-@dataclasses.dataclass(frozen=True)
-class BaseModel:
-    """A base model family as an adapter sees it: the token width of its UNet's
-    cross-attention layers (SD 1.x 768, SD 2.x 1024, SDXL 2048: the widths alone
-    tell the families apart) and where its official adapter files are."""
-
-    name: str
-    token_dim: int
-    adapters: str
-
-
-BASE_MODELS: tuple[BaseModel, ...] = (
-    BaseModel("SD 1.x", 768, "the *_sd15* files in h94/IP-Adapter's models/"),
-    BaseModel("SD 2.x", 1024, "h94/IP-Adapter has none: train one"),
-    BaseModel("SDXL", 2048, "the *_sdxl* files in h94/IP-Adapter's sdxl_models/"),
-)
-
-
-def base_model(token_dim: int) -> BaseModel | None:
-    """The base model whose UNet takes tokens of this width (None: not a known one)."""
-    return next((b for b in BASE_MODELS if b.token_dim == token_dim), None)
+def base_model(token_dim: int) -> Family | None:
+    """The base-model family whose UNet takes tokens of this width (SD 1.x 768,
+    SD 2.x 1024, SDXL 2048: the widths alone tell the families apart; None: not a known one)."""
+    return of_token_dim(token_dim)
 
 
 class BaseModelMismatch(Incompatible, CheckpointError):
@@ -196,10 +186,10 @@ def base_model_mismatch(source: str, adapter_layers: int, adapter_dim: int, unet
     to use instead."""
     mine, theirs = base_model(adapter_dim), base_model(unet_dim)
     if mine and theirs and mine is not theirs:
-        return (f"{source}: this is an {mine.name} adapter ({adapter_layers} cross-attention layers of width "
-                f"{adapter_dim}) but the UNet is {theirs.name} ({unet_layers} cross-attention layers of width "
-                f"{unet_dim}). Use an {theirs.name} adapter ({theirs.adapters}) with this model, or an "
-                f"{mine.name} model with this adapter.")
+        return (f"{source}: this is an {mine.title} adapter ({adapter_layers} cross-attention layers of width "
+                f"{adapter_dim}) but the UNet is {theirs.title} ({unet_layers} cross-attention layers of width "
+                f"{unet_dim}). Use an {theirs.title} adapter ({theirs.adapters}) with this model, or an "
+                f"{mine.title} model with this adapter.")
     name = lambda b: f" ({b.name})" if b else " (no known base model)"
     return (f"{source}: this adapter has {adapter_layers} cross-attention layers of width {adapter_dim}"
             f"{name(mine)}; the UNet has {unet_layers} of width {unet_dim}{name(theirs)}. Use the adapter made "

@@ -26,10 +26,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ipadapter_jax import ip_adapter, schedulers
+from ipadapter_jax import families, ip_adapter, schedulers
+from ipadapter_jax.convert.components import Components, load_components
 from ipadapter_jax.convert.controlnet import load_controlnet
-from ipadapter_jax.io.errors import BadArgument, MissingFile, NonFiniteError, Unsupported, require_finite
-from ipadapter_jax.io.files import load_config
+from ipadapter_jax.families.text import TEXT_CONDITIONING, TextConditioning, token_ids
+from ipadapter_jax.io.errors import BadArgument, NonFiniteError, Unsupported, require_finite
+from ipadapter_jax.io.hub import resolve
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 from ipadapter_jax.models.controlnet import ControlNetModel
@@ -71,32 +73,6 @@ class Prepared:
         return self.guidance_scale > 1.0
 
 
-SUPPORTED_CLASSES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
-XL_CLASSES = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline")
-
-
-def pipeline_class_name(model_dir: Path) -> str | None:
-    """``_class_name`` of a diffusers folder's ``model_index.json`` (None without one)."""
-    if not (Path(model_dir) / "model_index.json").is_file():
-        return None
-    return load_config(Path(model_dir), "model_index.json").get("_class_name")
-
-
-def check_pipeline_class(model_dir: Path, supported: Sequence[str] = SUPPORTED_CLASSES,
-                         runs: str = "SD 1.x / 2.x") -> None:
-    """Refuse, by name, a diffusers folder of a pipeline this class cannot run
-    (its ``model_index.json`` says which); folders without one are tried."""
-    name = pipeline_class_name(model_dir)
-    if name and name not in supported:
-        hint = ""
-        if name in XL_CLASSES and supported is not XL_CLASSES:
-            hint = "; use StableDiffusionXLPipeline (or ipadapter_jax.pipeline.load_pipeline, which picks the class)"
-        elif name in SUPPORTED_CLASSES and supported is not SUPPORTED_CLASSES:
-            hint = "; use StableDiffusionPipeline (or ipadapter_jax.pipeline.load_pipeline, which picks the class)"
-        raise Unsupported(f"{model_dir} is a {name} folder (model_index.json); this pipeline runs {runs} "
-                          f"folders ({', '.join(supported)}){hint}")
-
-
 def refuse_nonfinite(latents: np.ndarray, images: np.ndarray) -> None:
     """A result with NaN / inf is an error, never a silently black image."""
     where = [name for name, x in (("latents", latents), ("pixels", images)) if not np.isfinite(x).all()]
@@ -108,27 +84,14 @@ def refuse_nonfinite(latents: np.ndarray, images: np.ndarray) -> None:
             "--allow-nonfinite) returns the result anyway")
 
 
-def token_ids(tokenizer, prompts: Sequence[str]) -> np.ndarray:
-    """Prompts -> [B, 77] token ids, padded to the tokenizer's length; longer
-    prompts are truncated with a warning, as diffusers does."""
-    max_len = tokenizer.model_max_length
-    ids = tokenizer(list(prompts), padding="max_length", max_length=max_len, truncation=True,
-                    return_tensors="np").input_ids
-    full = tokenizer(list(prompts), padding="longest", return_tensors="np").input_ids
-    if full.shape[-1] > ids.shape[-1]:
-        removed = tokenizer.batch_decode(full[:, max_len - 1:-1])
-        log.warning("The following part of your input was truncated because CLIP can only handle sequences up "
-                    "to %d tokens: %s", max_len, removed)
-    return ids
-
-
 class StableDiffusionPipeline:
     """SD 1.x/2.x text-to-image and img2img with IP-Adapters, in JAX.
 
     Build with ``from_pretrained``; attach adapters with ``load_ip_adapter``;
     call with prompts and ``ImagePromptSpec``s. ``dtype`` is the UNet/text
     encoder compute dtype (``jnp.bfloat16`` on accelerators); the VAE and the
-    scheduler arithmetic stay in float32.
+    scheduler arithmetic stay in float32. ``family`` (``ipadapter_jax.families``)
+    is the base model's; its record says how prompts become the UNet's conditioning.
     """
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
@@ -136,6 +99,7 @@ class StableDiffusionPipeline:
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.image_encoder = image_encoder
+        self.family = families.of_unet_config(unet.config)
         # The frozen encoders and the VAE run through jitted functions, compiled once per shape.
         self._text = JittedModule(text_encoder)
         self._image = JittedModule(image_encoder) if image_encoder is not None else None
@@ -161,27 +125,41 @@ class StableDiffusionPipeline:
     def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
                         dtype=jnp.float32, variant: str | None = None,
                         attention_backend: str = "auto") -> "StableDiffusionPipeline":
-        """Load a diffusers Stable Diffusion folder (and optionally a CLIP image
-        encoder folder in transformers layout, e.g. IP-Adapter's
-        ``models/image_encoder``). Nothing is downloaded."""
-        from transformers import CLIPTokenizer
+        """Load a diffusers folder of this pipeline's family, a local path or a
+        hub id (``org/name``, ``org/name:subfolder``), and optionally a CLIP
+        image encoder folder in transformers layout (e.g. IP-Adapter's
+        ``models/image_encoder``, or ``h94/IP-Adapter:models/image_encoder``).
+        Hub ids are read from the Hugging Face cache, downloaded only where
+        the hub is reachable and not ``HF_HUB_OFFLINE``."""
+        model_dir = resolve(model_dir, kind="folder", what="a diffusers Stable Diffusion folder")
+        family = families.of_folder(model_dir)
+        if family.pipeline != cls.__name__:
+            raise Unsupported(f"{model_dir} is an {family.title} folder (model_index.json); {cls.__name__} runs "
+                              f"{', '.join(f.title for f in families.FAMILIES.values() if f.pipeline == cls.__name__)} "
+                              f"folders; use {family.pipeline} (or ipadapter_jax.pipeline.load_pipeline, which "
+                              "picks the class)")
+        components = load_components(model_dir, dtype=dtype, variant=variant, attention_backend=attention_backend)
+        return cls.from_components(components, image_encoder=image_encoder, dtype=dtype,
+                                   attention_backend=attention_backend)
 
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise MissingFile(f"model folder not found: {model_dir}")
-        check_pipeline_class(model_dir)
-        opts = dict(dtype=dtype, attention_backend=attention_backend, variant=variant)
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", **opts)
-        vae = AutoencoderKL.from_pretrained(model_dir / "vae", attention_backend=attention_backend, variant=variant)
-        text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", **opts)
-        tok_dir = model_dir / "tokenizer"
-        if not tok_dir.is_dir():
-            raise MissingFile(f"tokenizer folder not found: {tok_dir}")
-        tokenizer = CLIPTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
-        encoder = (CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=dtype,
-                                                                 attention_backend=attention_backend)
-                   if image_encoder is not None else None)
-        return cls(unet, vae, text_encoder, tokenizer, schedulers.load_scheduler_config(model_dir), encoder)
+    @classmethod
+    def from_components(cls, components: Components, *, image_encoder: str | os.PathLike | None = None,
+                        dtype=jnp.float32, attention_backend: str = "auto") -> "StableDiffusionPipeline":
+        """The pipeline of loaded components (``convert.components.load_components``)
+        and an optional CLIP image encoder folder (local path or hub id)."""
+        encoder = None
+        if image_encoder is not None:
+            folder = resolve(image_encoder, kind="folder", what="a CLIP image encoder folder")
+            encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype,
+                                                                    attention_backend=attention_backend)
+        c = components
+        return cls(c.unet, c.vae, c.text_encoders[0], c.tokenizers[0], c.scheduler_config, encoder,
+                   **cls._extra_components(c))
+
+    @classmethod
+    def _extra_components(cls, components: Components) -> dict:
+        """Constructor arguments beyond the first text encoder (subclasses: SDXL's second)."""
+        return {}
 
     # ------------------------------------------------------------------ adapters
 
@@ -226,11 +204,25 @@ class StableDiffusionPipeline:
 
     # ------------------------------------------------------------------ text
 
+    def _encode_text(self, prompt_lists: Sequence[Sequence[str]], layer: int | None = None) -> TextConditioning:
+        """Each text encoder's prompts -> the family's conditioning (float32 numpy)."""
+        encoders = [self._text, *self._more_text_encoders()]
+        tokenizers = [self.tokenizer, *self._more_tokenizers()]
+        ids = [jnp.asarray(token_ids(tok, prompts)) for tok, prompts in zip(tokenizers, prompt_lists)]
+        out = TEXT_CONDITIONING[self.family.text_conditioning](encoders, ids, layer=layer)
+        return TextConditioning(np.asarray(out.context, np.float32),
+                                None if out.pooled is None else np.asarray(out.pooled, np.float32))
+
+    def _more_text_encoders(self) -> list:
+        return []
+
+    def _more_tokenizers(self) -> list:
+        return []
+
     def encode_prompt(self, prompts: Sequence[str]) -> np.ndarray:
         """Prompts -> [B, 77, C] text embeddings (last hidden state). Prompts longer
         than the encoder's 77 tokens are truncated with a warning, as diffusers does."""
-        ids = token_ids(self.tokenizer, prompts)
-        return np.asarray(self._text(jnp.asarray(ids, jnp.int32)).last_hidden_state, np.float32)
+        return self._encode_text([prompts]).context
 
     def _text_context(self, prompt, negative_prompt, num_images: int, cfg: bool, prompt_embeds,
                       negative_prompt_embeds) -> np.ndarray:

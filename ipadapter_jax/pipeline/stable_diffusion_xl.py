@@ -20,29 +20,19 @@ encoders and SDXL's added conditioning, as diffusers builds them:
 
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from ipadapter_jax import schedulers
-from ipadapter_jax.io.errors import BadArgument, MissingFile, require_finite
-from ipadapter_jax.io.files import load_config
+from ipadapter_jax.convert.components import Components
+from ipadapter_jax.families.text import added_conditioning, time_ids
+from ipadapter_jax.io.errors import BadArgument, require_finite
 from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
                                   CLIPVisionModelWithProjection, UNet2DConditionModel)
 from ipadapter_jax.pipeline.jitted import JittedModule
 from ipadapter_jax.pipeline.prompts import ImagePromptSpec
-from ipadapter_jax.pipeline.stable_diffusion import (XL_CLASSES, Prepared, SampleOutput, StableDiffusionPipeline,
-                                                     check_pipeline_class, token_ids)
-
-
-# The component folders of an SDXL folder, and what each is (for the error naming a missing one).
-_COMPONENTS = {"unet": "the UNet", "vae": "the VAE", "text_encoder": "the first text encoder, CLIP ViT-L",
-               "text_encoder_2": "the second text encoder, OpenCLIP ViT-bigG/14 (CLIPTextModelWithProjection)",
-               "tokenizer": "the first text encoder's tokenizer", "tokenizer_2": "the second text encoder's tokenizer"}
+from ipadapter_jax.pipeline.stable_diffusion import Prepared, SampleOutput, StableDiffusionPipeline
 
 
 def _pair(name: str, value, default) -> tuple[int, int]:
@@ -90,36 +80,15 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 f"= {added}")
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder: str | os.PathLike | None = None,
-                        dtype=jnp.float32, variant: str | None = None,
-                        attention_backend: str = "auto") -> "StableDiffusionXLPipeline":
-        """Load a diffusers SDXL folder (and optionally a CLIP image encoder
-        folder, e.g. IP-Adapter's ``sdxl_models/image_encoder``). Nothing is downloaded."""
-        from transformers import CLIPTokenizer
+    def _extra_components(cls, components: Components) -> dict:
+        return dict(text_encoder_2=components.text_encoders[1], tokenizer_2=components.tokenizers[1],
+                    force_zeros_for_empty_prompt=components.model_index.get("force_zeros_for_empty_prompt", True))
 
-        model_dir = Path(model_dir)
-        if not model_dir.is_dir():
-            raise MissingFile(f"model folder not found: {model_dir}")
-        check_pipeline_class(model_dir, XL_CLASSES, runs="SDXL")
-        for sub, what in _COMPONENTS.items():
-            if not (model_dir / sub).is_dir():
-                raise MissingFile(f"{sub} folder not found: {model_dir / sub}. The SDXL folder {model_dir} lacks "
-                                  f"its {sub} ({what}); a StableDiffusionXLPipeline folder holds unet/, vae/, "
-                                  "text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/, scheduler/")
-        opts = dict(dtype=dtype, attention_backend=attention_backend, variant=variant)
-        unet = UNet2DConditionModel.from_pretrained(model_dir / "unet", **opts)
-        vae = AutoencoderKL.from_pretrained(model_dir / "vae", attention_backend=attention_backend, variant=variant)
-        text_encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder", **opts)
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(model_dir / "text_encoder_2", **opts)
-        tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
-        tokenizer_2 = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer_2"), local_files_only=True)
-        index = load_config(model_dir, "model_index.json") if (model_dir / "model_index.json").is_file() else {}
-        encoder = (CLIPVisionModelWithProjection.from_pretrained(image_encoder, dtype=dtype,
-                                                                 attention_backend=attention_backend)
-                   if image_encoder is not None else None)
-        return cls(unet, vae, text_encoder, tokenizer, schedulers.load_scheduler_config(model_dir), encoder,
-                   text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
-                   force_zeros_for_empty_prompt=index.get("force_zeros_for_empty_prompt", True))
+    def _more_text_encoders(self) -> list:
+        return [self._text_2]
+
+    def _more_tokenizers(self) -> list:
+        return [self.tokenizer_2]
 
     # ------------------------------------------------------------------ text
 
@@ -130,14 +99,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         layers than SDXL's penultimate one."""
         if clip_skip is not None and clip_skip < 0:
             raise BadArgument(f"clip_skip must be >= 0, got {clip_skip}")
-        layer = -2 if clip_skip is None else -(clip_skip + 2)
-        out1 = self._text(jnp.asarray(token_ids(self.tokenizer, prompts), jnp.int32))
-        out2 = self._text_2(jnp.asarray(token_ids(self.tokenizer_2, prompts_2 or prompts), jnp.int32))
-        if -layer > len(out1.hidden_states) or -layer > len(out2.hidden_states):
-            raise BadArgument(f"clip_skip={clip_skip} skips more layers than the text encoders have")
-        context = np.concatenate([np.asarray(out1.hidden_states[layer], np.float32),
-                                  np.asarray(out2.hidden_states[layer], np.float32)], axis=-1)
-        return context, np.asarray(out2.text_embeds, np.float32)
+        layer = None if clip_skip is None else -(clip_skip + 2)
+        out = self._encode_text([prompts, prompts_2 or prompts], layer)
+        return out.context, out.pooled
 
     def _text_conditioning(self, text: dict, *, num_images: int, cfg: bool, height: int,
                            width: int) -> tuple[np.ndarray, dict]:
@@ -179,13 +143,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         original = _pair("original_size", text.get("original_size"), (height, width))
         crop = _pair("crops_coords_top_left", text.get("crops_coords_top_left"), (0, 0))
         target = _pair("target_size", text.get("target_size"), (height, width))
-        time_ids = np.tile(np.asarray([original + crop + target], np.float32), (n, 1))
+        ids = np.tile(time_ids(original, crop, target), (n, 1))
         if cfg:
-            neg_ids = (_pair("negative_original_size", text.get("negative_original_size"), original)
-                       + _pair("negative_crops_coords_top_left", text.get("negative_crops_coords_top_left"), crop)
-                       + _pair("negative_target_size", text.get("negative_target_size"), target))
-            time_ids = np.concatenate([np.tile(np.asarray([neg_ids], np.float32), (n, 1)), time_ids])
-        return context, {"text_embeds": pooled, "time_ids": time_ids}
+            negative_ids = time_ids(_pair("negative_original_size", text.get("negative_original_size"), original),
+                                    _pair("negative_crops_coords_top_left",
+                                          text.get("negative_crops_coords_top_left"), crop),
+                                    _pair("negative_target_size", text.get("negative_target_size"), target))
+            ids = np.concatenate([np.tile(negative_ids, (n, 1)), ids])
+        return context, added_conditioning(self.family, pooled, ids)
 
     # ------------------------------------------------------------------ calls
 

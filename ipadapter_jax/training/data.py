@@ -12,7 +12,7 @@ Every image is resized on its shortest side and center-cropped to the
 resolution, normalised to [-1, 1] (``pixels``), and also prepared for CLIP
 (``clip_pixels``, the ``CLIPImageProcessor`` recipe). Each record also says
 what was done to its image, for SDXL's micro-conditioning (``time_ids``, see
-``sdxl_time_ids``): ``original_size`` (h, w) of the file and ``crop_top_left``
+``families.text.time_ids``): ``original_size`` (h, w) of the file and ``crop_top_left``
 (top, left) of the crop in the resized image, as the official
 ``tutorial_train_sdxl.py`` records them. With a second tokenizer (SDXL) the
 caption's ids of it are ``input_ids_2``. A corrupt or unreadable
@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ipadapter_jax.families.text import token_ids
 from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile, Unsupported, UserError
 from ipadapter_jax.io.files import read_json, read_npy
 from ipadapter_jax.io.images import load_rgb, preprocess, resize_crop
@@ -62,19 +63,6 @@ def train_pixels(image, resolution: int) -> np.ndarray:
     rgb = resize_crop(rgb, (new_w, new_h), (left, top, left + resolution, top + resolution), Image.BILINEAR)
     pixels = np.asarray(rgb, np.float32)
     return pixels / 127.5 - 1.0
-
-
-def sdxl_time_ids(original_size: np.ndarray, crop_top_left: np.ndarray, resolution: int) -> np.ndarray:
-    """[B, 6] float32 SDXL time ids of a batch of records: original size (h, w)
-    + crop top-left (top, left) + target size (resolution, resolution)."""
-    original_size, crop_top_left = np.asarray(original_size), np.asarray(crop_top_left)
-    target = np.full((len(original_size), 2), resolution)
-    return np.concatenate([original_size, crop_top_left, target], axis=1).astype(np.float32)
-
-
-def _ids(tokenizer, text: str) -> np.ndarray:
-    return tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="np").input_ids[0].astype(np.int32)
 
 
 class _ImageTextBase:
@@ -111,11 +99,11 @@ class _ImageTextBase:
                 continue
             width, height = rgb.size
             _, _, left, top = train_crop(width, height, self.resolution)
-            record = {"pixels": pixels, "clip_pixels": clip, "input_ids": _ids(self.tokenizer, text),
+            record = {"pixels": pixels, "clip_pixels": clip, "input_ids": token_ids(self.tokenizer, text, warn=False)[0],
                       "original_size": np.array([height, width], np.int32),
                       "crop_top_left": np.array([top, left], np.int32), "skipped": np.int32(skipped)}
             if self.tokenizer_2 is not None:
-                record["input_ids_2"] = _ids(self.tokenizer_2, text)
+                record["input_ids_2"] = token_ids(self.tokenizer_2, text, warn=False)[0]
             return record
         scope = (f"none of its {len(self)} records has a readable image" if attempts == len(self) else
                  f"{attempts} records in a row, from {self._describe(index)}, have no readable image")

@@ -21,13 +21,14 @@ Only the parameters whose path matches ``trainable`` (a regex over
 frozen input. ``train_step`` is one jittable function of
 ``(trainable, opt_state, frozen, batch, rng, step)``.
 
-The text conditioning is one small function picked in ``Trainer.create`` from
-the UNet's ``addition_embed_type`` (``TEXT_CONDITIONING``): SD 1.x / 2.x take
-the text encoder's last hidden state; SDXL (``"text_time"``) takes both
-encoders' ``hidden_states[-2]`` side by side, encoder 2's pooled
-``text_embeds`` and the batch's per-image ``time_ids`` (original size + crop
-top-left + target size), as the official ``tutorial_train_sdxl.py`` does (a
-dropped caption is the empty prompt through both encoders, pooled included).
+The text conditioning is the base model's family's (``ipadapter_jax.families``,
+found from the UNet's config in ``Trainer.create``; the function in
+``families.text`` the pipelines use too): SD 1.x / 2.x take the text
+encoder's last hidden state; SDXL takes both encoders' ``hidden_states[-2]``
+side by side, encoder 2's pooled ``text_embeds`` and the batch's per-image
+``time_ids`` (original size + crop top-left + target size), as the official
+``tutorial_train_sdxl.py`` does (a dropped caption is the empty prompt through
+both encoders, pooled included).
 ``noise_offset`` (default 0: off) adds ``noise_offset * N(0, 1)`` per sample
 and channel to the noise.
 """
@@ -44,8 +45,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ipadapter_jax import schedulers
-from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported
+from ipadapter_jax import families, schedulers
+from ipadapter_jax.families import SD1, Family
+from ipadapter_jax.families.text import TEXT_CONDITIONING, added_conditioning
+from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 
 ADAPTER_ONLY = r"^ip_adapters/"
@@ -79,44 +82,33 @@ class TextConditioning(NamedTuple):
     added_cond: dict | None = None
 
 
-def sd_text(trainer: "Trainer", frozen, batch: dict, drop_text: jax.Array) -> jax.Array:
-    """SD 1.x / 2.x: the text encoder's last hidden state [B, 77, C] (or the
-    cached ``text_embeds``); a dropped caption is ``empty_text`` (ids [77] of
-    "", or its embedding [77, C] with cached features)."""
-    if "text_embeds" in batch:
-        return jnp.where(drop_text[:, None, None], batch["empty_text"][None], batch["text_embeds"])
-    ids = jnp.where(drop_text[:, None], batch["empty_text"][None], batch["input_ids"])
-    return trainer._module("text_encoder", frozen)(ids).last_hidden_state
+def text_conditioning(trainer: "Trainer", frozen, batch: dict, drop_text: jax.Array):
+    """The family's text conditioning (``families.text``, as the pipelines use
+    it) with dropped captions replaced: the context [B, 77, C] (SD 1.x / 2.x),
+    or a ``TextConditioning`` for families with added conditioning (SDXL: both
+    encoders' ``hidden_states[-2]`` side by side, encoder 2's pooled
+    ``text_embeds``, the batch's per-image ``time_ids`` [B, 6]).
 
-
-def sdxl_text(trainer: "Trainer", frozen, batch: dict, drop_text: jax.Array) -> TextConditioning:
-    """SDXL: context = concat(encoder 1's, encoder 2's ``hidden_states[-2]``)
-    [B, 77, C1 + C2], pooled = encoder 2's ``text_embeds`` [B, P], time ids
-    from ``batch["time_ids"]`` [B, 6] (original (h, w), crop (top, left),
-    target (h, w) of each image).
-
-    batch: ``input_ids`` / ``input_ids_2`` [B, 77] (each tokenizer's ids) and
-    ``empty_text`` [2, 77] (the ids of "" of tokenizer 1 and 2); or cached
-    ``text_embeds`` [B, 77, C1 + C2] / ``pooled_text_embeds`` [B, P] with
-    ``empty_text`` [77, C1 + C2] / ``empty_pooled`` [P] (the encoders on "").
+    batch: ``input_ids`` [B, 77] (``input_ids_2`` for a second encoder) and
+    ``empty_text`` (the ids of "": [77], or [n, 77] for n encoders); or cached
+    ``text_embeds`` [B, 77, C] with ``empty_text`` [77, C] (its embedding), and
+    for added conditioning ``pooled_text_embeds`` [B, P] / ``empty_pooled`` [P].
     """
+    family = trainer.family
     if "text_embeds" in batch:
         context = jnp.where(drop_text[:, None, None], batch["empty_text"][None], batch["text_embeds"])
-        pooled = jnp.where(drop_text[:, None], batch["empty_pooled"][None], batch["pooled_text_embeds"])
+        pooled = (jnp.where(drop_text[:, None], batch["empty_pooled"][None], batch["pooled_text_embeds"])
+                  if "pooled_text_embeds" in batch else None)
     else:
-        empty = batch["empty_text"]
-        ids = jnp.where(drop_text[:, None], empty[0][None], batch["input_ids"])
-        ids_2 = jnp.where(drop_text[:, None], empty[1][None], batch["input_ids_2"])
-        states = trainer._module("text_encoder", frozen)(ids).hidden_states[-2]
-        out_2 = trainer._module("text_encoder_2", frozen)(ids_2)
-        context = jnp.concatenate([states, out_2.hidden_states[-2].astype(states.dtype)], axis=-1)
-        pooled = out_2.text_embeds
-    added = {"text_embeds": pooled.astype(jnp.float32), "time_ids": jnp.asarray(batch["time_ids"], jnp.float32)}
-    return TextConditioning(context, added)
-
-
-# The text conditioning of each UNet ``addition_embed_type``.
-TEXT_CONDITIONING: dict[str | None, Callable] = {None: sd_text, "text_time": sdxl_text}
+        empty = batch["empty_text"].reshape(-1, batch["empty_text"].shape[-1])
+        keys = ["input_ids"] + [f"input_ids_{i + 2}" for i in range(len(family.text) - 1)]
+        ids = [jnp.where(drop_text[:, None], empty[i][None], batch[key]) for i, key in enumerate(keys)]
+        encoders = [trainer._module(slot.component, frozen) for slot in family.text]
+        context, pooled = TEXT_CONDITIONING[family.text_conditioning](encoders, ids)
+    added = added_conditioning(family, None if pooled is None else pooled.astype(jnp.float32),
+                               None if family.added_conditioning is None else
+                               jnp.asarray(batch["time_ids"], jnp.float32))
+    return context if added is None else TextConditioning(context, added)
 
 
 def path_filter(pattern: str) -> Callable:
@@ -129,36 +121,31 @@ def path_filter(pattern: str) -> Callable:
     return select
 
 
-def _text_conditioning(unet, text_encoder, text_encoder_2) -> Callable:
-    """The text-conditioning function for ``unet`` (checked against the encoders given)."""
-    kind = getattr(unet.config, "addition_embed_type", None)
-    if kind not in TEXT_CONDITIONING:
-        raise Unsupported(f"training a UNet with addition_embed_type={kind!r} is not supported "
-                          f"(supported: {sorted(map(str, TEXT_CONDITIONING))})")
-    if kind is None:
-        if text_encoder_2 is not None:
-            raise BadArgument("text_encoder_2 is given but the UNet takes no added conditioning (SD 1.x / 2.x "
-                              "use one text encoder)")
-        return TEXT_CONDITIONING[kind]
-    if (text_encoder is None) != (text_encoder_2 is None):
-        raise BadArgument("an SDXL UNet (addition_embed_type='text_time') needs both text_encoder and "
-                          "text_encoder_2 (or neither, with cached text embeddings)")
-    if text_encoder_2 is not None:
-        pooled = getattr(text_encoder_2.config, "projection_dim", None)
-        if not hasattr(text_encoder_2, "text_projection") or pooled is None:
-            raise BadArgument("text_encoder_2 must be a CLIPTextModelWithProjection (SDXL pools its projected "
-                              "text_embeds)")
-        widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
-        added = pooled + 6 * unet.config.addition_time_embed_dim
-        expected = unet.config.projection_class_embeddings_input_dim
-        if widths not in np.ravel(unet.config.cross_attention_dim) or added != expected:
-            raise Incompatible(
-                f"the text encoders do not fit this SDXL UNet: hidden sizes {text_encoder.config.hidden_size} + "
-                f"{text_encoder_2.config.hidden_size} = {widths} (UNet cross_attention_dim "
-                f"{unet.config.cross_attention_dim}); pooled {pooled} + 6 x {unet.config.addition_time_embed_dim} = "
-                f"{added} (UNet projection_class_embeddings_input_dim "
-                f"{unet.config.projection_class_embeddings_input_dim})")
-    return TEXT_CONDITIONING[kind]
+def _check_text_encoders(family: Family, unet, text_encoder, text_encoder_2) -> None:
+    """The encoders given fit ``family`` and the UNet (both or none, for cached text embeddings)."""
+    given = [e for e in (text_encoder, text_encoder_2) if e is not None]
+    if text_encoder_2 is not None and len(family.text) < 2:
+        raise BadArgument(f"text_encoder_2 is given but the UNet is an {family.title} UNet, which uses one text "
+                          "encoder")
+    if given and len(given) != len(family.text):
+        raise BadArgument(f"an {family.title} UNet needs {len(family.text)} text encoders "
+                          f"({', '.join(s.component for s in family.text)}), or none with cached text embeddings")
+    if family.added_conditioning is None or text_encoder_2 is None:
+        return
+    pooled = getattr(text_encoder_2.config, "projection_dim", None)
+    if not hasattr(text_encoder_2, "text_projection") or pooled is None:
+        raise BadArgument("text_encoder_2 must be a CLIPTextModelWithProjection (SDXL pools its projected "
+                          "text_embeds)")
+    widths = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    added = pooled + 6 * unet.config.addition_time_embed_dim
+    expected = unet.config.projection_class_embeddings_input_dim
+    if widths not in np.ravel(unet.config.cross_attention_dim) or added != expected:
+        raise Incompatible(
+            f"the text encoders do not fit this SDXL UNet: hidden sizes {text_encoder.config.hidden_size} + "
+            f"{text_encoder_2.config.hidden_size} = {widths} (UNet cross_attention_dim "
+            f"{unet.config.cross_attention_dim}); pooled {pooled} + 6 x {unet.config.addition_time_embed_dim} = "
+            f"{added} (UNet projection_class_embeddings_input_dim "
+            f"{unet.config.projection_class_embeddings_input_dim})")
 
 
 @dataclasses.dataclass
@@ -179,7 +166,7 @@ class Trainer:
     vae_factor: int = 8
     latent_channels: int = 4
     has_adapter: bool = True
-    text_conditioning: Callable = sd_text   # (trainer, frozen, batch, drop_text) -> text (see TEXT_CONDITIONING)
+    family: Family = SD1                    # the base model's (``ipadapter_jax.families``): its text conditioning
 
     @classmethod
     def create(cls, unet, *, vae=None, text_encoder=None, image_encoder=None, optimizer=None,
@@ -192,7 +179,8 @@ class Trainer:
             raise BadArgument(f"training expects at most one attached IP-Adapter, found {len(unet.ip_adapters)}")
         if config.image_conditioning not in ("decoupled", "concat"):
             raise BadArgument(f"image_conditioning must be 'decoupled' or 'concat', got {config.image_conditioning!r}")
-        text_conditioning = _text_conditioning(unet, text_encoder, text_encoder_2)
+        family = families.of_unet_config(unet.config)
+        _check_text_encoders(family, unet, text_encoder, text_encoder_2)
         if config.noise_offset < 0:
             raise BadArgument(f"noise_offset must be >= 0, got {config.noise_offset}")
         graphdef, trainable_state, rest = nnx.split(unet, path_filter(trainable), ...)
@@ -208,8 +196,7 @@ class Trainer:
         alphas = schedulers.ddpm_alphas_cumprod(scheduler_config or {})
         factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
         trainer = cls(graphdef, graphdefs, config, optimizer, np.asarray(alphas), factor,
-                      unet.config.in_channels, has_adapter=len(unet.ip_adapters) == 1,
-                      text_conditioning=text_conditioning)
+                      unet.config.in_channels, has_adapter=len(unet.ip_adapters) == 1, family=family)
         return trainer, trainable_state, frozen
 
     def init_optimizer(self, trainable_state):
@@ -239,7 +226,7 @@ class Trainer:
     def encode(self, frozen, batch: dict, draws: dict) -> tuple[jax.Array, Any, jax.Array]:
         """-> (latents, text conditioning, image embeddings) with the dropout applied.
         The text conditioning is ``self.text_conditioning``'s: an array [B, S, C]
-        (SD 1.x) or a ``TextConditioning`` (SDXL: see ``sdxl_text`` for its keys).
+        (SD 1.x) or a ``TextConditioning`` (SDXL: see ``text_conditioning`` for its keys).
 
         batch keys: ``pixels`` [B,H,W,3] in [-1,1] or ``latents`` (scaled);
         ``input_ids`` [B,77] or ``text_embeds``; ``clip_pixels`` (normalised) or
@@ -255,7 +242,7 @@ class Trainer:
             vae = self._module("vae", frozen)
             latents = vae.encode(batch["pixels"]).sample(draws["vae_key"]) * c.scaling_factor
 
-        text = self.text_conditioning(self, frozen, batch, draws["drop_text"])
+        text = text_conditioning(self, frozen, batch, draws["drop_text"])
 
         drop_image = draws["drop_image"]
         if not self.has_adapter:

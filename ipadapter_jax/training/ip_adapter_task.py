@@ -1,12 +1,14 @@
-"""The IP-Adapter trainer: build models and data from a config, shard, run
-the shared training runner (``runner``: step, log, checkpoint, resume), export
-the adapter in the official format.
+"""The IP-Adapter training task: build models and data from a config, shard,
+run the shared training runner (``runner``: step, log, checkpoint, resume),
+export the adapter in the official format.
 
-SDXL base folders (a UNet with ``addition_embed_type="text_time"``) train the
-same way with the second text encoder and tokenizer (``text_encoder_2``,
-``tokenizer_2``) added, and each image's ``time_ids`` (original size + crop
-top-left + target size) built from what its source recorded; feature caching
-(``data.cache_dir``, ``data.kind="cached"``) is SD 1.x only.
+The base model is read by the one component loader (``convert.components``:
+a diffusers folder or a single file, of any family); its family
+(``ipadapter_jax.families``) says what the text side needs: SDXL trains with
+both text encoders and each image's ``time_ids`` (original size + crop
+top-left + target size) built from what its source recorded. Feature caching
+(``data.cache_dir``, ``data.kind="cached"``) covers families with one text
+encoder (SD 1.x / 2.x).
 
 Read top to bottom: ``train(config)`` is the whole recipe in sections.
 """
@@ -25,15 +27,15 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
-from transformers import CLIPTokenizer
 
-from ipadapter_jax import ip_adapter, schedulers
+from ipadapter_jax import ip_adapter
+from ipadapter_jax.convert.components import Components, load_components
+from ipadapter_jax.families.text import time_ids, token_ids
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported, UserError
+from ipadapter_jax.io.hub import resolve
 from ipadapter_jax.ip_adapter import variants
-from ipadapter_jax.ip_adapter.image_proj import Resampler
 from ipadapter_jax.ip_adapter.official import load_ip_adapter, save_ip_adapter
-from ipadapter_jax.models import (AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection,
-                                  CLIPVisionModelWithProjection, UNet2DConditionModel)
+from ipadapter_jax.models import CLIPVisionModelWithProjection
 from ipadapter_jax.training import data as data_lib
 from ipadapter_jax.training import runner
 from ipadapter_jax.training import sharding as sharding_lib
@@ -61,26 +63,18 @@ def _new_adapter(cfg, unet, image_encoder) -> None:
         raise BadArgument(f"model.variant must be one of {trainable} to train a new adapter, got {m.variant!r}")
     rngs = nnx.Rngs(cfg.seed)
     token_dim = unet.cross_attention_layers()[0].token_dim
-    width = m.get("resampler_dim", 0)
-    if spec.name == "plus" and width:
-        # The official SDXL Plus recipe: a Resampler narrower than the tokens (dim 1280, 20 heads -> 2048).
-        proj = Resampler(dim=width, depth=4, dim_head=64, heads=max(width // 64, 1), num_queries=m.num_tokens,
-                         embedding_dim=image_encoder.config.hidden_size, output_dim=token_dim, rngs=rngs)
-    else:
-        proj = spec.new(token_dim, image_encoder.config, m.num_tokens, rngs)
+    proj = spec.new(token_dim, image_encoder.config, m.num_tokens, rngs, width=m.get("resampler_dim", 0))
     adapter = ip_adapter.IPAdapter.for_unet(unet, proj, variant=spec.name, rngs=rngs)
     adapter.init_from_unet(unet)
     ip_adapter.attach(unet, adapter)
 
 
-def _folder(field: str, value: str, what: str) -> Path:
-    """The folder a config field names; a ``MissingFile`` naming the field when
-    it is empty or not a folder."""
+def _source(field: str, value: str, what: str, kind: str) -> Path:
+    """The folder or file a config field names (a local path or a hub id); a
+    ``MissingFile`` naming the field when it is empty or not found."""
     if not value:
-        raise MissingFile(f"{field} is required: {what} (--config.{field}=DIR)")
-    if not Path(value).is_dir():
-        raise MissingFile(f"{field}: no such folder {value!r} (expected {what})")
-    return Path(value)
+        raise MissingFile(f"{field} is required: {what} (--config.{field}=PATH)")
+    return resolve(value, kind=kind, what=what, flag=f"{field}")
 
 
 CHOICES = {"data.kind": ("json", "tfds", "cached"), "step.compute_dtype": ("float32", "bfloat16"),
@@ -115,50 +109,28 @@ def check_config(cfg) -> None:
     runner.check_train_config(cfg.train)
 
 
-def build_models(cfg):
-    """UNet (+ a new or loaded IP-Adapter), VAE, text encoder, tokenizer, image
-    encoder and scheduler config from ``cfg.model``; the frozen models compute
-    in ``cfg.step.compute_dtype``."""
+def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
+    """The base model's components (a diffusers folder or a single file, with a
+    new or loaded IP-Adapter attached to its UNet) and the image encoder, from
+    ``cfg.model``; the frozen models compute in ``cfg.step.compute_dtype``."""
     m = cfg.model
-    root = _folder("model.pretrained", m.pretrained, "a diffusers Stable Diffusion folder")
-    _folder("model.image_encoder", m.image_encoder, "a CLIP vision model folder (transformers layout)")
+    root = _source("model.pretrained", m.pretrained, "a Stable Diffusion model (diffusers folder or single file)",
+                   "any")
+    encoder_dir = _source("model.image_encoder", m.image_encoder,
+                          "a CLIP vision model folder (transformers layout)", "folder")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
-    unet = UNet2DConditionModel.from_pretrained(root / "unet", dtype=dtype, remat=cfg.train.remat)
-    vae = AutoencoderKL.from_pretrained(root / "vae")
-    text_encoder = CLIPTextModel.from_pretrained(root / "text_encoder", dtype=dtype)
-    tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(m.image_encoder, dtype=dtype)
+    components = load_components(root, dtype=dtype, remat=cfg.train.remat)
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, dtype=dtype)
     if m.adapter_init:
-        load_ip_adapter(m.adapter_init, unet)
+        load_ip_adapter(m.adapter_init, components.unet)
     else:
-        _new_adapter(cfg, unet, image_encoder)
-    return unet, vae, text_encoder, tokenizer, image_encoder, schedulers.load_scheduler_config(root)
-
-
-def is_sdxl(unet) -> bool:
-    """An SDXL base UNet (added text + time conditioning)?"""
-    return unet.config.addition_embed_type == "text_time"
-
-
-def build_text_2(cfg, unet):
-    """SDXL's second text encoder (``CLIPTextModelWithProjection``, in
-    ``cfg.step.compute_dtype``) and tokenizer from ``model.pretrained``;
-    ``(None, None)`` for a UNet without added conditioning."""
-    if not is_sdxl(unet):
-        return None, None
-    root = Path(cfg.model.pretrained)
-    for sub in ("text_encoder_2", "tokenizer_2"):
-        if not (root / sub).is_dir():
-            raise MissingFile(f"model.pretrained: {root} holds an SDXL UNet but no {sub}/ folder (an SDXL folder "
-                              "holds unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/)")
-    dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(root / "text_encoder_2", dtype=dtype)
-    return text_encoder_2, CLIPTokenizer.from_pretrained(str(root / "tokenizer_2"), local_files_only=True)
+        _new_adapter(cfg, components.unet, image_encoder)
+    return components, image_encoder
 
 
 def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None):
-    """The data source ``cfg.data`` names (with ``tokenizer_2``, SDXL, records
-    carry ``input_ids_2`` too). What the sources refuse (a missing file or
+    """The data source ``cfg.data`` names (with ``tokenizer_2``, a family with
+    two text encoders, records carry ``input_ids_2`` too). What the sources refuse (a missing file or
     folder, a malformed dataset) is raised as ``MissingFile`` / ``BadFile``."""
     d = cfg.data
     if d.kind not in CHOICES["data.kind"]:
@@ -225,21 +197,17 @@ def _mesh(cfg):
     return mesh
 
 
-def _empty_ids(tokenizer) -> np.ndarray:
-    return np.asarray(tokenizer("", padding="max_length", max_length=tokenizer.model_max_length,
-                                return_tensors="np").input_ids[0], np.int32)
-
-
-def _constants(tokenizer, text_encoder, image_encoder, cached: bool, plus: bool, tokenizer_2=None) -> dict:
-    """What dropped captions / images become: the ids of "" (SDXL: [2, 77], one
-    row per tokenizer) or, with cached features, the encoders' outputs for ""
-    and zero pixels, as the encoders are not in the step."""
-    empty = _empty_ids(tokenizer)
-    if tokenizer_2 is not None:
-        return {"empty_text": np.stack([empty, _empty_ids(tokenizer_2)])}
-    if not cached:
+def _constants(tokenizers: list, text_encoder, image_encoder, cached: bool, plus: bool) -> dict:
+    """What dropped captions / images become: the ids of "" (one row per
+    tokenizer: [77], or [n, 77] for a family with n > 1 text encoders) or, with
+    cached features, the encoders' outputs for "" and zero pixels, as the
+    encoders are not in the step."""
+    empty = np.stack([token_ids(tok, "", warn=False)[0] for tok in tokenizers])
+    if len(tokenizers) > 1:
         return {"empty_text": empty}
-    constants = {"empty_text": np.asarray(text_encoder(empty[None]).last_hidden_state[0], np.float32)}
+    if not cached:
+        return {"empty_text": empty[0]}
+    constants = {"empty_text": np.asarray(text_encoder(empty[:1]).last_hidden_state[0], np.float32)}
     if plus:
         size = image_encoder.config.image_size
         zero = np.zeros((1, size, size, 3), np.float32)
@@ -256,10 +224,11 @@ def _shard(cfg, mesh, *trees):
 
 
 def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, cached: bool,
-          lr_schedule, sdxl: bool = False) -> runner.Task:
+          lr_schedule, size_conditioning: bool = False) -> runner.Task:
     """The runner's task: the state ``{"trainable", "opt_state"}``, batches from
-    the grain iterator (checkpointed with it) placed over (data, fsdp). SDXL
-    batches get ``time_ids`` from each record's original size and crop."""
+    the grain iterator (checkpointed with it) placed over (data, fsdp). With
+    ``size_conditioning`` (SDXL's added conditioning) batches get ``time_ids``
+    from each record's original size and crop."""
     step_fn = jax.jit(trainer.train_step, donate_argnums=(0, 1))
     base_rng = jax.random.key(cfg.seed)
 
@@ -275,8 +244,8 @@ def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, c
             host_batch = {k: host_batch[k] for k in ("latents", "text_embeds", "image_embeds")}
         else:
             original, crop = host_batch.pop("original_size"), host_batch.pop("crop_top_left")
-            if sdxl:
-                host_batch["time_ids"] = data_lib.sdxl_time_ids(original, crop, cfg.data.resolution)
+            if size_conditioning:
+                host_batch["time_ids"] = time_ids(original, crop, (cfg.data.resolution,) * 2)
         return sharding_lib.put_batch({**host_batch, **constants}, mesh), {"skipped_images": skipped}
 
     return runner.Task(state=state, step=step, batch=batch, lr=step_lr(cfg, lr_schedule),
@@ -303,13 +272,13 @@ def train(cfg) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
 
     # --- models and data (errors here come before any compilation)
-    unet, vae, text_encoder, tokenizer, image_encoder, sched_cfg = build_models(cfg)
-    text_encoder_2, tokenizer_2 = build_text_2(cfg, unet)
-    sdxl = text_encoder_2 is not None
-    if sdxl and (cfg.data.kind == "cached" or cfg.data.cache_dir):
-        raise Unsupported("feature caching (data.cache_dir / data.kind='cached') is not supported for SDXL yet; "
-                          "train from images (data.kind json or tfds, data.cache_dir='')")
-    source = build_source(cfg, tokenizer, image_encoder.config.image_size, tokenizer_2)
+    components, image_encoder = build_models(cfg)
+    unet, vae, family = components.unet, components.vae, components.family
+    text_encoder, tokenizers = components.text_encoders[0], components.tokenizers
+    if len(family.text) > 1 and (cfg.data.kind == "cached" or cfg.data.cache_dir):
+        raise Unsupported(f"feature caching (data.cache_dir / data.kind='cached') is not supported for {family.title} "
+                          "(two text encoders) yet; train from images (data.kind json or tfds, data.cache_dir='')")
+    source = build_source(cfg, tokenizers[0], image_encoder.config.image_size, *tokenizers[1:])
     spec = unet.ip_adapters[0].spec          # from the adapter itself (adapter_init may be any variant)
     if spec.needs_face_id:
         raise Unsupported("training FaceID adapters needs InsightFace embeddings in the data; not supported")
@@ -334,14 +303,15 @@ def train(cfg) -> dict:
     trainer, trainable, frozen = Trainer.create(
         unet, vae=None if cached else vae, text_encoder=None if cached else text_encoder,
         image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,
-        config=step_cfg, scheduler_config=sched_cfg, text_encoder_2=text_encoder_2)
-    constants = _constants(tokenizer, text_encoder, image_encoder, cached, plus, tokenizer_2)
+        config=step_cfg, scheduler_config=components.scheduler_config,
+        text_encoder_2=None if cached else next(iter(components.text_encoders[1:]), None))
+    constants = _constants(tokenizers, text_encoder, image_encoder, cached, plus)
     opt_state = trainer.init_optimizer(trainable)
 
     # --- sharding, the run, then the adapter in the official format (the EMA weights when tracked)
     trainable, opt_state, frozen = _shard(cfg, mesh, trainable, opt_state, frozen)
     task = _task(cfg, trainer, {"trainable": trainable, "opt_state": opt_state}, frozen, mesh, iter(loader),
-                 constants, cached, lr_schedule, sdxl)
+                 constants, cached, lr_schedule, family.added_conditioning is not None)
     result = runner.run(task, workdir, cfg.train)
     export = Path(cfg.train.export or workdir / "ip_adapter.safetensors")
     if jax.process_index() == 0:
@@ -362,8 +332,8 @@ def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | Non
     if step not in saved:
         raise MissingFile(f"no checkpoint of step {step} in {Path(cfg.workdir) / 'checkpoints'}; "
                           f"saved steps: {sorted(saved)}")
-    unet, *_ = build_models(cfg)
-    graphdef, trainable, rest = nnx.split(unet, path_filter(cfg.train.trainable), ...)
+    components, _ = build_models(cfg)
+    graphdef, trainable, rest = nnx.split(components.unet, path_filter(cfg.train.trainable), ...)
     optimizer, _ = make_optimizer(cfg)
     state = runner.restore_state(manager, step, {"trainable": trainable, "opt_state": optimizer.init(trainable)})
     adapter = _trained_adapter(graphdef, state, rest)
