@@ -10,16 +10,30 @@ from typing import Callable
 
 from flax import nnx
 
+from ipadapter_jax.io import hub
 from ipadapter_jax.io.errors import BadFile, UserError
 from ipadapter_jax.io.files import find_weights, load_config, read_weights, save_safetensors
 from ipadapter_jax.io.params import AbstractRngs, LoadReport, Rename, load_state_dict_into, module_state_dict
 
 
+def model_folder(folder: str | os.PathLike, *, weights_name: str, variant: str | None = None,
+                 subfolder: str | None = None) -> Path:
+    """``folder[/subfolder]`` as a local folder: a local path as given, a hub id
+    (``org/name``, ``org/name:path``; see ``io.hub``) as its folder in the Hugging
+    Face cache, fetching only the config and the weights that will be read."""
+    spec = hub.join(folder, subfolder)
+    if hub.is_hub_id(spec):
+        return hub.resolve_model_folder(spec, weights_name=weights_name, variant=variant)
+    return Path(spec)
+
+
 def load_pretrained(folder: str | os.PathLike, build: Callable[..., nnx.Module], *, weights_name: str,
                     variant: str | None = None, strict: bool = True, rename: Rename | None = None,
-                    check_config: Callable[[dict], object] | None = None,
+                    check_config: Callable[[dict], object] | None = None, subfolder: str | None = None,
                     ) -> tuple[nnx.Module, LoadReport]:
     """Read ``folder/config.json`` and the folder's weights into ``build(config, rngs)``.
+
+    ``folder`` may be a hub id and ``subfolder`` is joined onto it (``model_folder``).
 
     ``build`` must construct the module from the config dict with the given
     ``rngs``: it is traced abstractly first with ``AbstractRngs()`` (so
@@ -27,7 +41,7 @@ def load_pretrained(folder: str | os.PathLike, build: Callable[..., nnx.Module],
     non-strict load that leaves parameters to their init. ``check_config`` runs before any
     weights are read, so a bad config fails fast. Errors name the folder/file/key.
     """
-    folder = Path(folder)
+    folder = model_folder(folder, weights_name=weights_name, variant=variant, subfolder=subfolder)
     config = load_config(folder)
     if check_config is not None:
         try:
@@ -155,12 +169,15 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, *, variant: str | None = None, strict: bool = True,
-                        return_report: bool = False, **options):
+                        return_report: bool = False, subfolder: str | None = None, **options):
         """Load a diffusers/transformers model folder (``config.json`` plus
         ``*.safetensors`` or ``*.bin``; ``variant="fp16"`` picks
-        ``*.fp16.safetensors``). ``options`` (``dtype``, ``attention_backend``)
-        go to the constructor. Strict by default: see ``load_state_dict_into``.
-        With ``return_report=True`` returns ``(module, LoadReport)``."""
+        ``*.fp16.safetensors``): a local path, or a Hugging Face hub id
+        (``org/name``, ``org/name:unet``; fetched into the hub cache, see
+        ``io.hub``), with diffusers' ``subfolder=`` joined onto either.
+        ``options`` (``dtype``, ``attention_backend``) go to the constructor.
+        Strict by default: see ``load_state_dict_into``. With
+        ``return_report=True`` returns ``(module, LoadReport)``."""
 
         def build(config, rngs):
             module = cls.from_config(config, rngs=rngs, **options)
@@ -169,7 +186,7 @@ class PretrainedMixin:
 
         module, report = load_pretrained(folder, build, weights_name=cls.weights_name, variant=variant,
                                          strict=strict, rename=cls.rename_key,
-                                         check_config=cls.parse_config)
+                                         check_config=cls.parse_config, subfolder=subfolder)
         return (module, report) if return_report else module
 
     @property

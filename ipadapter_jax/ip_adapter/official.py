@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.io import hub
 from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.io.files import CheckpointError, atomic_write, read_state_dict, save_safetensors
 from ipadapter_jax.io.params import load_state_dict_into, module_state_dict
@@ -103,9 +104,23 @@ def _rename_official(key: str, value):
     return key, value  # unmatched: reported as unexpected by the strict loader
 
 
-def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, shortcut: bool | None = None):
+def adapter_file(path: str | os.PathLike, subfolder: str | None = None, weight_name: str | None = None) -> Path:
+    """The adapter file ``path[/subfolder][/weight_name]`` as a local path: ``path``
+    a local file or folder, or a Hugging Face hub id (``org/name:path/file``, or
+    ``org/name`` with ``subfolder`` / ``weight_name`` as diffusers spells it),
+    which is fetched into the hub cache (``io.hub``). A missing local file is
+    returned as is (the reader names it)."""
+    return hub.local_path(hub.join(path, subfolder, weight_name), kind="file", what="IP-Adapter file")
+
+
+def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, shortcut: bool | None = None,
+                    subfolder: str | None = None, weight_name: str | None = None):
     """Load an official IP-Adapter file for ``unet`` and (by default) attach it.
 
+    ``path`` is the file, or with diffusers' ``subfolder`` / ``weight_name`` the
+    folder they are joined onto; a Hugging Face hub id works for either
+    (``"h94/IP-Adapter:models/ip-adapter_sd15.safetensors"``, or ``"h94/IP-Adapter"``
+    with ``subfolder="models", weight_name="ip-adapter_sd15.safetensors"``).
     The variant (``IPAdapter.variant``) and token count come from the keys.
     ``shortcut`` (FaceID-PlusV2's ``out = id_tokens + s_scale * out``) defaults to
     True when the file name says ``plusv2``: the keys of Plus and PlusV2 are the
@@ -113,7 +128,7 @@ def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, short
     layouts, adapters for another base model (e.g. SDXL on SD 1.5), truncated
     files, any key that does not land or weight that is missing.
     """
-    path = Path(path)
+    path = adapter_file(path, subfolder, weight_name)
     state = read_ip_adapter(path)
     image_proj = {k[len("image_proj."):]: v for k, v in state.items() if k.startswith("image_proj.")}
     ip = {k: v for k, v in state.items() if k.startswith("ip_adapter.")}
