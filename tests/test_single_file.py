@@ -46,10 +46,12 @@ from safetensors.numpy import load_file, save_file
 import sd_fixtures
 from helpers import nchw, nhwc, rel_err
 from ipadapter_jax.cli import run
-from ipadapter_jax.convert import controlnet, ldm_families
+from ipadapter_jax import families
+from ipadapter_jax.convert import components as component_loader
+from ipadapter_jax.convert import controlnet
 from ipadapter_jax.convert.__main__ import PROG, main as convert_main
 from ipadapter_jax.convert.ldm_detect import detect_family, file_prediction_type, read_layout
-from ipadapter_jax.convert.ldm_families import FAMILIES
+from ipadapter_jax.families import FAMILIES
 from ipadapter_jax.convert.ldm_text import with_text_model_prefix
 from ipadapter_jax.convert.build import build_module, expected_shapes
 from ipadapter_jax.convert.single_file import (SingleFileModel, folder_to_single_file, ldm_shapes, modules_to_ldm,
@@ -58,7 +60,6 @@ from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingF
 from ipadapter_jax.io.files import CheckpointError, TorchRequired
 from ipadapter_jax.io.params import module_state_dict
 from ipadapter_jax.pipeline import StableDiffusionXLPipeline, load_pipeline
-from ipadapter_jax.pipeline import single_file as pipeline_single_file
 from ipadapter_jax.pipeline.single_file import load_pipeline_from_single_file
 from test_sdxl_pipeline import build_sdxl_folder
 
@@ -529,7 +530,7 @@ def test_suffix_case_and_training_buffers(models, tmp_path):
         got = read_single_file(path, config_dir=folder).components
         for name, component in want.items():
             assert_same(got[name].state_dict, component.state_dict, f"{path.name} {name}")
-    assert controlnet.DDPM_BUFFERS is ldm_families.DDPM_BUFFERS <= ldm_families.IGNORED_KEYS
+    assert controlnet.DDPM_BUFFERS is families.DDPM_BUFFERS <= families.IGNORED_KEYS
 
 
 def test_load_pipeline_refuses_the_other_loaders_options(models):
@@ -574,7 +575,7 @@ def test_tokenizers_from_the_hub_cache(models, tmp_path, monkeypatch):
         raise AssertionError(f"{path} was read")
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline_single_file, "read_single_file", refused_before_reading)
+        m.setattr(component_loader, "read_single_file", refused_before_reading)
         with pytest.raises(MissingFile, match=r"carries no tokenizer.*nor is the SD 1.x tokenizer in the local "
                                               r"Hugging Face cache \(.*hub;.*stable-diffusion-v1-5/stable-diffusion-"
                                               r"v1-5/tokenizer / runwayml.* / openai/clip-vit-large-patch14"):
@@ -585,9 +586,9 @@ def test_tokenizers_from_the_hub_cache(models, tmp_path, monkeypatch):
 
     # Looked up in the family's order: the last one alone, then the first beside it.
     last = _hub_snapshot(cache, "openai/clip-vit-large-patch14", folder / "tokenizer")
-    assert [f for f, _ in pipeline_single_file.hub_tokenizers(sd1)] == [last]
+    assert [f for f, _ in component_loader.hub_tokenizers(sd1)] == [last]
     first = _hub_snapshot(cache, "stable-diffusion-v1-5/stable-diffusion-v1-5", folder / "tokenizer", "tokenizer")
-    assert [f for f, _ in pipeline_single_file.hub_tokenizers(sd1)] == [first]
+    assert [f for f, _ in component_loader.hub_tokenizers(sd1)] == [first]
 
     pipe = load_pipeline_from_single_file(file)
     reference = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
@@ -610,7 +611,7 @@ def test_sdxl_tokenizers_from_the_hub_cache(models, tmp_path, monkeypatch):
     sd_fixtures.write_tokenizer(plain)
     _hub_snapshot(tmp_path / "hub", "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k", plain)
     model = SingleFileModel(FAMILIES["sdxl"], {}, {}, {}, "epsilon")
-    first, second = pipeline_single_file.load_tokenizers(model)
+    first, second = component_loader.load_tokenizers(model)
     for ours, name in ((first, "tokenizer"), (second, "tokenizer_2")):
         reference = CLIPTokenizer.from_pretrained(str(folder / name), local_files_only=True)
         assert ours.pad_token == reference.pad_token == ("!" if name == "tokenizer_2" else "<|endoftext|>")

@@ -11,9 +11,10 @@ errors too.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from ipadapter_jax.io.errors import UserError
 
@@ -43,3 +44,12 @@ def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] 
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with errors as one line, ``PROG: error: MESSAGE`` and exit status
+    2: never the usage block (the flags of these commands fill a screen; ``--help``
+    shows them)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")

@@ -111,7 +111,8 @@ def detect_family(shapes: Mapping[str, tuple], source: str = "checkpoint") -> Fa
         raise Unsupported(f"{source} is an SDXL refiner (one OpenCLIP text encoder at conditioner.embedders.0.model); "
                           "only SDXL base models are supported")
     width = context_width(shapes)
-    found = [f for f in FAMILIES.values() if any(_has(shapes, marker) for marker in f.file_markers)]
+    # Latest family first (as the messages list them).
+    found = [f for f in reversed(FAMILIES.values()) if any(_has(shapes, marker) for marker in f.file_markers)]
     if len(found) > 1:   # text encoders of two families: the UNet's context width decides
         fits = [f for f in found if f.token_dim == width]
         if len(fits) != 1:

@@ -42,6 +42,8 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax.convert.ldm_unet import RESNET_FROM_LDM, TOP, diffusers_sublayer, unet_blocks
+from ipadapter_jax.io.hub import resolve
+from ipadapter_jax.io.specs import parse_lora_spec
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported, require_finite
 from ipadapter_jax.io.files import is_safetensors, read_safetensors_header, read_state_dict
 from ipadapter_jax.io.params import to_flax_layout
@@ -491,20 +493,8 @@ def apply_lora(pipe, path: str | os.PathLike, scale: float = 1.0, *, lenient: bo
     return apply_lora_to_models({c: getattr(pipe, c, None) for c in COMPONENTS}, path, scale, lenient=lenient)
 
 
-def parse_lora_spec(spec: str) -> tuple[Path, float]:
-    """``FILE[:SCALE]`` (sample.py's ``--lora``) -> (path, scale); a path that
-    exists as given is taken whole, colons and all."""
-    if Path(spec).is_file() or ":" not in spec:
-        return Path(spec), 1.0
-    file, _, scale = spec.rpartition(":")
-    try:
-        value = float(scale)
-    except ValueError:
-        raise BadArgument(f"--lora {spec!r}: expected FILE or FILE:SCALE with a number SCALE, got {scale!r}") from None
-    require_finite(f"--lora {spec!r} scale", value)
-    return Path(file), value
-
-
 def apply_loras(pipe, specs: Sequence[str], *, lenient: bool = False) -> list[LoraReport]:
-    """``apply_lora`` for each ``FILE[:SCALE]`` spec (sample.py's ``--lora``), in order."""
-    return [apply_lora(pipe, path, scale, lenient=lenient) for path, scale in map(parse_lora_spec, specs)]
+    """``apply_lora`` for each ``FILE[:SCALE]`` spec (sample.py's ``--lora``; FILE a
+    path or a hub id ``org/name:file``), in order."""
+    return [apply_lora(pipe, resolve(str(path), kind="file", what="LoRA file", flag="--lora"), scale,
+                       lenient=lenient) for path, scale in map(parse_lora_spec, specs)]

@@ -30,6 +30,8 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from ipadapter_jax.io.hub import resolve
+from ipadapter_jax.io.specs import parse_embedding_spec
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, require_finite
 from ipadapter_jax.io.files import is_safetensors, is_torch_pickle, read_state_dict, read_torch_pickle, require_file
 
@@ -233,17 +235,8 @@ def load_textual_inversion(pipe, path: str | os.PathLike, token: str | None = No
     return added
 
 
-def parse_embedding_spec(spec: str) -> tuple[Path, str | None]:
-    """``FILE[:TOKEN]`` (sample.py's ``--embedding``) -> (path, token or None); a
-    path that exists as given is taken whole, colons and all."""
-    if Path(spec).is_file() or ":" not in spec:
-        return Path(spec), None
-    file, _, token = spec.rpartition(":")
-    if not token or any(c.isspace() for c in token):
-        raise BadArgument(f"--embedding {spec!r}: expected FILE or FILE:TOKEN with a one-word TOKEN")
-    return Path(file), token
-
-
 def load_embeddings(pipe, specs: Sequence[str]) -> list[list[str]]:
     """``load_textual_inversion`` for each ``FILE[:TOKEN]`` spec, in order."""
-    return [load_textual_inversion(pipe, *parse_embedding_spec(spec)) for spec in specs]
+    found = [parse_embedding_spec(spec) for spec in specs]
+    return [load_textual_inversion(pipe, resolve(str(path), kind="file", what="embedding file", flag="--embedding"),
+                                   token) for path, token in found]

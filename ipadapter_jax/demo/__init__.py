@@ -16,6 +16,8 @@ from pathlib import Path
 MODEL_DIR = Path(__file__).resolve().parent / "model"
 DEFAULT_PROMPT = "a purple square on a yellow background"
 DEFAULT_SCALE = 0.5     # caption and reference both show (CLIP-I per scale: BENCHMARKS.md, "Demo adapter scale")
+# How the demo model samples by default (sample.py and the evaluation): its size is 64 px.
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SIZE, DEFAULT_NUM_IMAGES = 25, 5.0, 64, 4
 
 
 def demo_paths() -> dict[str, Path]:

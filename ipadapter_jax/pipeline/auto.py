@@ -31,7 +31,7 @@ def load_pipeline(model_dir: str | os.PathLike, **kwargs) -> StableDiffusionPipe
     ``org/name:path``). An option of the other loader is a ``BadArgument``:
     ``variant`` (a folder's ``*.{variant}.safetensors``) for a file, a single
     file's options (``config_dir``, ``vae``, ``ema``, ``prediction_type``) for a folder."""
-    source = resolve(model_dir, kind="any", what="a diffusers Stable Diffusion folder or a single-file checkpoint")
+    source = resolve(model_dir, kind="any", what="model folder or single-file checkpoint")
     if source.is_file():
         return load_pipeline_from_single_file(source, **kwargs)
     given = [k for k in _FILE_ONLY if kwargs.get(k) not in (None, False)]

@@ -46,13 +46,13 @@ def load_pipeline_from_single_file(path: str | os.PathLike, *, config_dir: str |
       (SD 2.x default: v_prediction).
     image_encoder, dtype, attention_backend: as ``StableDiffusionPipeline.from_pretrained``.
     """
-    path = resolve(path, kind="file", what="a single-file checkpoint (.safetensors / .ckpt)")
+    path = resolve(path, kind="file", what="single-file checkpoint")
     if variant is not None:
         raise BadArgument(f"variant={variant!r}: {path} is a single-file checkpoint, which has one set of weights "
                           "(variant selects among the weights files of a diffusers folder)")
     resolved = {name: None if value is None else resolve(value, kind=kind, what=what)
-                for name, value, kind, what in (("config_dir", config_dir, "folder", "a diffusers config folder"),
-                                                ("vae", vae, "any", "a VAE folder or file"))}
+                for name, value, kind, what in (("config_dir", config_dir, "folder", "model config folder"),
+                                                ("vae", vae, "any", "VAE folder or file"))}
     components = load_components(path, dtype=dtype, attention_backend=attention_backend, ema=ema,
                                  prediction_type=prediction_type, **resolved)
     return PIPELINES[components.family.pipeline].from_components(

@@ -131,7 +131,7 @@ class StableDiffusionPipeline:
         ``models/image_encoder``, or ``h94/IP-Adapter:models/image_encoder``).
         Hub ids are read from the Hugging Face cache, downloaded only where
         the hub is reachable and not ``HF_HUB_OFFLINE``."""
-        model_dir = resolve(model_dir, kind="folder", what="a diffusers Stable Diffusion folder")
+        model_dir = resolve(model_dir, kind="folder", what="model folder")
         family = families.of_folder(model_dir)
         if family.pipeline != cls.__name__:
             raise Unsupported(f"{model_dir} is an {family.title} folder (model_index.json); {cls.__name__} runs "
@@ -149,7 +149,7 @@ class StableDiffusionPipeline:
         and an optional CLIP image encoder folder (local path or hub id)."""
         encoder = None
         if image_encoder is not None:
-            folder = resolve(image_encoder, kind="folder", what="a CLIP image encoder folder")
+            folder = resolve(image_encoder, kind="folder", what="CLIP image encoder folder")
             encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype,
                                                                     attention_backend=attention_backend)
         c = components

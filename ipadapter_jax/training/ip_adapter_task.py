@@ -73,7 +73,7 @@ def _source(field: str, value: str, what: str, kind: str) -> Path:
     """The folder or file a config field names (a local path or a hub id); a
     ``MissingFile`` naming the field when it is empty or not found."""
     if not value:
-        raise MissingFile(f"{field} is required: {what} (--config.{field}=PATH)")
+        raise MissingFile(f"{field} is required: the {what} (--config.{field}=PATH)")
     return resolve(value, kind=kind, what=what, flag=f"{field}")
 
 
@@ -114,10 +114,10 @@ def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
     new or loaded IP-Adapter attached to its UNet) and the image encoder, from
     ``cfg.model``; the frozen models compute in ``cfg.step.compute_dtype``."""
     m = cfg.model
-    root = _source("model.pretrained", m.pretrained, "a Stable Diffusion model (diffusers folder or single file)",
+    root = _source("model.pretrained", m.pretrained, "Stable Diffusion model (diffusers folder or single file)",
                    "any")
-    encoder_dir = _source("model.image_encoder", m.image_encoder,
-                          "a CLIP vision model folder (transformers layout)", "folder")
+    encoder_dir = _source("model.image_encoder", m.image_encoder, "CLIP vision model folder (transformers layout)",
+                          "folder")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
     components = load_components(root, dtype=dtype, remat=cfg.train.remat)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, dtype=dtype)

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from ipadapter_jax.schedulers import NAMES
 from ipadapter_jax.io.errors import BadArgument, MissingFile, Unsupported
 from ipadapter_jax.io.files import load_config
 
@@ -662,10 +663,9 @@ class DPMSolverPP2MKarras(DPMSolverPP2M):
 
 # --------------------------------------------------------------------------- registry and helpers
 
-SCHEDULERS: dict[str, type] = {
-    "ddim": DDIM, "pndm": PNDM, "euler": EulerDiscrete, "euler-a": EulerAncestral,
-    "dpm++2m": DPMSolverPP2M, "dpm++2m-karras": DPMSolverPP2MKarras,
-}
+# Keyed by ``schedulers.NAMES``, in that order.
+SCHEDULERS: dict[str, type] = dict(zip(NAMES, (DDIM, PNDM, EulerDiscrete, EulerAncestral, DPMSolverPP2M,
+                                               DPMSolverPP2MKarras)))
 
 
 def make_scheduler(name: str, config: dict | None = None, **overrides) -> Scheduler:

@@ -1,0 +1,45 @@
+"""Checks the command lines run before JAX loads: files that must exist,
+outputs that must be writable (tried, not guessed), hub ids resolved."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+from ipadapter_jax.io.errors import BadArgument, MissingFile
+from ipadapter_jax.io.hub import resolve
+
+
+def check_files(paths: Iterable[str | None]) -> None:
+    """Each given path names an existing file (not a folder)."""
+    for path in paths:
+        if path and Path(path).is_dir():
+            raise BadArgument(f"{path} is a folder; expected a file")
+        if path and not Path(path).is_file():
+            raise MissingFile(f"file not found: {path}")
+
+
+def check_writable(flag: str, path: Path) -> None:
+    """``path`` can be written: its folder is created, and a temporary file is
+    opened beside it and removed (``os.access`` says yes to root even where the
+    write then fails, e.g. under /proc)."""
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadArgument(f"{flag} {path}: cannot create the folder {folder}: {e.strerror or e}") from None
+    if path.is_dir():
+        raise BadArgument(f"{flag} {path}: is a folder; expected a file name")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BadArgument(f"{flag} {path}: the folder {folder} is not writable ({e.strerror or e})") from None
+
+
+def resolve_or_error(flag: str, spec: str, kind: str, what: str | None) -> Path:
+    """A flag's path or hub id -> a local path (``io.hub.resolve``), or a one-line error naming the flag."""
+    return resolve(spec, kind=kind, what=what, flag=flag)
