@@ -38,9 +38,9 @@ from safetensors.numpy import load_file, save_file
 
 import sd_fixtures
 from helpers import nchw, nhwc, rel_err
-from ipadapter_jax.cli import run
-from ipadapter_jax.convert.__main__ import PROG, main as convert_main
-from ipadapter_jax.convert.single_file import folder_to_single_file
+from ipadapter_jax.cli.convert import PREDICTION_TYPES as CLI_PREDICTION_TYPES, main as convert_main
+from ipadapter_jax.convert.single_file import PREDICTION_TYPES, folder_to_single_file
+from ipadapter_jax.io.errors import UserError
 from test_lora import _kohya_sd15, _kohya_sdxl_unet
 from test_single_file import SD2_SCHEDULER, build_sd2_folder
 
@@ -79,6 +79,11 @@ def configs_only(folder: Path, out: Path) -> Path:
     return Path(shutil.copytree(folder, out, ignore=shutil.ignore_patterns("*.safetensors", "*.bin")))
 
 
+def test_cli_prediction_types_are_the_converters():
+    """ipadapter_jax.cli.convert keeps its own copy (its parser loads no JAX)."""
+    assert CLI_PREDICTION_TYPES == PREDICTION_TYPES
+
+
 @pytest.fixture(scope="module")
 def sd1(tmp_path_factory):
     """An SD 1.x folder written as a single file by the converter CLI, its configs
@@ -86,7 +91,7 @@ def sd1(tmp_path_factory):
     root = tmp_path_factory.mktemp("community")
     paths = sd_fixtures.build_pipeline_folder(root)
     paths["file"] = root / "civitai-finetune.safetensors"
-    assert run(PROG, convert_main, ["to-single-file", str(paths["sd"]), str(paths["file"])]) == 0
+    assert convert_main(["to-single-file", str(paths["sd"]), str(paths["file"])]) == 0
     paths["configs"] = configs_only(paths["sd"], root / "configs")
     paths["lora"] = root / "detail-lora.safetensors"
     save_file(_kohya_sd15(1), paths["lora"])
@@ -226,7 +231,7 @@ BAD = {
     "no_ema_with_a_folder": (lambda p, t: ["--model", p["sd"], "--no-ema", "--prediction-type", "epsilon"],
                              ("--prediction-type, --no-ema apply to single-file models",)),
     "lora_missing": (lambda p, t: ["--lora", t / "nope.safetensors:0.5"],
-                     ("--lora file not found", "nope.safetensors")),
+                     ("--lora ", "nope.safetensors", "not found")),
     "lora_scale_not_a_number": (lambda p, t: ["--lora", f"{p['lora']}:strong"],
                                 ("--lora", "FILE:SCALE with a number SCALE", "'strong'")),
     "lora_scale_nan": (lambda p, t: ["--lora", f"{p['lora']}:nan"], ("--lora", "finite number")),
@@ -307,13 +312,22 @@ def test_help_lists_the_community_flags(capsys):
 
 
 def test_family_peek_before_jax(tmp_path):
-    """sample.py tells an SDXL single file from its safetensors header (plain JSON, before JAX is
-    imported); a .ckpt or an unreadable header is left to the loader (None)."""
-    save_file({"conditioner.embedders.0.transformer.x": np.zeros(1, np.float32)}, tmp_path / "xl.safetensors")
+    """sample.py tells a single file's family from its safetensors header (plain JSON, before JAX is
+    imported); a .ckpt is left to the loader (None), and so is a file whose keys name no family; an
+    unreadable header is a one-line error naming the file, before any model loads."""
+    import argparse
+
+    from ipadapter_jax.cli import sample as sample_cli
+    from ipadapter_jax.families import FAMILIES
+
+    save_file({"model.diffusion_model.label_emb.0.0.weight": np.zeros(1, np.float32),
+               "conditioner.embedders.0.transformer.x": np.zeros(1, np.float32)}, tmp_path / "xl.safetensors")
     save_file({"model.diffusion_model.out.2.bias": np.zeros(1, np.float32)}, tmp_path / "sd.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 16)
     (tmp_path / "model.ckpt").write_bytes(b"x")
-    assert SAMPLE._single_file_is_sdxl(tmp_path / "xl.safetensors") is True
-    assert SAMPLE._single_file_is_sdxl(tmp_path / "sd.safetensors") is False
-    assert SAMPLE._single_file_is_sdxl(tmp_path / "junk.safetensors") is None
-    assert SAMPLE._single_file_is_sdxl(tmp_path / "model.ckpt") is None
+    family = lambda name: sample_cli._family(argparse.Namespace(model=str(tmp_path / name)))
+    assert family("xl.safetensors") is FAMILIES["sdxl"]
+    assert family("sd.safetensors") is None
+    assert family("model.ckpt") is None
+    with pytest.raises(UserError, match="junk.safetensors"):
+        family("junk.safetensors")

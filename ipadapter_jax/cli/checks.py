@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ipadapter_jax.io.errors import BadArgument, MissingFile
-from ipadapter_jax.io.hub import resolve
+from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 
 
 def check_files(paths: Iterable[str | None]) -> None:
@@ -43,3 +43,15 @@ def check_writable(flag: str, path: Path) -> None:
 def resolve_or_error(flag: str, spec: str, kind: str, what: str | None) -> Path:
     """A flag's path or hub id -> a local path (``io.hub.resolve``), or a one-line error naming the flag."""
     return resolve(spec, kind=kind, what=what, flag=flag)
+
+
+def resolve_model(flag: str, spec: str) -> Path:
+    """A Stable Diffusion model: a folder or single file, or a hub id (a pipeline
+    repo fetches only what ``PIPELINE_FOLDER_PATTERNS`` names)."""
+    return resolve(spec, kind="any", what="Stable Diffusion model (diffusers folder or single file)", flag=flag,
+                   allow_patterns=PIPELINE_FOLDER_PATTERNS)
+
+
+def resolve_encoder(flag: str, spec: str) -> Path:
+    """A transformers model folder (``config.json`` + ``model.safetensors``), or its hub id."""
+    return resolve_model_folder(spec, weights_name="model", what="CLIP image encoder folder", flag=flag)

@@ -46,8 +46,8 @@ import time
 from pathlib import Path
 
 from ipadapter_jax import demo, families
-from ipadapter_jax.cli import ArgumentParser, run
-from ipadapter_jax.cli.checks import check_files, check_writable, resolve_or_error
+from ipadapter_jax.cli import ArgumentParser, debug_requested, run
+from ipadapter_jax.cli.checks import check_files, check_writable, resolve_encoder, resolve_model, resolve_or_error
 from ipadapter_jax.io.errors import UserError
 from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 
@@ -212,6 +212,8 @@ def parse_args(argv=None, prog: str = PROG):
             if path:
                 check_writable(flag, Path(path))
     except UserError as e:
+        if debug_requested(argv if argv is not None else sys.argv[1:]):
+            raise
         p.error(str(e))
     return args
 
@@ -271,13 +273,11 @@ def _check_numbers(args) -> None:
 
 def _resolve_sources(args) -> None:
     """Model-side flags (paths or hub ids) -> local paths, each checked to exist."""
-    args.model = str(resolve_or_error("--model", args.model, "any", "Stable Diffusion model (diffusers folder "
-                                      "or single file)"))
+    args.model = str(resolve_model("--model", args.model))
     args.ip_adapter = [str(resolve_or_error("--ip-adapter", f, "file", "IP-Adapter file"))
                        for f in args.ip_adapter]
     if args.image_encoder:
-        args.image_encoder = str(resolve_or_error("--image-encoder", args.image_encoder, "folder",
-                                                  "CLIP image encoder folder"))
+        args.image_encoder = str(resolve_encoder("--image-encoder", args.image_encoder))
     args.controlnet = [str(resolve_or_error("--controlnet", c, "any", "ControlNet folder or file"))
                        for c in args.controlnet]
     for flag, name, kind in (("--vae", "vae", "any"), ("--model-config", "model_config", "folder"),

@@ -51,6 +51,14 @@ class HubId:
         return f"{self.repo}{rev}" + (f":{self.path}" if self.path else "")
 
 
+# What a pipeline folder download fetches: the configs, the tokenizers and each
+# component's default safetensors weights (not its fp16 / EMA / .bin copies,
+# nor a repo's single-file checkpoints beside the folders).
+PIPELINE_FOLDER_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+                            "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model.safetensors",
+                            "*/model-*-of-*.safetensors")
+
+
 def parse(spec: str) -> HubId | None:
     """The id spelled by ``spec`` (``org/name[@rev][:path]``), or None when it is
     not that spelling. Says nothing about local paths: see ``is_hub_id``."""

@@ -20,7 +20,7 @@ def _split(spec: str) -> tuple[str, str | None]:
     if Path(spec).is_file() or ":" not in spec:
         return spec, None
     file, _, tail = spec.rpartition(":")
-    return Path(file), tail
+    return file, tail
 
 
 def parse_lora_spec(spec: str) -> tuple[Path, float]:

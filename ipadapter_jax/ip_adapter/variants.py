@@ -190,7 +190,7 @@ def base_model_mismatch(source: str, adapter_layers: int, adapter_dim: int, unet
                 f"{adapter_dim}) but the UNet is {theirs.title} ({unet_layers} cross-attention layers of width "
                 f"{unet_dim}). Use an {theirs.title} adapter ({theirs.adapters}) with this model, or an "
                 f"{mine.title} model with this adapter.")
-    name = lambda b: f" ({b.name})" if b else " (no known base model)"
+    name = lambda b: f" ({b.title})" if b else " (no known base model)"
     return (f"{source}: this adapter has {adapter_layers} cross-attention layers of width {adapter_dim}"
             f"{name(mine)}; the UNet has {unet_layers} of width {unet_dim}{name(theirs)}. Use the adapter made "
             "for this base model.")

@@ -31,7 +31,7 @@ from ipadapter_jax.convert.components import Components, load_components
 from ipadapter_jax.convert.controlnet import load_controlnet
 from ipadapter_jax.families.text import TEXT_CONDITIONING, TextConditioning, token_ids
 from ipadapter_jax.io.errors import BadArgument, NonFiniteError, Unsupported, require_finite
-from ipadapter_jax.io.hub import resolve
+from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 from ipadapter_jax.models.controlnet import ControlNetModel
@@ -131,7 +131,7 @@ class StableDiffusionPipeline:
         ``models/image_encoder``, or ``h94/IP-Adapter:models/image_encoder``).
         Hub ids are read from the Hugging Face cache, downloaded only where
         the hub is reachable and not ``HF_HUB_OFFLINE``."""
-        model_dir = resolve(model_dir, kind="folder", what="model folder")
+        model_dir = resolve(model_dir, kind="folder", what="model folder", allow_patterns=PIPELINE_FOLDER_PATTERNS)
         family = families.of_folder(model_dir)
         if family.pipeline != cls.__name__:
             raise Unsupported(f"{model_dir} is an {family.title} folder (model_index.json); {cls.__name__} runs "
@@ -149,7 +149,7 @@ class StableDiffusionPipeline:
         and an optional CLIP image encoder folder (local path or hub id)."""
         encoder = None
         if image_encoder is not None:
-            folder = resolve(image_encoder, kind="folder", what="CLIP image encoder folder")
+            folder = resolve_model_folder(image_encoder, weights_name="model", what="CLIP image encoder folder")
             encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype,
                                                                     attention_backend=attention_backend)
         c = components
