@@ -24,7 +24,7 @@ from ipadapter_jax import schedulers
 from ipadapter_jax.convert.build import MODEL_CLASSES, build_module
 from ipadapter_jax.convert.ldm_detect import detect_family, read_layout
 from ipadapter_jax.convert.single_file import SingleFileModel, read_single_file
-from ipadapter_jax.families import SD1, Family, HubTokenizer, of_folder
+from ipadapter_jax.families import FAMILIES, Family, HubTokenizer, of_folder
 from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.files import is_safetensors, load_config
 from ipadapter_jax.models import AutoencoderKL, UNet2DConditionModel
@@ -144,7 +144,7 @@ def check_tokenizers(config_dir: Path | None, names=("tokenizer",), family: Fami
 
 
 def _example_repo(family: Family | None) -> str:
-    return (family or SD1).text[0].hub_tokenizers[0].repo
+    return (family or next(iter(FAMILIES.values()))).text[0].hub_tokenizers[0].repo
 
 
 def hub_cache() -> str:

@@ -36,6 +36,7 @@ from transformers import CLIPTokenizer
 
 from ipadapter_jax import schedulers
 from ipadapter_jax.demo import shapes
+from ipadapter_jax.families.text import token_ids
 from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.files import save_safetensors
 from ipadapter_jax.io.params import module_state_dict
@@ -141,11 +142,6 @@ def write_tokenizer(folder: str | Path):
     raise RuntimeError(f"could not build single-token merges for {split_words}")
 
 
-def token_ids(tokenizer, texts) -> np.ndarray:
-    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="np").input_ids.astype(np.int32)
-
-
 # --------------------------------------------------------------------------- the loop of stages 1-3
 
 def fit(cfg, workdir: Path, trainable, frozen, loss_fn: Callable, batch_fn: Callable, *, desc: str):
@@ -228,7 +224,7 @@ def train_clip(cfg) -> dict:
     data_dir = prepare_dataset(cfg.demo.data_dir)
     tokenizer = write_tokenizer(root / "tokenizer")
     images, texts = load_split(data_dir, "train")
-    ids = token_ids(tokenizer, texts)
+    ids = token_ids(tokenizer, texts, warn=False)
     text_cfg, vision_cfg = _clip_configs(cfg, tokenizer)
     rngs = nnx.Rngs(cfg.seed)
     text = CLIPTextModelWithProjection(text_cfg, rngs=rngs)
@@ -358,7 +354,7 @@ def train_unet(cfg) -> dict:
     images, texts, short_texts = load_split(prepare_dataset(cfg.demo.data_dir), "train",
                                             text_keys=("text", "short_text"))
     tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True)
-    ids, short_ids = token_ids(tokenizer, texts), token_ids(tokenizer, short_texts)
+    ids, short_ids = token_ids(tokenizer, texts, warn=False), token_ids(tokenizer, short_texts, warn=False)
     text_encoder = CLIPTextModel.from_pretrained(root / "clip")
     vae = AutoencoderKL.from_pretrained(root / "vae")
     mean, std = encode_latents(vae, images)

@@ -46,7 +46,7 @@ import optax
 from flax import nnx
 
 from ipadapter_jax import families, schedulers
-from ipadapter_jax.families import SD1, Family
+from ipadapter_jax.families import Family
 from ipadapter_jax.families.text import TEXT_CONDITIONING, added_conditioning
 from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
@@ -166,7 +166,7 @@ class Trainer:
     vae_factor: int = 8
     latent_channels: int = 4
     has_adapter: bool = True
-    family: Family = SD1                    # the base model's (``ipadapter_jax.families``): its text conditioning
+    family: Family | None = None            # the base model's (``ipadapter_jax.families``; set by ``create``)
 
     @classmethod
     def create(cls, unet, *, vae=None, text_encoder=None, image_encoder=None, optimizer=None,
