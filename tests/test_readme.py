@@ -29,7 +29,7 @@ from safetensors.numpy import save_file
 
 import ipadapter_fixtures as fx
 import sd_fixtures
-from ipadapter_jax.convert import folder_to_single_file
+from ipadapter_jax.convert.single_file import folder_to_single_file
 from test_controlnet_pipeline import control_png, random_controlnet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,3 +174,66 @@ def test_substitution_tables_are_used():
     stale = [k for k in [*PATHS, *REWRITES] if k not in text]
     stale += [k for k in PRELUDES if not any(k in free_names(code) for _, code in BLOCKS)]
     assert not stale, f"substitutions no README block uses any more (update tests/test_readme.py): {stale}"
+
+
+# --------------------------------------------------------------------------- the README stays true
+
+def _section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else len(text)]
+
+
+def layout_modules(section: str) -> set[str]:
+    """Package modules the Layout section lists: ``ipadapter_jax/part/`` heads and
+    the ``name.py`` lines indented under them, or ``ipadapter_jax/file.py`` lines."""
+    block = section.split("```")[1]
+    listed, part = set(), None
+    for line in block.splitlines():
+        word = line.split()[0] if line.split() else ""
+        if line.startswith("ipadapter_jax/"):
+            part = word if word.endswith("/") else None
+            if word.endswith(".py"):
+                listed.add(word)
+        elif part and line.startswith("  ") and word.endswith(".py"):
+            listed.add(part + word)
+        elif line and not line.startswith(" "):
+            part = None
+    return listed
+
+
+def package_modules() -> set[str]:
+    return {p.relative_to(REPO).as_posix() for p in (REPO / "ipadapter_jax").rglob("*.py")
+            if "demo/model" not in p.as_posix() and "__pycache__" not in p.parts}
+
+
+def test_layout_lists_every_module():
+    listed, modules = layout_modules(_section("Layout")), package_modules()
+    assert not modules - listed, f"package modules missing from README's Layout section: {sorted(modules - listed)}"
+    assert not listed - modules, f"README's Layout section lists modules that do not exist: {sorted(listed - modules)}"
+
+
+def test_layout_check_can_fail():
+    section = "## Layout\n```\nipadapter_jax/io/   bottom\n  files.py   files\nipadapter_jax/__init__.py root\n```\n"
+    assert layout_modules(section) == {"ipadapter_jax/io/files.py", "ipadapter_jax/__init__.py"}
+    assert "ipadapter_jax/io/errors.py" in package_modules() - layout_modules(section)
+
+
+# Words that say a feature is unfinished, and the shipped features the status must name as done.
+UNFINISHED = ("not done", "not started", "in progress", "to come", "not yet", "unfinished", "todo", "planned")
+SHIPPED = ("SDXL", "SD 2.x", "ControlNet", "single files", "LoRA", "textual inversion", "hub ids",
+           "ipadapter-sample", "training", "families")
+
+
+def status_problems(text: str) -> list[str]:
+    status = text[text.index("Status:"):]
+    status = status[:status.index("\n\n")]
+    return ([f"says {w!r}" for w in UNFINISHED if w in status.lower()] +
+            [f"does not name {w!r}" for w in SHIPPED if w.lower() not in status.lower()])
+
+
+def test_status_is_current():
+    problems = status_problems(README.read_text())
+    assert not problems, f"README's status paragraph: {problems}"
+    assert status_problems("Status: SDXL is in progress.\n\n")   # the check can fail
