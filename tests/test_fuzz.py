@@ -768,6 +768,14 @@ EVAL_CLI = {   # name -> (cases file content or None for a missing file, words t
 }
 
 
+def test_eval_cli_modes_are_the_libraries():
+    """ipadapter_jax.cli.eval keeps its own copy of the modes (its parser loads no JAX)."""
+    from ipadapter_jax.cli.eval import MODES as CLI_MODES
+    from ipadapter_jax.eval import MODES
+
+    assert CLI_MODES == MODES
+
+
 @pytest.mark.parametrize("case", EVAL_CLI)
 def test_eval_cli_bad_cases(case, tmp_path):
     content, mentions = EVAL_CLI[case]
