@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
 
 REPO = "h94/IP-Adapter"
+ROOT = Path(__file__).resolve().parents[1]
 ADAPTER = "models/ip-adapter_sd15.safetensors"
 
 
@@ -263,3 +265,52 @@ def test_load_ip_adapter_through_both_spellings(cache, unet_folder, tmp_path):
     with pytest.raises(MissingFile, match=r"h94/IP-Adapter:models/ip-adapter_sd15_light\.safetensors: the IP-Adapter "
                                           r"file models/ip-adapter_sd15_light\.safetensors of h94/IP-Adapter is not in"):
         load_ip_adapter(REPO, unet, subfolder="models", weight_name="ip-adapter_sd15_light.safetensors")
+
+
+# --------------------------------------------------------------------------- the commands and the pipelines
+
+def _demo_repo(cache: Path) -> Path:
+    """The shipped demo model as a cached hub repo ``org/demo`` (sd/, image_encoder/, the adapter)."""
+    from ipadapter_jax import demo
+
+    root = demo.MODEL_DIR
+    files = {p.relative_to(root).as_posix(): p for p in root.rglob("*") if p.is_file()
+             and p.relative_to(root).parts[0] in ("sd", "image_encoder", "ip-adapter_demo.safetensors")}
+    return snapshot(cache, "org/demo", files)
+
+
+def test_sample_command_takes_hub_ids(cache, tmp_path):
+    """sample.py resolves --model, --image-encoder and --ip-adapter ids to the cache
+    before JAX loads; a missing one is one line naming the flag and the id."""
+    from ipadapter_jax import demo
+    from ipadapter_jax.cli.sample import parse_args
+
+    root = _demo_repo(cache)
+    args = parse_args(["--model", "org/demo:sd", "--image-encoder", "org/demo:image_encoder",
+                       "--ip-adapter", "org/demo:ip-adapter_demo.safetensors",
+                       "--image", str(demo.MODEL_DIR / "reference.png"), "--out", str(tmp_path / "x.png")])
+    assert Path(args.model) == root / "sd" and Path(args.image_encoder) == root / "image_encoder"
+    assert args.ip_adapter == [str(root / "ip-adapter_demo.safetensors")]
+    assert args.family.name == "sd1"
+    result = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--model", "org/demo:sd",
+                             "--ip-adapter", "org/demo:nope.safetensors", "--image-encoder",
+                             "org/demo:image_encoder", "--image", str(demo.MODEL_DIR / "reference.png")],
+                            capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("sample.py: error: --ip-adapter org/demo:nope.safetensors") and "nope" in lines[0]
+
+
+def test_load_pipeline_through_an_id(cache):
+    """``load_pipeline("org/name:sub")`` reads the cached folder as its local path would be read."""
+    from ipadapter_jax import demo
+    from ipadapter_jax.io.params import module_state_dict
+    from ipadapter_jax.pipeline import load_pipeline
+
+    _demo_repo(cache)
+    ours = load_pipeline("org/demo:sd", image_encoder="org/demo:image_encoder")
+    local = load_pipeline(demo.MODEL_DIR / "sd", image_encoder=demo.MODEL_DIR / "image_encoder")
+    assert ours.family is local.family
+    for name in ("unet", "text_encoder", "image_encoder"):
+        assert_same(module_state_dict(getattr(ours, name)), module_state_dict(getattr(local, name)))
