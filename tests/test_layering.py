@@ -11,8 +11,9 @@ for a single-file module; ``__init__`` for the package root
 (b) no function-local (or class-body) imports of package modules: every
     package import is at module level (``if TYPE_CHECKING:`` blocks included),
     except in ``LAZY_IMPORT_PARTS`` (the command lines, which check their
-    arguments before JAX loads); lazy re-exports (PEP 562 ``__getattr__``)
-    name their modules in a ``_LAZY`` table, checked by (e);
+    arguments before JAX loads) and a package ``__init__`` importing its own
+    part's modules on first use (PEP 562 ``__getattr__``); lazy re-exports of
+    other modules name them in a ``_LAZY`` table, checked by (e);
 (c) the graph of imports between parts is acyclic;
 (d) the package imports nothing from outside it but the standard library and
     installed third-party distributions (never ``tests``, ``sample``, ...);
@@ -231,8 +232,12 @@ def local_import_violations(imports: dict[Path, list[Import]], package: str,
         package_dir = next(p for p in path.parents if p.name == package)
         if part_of_path(path, package_dir) in lazy_parts:
             continue
+        part = part_of_path(path, package_dir)
+        # A package init may defer its own part's modules (PEP 562 ``__getattr__``).
+        own_lazy = lambda imp: path.name == "__init__.py" and part_of_module(imp.target, package) == part
         out += [f"{imp.where()}: function-local import of {imp.target}; import it at module level"
-                for imp in found if imp.local and not imp.type_checking and imp.target.split(".")[0] == package]
+                for imp in found if imp.local and not imp.type_checking and imp.target.split(".")[0] == package
+                and not own_lazy(imp)]
     return out
 
 
