@@ -3,8 +3,6 @@ cache of its compiled executables."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,8 +31,8 @@ def gated(cond: UNetConditioning, gates: jax.Array, i) -> UNetConditioning:
     return cond.replace(image_prompts=prompts)
 
 
-def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable | None = None,
-                      control_graphdefs: tuple = (), guess_mode: bool = False):
+def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs: tuple = (),
+                      guess_mode: bool = False, partial: bool = False):
     """The jitted denoising loop for one UNet structure and scheduler.
 
     Returns ``denoise(params, sched_state, latents, cond, gates, guidance,
@@ -43,12 +41,19 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable 
     ``UNetConditioning``; under classifier-free guidance (``cfg``) its batch is
     [uncond; cond] and the latents are doubled to match, so both halves run as
     one batch. ``gates[a, i]`` multiplies adapter a's scales at step i
-    (start/end); ``on_step(i)`` is an optional host callback (progress bars).
-    With ControlNets (``control_graphdefs``, one per net), ``control`` is a
-    ``ControlInputs`` and their residuals join each step's conditioning.
+    (start/end). With ControlNets (``control_graphdefs``, one per net),
+    ``control`` is a ``ControlInputs`` and their residuals join each step's
+    conditioning.
+
+    ``partial=True``: ``denoise(..., start, control, stop) -> (latents,
+    sched_state)`` runs steps ``[start, stop)`` only and returns the state to
+    continue from, so a progress bar is driven from Python between calls: a
+    host callback inside the loop would keep JAX from caching the executable
+    on disk.
     """
 
-    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None):
+    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None,
+                stop=None):
         unet = nnx.merge(unet_graphdef, params)
         nets = tuple(nnx.merge(g, p) for g, p in zip(control_graphdefs, control.params)) if control_graphdefs \
             else ()
@@ -66,12 +71,11 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable 
                 eps = guide(eps, guidance, rescale)
             noise = (jax.random.normal(jax.random.fold_in(noise_key, i), x.shape, jnp.float32)
                      if scheduler.needs_noise else None)
-            if on_step is not None:
-                jax.debug.callback(on_step, i)
             return scheduler.step(state, eps, i, x, noise)
 
-        latents, _ = jax.lax.fori_loop(start, scheduler.num_steps(sched_state), body, (latents, sched_state))
-        return latents
+        end = stop if partial else scheduler.num_steps(sched_state)
+        latents, state = jax.lax.fori_loop(start, end, body, (latents, sched_state))
+        return (latents, state) if partial else latents
 
     return jax.jit(denoise)
 
@@ -79,26 +83,26 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, on_step: Callable 
 class CompiledLoops:
     """Compiled denoising loops, keyed one way: the UNet's structure (its
     graphdef: attaching or detaching an adapter changes it), the scheduler's
-    identity, CFG, the progress callback, and the argument signature (tree
-    structure, shapes, dtypes). New prompts, seeds, scales, masks or images
-    are argument values and reuse an executable; nothing is cleared by hand."""
+    identity, CFG, whole or step by step (``partial``, for a progress bar),
+    and the argument signature (tree structure, shapes, dtypes). New prompts,
+    seeds, scales, masks or images are argument values and reuse an
+    executable; nothing is cleared by hand."""
 
-    def __init__(self, on_step: Callable):
-        self.on_step = on_step
+    def __init__(self):
         self._executables: dict = {}
 
     def __len__(self) -> int:
         return len(self._executables)
 
-    def get(self, graphdef, scheduler, *, cfg: bool, progress: bool, args: tuple, control_graphdefs: tuple = (),
+    def get(self, graphdef, scheduler, *, cfg: bool, partial: bool, args: tuple, control_graphdefs: tuple = (),
             guess_mode: bool = False):
         """(executable, compiled_now) for these arguments (and ControlNet structures)."""
         leaves = jax.tree.leaves(args)
-        key = (graphdef, scheduler.cache_key, cfg, progress, control_graphdefs, guess_mode, jax.tree.structure(args),
+        key = (graphdef, scheduler.cache_key, cfg, partial, control_graphdefs, guess_mode, jax.tree.structure(args),
                tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
         if key in self._executables:
             return self._executables[key], False
-        fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, on_step=self.on_step if progress else None,
-                               control_graphdefs=control_graphdefs, guess_mode=guess_mode)
+        fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, control_graphdefs=control_graphdefs,
+                               guess_mode=guess_mode, partial=partial)
         self._executables[key] = fn.lower(*args).compile()
         return self._executables[key], True

@@ -107,8 +107,7 @@ class StableDiffusionPipeline:
         self._vae_decode = JittedModule(vae, "decode")
         self.mesh = data_mesh()
         self.controlnets: list[ControlNetModel] = []
-        self._bar = None
-        self._loops = CompiledLoops(self._tick)
+        self._loops = CompiledLoops()
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @property
@@ -333,10 +332,6 @@ class StableDiffusionPipeline:
                               masks=None if prompt.masks is None else {
                                   q: (shard(m) if m.shape[0] > 1 else m) for q, m in prompt.masks.items()})
 
-    def _tick(self, i) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-
     def denoise(self, request: Prepared, *, progress: bool = False) -> tuple[jax.Array, dict]:
         """Run the jitted loop on a prepared request: (final latents, timings).
         Compiles ahead of time (timed apart) once per argument signature."""
@@ -354,33 +349,42 @@ class StableDiffusionPipeline:
         if given != len(self.controlnets):
             raise BadArgument(f"this request was prepared for {given} ControlNets but the pipeline now has "
                               f"{len(self.controlnets)}: prepare it again after load_controlnet / detach_controlnets")
+        control = None
         if request.control is not None:
             control_graphdefs, states = zip(*(nnx.split(net) for net in self.controlnets))
-            args += (request.control.replace(params=tuple(states), images=tuple(
-                shard_batch(self.mesh, image) for image in request.control.images)),)
+            control = request.control.replace(params=tuple(states), images=tuple(
+                shard_batch(self.mesh, image) for image in request.control.images))
+            args += (control,)
+        if progress:   # step by step, the bar driven from Python (see make_denoise_loop's ``partial``)
+            args = args[:9] + (control, jnp.int32(request.start + 1))
         t0 = time.perf_counter()
-        compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, progress=progress,
+        compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, partial=progress,
                                                  args=args, control_graphdefs=tuple(control_graphdefs),
                                                  guess_mode=request.guess_mode)
         timings = {"compile_s": time.perf_counter() - t0}
         if progress and compiled_now:
             log.info("compiled the denoising loop (%d steps) in %.1f s", request.steps, timings["compile_s"])
         t1 = time.perf_counter()
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=request.steps - request.start, desc="denoising", unit="step")
-        try:
-            final = compiled(*args)
-            final.block_until_ready()
-        finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
+        final = self._run_steps(compiled, args, request) if progress else compiled(*args)
+        final.block_until_ready()
         run = request.steps - request.start
         timings.update(denoise_s=time.perf_counter() - t1, steps=run)
         timings["steps_per_s"] = run / max(timings["denoise_s"], 1e-9)
         return final, timings
+
+    @staticmethod
+    def _run_steps(compiled, args: tuple, request: Prepared) -> jax.Array:
+        """The loop one step per call, with a progress bar (``args`` as the partial loop takes them)."""
+        from tqdm.auto import tqdm
+
+        params, state, latents, *rest = args
+        with tqdm(total=request.steps - request.start, desc="denoising", unit="step") as bar:
+            for i in range(request.start, request.steps):
+                latents, state = compiled(params, state, latents, *rest[:5], jnp.int32(i), rest[6],
+                                          jnp.int32(i + 1))
+                latents.block_until_ready()
+                bar.update(1)
+        return latents
 
     def decode(self, latents) -> np.ndarray:
         """Latents -> images [B, H, W, 3] in [0, 1] (float32)."""
