@@ -44,7 +44,7 @@ def main():
     from flax import nnx
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection as TorchVision
 
-    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.io import load_state_dict_into
     from ipadapter_jax.models import CLIPVisionModelWithProjection
 
     torch.manual_seed(0)

@@ -89,7 +89,7 @@ def paired_models(config: dict, clip_dim: int, dtype, attention: str, plus: tupl
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.io import load_state_dict_into
     from ipadapter_jax.ip_adapter import load_ip_adapter
     from ipadapter_jax.models import UNet2DConditionModel
 
@@ -112,7 +112,7 @@ def paired_controlnets(torch_unet, n: int, dtype, attention: str):
     from diffusers import ControlNetModel as TorchControlNet
     from flax import nnx
 
-    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.io import load_state_dict_into
     from ipadapter_jax.io.params import AbstractRngs
     from ipadapter_jax.models import ControlNetModel
 

@@ -93,7 +93,7 @@ def main():
     from diffusers import UNet2DConditionModel as TorchUNet
     from flax import nnx
 
-    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.io import load_state_dict_into
     from ipadapter_jax.models import UNet2DConditionModel
     from ipadapter_jax.models.conditioning import UNetConditioning
 

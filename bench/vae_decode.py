@@ -44,7 +44,7 @@ def main():
     from diffusers import AutoencoderKL as TorchVAE
     from flax import nnx
 
-    from ipadapter_jax.convert import load_state_dict_into
+    from ipadapter_jax.io import load_state_dict_into
     from ipadapter_jax.models import AutoencoderKL
 
     torch.manual_seed(0)

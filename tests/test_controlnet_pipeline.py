@@ -143,7 +143,7 @@ def test_sample_py_matches_diffusers(paths, tmp_path):
     original layout (control_model.* keys, SD 1.5-style)."""
     from safetensors.numpy import load_file, save_file
 
-    from ipadapter_jax.convert import controlnet_to_original
+    from ipadapter_jax.convert.controlnet import controlnet_to_original
 
     expected = diffusers_run(paths, "adapter", ["cn1", "cn2"], [0.5, 1.2], start=0.2)
     original = tmp_path / "control_v11p_sd15_test.safetensors"

@@ -14,7 +14,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from helpers import rel_err, saved_diffusers
-from ipadapter_jax.convert import CheckpointError, read_state_dict
+from ipadapter_jax.io import CheckpointError, read_state_dict
 from ipadapter_jax.models import AutoencoderKL, UNet2DConditionModel
 
 UNET = dict(block_out_channels=(16, 32), layers_per_block=1, attention_head_dim=2, norm_num_groups=8,
@@ -202,7 +202,9 @@ def test_unknown_weights_format(tmp_path):
 
 
 def test_core_does_not_import_torch_or_diffusers():
-    code = ("import sys, ipadapter_jax, ipadapter_jax.models, ipadapter_jax.convert; "
+    code = ("import sys, ipadapter_jax, ipadapter_jax.models, ipadapter_jax.io.files, ipadapter_jax.io.pretrained, "
+            "ipadapter_jax.convert.controlnet, ipadapter_jax.convert.lora, ipadapter_jax.convert.single_file, "
+            "ipadapter_jax.convert.textual_inversion; "
             "bad = [m for m in ('torch', 'diffusers') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -181,7 +181,7 @@ def test_unet_captions_mix_full_and_partial_by_seed_and_step():
 def _tiny_unet(adapter: bool):
     from flax import nnx
 
-    from ipadapter_jax import adapters
+    from ipadapter_jax import ip_adapter
     from ipadapter_jax.models import UNet2DConditionModel
     from ipadapter_jax.ip_adapter.image_proj import ImageProjModel
 
@@ -191,8 +191,8 @@ def _tiny_unet(adapter: bool):
                                      down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
                                      up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"]), rngs=rngs)
     if adapter:
-        ad = adapters.IPAdapter.for_unet(unet, ImageProjModel(8, 16, 4, rngs=rngs), variant="base", rngs=rngs)
-        adapters.attach(unet, ad)
+        ad = ip_adapter.IPAdapter.for_unet(unet, ImageProjModel(8, 16, 4, rngs=rngs), variant="base", rngs=rngs)
+        ip_adapter.attach(unet, ad)
     return unet
 
 
@@ -238,9 +238,9 @@ def test_concat_step_appends_image_tokens_to_the_text():
     alphas = jnp.asarray(schedulers.ddpm_alphas_cumprod({}), jnp.float32)
     noisy = schedulers.ddpm_add_noise(alphas, x["latents"], x["noise"], x["t"])
     context = np.concatenate([x["text"], np.asarray(adapter.project(x["embeds"]))], axis=1)
-    from ipadapter_jax import adapters
+    from ipadapter_jax import ip_adapter
 
-    adapters.detach_all(unet)
+    ip_adapter.detach_all(unet)
     expected = np.mean((np.asarray(unet(noisy, x["t"], context)) - x["noise"]) ** 2)
     assert rel_err(float(loss), expected) <= 1e-6
     with pytest.raises(ValueError, match="image_conditioning"):

@@ -10,8 +10,8 @@ from safetensors.numpy import save_file
 
 import ipadapter_fixtures as fx
 from helpers import nchw, nhwc, rel_err, saved_diffusers
-from ipadapter_jax import adapters
-from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+from ipadapter_jax import ip_adapter
+from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
 
 TOL = 1e-5
@@ -101,7 +101,7 @@ def test_variant_parity(unet_folder, tmp_path, variant, filename):
 
     x, t, text = inputs()
     expected = torch_forward(tu, x, t, text, [embeds])
-    out = unet(x, t, text, [adapters.image_prompt(adapter, tokens, 1.0, unet=unet)])
+    out = unet(x, t, text, [ip_adapter.image_prompt(adapter, tokens, 1.0, unet=unet)])
     assert rel_err(out, expected) <= TOL
     # ...and the image branch really contributes (the test could not pass without it).
     assert rel_err(unet(x, t, text), expected) > 1e-3
@@ -130,7 +130,7 @@ def test_faceid_lora_parity(unet_folder, tmp_path):
     embeds, _ = embeds_for("faceid")
     x, t, text = inputs()
     expected = torch_forward(tu, x, t, text, [embeds])
-    prompt = adapters.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet, lora_scale=strength)
+    prompt = ip_adapter.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet, lora_scale=strength)
     assert rel_err(unet(x, t, text, [prompt]), expected) <= TOL
 
 
@@ -159,8 +159,8 @@ def test_two_adapters_and_per_block_scales(unet_folder, tmp_path):
                 else:
                     proc.scale[i] = cfg
     expected = torch_forward(tu, x, t, text, [base_embeds, plus_embeds])
-    prompts = [adapters.image_prompt(loaded[0], project(loaded[0], base_embeds), 0.6, unet=unet),
-               adapters.image_prompt(loaded[1], project(loaded[1], plus_embeds), block_scale, unet=unet)]
+    prompts = [ip_adapter.image_prompt(loaded[0], project(loaded[0], base_embeds), 0.6, unet=unet),
+               ip_adapter.image_prompt(loaded[1], project(loaded[1], plus_embeds), block_scale, unet=unet)]
     assert rel_err(unet(x, t, text, prompts), expected) <= TOL
 
 
@@ -176,8 +176,8 @@ def test_masks_on_two_reference_images(unet_folder, tmp_path):
     x, t, text = inputs(2)
     expected = torch_forward(tu, x, t, text, [embeds],
                              cross_attention_kwargs={"ip_adapter_masks": [torch.from_numpy(masks[None])]})
-    pyramid = adapters.mask_pyramid(masks, unet, HW, HW)
-    prompt = adapters.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet, masks=pyramid)
+    pyramid = ip_adapter.mask_pyramid(masks, unet, HW, HW)
+    prompt = ip_adapter.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet, masks=pyramid)
     assert rel_err(unet(x, t, text, [prompt]), expected) <= TOL
 
 
@@ -191,9 +191,9 @@ def test_official_concatenated_layout(unet_folder, tmp_path):
     tokens = project(adapter, embeds_for("base")[0])
     x, t, text = inputs()
     concatenated = np.concatenate([text, np.asarray(tokens[:, 0])], axis=1)
-    text2, tokens2 = adapters.split_concatenated(concatenated, adapter.num_tokens)
-    a = unet(x, t, text, [adapters.image_prompt(adapter, tokens, 0.7, unet=unet)])
-    b = unet(x, t, text2, [adapters.image_prompt(adapter, tokens2, 0.7, unet=unet)])
+    text2, tokens2 = ip_adapter.split_concatenated(concatenated, adapter.num_tokens)
+    a = unet(x, t, text, [ip_adapter.image_prompt(adapter, tokens, 0.7, unet=unet)])
+    b = unet(x, t, text2, [ip_adapter.image_prompt(adapter, tokens2, 0.7, unet=unet)])
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

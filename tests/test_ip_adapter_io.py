@@ -10,9 +10,9 @@ from safetensors.numpy import load_file, save_file
 
 import ipadapter_fixtures as fx
 from helpers import rel_err
-from ipadapter_jax import adapters
-from ipadapter_jax.convert import CheckpointError
-from ipadapter_jax.convert.ip_adapter import load_ip_adapter, save_ip_adapter
+from ipadapter_jax import ip_adapter
+from ipadapter_jax.io import CheckpointError
+from ipadapter_jax.ip_adapter import load_ip_adapter, save_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
 from test_ip_adapter import (B, embeds_for, inputs, project, torch_forward, torch_unet,  # noqa: F401
                              unet_folder, write_official)
@@ -57,7 +57,7 @@ def test_exported_file_loads_in_diffusers(unet_folder, tmp_path, suffix):
     embeds, _ = embeds_for("plus")
     x, t, text = inputs()
     expected = torch_forward(tu, x, t, text, [embeds])
-    prompt = adapters.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet)
+    prompt = ip_adapter.image_prompt(adapter, project(adapter, embeds), 1.0, unet=unet)
     assert rel_err(unet(x, t, text, [prompt]), expected) <= 1e-5
 
 
@@ -120,9 +120,9 @@ def test_more_masks_than_images(unet, tmp_path, unet_folder):
     adapter = load_ip_adapter(write_official(tmp_path, fx.image_proj("base", 64),
                                              fx.ip_layers(torch_unet(unet_folder))), unet)
     tokens = project(adapter, embeds_for("base", n_images=2)[0])
-    masks = adapters.mask_pyramid(np.ones((3, 64, 64), np.float32), unet, 8, 8)
+    masks = ip_adapter.mask_pyramid(np.ones((3, 64, 64), np.float32), unet, 8, 8)
     with pytest.raises(ValueError, match="3 masks for 2 reference images"):
-        adapters.image_prompt(adapter, tokens, 1.0, unet=unet, masks=masks)
+        ip_adapter.image_prompt(adapter, tokens, 1.0, unet=unet, masks=masks)
 
 
 def test_nan_tokens_refused(unet, tmp_path, unet_folder):
@@ -130,13 +130,13 @@ def test_nan_tokens_refused(unet, tmp_path, unet_folder):
                                              fx.ip_layers(torch_unet(unet_folder))), unet)
     tokens = np.full((B, 1, 4, 64), np.nan, np.float32)
     with pytest.raises(ValueError, match="NaN"):
-        adapters.image_prompt(adapter, tokens, 1.0, unet=unet)
+        ip_adapter.image_prompt(adapter, tokens, 1.0, unet=unet)
 
 
 def test_prompt_count_must_match_attached_adapters(unet, tmp_path, unet_folder):
     adapter = load_ip_adapter(write_official(tmp_path, fx.image_proj("base", 64),
                                              fx.ip_layers(torch_unet(unet_folder))), unet)
-    prompt = adapters.image_prompt(adapter, project(adapter, embeds_for("base")[0]), 1.0, unet=unet)
+    prompt = ip_adapter.image_prompt(adapter, project(adapter, embeds_for("base")[0]), 1.0, unet=unet)
     x, t, text = inputs()
     with pytest.raises(ValueError, match="2 image prompts for 1 attached"):
         unet(x, t, text, [prompt, prompt])
@@ -148,10 +148,10 @@ def test_adapter_for_another_unet_is_not_attached(unet, tmp_path, unet_folder):
     from ipadapter_jax.ip_adapter.image_proj import ImageProjModel
 
     other = UNet2DConditionModel(dict(fx.UNET, block_out_channels=(32, 32)), rngs=nnx.Rngs(0))
-    adapter = adapters.IPAdapter.for_unet(other, ImageProjModel(8, 64, rngs=nnx.Rngs(0)), variant="base",
+    adapter = ip_adapter.IPAdapter.for_unet(other, ImageProjModel(8, 64, rngs=nnx.Rngs(0)), variant="base",
                                           rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="maps 64 -> 32, the UNet needs 64 -> 64"):
-        adapters.attach(unet, adapter)
+        ip_adapter.attach(unet, adapter)
 
 
 def test_lora_keys_in_a_variant_without_lora_are_refused(unet_folder, tmp_path):

@@ -31,7 +31,7 @@ from safetensors.numpy import save_file
 import ipadapter_fixtures as fx
 import sd_fixtures
 from helpers import nchw, nhwc, rel_err
-from ipadapter_jax.convert import apply_lora, apply_lora_to_models, parse_lora_spec, read_lora, sgm_to_diffusers
+from ipadapter_jax.convert.lora import apply_lora, apply_lora_to_models, parse_lora_spec, read_lora, sgm_to_diffusers
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported
 from ipadapter_jax.io.params import module_state_dict
 from ipadapter_jax.models import CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel

@@ -218,7 +218,7 @@ def test_adapter_for_other_width_refused(jax_pipe, tmp_path):
     from safetensors.numpy import save_file
 
     import ipadapter_fixtures as fx
-    from ipadapter_jax.convert import CheckpointError
+    from ipadapter_jax.io import CheckpointError
 
     r = fx.Rand(0)
     ip = {f"{2 * n + 1}.{kv}.weight": r.w(8, 1024) for n in range(7) for kv in ("to_k_ip", "to_v_ip")}

@@ -25,7 +25,7 @@ from flax import nnx
 import ipadapter_fixtures as fx
 import sd_fixtures
 from helpers import nchw, nhwc, rel_err
-from ipadapter_jax import adapters
+from ipadapter_jax import ip_adapter
 from ipadapter_jax.io.errors import Incompatible
 from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
@@ -187,5 +187,5 @@ def test_sd21_unet_layout(tmp_path):
     with pytest.raises(Incompatible, match=SD1_ON_SD2.format(n=16)):
         load_ip_adapter(sd15_adapter_file(tmp_path, 16), sd21)
     for weight_type in ("style transfer", "composition", "ease in"):
-        np.testing.assert_array_equal(adapters.layer_scales(sd21, 0.8, weight_type=weight_type),
-                                      adapters.layer_scales(sd15, 0.8, weight_type=weight_type))
+        np.testing.assert_array_equal(ip_adapter.layer_scales(sd21, 0.8, weight_type=weight_type),
+                                      ip_adapter.layer_scales(sd15, 0.8, weight_type=weight_type))

@@ -29,7 +29,7 @@ from flax import nnx
 
 import ipadapter_fixtures as fx
 from helpers import nchw, nhwc, rel_err, saved_diffusers
-from ipadapter_jax import adapters
+from ipadapter_jax import ip_adapter
 from ipadapter_jax.io.errors import Incompatible, MissingFile, Unsupported
 from ipadapter_jax.ip_adapter import IPAdapter, load_ip_adapter, prompt_tokens
 from ipadapter_jax.ip_adapter.image_proj import ImageProjModel
@@ -127,13 +127,13 @@ OFFICIAL_DEPTHS = ({4: 2, 5: 2, 7: 10, 8: 10}, 10, [10, 10, 10, 2, 2, 2])
 SMALL_DEPTHS = ({4: 1, 5: 1, 7: 2, 8: 2}, 2, [2, 2, 2, 1, 1, 1])
 
 
-@pytest.mark.parametrize("weight_type", list(adapters.WEIGHT_TYPES))
+@pytest.mark.parametrize("weight_type", list(ip_adapter.WEIGHT_TYPES))
 @pytest.mark.parametrize("which", ["official", "small"])
 def test_comfy_weight_types_on_sdxl(sdxl, small, which, weight_type):
     unet, depths = (sdxl, OFFICIAL_DEPTHS) if which == "official" else (small, SMALL_DEPTHS)
     expected = comfy_expected(weight_type, comfy_sdxl_layers(*depths))
     assert len(expected) == len(unet.cross_attention_layers()) == (70 if which == "official" else 17)
-    got = adapters.layer_scales(unet, W, weight_type=weight_type, composition_weight=C)
+    got = ip_adapter.layer_scales(unet, W, weight_type=weight_type, composition_weight=C)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=0)
 
 
@@ -143,16 +143,16 @@ def test_comfy_style_and_composition_blocks_on_sdxl(sdxl):
     names = [c.name for c in sdxl.cross_attention_layers()]
     for weight_type, prefix in (("style transfer", "up_blocks.0.attentions.1."),
                                 ("composition", "down_blocks.2.attentions.1.")):
-        picked = [names[i] for i in np.flatnonzero(adapters.layer_scales(sdxl, 1.0, weight_type=weight_type))]
+        picked = [names[i] for i in np.flatnonzero(ip_adapter.layer_scales(sdxl, 1.0, weight_type=weight_type))]
         assert len(picked) == 10 and all(name.startswith(prefix) for name in picked), picked
-    assert adapters.comfy_order(sdxl)[:4] == [0, 0, 1, 1] and adapters.comfy_order(sdxl)[-1] == 4
+    assert ip_adapter.comfy_order(sdxl)[:4] == [0, 0, 1, 1] and ip_adapter.comfy_order(sdxl)[-1] == 4
 
 
 def test_special_weight_types_need_a_known_layout():
     unet = abstract_unet(fx.SDXL_UNET)           # 2 + 1 + 4 transformers: neither SD nor SDXL
     with pytest.raises(Unsupported, match=r"this UNet has 2 input, 1 middle, 4 output"):
-        adapters.layer_scales(unet, 1.0, weight_type="style transfer")
-    assert adapters.layer_scales(unet, 1.0, weight_type="ease in").shape == (len(unet.cross_attention_layers()),)
+        ip_adapter.layer_scales(unet, 1.0, weight_type="style transfer")
+    assert ip_adapter.layer_scales(unet, 1.0, weight_type="ease in").shape == (len(unet.cross_attention_layers()),)
 
 
 # --------------------------------------------------------------------------- diffusers' per-block dicts
@@ -204,9 +204,9 @@ def test_block_dicts_match_diffusers_on_sdxl(sdxl, torch_official, small, small_
     scale = DICT_SCALES[case]
     expected = diffusers_scales(torch_official, scale)
     assert expected.shape == (70,)
-    np.testing.assert_array_equal(adapters.layer_scales(sdxl, scale), expected.astype(np.float32))
+    np.testing.assert_array_equal(ip_adapter.layer_scales(sdxl, scale), expected.astype(np.float32))
     small_expected = diffusers_scales(with_ip_processors(TorchUNet.from_pretrained(small_folder)), scale)
-    np.testing.assert_array_equal(adapters.layer_scales(small, scale), small_expected.astype(np.float32))
+    np.testing.assert_array_equal(ip_adapter.layer_scales(small, scale), small_expected.astype(np.float32))
 
 
 def test_instantstyle_dict_forward_matches_diffusers(small, small_folder, tmp_path):
@@ -238,11 +238,11 @@ def test_instantstyle_dict_forward_matches_diffusers(small, small_folder, tmp_pa
         graphdef, state = nnx.split(small)
         forward = jax.jit(lambda s, c: nnx.merge(graphdef, s)(x, t, c))   # scales are inputs: one compile
         run = lambda scale: forward(state, UNetConditioning(
-            context, (adapters.image_prompt(adapter, tokens, scale, unet=small),), added_cond=added))
+            context, (ip_adapter.image_prompt(adapter, tokens, scale, unet=small),), added_cond=added))
         assert rel_err(run(scale), expected) <= 1e-5
         assert rel_err(run(1.0), expected) > 1e-3          # the dict matters
     finally:
-        adapters.detach_all(small)
+        ip_adapter.detach_all(small)
 
 
 # --------------------------------------------------------------------------- wrong pairings
@@ -280,7 +280,7 @@ def test_attach_adapter_built_for_another_base_model(sd15, sdxl):
                                                         variant="base", rngs=nnx.Rngs(0)))
     with pytest.raises(Incompatible, match=r"SDXL adapter \(70 .* width 2048\) but the UNet is SD 1.x \(16 .* "
                                            r"width 768\)"):
-        adapters.attach(sd15, adapter)
+        ip_adapter.attach(sd15, adapter)
 
 
 def encoder_adapter(tmp_path, small, small_folder, variant, embed_dim):

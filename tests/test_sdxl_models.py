@@ -16,7 +16,7 @@ from flax import nnx
 
 import ipadapter_fixtures as fx
 from helpers import nchw, nhwc, rel_err, saved_diffusers
-from ipadapter_jax import adapters
+from ipadapter_jax import ip_adapter
 from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
 from ipadapter_jax.io.params import AbstractRngs
 from ipadapter_jax.ip_adapter import load_ip_adapter
@@ -356,7 +356,7 @@ def test_sdxl_ip_adapter_parity(unet_folder, prompt, tmp_path, variant, filename
     x, t = unet_inputs(2)
     cond = added(pooled, fx.sdxl_time_ids(B, seed=2))
     expected = torch_forward(tu, x, t, context, cond, image_embeds=[embeds])
-    image_prompt = adapters.image_prompt(adapter, tokens, 1.0, unet=model)
+    image_prompt = ip_adapter.image_prompt(adapter, tokens, 1.0, unet=model)
     out = model(x, t, UNetConditioning(context, (image_prompt,), added_cond=cond))
     assert rel_err(out, expected) <= TOL
     # The image branch contributes: without it the prediction is far off.

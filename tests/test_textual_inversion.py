@@ -25,8 +25,8 @@ from safetensors.numpy import save_file
 import ipadapter_fixtures as fx
 import sd_fixtures
 from helpers import rel_err
-from ipadapter_jax.convert import (TextualInversionTokenizer, load_embeddings, load_textual_inversion,
-                                   parse_embedding_spec, read_embedding)
+from ipadapter_jax.convert.textual_inversion import (TextualInversionTokenizer, load_embeddings,
+                                                     load_textual_inversion, parse_embedding_spec, read_embedding)
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, UserError
 from ipadapter_jax.io.files import TorchRequired
 from ipadapter_jax.pipeline import StableDiffusionPipeline, StableDiffusionXLPipeline

@@ -28,7 +28,7 @@ if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"127.0.0.1:{{port}}", num_processes=num_processes, process_id=process_id)
 sys.path.insert(0, {tests!r})
-from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
 from ipadapter_jax.training import sharding
 from ipadapter_jax.training.step import Trainer

@@ -23,7 +23,7 @@ import jax, numpy as np
 jax.config.update("jax_default_matmul_precision", "highest")
 sys.path.insert(0, {tests!r})
 from jax.sharding import PartitionSpec as P
-from ipadapter_jax.convert.ip_adapter import load_ip_adapter
+from ipadapter_jax.ip_adapter import load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
 from ipadapter_jax.training import sharding
 from ipadapter_jax.training.step import Trainer

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 import ipadapter_fixtures as fx
 from helpers import nchw, rel_err
-from ipadapter_jax.convert.ip_adapter import ip_adapter_state_dict, load_ip_adapter
+from ipadapter_jax.ip_adapter import ip_adapter_state_dict, load_ip_adapter
 from ipadapter_jax.models import UNet2DConditionModel
 from ipadapter_jax.models.unet import remat_policy
 from ipadapter_jax.training.step import StepConfig, Trainer

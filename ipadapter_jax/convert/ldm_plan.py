@@ -27,7 +27,6 @@ import numpy as np
 
 from ipadapter_jax.io.files import CheckpointError
 
-OPS = ("copy", "conv1x1", "transpose", "fuse")
 _ARITY = {"copy": 1, "conv1x1": 1, "transpose": 1, "fuse": 3}
 
 # rule(diffusers key) -> (LDM key, op, slot in a fused group) or None

@@ -25,9 +25,6 @@ class CheckpointError(BadFile):
     """A checkpoint file or its contents do not fit what was asked of it."""
 
 
-FLOAT_DTYPES = (np.float16, np.float32, np.float64)
-
-
 def load_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
     """Read ``folder/name`` as JSON, with errors that name the file."""
     folder = Path(folder)
