@@ -350,7 +350,7 @@ def test_with_img2img_masks_two_adapters_and_the_mesh(paths, tmp_path):
      "--control-start < --control-end"),
     (["--controlnet", "{cn1}", "--control-image", "{map1}", "--control-scale", "nan"], "finite"),
     (["--controlnet", "{cn1}", "--control-image", "missing.png"], "file not found: missing.png"),
-    (["--controlnet", "nowhere", "--control-image", "{map1}"], "--controlnet not found: nowhere"),
+    (["--controlnet", "nowhere", "--control-image", "{map1}"], "--controlnet nowhere: ControlNet folder or file not found"),
     (["--guess-mode"], "need a --controlnet"),
     (["--control-scale", "0.5", "--control-end", "0.5"], "--control-scale, --control-end need a --controlnet"),
 ])

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Callable, NoReturn, Sequence
 
+from ipadapter_jax.cli import interrupts
 from ipadapter_jax.io.errors import UserError
 
 DEBUG_ENV = "IPADAPTER_JAX_DEBUG"
@@ -31,8 +32,14 @@ def one_line(message: str) -> str:
     return " | ".join(part.strip() for part in str(message).splitlines() if part.strip())
 
 
-def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
-    """Run ``main(argv)`` and turn user errors into one line and exit status 2."""
+def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] | None = None, *,
+        signals: bool = True) -> int:
+    """Run ``main(argv)`` and turn user errors into one line and exit status 2.
+    Run as a command (``argv`` None) with ``signals``, Ctrl-C or SIGTERM at any
+    moment ends it at once with one line, exit status 130 / 143 and no partial
+    file (``cli.interrupts``)."""
+    if argv is None and signals:
+        interrupts.exit_on_signals(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv) or 0

@@ -55,3 +55,44 @@ def resolve_model(flag: str, spec: str) -> Path:
 def resolve_encoder(flag: str, spec: str) -> Path:
     """A transformers model folder (``config.json`` + ``model.safetensors``), or its hub id."""
     return resolve_model_folder(spec, weights_name="model", what="CLIP image encoder folder", flag=flag)
+
+
+_claims: list = []   # open lock files, held until the process ends
+
+
+def claim_output(flag: str, path: Path) -> None:
+    """Refuse to start when another run is writing the same output: an exclusive
+    ``flock`` on ``.NAME.lock`` beside it, held until this process ends (the
+    kernel releases it even when the process is killed, so no stale lock
+    blocks a later run)."""
+    import fcntl
+
+    from ipadapter_jax.cli import interrupts
+
+    lock = path.with_name(f".{path.name}.lock")
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        owner = handle.read().strip() or "another process"
+        handle.close()
+        raise BadArgument(f"{flag} {path}: another run ({owner}) is writing it now; wait for it to finish or "
+                          "choose another output") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _claims.append((handle, lock))
+    interrupts.writing(lock)
+
+
+def release_outputs() -> None:
+    """Remove the lock files of ``claim_output`` (the locks go with the process anyway)."""
+    from ipadapter_jax.cli import interrupts
+
+    while _claims:
+        handle, lock = _claims.pop()
+        lock.unlink(missing_ok=True)
+        interrupts.written(lock)
+        handle.close()

@@ -47,7 +47,8 @@ from pathlib import Path
 
 from ipadapter_jax import demo, families
 from ipadapter_jax.cli import ArgumentParser, debug_requested, run
-from ipadapter_jax.cli.checks import check_files, check_writable, resolve_encoder, resolve_model, resolve_or_error
+from ipadapter_jax.cli.checks import (check_files, check_writable, claim_output, release_outputs, resolve_encoder,
+                                      resolve_model, resolve_or_error)
 from ipadapter_jax.io.errors import UserError
 from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 
@@ -55,6 +56,11 @@ from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 from ipadapter_jax.schedulers import NAMES as SCHEDULER_NAMES
 
 PROG = "sample.py"
+# Larger images than any supported model was trained for by 8x (SDXL: 1024 px) take hours to compile
+# and sample on any machine; a typo (an extra 0) should not start that.
+MAX_SIZE = 8192
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}   # --out suffix -> PIL format
+SEED_RANGE = (0, 2**63 - 1)   # what jax.random.key takes (int64), non-negative as in diffusers' generators
 # Flags of families with a second text encoder / with size micro-conditioning (SDXL).
 SECOND_ENCODER_FLAGS = (("--prompt-2", "prompt_2"), ("--negative-prompt-2", "negative_prompt_2"))
 SIZE_FLAGS = (("--original-size", "original_size"), ("--crop", "crop"), ("--target-size", "target_size"))
@@ -166,7 +172,8 @@ def _add_sampling_args(p) -> None:
     p.add_argument("--width", type=int, default=None,
                    help="image width, multiple of 8 (default: the model's size; demo 64)")
     p.add_argument("--init-image", help="img2img: start from this image")
-    p.add_argument("--strength", type=float, default=0.8, help="img2img strength in (0, 1] (default 0.8)")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img strength in (0, 1] (default 0.8; needs --init-image)")
     p.add_argument("--init-latents", help="initial noise .npy [N, H/8, W/8, 4], unit variance; overrides --seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="UNet/text-encoder compute dtype (default float32; bfloat16 on accelerators)")
@@ -198,6 +205,7 @@ def parse_args(argv=None, prog: str = PROG):
     here, before JAX is imported, and hub ids are resolved to local paths."""
     p = build_parser(prog)
     args = p.parse_args(argv)
+    args.prog = prog
     try:
         _resolve_defaults(args)
         _check_numbers(args)
@@ -211,6 +219,7 @@ def parse_args(argv=None, prog: str = PROG):
         for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
             if path:
                 check_writable(flag, Path(path))
+        claim_output("--out", Path(args.out))
     except UserError as e:
         if debug_requested(argv if argv is not None else sys.argv[1:]):
             raise
@@ -254,21 +263,45 @@ def raise_bad(message: str):
 def _check_numbers(args) -> None:
     if args.scheduler not in SCHEDULER_NAMES:
         raise_bad(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
-    if args.height is not None and args.height % 8 or args.width is not None and args.width % 8:
-        raise_bad(f"--height and --width must be multiples of 8, got {args.height}x{args.width}")
-    if args.num_images < 1:
-        raise_bad(f"--num-images must be at least 1, got {args.num_images}")
-    if args.steps < 1:
-        raise_bad(f"--steps must be at least 1, got {args.steps}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and not (0 < value <= MAX_SIZE and value % 8 == 0):
+            raise_bad(f"{flag} must be a positive multiple of 8 up to {MAX_SIZE} (8x the largest size a supported "
+                      f"model was trained at), got {value}")
+    if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
+        raise_bad(f"--seed must be an integer from {SEED_RANGE[0]} to 2**63 - 1, got {args.seed}"
+                  + (" (-1 does not mean a random seed here: pick one)" if args.seed == -1 else ""))
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
+        if value < 1:
+            raise_bad(f"{flag} must be at least 1, got {value}")
     for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance]), ("--strength", [args.strength]),
-                         ("--eta", [args.eta]), ("--guidance-rescale", [args.guidance_rescale])):
+                         ("--eta", [args.eta]), ("--guidance-rescale", [args.guidance_rescale]),
+                         ("--s-scale", [args.s_scale]), ("--lora-scale", [args.lora_scale])):
         bad = [v for v in values if v is not None and not math.isfinite(v)]
         if bad:
             raise_bad(f"{flag} must be a finite number, got {bad[0]}")
+    if args.strength is not None and not args.init_image:
+        raise_bad("--strength applies to img2img: it needs --init-image")
+    args.strength = 0.8 if args.strength is None else args.strength
+    if not 0.0 < args.strength <= 1.0:
+        raise_bad(f"--strength must be in (0, 1], got {args.strength}")
     if args.eta is not None and args.scheduler != "ddim":
         raise_bad("--eta applies to the ddim scheduler only")
-    if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+    if Path(args.out).suffix.lower() not in IMAGE_FORMATS:
         raise_bad(f"--out must name an image file (.png, .jpg, .webp), got {args.out!r}")
+    _warn_unusual(args)
+
+
+# Values outside these ranges work but nobody means them: a one-line warning, then sampling.
+USUAL = {"--scale": (0.0, 2.0), "--guidance": (0.0, 30.0), "--guidance-rescale": (0.0, 1.0)}
+
+
+def _warn_unusual(args) -> None:
+    values = {"--scale": args.scale, "--guidance": [args.guidance], "--guidance-rescale": [args.guidance_rescale]}
+    for flag, (low, high) in USUAL.items():
+        odd = [v for v in values[flag] if v is not None and not low <= v <= high]
+        if odd:
+            print(f"{args.prog}: warning: {flag} {odd[0]:g} is outside the usual range [{low:g}, {high:g}]; "
+                  "sampling with it anyway", file=sys.stderr)
 
 
 def _resolve_sources(args) -> None:
@@ -461,28 +494,40 @@ def _add_community_args(p) -> None:
 
 
 def save_images(images, out: Path) -> list[Path]:
+    """One image file per image (NAME-0.png, ... and a NAME-grid.png for several),
+    each written atomically: an interrupted run leaves no half-written image."""
     import numpy as np
-    from PIL import Image
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     as_uint8 = (np.clip(images, 0, 1) * 255).round().astype("uint8")
     if len(as_uint8) == 1:
-        Image.fromarray(as_uint8[0]).save(out)
-        return [out]
-    paths = []
-    for i, img in enumerate(as_uint8):
-        path = out.with_name(f"{out.stem}-{i}{out.suffix}")
-        Image.fromarray(img).save(path)
-        paths.append(path)
+        return [_save_image(as_uint8[0], out)]
+    paths = [_save_image(img, out.with_name(f"{out.stem}-{i}{out.suffix}")) for i, img in enumerate(as_uint8)]
     cols = int(np.ceil(np.sqrt(len(as_uint8))))
     rows = int(np.ceil(len(as_uint8) / cols))
     h, w = as_uint8.shape[1:3]
     grid = np.zeros((rows * h, cols * w, 3), np.uint8)
     for i, img in enumerate(as_uint8):
         grid[(i // cols) * h:(i // cols + 1) * h, (i % cols) * w:(i % cols + 1) * w] = img
-    grid_path = out.with_name(f"{out.stem}-grid{out.suffix}")
-    Image.fromarray(grid).save(grid_path)
-    return paths + [grid_path]
+    return paths + [_save_image(grid, out.with_name(f"{out.stem}-grid{out.suffix}"))]
+
+
+def _save_image(pixels, path: Path) -> Path:
+    from PIL import Image
+
+    from ipadapter_jax.io.files import atomic_write
+
+    with atomic_write(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format=IMAGE_FORMATS[path.suffix.lower()])
+    return path
+
+
+def _save_latents(latents, path: Path) -> None:
+    import numpy as np
+
+    from ipadapter_jax.io.files import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, latents)
 
 
 def _load_latents(path: str):
@@ -546,6 +591,13 @@ _OPTIONAL = (("negative_prompt", "negative_prompt"), ("prompt_2", "prompt_2"),
 
 def generate(argv, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
+    try:
+        return _generate(args, prog)
+    finally:
+        release_outputs()
+
+
+def _generate(args, prog: str) -> int:
     t_start = time.perf_counter()
     import jax
     import jax.numpy as jnp
@@ -578,8 +630,7 @@ def generate(argv, prog: str = PROG) -> int:
                   controlnet_inputs=controls, guess_mode=args.guess_mode,
                   progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
     if args.save_latents:
-        Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
-        np.save(args.save_latents, result.latents)
+        _save_latents(result.latents, Path(args.save_latents))
     paths = save_images(result.images, Path(args.out))
     t = result.timings
     print(f"compile {t['compile_s']:.2f} s | denoise {t['denoise_s']:.2f} s ({t['steps']} steps, "
@@ -591,7 +642,9 @@ def generate(argv, prog: str = PROG) -> int:
 
 def main(argv=None) -> int:
     """The sample command (``ipadapter-sample``, ``python sample.py``) with user
-    errors as one line (``--debug`` for tracebacks)."""
+    errors as one line (``--debug`` for tracebacks). Run as a command (``argv``
+    None), Ctrl-C or SIGTERM at any moment exits 130 / 143 with one line and
+    no partial file (``cli.interrupts``)."""
     name = Path(sys.argv[0]).name
     prog = name if name.startswith("ipadapter-") else PROG
     return run(prog, lambda a: generate(a, prog), argv)

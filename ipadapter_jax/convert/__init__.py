@@ -1,6 +1,5 @@
 """Checkpoint conversion between layouts: the layer above the models and the
-IP-Adapter, where converters that need both belong. This package init imports
-nothing; import the names from their modules:
+IP-Adapter, where converters that need both belong. Its modules:
 
 * ``build``: Flax modules of a pipeline's parts from in-memory tensors, and the strict fill;
 * ``components``: a family's models, tokenizers and scheduler config from a folder or a single file;
@@ -18,3 +17,32 @@ nothing; import the names from their modules:
 Official IP-Adapter files are read and written by ``ipadapter_jax.ip_adapter.official``;
 the file readers and the folder loader are ``ipadapter_jax.io``.
 """
+
+from __future__ import annotations
+
+import importlib
+
+# The converters' public names (the README's ``from ipadapter_jax.convert import apply_lora, ...``),
+# imported from their modules on first use (PEP 562): importing the package loads nothing.
+_LAZY = {
+    **dict.fromkeys(("apply_lora", "apply_loras", "read_lora", "LoraReport"), "ipadapter_jax.convert.lora"),
+    **dict.fromkeys(("load_textual_inversion", "load_embeddings", "read_embedding"),
+                    "ipadapter_jax.convert.textual_inversion"),
+    **dict.fromkeys(("load_controlnet",), "ipadapter_jax.convert.controlnet"),
+    **dict.fromkeys(("read_single_file", "folder_to_single_file", "single_file_to_diffusers"),
+                    "ipadapter_jax.convert.single_file"),
+    **dict.fromkeys(("Components", "load_components"), "ipadapter_jax.convert.components"),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ipadapter_jax.convert' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

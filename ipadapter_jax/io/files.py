@@ -284,12 +284,13 @@ def require_file(path: str | os.PathLike, what: str, formats: str) -> Path:
     """``path`` as a Path, or an error naming it when it is a folder, missing or
     empty; ``what`` ("weights file") and ``formats`` (".safetensors or .bin") word it."""
     path = Path(path)
+    article = "an" if what[:1].lower() in "aeiou" else "a"
     if path.is_dir():
-        raise BadFile(f"{path} is a folder; expected a {what} ({formats})")
+        raise BadFile(f"{path} is a folder; expected {article} {what} ({formats})")
     if not path.is_file():
         raise MissingFile(f"{what} not found: {path}")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes); expected a {what} ({formats})")
+        raise CheckpointError(f"{path} is empty (0 bytes); expected {article} {what} ({formats})")
     return path
 
 
@@ -334,6 +335,11 @@ def read_weights(paths: list[Path]) -> dict[str, np.ndarray]:
     return state
 
 
+# The temporary files of the atomic writes in progress: a command ended by a
+# signal (``cli.interrupts``, which skips the interpreter's teardown) removes them.
+IN_PROGRESS: set[Path] = set()
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it replaces ``path``
@@ -344,6 +350,7 @@ def atomic_write(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    IN_PROGRESS.add(Path(tmp))
     try:
         yield tmp
         umask = os.umask(0)
@@ -353,6 +360,8 @@ def atomic_write(path: str | os.PathLike):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        IN_PROGRESS.discard(Path(tmp))
 
 
 def save_safetensors(state_dict: dict[str, np.ndarray], path: str | os.PathLike,
