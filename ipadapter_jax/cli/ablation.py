@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from ipadapter_jax.cli import run
+from ipadapter_jax.cli import ArgumentParser, run
 from ipadapter_jax.cli.eval import module_docstring
 
 PROG = "python -m ipadapter_jax.eval.ablation"
@@ -26,7 +26,7 @@ COLOUR_TABLES = (
 
 def parse_args(argv) -> argparse.Namespace:
     """The arguments, checked (the --simple file, the scales, the demo files); adds ``paths``."""
-    p = argparse.ArgumentParser(prog=PROG, description=module_docstring("ipadapter_jax.eval.ablation"),
+    p = ArgumentParser(prog=PROG, description=module_docstring("ipadapter_jax.eval.ablation"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--simple", required=True, help="the simple adapter trained by configs/demo/ip_adapter_simple.py")
     p.add_argument("--decoupled", default=None, help="the decoupled adapter (default: the shipped demo adapter)")

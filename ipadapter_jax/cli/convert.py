@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from ipadapter_jax.cli import run
+from ipadapter_jax.cli import ArgumentParser, run
 from ipadapter_jax.io.errors import BadArgument
 
 PROG = "python -m ipadapter_jax.convert"
@@ -63,7 +64,7 @@ def _to_diffusers_parser(sub) -> None:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog(), description="Convert Stable Diffusion checkpoints between the single-file layout "
         "(original LDM / sgm names, one .safetensors or .ckpt: what AUTOMATIC1111, ComfyUI and civitai use) "
         "and diffusers folders. SD 1.x, SD 2.x and SDXL base; tensors are copied bit for bit both ways.")
@@ -77,10 +78,15 @@ def parse_args(argv) -> argparse.Namespace:
 def _main(argv: list[str]) -> int:
     from ipadapter_jax.io.files import is_safetensors
 
+    from ipadapter_jax.cli.checks import check_writable
+
     args = parse_args(argv)
     if args.command == "to-single-file":
         if not is_safetensors(args.out):
             raise BadArgument(f"OUT must be a .safetensors file, got {args.out}")
+        check_writable("OUT", Path(args.out))       # before reading gigabytes
+        if Path(args.out).exists():
+            print(f"{prog()}: {args.out} exists; it is replaced once the new file is complete", file=sys.stderr)
         from ipadapter_jax.convert.ldm_detect import read_layout
         from ipadapter_jax.convert.single_file import folder_to_single_file
 
@@ -89,6 +95,7 @@ def _main(argv: list[str]) -> int:
         return 0
     from ipadapter_jax.convert.single_file import single_file_to_diffusers
 
+    check_writable("OUT_DIR", Path(args.out_dir) / "model_index.json")
     folder = single_file_to_diffusers(args.file, args.out_dir, config_dir=args.model_config, vae=args.vae,
                                       ema=args.ema, prediction_type=args.prediction_type)
     print(f"wrote {folder}")

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from ipadapter_jax.cli import run
+from ipadapter_jax.cli import ArgumentParser, run
 
 PROG = "python -m ipadapter_jax.eval"
 SCRIPT = "ipadapter-eval"
@@ -36,7 +36,7 @@ def module_docstring(name: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog(), description=module_docstring("ipadapter_jax.eval"),
+    p = ArgumentParser(prog=prog(), description=module_docstring("ipadapter_jax.eval"),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true", help="the embedded demo model, adapter, CLIP and held-out "
                                                        "shapes (the default without --model)")
@@ -74,7 +74,7 @@ def _model_defaults(p: argparse.ArgumentParser, args: argparse.Namespace) -> dic
         args.image_encoder = args.image_encoder or str(paths["image_encoder"])
         args.ip_adapter = args.ip_adapter or str(paths["adapter"])
         args.clip = args.clip or str(paths["clip"])
-        return dict(steps=25, guidance=5.0, size=64)
+        return dict(steps=demo.DEFAULT_STEPS, guidance=demo.DEFAULT_GUIDANCE, size=demo.DEFAULT_SIZE)
     missing = [f for f in ("image_encoder", "ip_adapter", "clip", "cases") if not getattr(args, f)]
     if missing:
         p.error("with --model also give " + ", ".join("--" + m.replace("_", "-") for m in missing))
@@ -96,7 +96,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.scales = [float(s) for s in args.scales.split(",")]
     except ValueError:
         p.error(f"--scales must be comma-separated numbers, got {args.scales!r}")
+    _check_numbers(p, args)
     return args
+
+
+def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Counts, sizes and scales, before anything loads (a NaN scale would otherwise surface after sampling)."""
+    import math
+
+    from ipadapter_jax.cli.checks import check_writable
+    from ipadapter_jax.io.errors import UserError
+
+    for flag, value in (("--num-cases", args.num_cases), ("--num-images", args.num_images), ("--steps", args.steps)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, got {value}")
+    if not (0 < args.size <= 8192 and args.size % 8 == 0):
+        p.error(f"--size must be a positive multiple of 8 up to 8192, got {args.size}")
+    for flag, values in (("--scales", args.scales), ("--guidance", [args.guidance])):
+        bad = [v for v in values if not math.isfinite(v)]
+        if bad:
+            p.error(f"{flag} must be finite numbers, got {bad[0]}")
+    try:
+        check_writable("--out", Path(args.out))
+    except UserError as e:
+        p.error(str(e))
 
 
 def _main(argv) -> int:
