@@ -788,3 +788,108 @@ def test_eval_cli_bad_cases(case, tmp_path):
     last = assert_one_line_error(result, "python -m ipadapter_jax.eval", *mentions)
     assert sum("error:" in line for line in result.stderr.splitlines()) == 1, result.stderr[-2000:]
     assert last
+
+
+# --------------------------------------------------------------------------- the command line a newcomer meets
+# Each bad input: exit 2, at most two lines on stderr (the error, and at most one warning before it), the
+# culprit named, nothing written, and nothing of JAX loaded: a `jax` package that refuses to import is put
+# first on the path, so a command that reached for JAX before its checks would fail differently.
+
+def run_without_jax(args: list[str], tmp: Path, timeout: int = 120) -> subprocess.CompletedProcess:
+    fake = tmp / "no_jax" / "jax"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text("raise ImportError('JAX was imported before the argument checks')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")]),
+               HF_HUB_OFFLINE="1")
+    env.pop("IPADAPTER_JAX_DEBUG", None)
+    return subprocess.run([sys.executable, *args], cwd=tmp, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+SAMPLE = str(ROOT / "sample.py")
+# name -> (argv after the script (tmp: the test's folder), words the error line must hold)
+NEWCOMER = {
+    "height_0": ([SAMPLE, "--height", "0"], ("--height", "0")),
+    "height_negative": ([SAMPLE, "--height", "-8"], ("--height", "-8")),
+    "width_huge": ([SAMPLE, "--width", "100000"], ("--width", "100000", "8192")),
+    "seed_huge": ([SAMPLE, "--seed", "1180591620717411303424"], ("--seed", "1180591620717411303424")),
+    "seed_minus_1": ([SAMPLE, "--seed", "-1"], ("--seed", "-1", "random")),
+    "steps_fraction": ([SAMPLE, "--steps", "2.5"], ("--steps", "2.5")),
+    "scale_inf": ([SAMPLE, "--scale", "inf"], ("--scale", "inf")),
+    "unknown_scheduler": ([SAMPLE, "--scheduler", "ddpm"], ("ddpm", "ddim")),
+    "lora_bad_scale": ([SAMPLE, "--lora", "x.safetensors:abc"], ("--lora", "abc")),
+    "control_start_after_end": ([SAMPLE, "--controlnet", "{tmp}", "--control-image", "{tmp}/c.png",
+                                 "--control-start", "0.9", "--control-end", "0.1"], ("--control-start", "0.9")),
+    "strength_without_init_image": ([SAMPLE, "--strength", "0.5"], ("--strength", "--init-image")),
+    "out_unwritable": ([SAMPLE, "--out", "/proc/x.png"], ("--out", "/proc")),
+    "save_latents_unwritable": ([SAMPLE, "--save-latents", "/proc/l.npy"], ("--save-latents", "/proc")),
+    "image_missing": ([SAMPLE, "--image", "{tmp}/nope.png"], ("nope.png", "not found")),
+    "model_hub_id_not_cached": ([SAMPLE, "--model", "org/not-cached"], ("--model", "org/not-cached")),
+    "convert_unwritable": (["-m", "ipadapter_jax.convert", "to-single-file", str(ROOT / "ipadapter_jax/demo/model/sd"),
+                            "/proc/x.safetensors"], ("/proc",)),
+    "eval_num_cases_0": (["-m", "ipadapter_jax.cli.eval", "--num-cases", "0"], ("--num-cases", "0")),
+    "eval_scales_nan": (["-m", "ipadapter_jax.cli.eval", "--scales", "nan"], ("--scales", "nan")),
+}
+
+
+@pytest.mark.parametrize("case", NEWCOMER)
+def test_bad_input_is_one_line_before_jax(case, tmp_path):
+    argv, mentions = NEWCOMER[case]
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.png")
+    result = run_without_jax([a.replace("{tmp}", str(tmp_path)) for a in argv], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and 1 <= len(lines) <= 2, (result.returncode, result.stderr[-2000:])
+    assert ": error: " in lines[-1] and "JAX was imported" not in result.stderr, result.stderr[-2000:]
+    for mention in mentions:
+        assert mention in lines[-1], (mention, lines[-1])
+    assert not list(tmp_path.glob("outputs")) and not list(tmp_path.glob("*.png"))[1:], list(tmp_path.iterdir())
+
+
+def test_unusual_values_are_a_warning(tmp_path):
+    """A negative guidance or a huge scale works but nobody means it: one warning line each, then the run
+    goes on (here to the next check, a missing model)."""
+    result = run_without_jax([SAMPLE, "--scale", "1e30", "--guidance", "-5", "--model", "/nonexistent"], tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 3, result.stderr
+    assert lines[0].startswith("sample.py: warning: --scale 1e+30") and "--guidance -5" in lines[1]
+
+
+def test_concurrent_runs_of_one_output_are_refused(tmp_path):
+    """While one run holds --out, a second is refused by name; once it ends the output is free."""
+    from ipadapter_jax.cli.checks import claim_output, release_outputs
+
+    out = tmp_path / "x.png"
+    claim_output("--out", out)
+    try:
+        result = run_without_jax([SAMPLE, "--out", str(out)], tmp_path)
+        assert result.returncode == 2 and "another run" in result.stderr and str(out) in result.stderr, \
+            result.stderr
+    finally:
+        release_outputs()
+    assert not (tmp_path / ".x.png.lock").exists()
+
+
+@pytest.mark.parametrize("delay", [2.0, "sampling"])
+def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(delay, tmp_path):
+    """SIGINT while the demo run loads or compiles, and while it samples: exit 130, one line
+    ('interrupted'), no image and no temporary or lock file left."""
+    import signal
+    import time
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, SAMPLE, "--cache-dir", "", "--steps", "400", "--out",
+                             str(tmp_path / "x.png")], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if delay == "sampling":    # the progress bar's first update: the loop is running
+        seen = ""
+        while "denoising:" not in seen or "1/400" not in seen:
+            chunk = proc.stderr.read(64)
+            assert chunk, "the run ended before sampling"
+            seen = seen[-4000:] + chunk
+    else:
+        time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, (proc.returncode, err[-2000:])
+    assert err.strip().splitlines()[-1] == "sample.py: interrupted" and "Traceback" not in err, err[-2000:]
+    assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -26,8 +26,11 @@ def check_writable(flag: str, path: Path) -> None:
     opened beside it and removed (``os.access`` says yes to root even where the
     write then fails, e.g. under /proc)."""
     folder = path.parent
+    missing = next((f for f in [folder, *folder.parents][::-1] if not f.exists()), None)
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if missing is not None:
+            _created.append(missing)
     except OSError as e:
         raise BadArgument(f"{flag} {path}: cannot create the folder {folder}: {e.strerror or e}") from None
     if path.is_dir():
@@ -38,6 +41,21 @@ def check_writable(flag: str, path: Path) -> None:
         os.unlink(probe)
     except OSError as e:
         raise BadArgument(f"{flag} {path}: the folder {folder} is not writable ({e.strerror or e})") from None
+
+
+_created: list[Path] = []   # folders check_writable made, removed again if the command stops before writing
+
+
+def undo_created_folders() -> None:
+    """Remove the (still empty) folders ``check_writable`` created: a refused
+    command leaves nothing behind."""
+    while _created:
+        top = _created.pop()
+        for folder in sorted((p for p in [top, *top.rglob("*")] if p.is_dir()), key=lambda p: -len(p.parts)):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
 
 
 def resolve_or_error(flag: str, spec: str, kind: str, what: str | None) -> Path:

@@ -48,7 +48,7 @@ from pathlib import Path
 from ipadapter_jax import demo, families
 from ipadapter_jax.cli import ArgumentParser, debug_requested, run
 from ipadapter_jax.cli.checks import (check_files, check_writable, claim_output, release_outputs, resolve_encoder,
-                                      resolve_model, resolve_or_error)
+                                      resolve_model, resolve_or_error, undo_created_folders)
 from ipadapter_jax.io.errors import UserError
 from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 
@@ -221,6 +221,7 @@ def parse_args(argv=None, prog: str = PROG):
                 check_writable(flag, Path(path))
         claim_output("--out", Path(args.out))
     except UserError as e:
+        undo_created_folders()
         if debug_requested(argv if argv is not None else sys.argv[1:]):
             raise
         p.error(str(e))
@@ -241,7 +242,8 @@ def _resolve_defaults(args) -> None:
         args.image_encoder = args.image_encoder or str(paths["image_encoder"])
         if not args.ip_adapter:
             args.ip_adapter = [str(paths["adapter"])]
-            args.image = args.image or [str(paths["reference"])]
+        if not args.image and not args.face_embeds:   # the demo's reference, for its adapter or the one given
+            args.image = [str(paths["reference"])]
         defaults = dict(prompt=demo.DEFAULT_PROMPT, steps=demo.DEFAULT_STEPS, guidance=demo.DEFAULT_GUIDANCE,
                         num_images=demo.DEFAULT_NUM_IMAGES, height=demo.DEFAULT_SIZE, width=demo.DEFAULT_SIZE,
                         out="outputs/demo.png")
@@ -593,6 +595,10 @@ def generate(argv, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
     try:
         return _generate(args, prog)
+    except BaseException:
+        release_outputs()
+        undo_created_folders()    # a folder made for an output never written
+        raise
     finally:
         release_outputs()
 
