@@ -144,6 +144,34 @@ def torch_ip_state(ip_state: dict) -> dict:
     return nested
 
 
+def progress_record(graphdef, sched, net_graphdefs, jargs: tuple, args, whole_s: float, whole_latents) -> dict:
+    """The loop with sample.py's progress bar (one step per call) against the whole loop in one call."""
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from ipadapter_jax.pipeline import make_denoise_loop
+
+    step = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, partial=True)
+    params, state, latents, *rest = jargs
+    out = {}
+
+    def stepped():
+        x, st = latents, state
+        with tqdm(total=args.steps, desc="denoising", unit="step", leave=False) as bar:
+            for i in range(args.steps):
+                x, st = step(params, st, x, *rest[:5], jnp.int32(i), rest[6], jnp.int32(i + 1))
+                x.block_until_ready()
+                bar.update(1)
+        out["x"] = x
+
+    first = time_runs(stepped, 1)[0]
+    times = time_runs(stepped, args.runs)
+    return dict(progress_first_call_s=round(first, 3), progress_median_s=round(median(times), 4),
+                progress_times_s=[round(t, 4) for t in times],
+                progress_cost_per_step_ms=round(1000 * (median(times) - whole_s) / args.steps, 2),
+                progress_equals_whole=bool(np.array_equal(np.asarray(out["x"], np.float32), whole_latents)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="small",
@@ -160,6 +188,10 @@ def main():
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--attention", default="auto", help="JAX attention backend (auto, xla, blocked, jax, cudnn)")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--progress", action="store_true",
+                        help="also time the loop as sample.py runs it with its progress bar: one jitted step per "
+                             "call, tqdm driven from Python (make_denoise_loop(partial=True)); reports the bar's "
+                             "cost per step against the whole-loop call")
     args = parser.parse_args()
     batches = args.batch or [1]
 
@@ -223,6 +255,8 @@ def main():
                       latent=args.size, steps=args.steps, dtype=args.dtype,
                       runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                       jax_times_s=[round(t, 4) for t in jax_times], jax_it_per_s=round(args.steps / median(jax_times), 3))
+        if args.progress:
+            record.update(progress_record(graphdef, sched, net_graphdefs, jargs, args, median(jax_times), jax_latents))
         dev = jax.devices()[0]
         if dev.platform == "gpu":
             forward = jax.jit(lambda p, x, t, cd: nnx.merge(graphdef, p)(x, t, cd))

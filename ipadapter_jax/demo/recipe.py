@@ -34,8 +34,8 @@ from flax import nnx
 from tqdm.auto import tqdm
 from transformers import CLIPTokenizer
 
-from ipadapter_jax import schedulers
 from ipadapter_jax.demo import shapes
+from ipadapter_jax.families import SD1
 from ipadapter_jax.families.text import token_ids
 from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.files import save_safetensors
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 TFDS_NAME = "shapes_dataset"
 # The sd/ folder's scheduler (and the UNet stage's noise schedule): SD 1.5's, as DDIM.
-_SCHEDULER = {**{k: v for k, v in schedulers.SD15_SCHEDULER_CONFIG.items() if k != "skip_prk_steps"},
+_SCHEDULER = {**{k: v for k, v in SD1.config("scheduler").items() if k not in ("skip_prk_steps", "trained_betas")},
               "_class_name": "DDIMScheduler", "prediction_type": "epsilon"}
 
 

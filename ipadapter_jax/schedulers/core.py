@@ -104,12 +104,6 @@ _BASE_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02
                       trained_betas=None, prediction_type="epsilon", steps_offset=0, rescale_betas_zero_snr=False)
 
 
-# The scheduler config of Stable Diffusion 1.5 (its diffusers folder's scheduler/scheduler_config.json).
-SD15_SCHEDULER_CONFIG = {"_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-                         "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "set_alpha_to_one": False,
-                         "skip_prk_steps": True, "steps_offset": 1, "clip_sample": False}
-
-
 def load_scheduler_config(model_folder) -> dict:
     """Read ``<model_folder>/scheduler/scheduler_config.json`` (a diffusers model folder)."""
     path = Path(model_folder) / "scheduler" / "scheduler_config.json"
