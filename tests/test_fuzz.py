@@ -893,3 +893,26 @@ def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(delay, tmp_path):
     assert proc.returncode == 130, (proc.returncode, err[-2000:])
     assert err.strip().splitlines()[-1] == "sample.py: interrupted" and "Traceback" not in err, err[-2000:]
     assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+
+
+def test_every_thread_leaves_the_signals_to_the_waiter():
+    """Once a command installs its handling, every thread (numpy's and JAX's, started later) blocks SIGINT
+    and SIGTERM, so the kernel hands them to the waiting thread even during a compilation. Importing the
+    command lines starts no thread before that: a thread started earlier would keep the signals."""
+    code = (
+        "import os, sys, threading\n"
+        "import ipadapter_jax.cli.sample, ipadapter_jax.cli.convert, ipadapter_jax.cli.eval\n"
+        "assert threading.active_count() == 1 and len(os.listdir('/proc/self/task')) == 1, 'a thread started early'\n"
+        "from ipadapter_jax.cli import interrupts\n"
+        "interrupts.exit_on_signals('x')\n"
+        "import numpy, jax, jax.numpy as jnp\n"
+        "jax.jit(lambda a: a @ a)(jnp.ones((64, 64))).block_until_ready()\n"
+        "masks = {int(t): int(open(f'/proc/self/task/{t}/status').read().split('SigBlk:')[1].split()[0], 16)\n"
+        "         for t in os.listdir('/proc/self/task')}\n"
+        "bits = (1 << 1) | (1 << 14)   # SIGINT 2, SIGTERM 15\n"
+        "waiter = interrupts._waiter.native_id   # in sigwait: the signals it waits for show as unblocked\n"
+        "print(len(masks), all(m & bits == bits for t, m in masks.items() if t != waiter))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    threads, blocked = result.stdout.split()
+    assert int(threads) > 2 and blocked == "True", result.stdout

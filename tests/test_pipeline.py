@@ -235,7 +235,7 @@ def test_sample_py_errors(paths, tmp_path):
                             "--image needs --image-encoder"),
                            (["--scheduler", "euler", "--eta", "0.5"], "ddim scheduler only"),
                            (["--num-images", "0"], "at least 1"),
-                           (["--height", "20"], "multiples of 8"),
+                           (["--height", "20"], "multiple of 8"),
                            (["--scheduler", "heun"], "valid: ddim, pndm")]:
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])

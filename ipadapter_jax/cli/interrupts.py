@@ -22,12 +22,10 @@ import sys
 import threading
 from pathlib import Path
 
-from ipadapter_jax.io import files
-
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _partial: set[Path] = set()
 _lock = threading.Lock()
-_installed = False
+_waiter: threading.Thread | None = None
 
 
 def writing(path: str | os.PathLike) -> None:
@@ -44,6 +42,10 @@ def written(path: str | os.PathLike) -> None:
 
 def _wait(prog: str) -> None:
     signum = signal.sigwait(_SIGNALS)
+    # Imported here, not at the top: numpy (which io.files loads) starts OpenBLAS threads, and any thread
+    # started before the mask is set would take the signals itself.
+    from ipadapter_jax.io import files
+
     with _lock:
         for path in [*_partial, *list(files.IN_PROGRESS)]:
             try:
@@ -56,11 +58,12 @@ def _wait(prog: str) -> None:
 
 
 def exit_on_signals(prog: str) -> None:
-    """From now on SIGINT / SIGTERM end the process as the module docstring says
-    (call it first in a command's main, before JAX starts its threads)."""
-    global _installed
-    if _installed or not hasattr(signal, "pthread_sigmask"):
+    """From now on SIGINT / SIGTERM end the process as the module docstring says.
+    Call it before any thread starts (JAX's, numpy's OpenBLAS pool): a thread
+    that existed before keeps the signals unblocked and would take them."""
+    global _waiter
+    if _waiter is not None or not hasattr(signal, "pthread_sigmask"):
         return
     signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-    threading.Thread(target=_wait, args=(prog,), name="signals", daemon=True).start()
-    _installed = True
+    _waiter = threading.Thread(target=_wait, args=(prog,), name="signals", daemon=True)
+    _waiter.start()

@@ -337,13 +337,9 @@ class ControlNetModel(PretrainedMixin, nnx.Module):
             embedded = tuple((s - 1) // 2 + 1 for s in embedded)   # a stride-2, pad-1 3x3 conv
         if embedded != tuple(latent_size):
             h, w = latent_size
-            factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
             raise BadArgument(f"controlnet_cond is {shape[1]}x{shape[2]} pixels, which this ControlNet's conditioning "
-                              f"embedding maps to {embedded[0]}x{embedded[1]} (it downsamples {factor}x), but the "
-                              f"latents are {h}x{w}: this ControlNet does not fit this model's latent size (its "
-                              f"conditioning_embedding_out_channels set its factor; pipelines resize control images "
-                              "to the output size, so a differently sized image does not help); use a ControlNet "
-                              "made for this base model")
+                              f"embedding maps to {embedded[0]}x{embedded[1]}, but the latents are {h}x{w}: pass the "
+                              f"control image at the output size ({h * cfg.downscale}x{w * cfg.downscale})")
 
     # ----------------------------------------------------------------- forward
 

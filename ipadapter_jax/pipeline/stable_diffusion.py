@@ -30,7 +30,7 @@ from ipadapter_jax import families, ip_adapter, schedulers
 from ipadapter_jax.convert.components import Components, load_components
 from ipadapter_jax.convert.controlnet import load_controlnet
 from ipadapter_jax.families.text import TEXT_CONDITIONING, TextConditioning, token_ids
-from ipadapter_jax.io.errors import BadArgument, NonFiniteError, Unsupported, require_finite
+from ipadapter_jax.io.errors import BadArgument, Incompatible, NonFiniteError, Unsupported, require_finite
 from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
@@ -180,6 +180,11 @@ class StableDiffusionPipeline:
         else:
             name = f"#{len(self.controlnets)}"
         check_controlnet_fits(controlnet, self.unet, name)
+        if controlnet.config.downscale != self.vae_scale:
+            # Control images are resized to the output size, so no control image size would fit.
+            raise Incompatible(f"ControlNet {name} maps control images to latents {controlnet.config.downscale}x "
+                               f"smaller (its conditioning_embedding_out_channels) but this model's VAE "
+                               f"downsamples {self.vae_scale}x; use a ControlNet made for this base model")
         self.controlnets.append(controlnet)
         return controlnet
 
