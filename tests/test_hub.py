@@ -314,3 +314,31 @@ def test_load_pipeline_through_an_id(cache):
     assert ours.family is local.family
     for name in ("unet", "text_encoder", "image_encoder"):
         assert_same(module_state_dict(getattr(ours, name)), module_state_dict(getattr(local, name)))
+
+
+def test_partly_cached_folder_is_completed_online(cache, monkeypatch):
+    """A cache holding part of a folder (its tokenizer, an interrupted download) is not taken for the
+    whole: online, huggingface_hub is asked for the folder (it fetches what is missing); offline the
+    cache is all there is."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    root = snapshot(cache, "org/sd", {"tokenizer/vocab.json": b"{}"})
+    calls = []
+
+    def fake_snapshot(repo, *, local_files_only=False, allow_patterns=None, **kwargs):
+        calls.append((repo, local_files_only, tuple(allow_patterns or ())))
+        if not local_files_only:
+            (root / "unet").mkdir(exist_ok=True)
+            (root / "unet" / "config.json").write_text("{}")
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert hub.resolve("org/sd", kind="folder") == root and calls[-1][1] is True      # offline: the cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    folder = hub.resolve("org/sd", kind="folder", allow_patterns=hub.PIPELINE_FOLDER_PATTERNS)
+    assert folder == root and (root / "unet" / "config.json").is_file()
+    assert calls[-1][:2] == ("org/sd", False) and "*/model.safetensors" in calls[-1][2]
+    assert "*/*.fp16.safetensors" in hub.pipeline_patterns("fp16") and "*/model.safetensors" not in \
+        hub.pipeline_patterns("fp16")

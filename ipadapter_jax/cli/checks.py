@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ipadapter_jax.io.errors import BadArgument, MissingFile
-from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
+from ipadapter_jax.io.hub import CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 
 
 def check_files(paths: Iterable[str | None]) -> None:
@@ -58,9 +58,12 @@ def undo_created_folders() -> None:
                 pass
 
 
-def resolve_or_error(flag: str, spec: str, kind: str, what: str | None) -> Path:
-    """A flag's path or hub id -> a local path (``io.hub.resolve``), or a one-line error naming the flag."""
-    return resolve(spec, kind=kind, what=what, flag=flag)
+def resolve_or_error(flag: str, spec: str, kind: str, what: str | None, *, configs_only: bool = False) -> Path:
+    """A flag's path or hub id -> a local path (``io.hub.resolve``), or a one-line error naming the flag.
+    A folder fetched from the hub holds configs, tokenizers and default weights (``configs_only``: no
+    weights), not every copy its repository has."""
+    return resolve(spec, kind=kind, what=what, flag=flag,
+                   allow_patterns=CONFIG_PATTERNS if configs_only else PIPELINE_FOLDER_PATTERNS)
 
 
 def resolve_model(flag: str, spec: str) -> Path:

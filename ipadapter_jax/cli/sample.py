@@ -315,10 +315,12 @@ def _resolve_sources(args) -> None:
         args.image_encoder = str(resolve_encoder("--image-encoder", args.image_encoder))
     args.controlnet = [str(resolve_or_error("--controlnet", c, "any", "ControlNet folder or file"))
                        for c in args.controlnet]
-    for flag, name, kind in (("--vae", "vae", "any"), ("--model-config", "model_config", "folder"),
-                             ("--controlnet-config", "controlnet_config", "any")):
+    for flag, name, kind, configs_only in (("--vae", "vae", "any", False),
+                                           ("--model-config", "model_config", "folder", True),
+                                           ("--controlnet-config", "controlnet_config", "any", True)):
         if getattr(args, name):
-            setattr(args, name, str(resolve_or_error(flag, getattr(args, name), kind, None)))
+            setattr(args, name, str(resolve_or_error(flag, getattr(args, name), kind, None,
+                                                     configs_only=configs_only)))
 
 
 def _family(args):

@@ -54,9 +54,18 @@ class HubId:
 # What a pipeline folder download fetches: the configs, the tokenizers and each
 # component's default safetensors weights (not its fp16 / EMA / .bin copies,
 # nor a repo's single-file checkpoints beside the folders).
-PIPELINE_FOLDER_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*/diffusion_pytorch_model.safetensors",
+CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "config.json")
+PIPELINE_FOLDER_PATTERNS = (*CONFIG_PATTERNS, "*/diffusion_pytorch_model.safetensors",
                             "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model.safetensors",
-                            "*/model-*-of-*.safetensors")
+                            "*/model-*-of-*.safetensors", "diffusion_pytorch_model.safetensors")
+
+
+def pipeline_patterns(variant: str | None = None) -> tuple[str, ...]:
+    """``PIPELINE_FOLDER_PATTERNS``, or with ``variant`` ("fp16") the weights of that variant instead."""
+    if variant is None:
+        return PIPELINE_FOLDER_PATTERNS
+    return (*CONFIG_PATTERNS, f"*/*.{variant}.safetensors", f"*/*.{variant}-*-of-*.safetensors",
+            f"*.{variant}.safetensors")
 
 
 def parse(spec: str) -> HubId | None:
@@ -224,19 +233,26 @@ def _file(hid: HubId, path: str, *, spec, what, flag, optional: bool = False,
 
 
 def _folder(hid: HubId, *, spec, what, flag, allow_patterns) -> Path:
-    """The repo's folder ``hid.path`` (its top for ""): from the cache, else downloaded."""
+    """The repo's folder ``hid.path`` (its top for ""). Offline: from the cache.
+    Online: through ``snapshot_download``, which fetches only the files the cache
+    lacks (a cache holding part of a folder, e.g. its tokenizer or an interrupted
+    download, is completed, not taken for the whole); the cache is the fallback
+    when the hub cannot be reached."""
     from huggingface_hub import snapshot_download
 
     patterns = _patterns(hid, allow_patterns)
-    cached = _cached_folder(hid, patterns)
-    if cached is not None:
-        return cached
     if offline():
-        raise _offline_error(spec, flag, what, hid.path, hid)
+        cached = _cached_folder(hid, patterns)
+        if cached is None:
+            raise _offline_error(spec, flag, what, hid.path, hid)
+        return cached
     try:
         root = Path(snapshot_download(hid.repo, revision=hid.revision, cache_dir=str(cache_dir()),
                                       allow_patterns=patterns))
     except Exception as e:   # noqa: BLE001 (see _download_error)
+        cached = _cached_folder(hid, patterns)
+        if cached is not None:
+            return cached
         raise _download_error(spec, flag, what, hid.path, hid, e) from None
     if _non_empty(root / hid.path) is None:
         raise MissingFile(f"{_label(spec, flag)}: {hid.repo} has no folder {hid.path or '(empty repo)'}{_at(hid)}"

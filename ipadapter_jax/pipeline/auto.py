@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ipadapter_jax import families
-from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve
+from ipadapter_jax.io.hub import pipeline_patterns, resolve
 from ipadapter_jax.io.errors import BadArgument
 from ipadapter_jax.pipeline.single_file import PIPELINES, load_pipeline_from_single_file
 from ipadapter_jax.pipeline.stable_diffusion import StableDiffusionPipeline
@@ -32,7 +32,7 @@ def load_pipeline(model_dir: str | os.PathLike, **kwargs) -> StableDiffusionPipe
     ``variant`` (a folder's ``*.{variant}.safetensors``) for a file, a single
     file's options (``config_dir``, ``vae``, ``ema``, ``prediction_type``) for a folder."""
     source = resolve(model_dir, kind="any", what="model folder or single-file checkpoint",
-                     allow_patterns=PIPELINE_FOLDER_PATTERNS)
+                     allow_patterns=pipeline_patterns(kwargs.get("variant")))
     if source.is_file():
         return load_pipeline_from_single_file(source, **kwargs)
     given = [k for k in _FILE_ONLY if kwargs.get(k) not in (None, False)]

@@ -31,7 +31,7 @@ from ipadapter_jax.convert.components import Components, load_components
 from ipadapter_jax.convert.controlnet import load_controlnet
 from ipadapter_jax.families.text import TEXT_CONDITIONING, TextConditioning, token_ids
 from ipadapter_jax.io.errors import BadArgument, Incompatible, NonFiniteError, Unsupported, require_finite
-from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
+from ipadapter_jax.io.hub import pipeline_patterns, resolve, resolve_model_folder
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 from ipadapter_jax.models.controlnet import ControlNetModel
@@ -130,7 +130,7 @@ class StableDiffusionPipeline:
         ``models/image_encoder``, or ``h94/IP-Adapter:models/image_encoder``).
         Hub ids are read from the Hugging Face cache, downloaded only where
         the hub is reachable and not ``HF_HUB_OFFLINE``."""
-        model_dir = resolve(model_dir, kind="folder", what="model folder", allow_patterns=PIPELINE_FOLDER_PATTERNS)
+        model_dir = resolve(model_dir, kind="folder", what="model folder", allow_patterns=pipeline_patterns(variant))
         family = families.of_folder(model_dir)
         if family.pipeline != cls.__name__:
             raise Unsupported(f"{model_dir} is an {family.title} folder (model_index.json); {cls.__name__} runs "

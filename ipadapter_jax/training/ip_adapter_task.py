@@ -32,7 +32,7 @@ from ipadapter_jax import ip_adapter
 from ipadapter_jax.convert.components import Components, load_components
 from ipadapter_jax.families.text import time_ids, token_ids
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported, UserError
-from ipadapter_jax.io.hub import resolve
+from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 from ipadapter_jax.ip_adapter import variants
 from ipadapter_jax.ip_adapter.official import load_ip_adapter, save_ip_adapter
 from ipadapter_jax.models import CLIPVisionModelWithProjection
@@ -43,8 +43,8 @@ from ipadapter_jax.training.optim import EmaState, ema_tracker, find_ema, make_o
 from ipadapter_jax.training.runner import Preempted, TrainingError
 from ipadapter_jax.training.step import StepConfig, Trainer, path_filter
 
-__all__ = ["EmaState", "Preempted", "TrainingError", "build_models", "build_source", "check_config", "ema_tracker",
-           "export_checkpoint", "find_ema", "make_optimizer", "train"]
+__all__ = ["EmaState", "Preempted", "TrainingError", "build_models", "build_source", "build_trainer", "check_config",
+           "ema_tracker", "export_checkpoint", "find_ema", "make_optimizer", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ def _source(field: str, value: str, what: str, kind: str) -> Path:
     ``MissingFile`` naming the field when it is empty or not found."""
     if not value:
         raise MissingFile(f"{field} is required: the {what} (--config.{field}=PATH)")
-    return resolve(value, kind=kind, what=what, flag=f"{field}")
+    if kind == "encoder":
+        return resolve_model_folder(value, weights_name="model", what=what, flag=field)
+    return resolve(value, kind=kind, what=what, flag=field, allow_patterns=PIPELINE_FOLDER_PATTERNS)
 
 
 CHOICES = {"data.kind": ("json", "tfds", "cached"), "step.compute_dtype": ("float32", "bfloat16"),
@@ -117,7 +119,7 @@ def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
     root = _source("model.pretrained", m.pretrained, "Stable Diffusion model (diffusers folder or single file)",
                    "any")
     encoder_dir = _source("model.image_encoder", m.image_encoder, "CLIP vision model folder (transformers layout)",
-                          "folder")
+                          "encoder")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
     components = load_components(root, dtype=dtype, remat=cfg.train.remat)
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, dtype=dtype)
@@ -187,6 +189,23 @@ def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) ->
     if jax.process_count() > 1:  # the other processes wait for process 0's cache
         multihost_utils.sync_global_devices("feature cache written")
     return data_lib.CachedSource(folder)
+
+
+def build_trainer(cfg, components: Components, image_encoder, optimizer, cached: bool):
+    """``Trainer.create``'s ``(trainer, trainable, frozen)`` for the attached adapter,
+    as ``cfg.step`` / ``cfg.train`` say; without the encoders when training from
+    cached features."""
+    spec = components.unet.ip_adapters[0].spec
+    step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_input=spec.encoder_output,
+                          scaling_factor=components.vae.scaling_factor,
+                          image_conditioning=cfg.step.image_conditioning,
+                          noise_offset=float(cfg.step.get("noise_offset", 0.0)))
+    return Trainer.create(
+        components.unet, vae=None if cached else components.vae,
+        text_encoder=None if cached else components.text_encoders[0],
+        image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,
+        config=step_cfg, scheduler_config=components.scheduler_config,
+        text_encoder_2=None if cached else next(iter(components.text_encoders[1:]), None))
 
 
 def _mesh(cfg):
@@ -297,14 +316,7 @@ def train(cfg) -> dict:
 
     # --- the step
     optimizer, lr_schedule = make_optimizer(cfg)
-    step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_input=spec.encoder_output,
-                          scaling_factor=vae.scaling_factor, image_conditioning=cfg.step.image_conditioning,
-                          noise_offset=float(cfg.step.get("noise_offset", 0.0)))
-    trainer, trainable, frozen = Trainer.create(
-        unet, vae=None if cached else vae, text_encoder=None if cached else text_encoder,
-        image_encoder=None if cached else image_encoder, optimizer=optimizer, trainable=cfg.train.trainable,
-        config=step_cfg, scheduler_config=components.scheduler_config,
-        text_encoder_2=None if cached else next(iter(components.text_encoders[1:]), None))
+    trainer, trainable, frozen = build_trainer(cfg, components, image_encoder, optimizer, cached)
     constants = _constants(tokenizers, text_encoder, image_encoder, cached, plus)
     opt_state = trainer.init_optimizer(trainable)
 
