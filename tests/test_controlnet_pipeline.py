@@ -247,6 +247,41 @@ def test_canny_without_opencv_names_the_extra(paths, jax_pipe, monkeypatch):
         load_control_image(paths["map1"], 16, 16, preprocess="canny")
 
 
+def test_canny_preprocess_is_the_documented_opencv_canny(tmp_path):
+    """``--control-preprocess canny`` (sample.py's ``ControlNetSpec(image, preprocess="canny")``,
+    default thresholds) gives the control image of diffusers' ControlNet guide, on a real
+    image: ``cv2.Canny(image, 100, 200)`` as three channels, then the pipeline's control
+    image processor at the output size."""
+    import cv2
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    from ipadapter_jax import demo
+    from ipadapter_jax.pipeline.control import ControlNetSpec, control_images
+
+    # Upscaled so the edges are a few pixels apart, as in a photo, not one-pixel noise.
+    photo = Image.open(demo.MODEL_DIR / "reference.png").convert("RGB").resize((192, 192), Image.BICUBIC)
+    photo.save(tmp_path / "photo.png")
+    height, width = 96, 128     # the map is resized too, to a different aspect
+
+    image = np.array(photo)
+    low_threshold, high_threshold = 100, 200
+    image = cv2.Canny(image, low_threshold, high_threshold)
+    image = image[:, :, None]
+    image = np.concatenate([image, image, image], axis=2)
+    canny_image = Image.fromarray(image)
+    processor = VaeImageProcessor(vae_scale_factor=8, do_convert_rgb=True, do_normalize=False)
+    expected = processor.preprocess(canny_image, height=height, width=width).permute(0, 2, 3, 1).numpy()
+
+    actual = control_images(ControlNetSpec(str(tmp_path / "photo.png"), preprocess="canny"), 1, height, width,
+                            "control")
+    edges = image[:, :, 0] > 0
+    assert 0.005 < edges.mean() < 0.5, edges.mean()   # an edge map (2.5% here), neither empty nor everything
+    np.testing.assert_array_equal(actual, expected)
+    plain = control_images(ControlNetSpec(str(tmp_path / "photo.png")), 1, height, width, "control")
+    assert not np.array_equal(plain, expected)
+
+
 # --------------------------------------------------------------------------- SDXL
 
 def test_sdxl_controlnet_parity(tmp_path):

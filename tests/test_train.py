@@ -211,7 +211,12 @@ def test_kill_and_resume_matches_uninterrupted(setup, straight, tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    run(command(setup, killed, steps=steps))
+    # A rerun that ignored the checkpoints and started over would write the same losses:
+    # only the step it says it resumed from tells them apart.
+    last = max(saved_steps(killed))
+    assert last > 0
+    out = run(command(setup, killed, steps=steps)).stdout
+    assert f"'resumed_from': {last}" in out, out[-2000:]
     np.testing.assert_array_equal(losses(killed), losses(straight)[:steps])
 
 

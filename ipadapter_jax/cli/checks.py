@@ -12,6 +12,11 @@ from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.hub import CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 
 
+# Images 8x larger than any supported model was trained for (SDXL: 1024 px) take hours to compile and
+# sample on any machine; a typo (an extra 0) should not start that.
+MAX_SIZE = 8192
+
+
 def check_files(paths: Iterable[str | None]) -> None:
     """Each given path names an existing file (not a folder)."""
     for path in paths:

@@ -104,14 +104,14 @@ def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
     """Counts, sizes and scales, before anything loads (a NaN scale would otherwise surface after sampling)."""
     import math
 
-    from ipadapter_jax.cli.checks import check_writable
+    from ipadapter_jax.cli.checks import MAX_SIZE, check_writable
     from ipadapter_jax.io.errors import UserError
 
     for flag, value in (("--num-cases", args.num_cases), ("--num-images", args.num_images), ("--steps", args.steps)):
         if value < 1:
             p.error(f"{flag} must be at least 1, got {value}")
-    if not (0 < args.size <= 8192 and args.size % 8 == 0):
-        p.error(f"--size must be a positive multiple of 8 up to 8192, got {args.size}")
+    if not (0 < args.size <= MAX_SIZE and args.size % 8 == 0):
+        p.error(f"--size must be a positive multiple of 8 up to {MAX_SIZE}, got {args.size}")
     for flag, values in (("--scales", args.scales), ("--guidance", [args.guidance])):
         bad = [v for v in values if not math.isfinite(v)]
         if bad:
@@ -125,9 +125,14 @@ def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 def _main(argv) -> int:
     args = parse_args(argv)
     from ipadapter_jax.eval import ClipScorer, Generator, demo_cases, evaluate, load_cases, markdown_table
+    from ipadapter_jax.cli.checks import resolve_or_error
+    from ipadapter_jax.io.files import atomic_write
     from ipadapter_jax.pipeline import StableDiffusionPipeline
 
     cases = demo_cases(args.num_cases) if args.demo and not args.cases else load_cases(args.cases)
+    for flag, name, kind in (("--model", "model", "folder"), ("--image-encoder", "image_encoder", "folder"),
+                             ("--ip-adapter", "ip_adapter", "file"), ("--clip", "clip", "folder")):
+        setattr(args, name, str(resolve_or_error(flag, getattr(args, name), kind, None)))   # paths or hub ids
     pipe = StableDiffusionPipeline.from_pretrained(args.model, image_encoder=args.image_encoder)
     generator = Generator(pipe, args.ip_adapter, conditioning=args.conditioning, steps=args.steps,
                           guidance=args.guidance, height=args.size, width=args.size, num_images=args.num_images)
@@ -135,8 +140,8 @@ def _main(argv) -> int:
     result = evaluate(generator, scorer, cases, modes=args.modes, scales=args.scales, seed=args.seed)
     result["settings"] = {k: v for k, v in vars(args).items()}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    with atomic_write(out) as tmp:       # an interrupted run leaves no half-written results
+        Path(tmp).write_text(json.dumps(result, indent=1))
     print(markdown_table(result["rows"], label=args.conditioning))
     print(f"wrote {out.resolve()}")
     return 0
@@ -146,7 +151,18 @@ def main(argv: list[str] | None = None) -> int:
     """The command (``argv``: the arguments, default ``sys.argv[1:]``); returns
     the exit status, 2 with one line on stderr for a user error (``--debug``
     for tracebacks)."""
-    return run(prog(), _main, argv)
+    return run(prog(), _main_leaving_nothing, argv)
+
+
+def _main_leaving_nothing(argv: list[str]) -> int:
+    """``_main``; a run that fails removes the output folder it made (if still empty)."""
+    from ipadapter_jax.cli.checks import undo_created_folders
+
+    try:
+        return _main(argv)
+    except BaseException:
+        undo_created_folders()
+        raise
 
 
 if __name__ == "__main__":

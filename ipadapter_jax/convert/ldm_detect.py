@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 
 from ipadapter_jax.convert.ldm_plan import list_some
-from ipadapter_jax.families import FAMILIES, UNET_PREFIX, Family, of_configs, of_token_dim
+from ipadapter_jax.families import FAMILIES, UNET_PREFIX, Family, of_token_dim
 from ipadapter_jax.io.errors import BadFile, Unsupported
 from ipadapter_jax.io.files import (CheckpointError, flatten_state_dict, is_safetensors, is_torch_pickle,
                                     read_safetensors_header, read_state_dict, read_torch_pickle, require_file)
@@ -123,10 +123,6 @@ def detect_family(shapes: Mapping[str, tuple], source: str = "checkpoint") -> Fa
     if found:
         return found[0]
     return of_token_dim(width) if width is not None else None
-
-
-# A diffusers folder's family from its configs (kept under its earlier name).
-family_of_configs = of_configs
 
 
 def file_prediction_type(layout: Layout) -> str | None:

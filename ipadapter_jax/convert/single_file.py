@@ -38,7 +38,7 @@ from ipadapter_jax.convert.build import MODEL_CLASSES, WEIGHTS_NAMES, expected_s
 from ipadapter_jax.convert.ldm_detect import (V_PRED_KEY, ZTSNR_KEY, Layout, detect_family, file_prediction_type,
                                               read_layout)
 from ipadapter_jax.families import EMA_PREFIX, IGNORED_KEYS, UNET_PREFIX, VAE_PREFIX, Family, TextSlot
-from ipadapter_jax.families import of_configs as family_of_configs
+from ipadapter_jax.families import of_configs
 from ipadapter_jax.convert.ldm_plan import list_some
 from ipadapter_jax.convert.ldm_text import clip_rule, openclip_rule, with_text_model_prefix
 from ipadapter_jax.convert.ldm_unet import unet_rule
@@ -196,7 +196,7 @@ def _configs(file_family: Family | None, config_dir: Path | None, source: str) -
                           "diffusers folder of its architecture as model_config (sample.py --model-config DIR)")
         return file_family, {name: file_family.config(name) for name in file_family.configs}
     found = _dir_configs(config_dir)
-    family = family_of_configs(found)
+    family = of_configs(found)
     if file_family is not None and family is not file_family:
         raise Incompatible(f"{source} is an {file_family.title} checkpoint but the model config folder {config_dir} "
                            f"describes an {family.title} model; give a folder of the file's family")
@@ -395,7 +395,7 @@ def modules_to_ldm(unet, vae, text_encoder, text_encoder_2=None, *,
     if text_encoder_2 is not None:
         parts["text_encoder_2"] = text_encoder_2
     configs = {name: module.config_dict for name, module in parts.items()}
-    family = family_of_configs(configs)
+    family = of_configs(configs)
     components = {name: Component(configs[name], module_state_dict(module), name) for name, module in parts.items()}
     return ldm_state_dict(family, components, prediction_type)
 
@@ -406,7 +406,7 @@ def read_folder(model_dir: str | os.PathLike) -> tuple[Family, dict[str, Compone
     if not model_dir.is_dir():
         raise MissingFile(f"model folder not found: {model_dir}")
     configs = _dir_configs(model_dir)
-    family = family_of_configs(configs)
+    family = of_configs(configs)
     components = {}
     for name in ("unet", "vae", *(slot.component for slot in family.text)):
         if name not in configs:

@@ -38,7 +38,7 @@ def token_ids(tokenizer, prompts: str | Sequence[str], *, warn: bool = True) -> 
     return np.asarray(ids, np.int32)
 
 
-class TextConditioning(NamedTuple):
+class EncodedText(NamedTuple):
     """The text side of a UNet call: the cross-attention context [B, L, C] and,
     for families with added conditioning, the pooled text embedding [B, P]."""
 
@@ -46,15 +46,15 @@ class TextConditioning(NamedTuple):
     pooled: object | None = None
 
 
-def last_hidden_state(encoders: Sequence[Callable], ids: Sequence, *, layer: int | None = None) -> TextConditioning:
+def last_hidden_state(encoders: Sequence[Callable], ids: Sequence, *, layer: int | None = None) -> EncodedText:
     """SD 1.x / 2.x: the one text encoder's last hidden state."""
     if layer is not None:
         raise BadArgument("clip_skip is not supported for this model (it conditions on the last hidden state)")
-    return TextConditioning(encoders[0](ids[0]).last_hidden_state)
+    return EncodedText(encoders[0](ids[0]).last_hidden_state)
 
 
 def penultimate_pair_pooled(encoders: Sequence[Callable], ids: Sequence, *, layer: int | None = None
-                            ) -> TextConditioning:
+                            ) -> EncodedText:
     """SDXL: both encoders' ``hidden_states[layer]`` (default -2, the penultimate
     block) side by side on the last axis, and encoder 2's projected ``text_embeds``."""
     layer = -2 if layer is None else layer
@@ -63,11 +63,11 @@ def penultimate_pair_pooled(encoders: Sequence[Callable], ids: Sequence, *, laye
         raise BadArgument(f"hidden_states[{layer}]: the text encoders have fewer layers (clip_skip too large)")
     states = first.hidden_states[layer]
     context = jnp.concatenate([states, second.hidden_states[layer].astype(states.dtype)], axis=-1)
-    return TextConditioning(context, second.text_embeds)
+    return EncodedText(context, second.text_embeds)
 
 
-# ``Family.text_conditioning`` -> its function (encoders, ids, *, layer) -> TextConditioning.
-TEXT_CONDITIONING: dict[str, Callable[..., TextConditioning]] = {
+# ``Family.text_conditioning`` -> its function (encoders, ids, *, layer) -> EncodedText.
+TEXT_CONDITIONING: dict[str, Callable[..., EncodedText]] = {
     "last_hidden_state": last_hidden_state,
     "penultimate_pair_pooled": penultimate_pair_pooled,
 }

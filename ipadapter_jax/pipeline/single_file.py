@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 
 from ipadapter_jax.convert.components import load_components
-from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.errors import BadArgument, MissingFile
 from ipadapter_jax.io.hub import resolve
 from ipadapter_jax.pipeline.stable_diffusion import StableDiffusionPipeline
 from ipadapter_jax.pipeline.stable_diffusion_xl import StableDiffusionXLPipeline
@@ -47,6 +47,8 @@ def load_pipeline_from_single_file(path: str | os.PathLike, *, config_dir: str |
     image_encoder, dtype, attention_backend: as ``StableDiffusionPipeline.from_pretrained``.
     """
     path = resolve(path, kind="file", what="single-file checkpoint")
+    if not path.is_file():
+        raise MissingFile(f"checkpoint file not found: {path} (a folder: use load_pipeline or from_pretrained)")
     if variant is not None:
         raise BadArgument(f"variant={variant!r}: {path} is a single-file checkpoint, which has one set of weights "
                           "(variant selects among the weights files of a diffusers folder)")

@@ -29,7 +29,7 @@ from flax import nnx
 from ipadapter_jax import families, ip_adapter, schedulers
 from ipadapter_jax.convert.components import Components, load_components
 from ipadapter_jax.convert.controlnet import load_controlnet
-from ipadapter_jax.families.text import TEXT_CONDITIONING, TextConditioning, token_ids
+from ipadapter_jax.families.text import TEXT_CONDITIONING, EncodedText, token_ids
 from ipadapter_jax.io.errors import BadArgument, Incompatible, NonFiniteError, Unsupported, require_finite
 from ipadapter_jax.io.hub import pipeline_patterns, resolve, resolve_model_folder
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection, UNet2DConditionModel
@@ -95,11 +95,13 @@ class StableDiffusionPipeline:
     """
 
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
-                 scheduler_config: dict, image_encoder: CLIPVisionModelWithProjection | None = None):
+                 scheduler_config: dict, image_encoder: CLIPVisionModelWithProjection | None = None, *,
+                 family: families.Family | None = None):
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
         self.scheduler_config = scheduler_config
         self.image_encoder = image_encoder
-        self.family = families.of_unet_config(unet.config)
+        # The loader's family (from the folder or file); built by hand, the UNet's config says.
+        self.family = family or families.of_unet_config(unet.config)
         # The frozen encoders and the VAE run through jitted functions, compiled once per shape.
         self._text = JittedModule(text_encoder)
         self._image = JittedModule(image_encoder) if image_encoder is not None else None
@@ -133,7 +135,7 @@ class StableDiffusionPipeline:
         model_dir = resolve(model_dir, kind="folder", what="model folder", allow_patterns=pipeline_patterns(variant))
         family = families.of_folder(model_dir)
         if family.pipeline != cls.__name__:
-            raise Unsupported(f"{model_dir} is an {family.title} folder (model_index.json); {cls.__name__} runs "
+            raise Unsupported(f"{model_dir} is an {family.title} folder (model_index.json / configs); {cls.__name__} runs "
                               f"{', '.join(f.title for f in families.FAMILIES.values() if f.pipeline == cls.__name__)} "
                               f"folders; use {family.pipeline} (or ipadapter_jax.pipeline.load_pipeline, which "
                               "picks the class)")
@@ -152,7 +154,7 @@ class StableDiffusionPipeline:
             encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype,
                                                                     attention_backend=attention_backend)
         c = components
-        return cls(c.unet, c.vae, c.text_encoders[0], c.tokenizers[0], c.scheduler_config, encoder,
+        return cls(c.unet, c.vae, c.text_encoders[0], c.tokenizers[0], c.scheduler_config, encoder, family=c.family,
                    **cls._extra_components(c))
 
     @classmethod
@@ -208,13 +210,13 @@ class StableDiffusionPipeline:
 
     # ------------------------------------------------------------------ text
 
-    def _encode_text(self, prompt_lists: Sequence[Sequence[str]], layer: int | None = None) -> TextConditioning:
+    def _encode_text(self, prompt_lists: Sequence[Sequence[str]], layer: int | None = None) -> EncodedText:
         """Each text encoder's prompts -> the family's conditioning (float32 numpy)."""
         encoders = [self._text, *self._more_text_encoders()]
         tokenizers = [self.tokenizer, *self._more_tokenizers()]
         ids = [jnp.asarray(token_ids(tok, prompts)) for tok, prompts in zip(tokenizers, prompt_lists)]
         out = TEXT_CONDITIONING[self.family.text_conditioning](encoders, ids, layer=layer)
-        return TextConditioning(np.asarray(out.context, np.float32),
+        return EncodedText(np.asarray(out.context, np.float32),
                                 None if out.pooled is None else np.asarray(out.pooled, np.float32))
 
     def _more_text_encoders(self) -> list:

@@ -64,8 +64,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
     def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer,
                  scheduler_config: dict, image_encoder: CLIPVisionModelWithProjection | None = None, *,
                  text_encoder_2: CLIPTextModelWithProjection, tokenizer_2,
-                 force_zeros_for_empty_prompt: bool = True):
-        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, image_encoder)
+                 force_zeros_for_empty_prompt: bool = True, family=None):
+        super().__init__(unet, vae, text_encoder, tokenizer, scheduler_config, image_encoder, family=family)
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self._text_2 = JittedModule(text_encoder_2)

@@ -47,9 +47,14 @@ def _short(value, n: int = 120) -> str:
 def train_crop(width: int, height: int, resolution: int) -> tuple[int, int, int, int]:
     """The training transform's geometry for a ``width`` x ``height`` image:
     ``(new_w, new_h, left, top)``: the shortest side resized to ``resolution``,
-    then a center crop at (top, left) of the resized image."""
-    scale = resolution / min(width, height)
-    new_w, new_h = max(resolution, round(width * scale)), max(resolution, round(height * scale))
+    then a center crop at (top, left) of the resized image. The sizes are
+    torchvision ``Resize``'s (the long side ``int(resolution * long / short)``,
+    truncated), so images come out as the official scripts' do; the crop offsets
+    floor, as ``tutorial_train_sdxl.py`` (``CenterCrop`` in ``tutorial_train.py``
+    rounds half to even: one pixel apart for margins of 4k + 3)."""
+    short, long = min(width, height), max(width, height)
+    new_long = int(resolution * long / short)
+    new_w, new_h = (resolution, new_long) if width <= height else (new_long, resolution)
     return new_w, new_h, (new_w - resolution) // 2, (new_h - resolution) // 2
 
 

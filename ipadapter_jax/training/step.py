@@ -211,10 +211,7 @@ class Trainer:
         """Timesteps, noise and dropout decisions for one batch (one uniform r per sample)."""
         k_t, k_n, k_r, k_v = jax.random.split(rng, 4)
         c = self.config
-        r = jax.random.uniform(k_r, (batch_size,))
-        drop_image = (r < c.image_drop_rate) | ((r >= c.image_drop_rate + c.text_drop_rate)
-                                                & (r < c.image_drop_rate + c.text_drop_rate + c.both_drop_rate))
-        drop_text = (r >= c.image_drop_rate) & (r < c.image_drop_rate + c.text_drop_rate + c.both_drop_rate)
+        drop_image, drop_text = self.dropout(jax.random.uniform(k_r, (batch_size,)))
         noise = jax.random.normal(k_n, latent_shape, jnp.float32)
         if c.noise_offset:
             shape = (latent_shape[0],) + (1,) * (len(latent_shape) - 2) + (latent_shape[-1],)   # [B, 1, 1, C]
@@ -223,9 +220,19 @@ class Trainer:
         return {"timesteps": jax.random.randint(k_t, (batch_size,), 0, c.num_train_timesteps), "noise": noise,
                 "drop_image": drop_image, "drop_text": drop_text, "vae_key": k_v}
 
+    def dropout(self, r: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(drop_image, drop_text)`` [B] from one uniform ``r`` [B] per sample, as the
+        official datasets decide: image below the first rate, caption in the next band,
+        both in the band after."""
+        c = self.config
+        image_end = c.image_drop_rate
+        text_end = image_end + c.text_drop_rate
+        both_end = text_end + c.both_drop_rate
+        return (r < image_end) | ((r >= text_end) & (r < both_end)), (r >= image_end) & (r < both_end)
+
     def encode(self, frozen, batch: dict, draws: dict) -> tuple[jax.Array, Any, jax.Array]:
         """-> (latents, text conditioning, image embeddings) with the dropout applied.
-        The text conditioning is ``self.text_conditioning``'s: an array [B, S, C]
+        The text conditioning is ``text_conditioning``'s (the family's): an array [B, S, C]
         (SD 1.x) or a ``TextConditioning`` (SDXL: see ``text_conditioning`` for its keys).
 
         batch keys: ``pixels`` [B,H,W,3] in [-1,1] or ``latents`` (scaled);
@@ -240,7 +247,11 @@ class Trainer:
             latents = batch["latents"].astype(jnp.float32)
         else:
             vae = self._module("vae", frozen)
-            latents = vae.encode(batch["pixels"]).sample(draws["vae_key"]) * c.scaling_factor
+            posterior = vae.encode(batch["pixels"])
+            eps = draws.get("vae_noise")    # given by tests to match a reference's posterior draw
+            sample = posterior.sample(draws["vae_key"]) if eps is None else (
+                posterior.mean + posterior.std * jnp.asarray(eps, posterior.mean.dtype))
+            latents = sample * c.scaling_factor
 
         text = text_conditioning(self, frozen, batch, draws["drop_text"])
 
@@ -292,11 +303,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ the step
 
-    def train_step(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array, step: jax.Array):
-        """One optimisation step; returns ``(trainable, opt_state, metrics)``."""
-        rng = jax.random.fold_in(rng, step)
-        latent_shape = self.latent_shape(frozen, batch)
-        draws = self.draw(rng, latent_shape[0], latent_shape)
+    def train_step(self, trainable, opt_state, frozen, batch: dict, rng: jax.Array, step: jax.Array,
+                   draws: dict | None = None):
+        """One optimisation step; returns ``(trainable, opt_state, metrics)``.
+        ``draws`` replaces ``draw``'s (tests give a reference's random values)."""
+        if draws is None:
+            rng = jax.random.fold_in(rng, step)
+            latent_shape = self.latent_shape(frozen, batch)
+            draws = self.draw(rng, latent_shape[0], latent_shape)
         latents, text, embeds = self.encode(frozen, batch, draws)
         latents, text, embeds = jax.lax.stop_gradient((latents, text, embeds))
         loss, grads = jax.value_and_grad(self.loss)(trainable, frozen, latents, text, embeds, draws["noise"],
