@@ -150,19 +150,15 @@ def progress_record(graphdef, sched, net_graphdefs, jargs: tuple, args, whole_s:
     from tqdm.auto import tqdm
 
     from ipadapter_jax.pipeline import make_denoise_loop
+    from ipadapter_jax.pipeline.denoise import run_stepwise
 
     step = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, partial=True)
-    params, state, latents, *rest = jargs
     out = {}
+    args_ = (*jargs[:9], jargs[9], jnp.int32(1))   # (..., start, control, stop), as the pipeline passes them
 
     def stepped():
-        x, st = latents, state
         with tqdm(total=args.steps, desc="denoising", unit="step", leave=False) as bar:
-            for i in range(args.steps):
-                x, st = step(params, st, x, *rest[:5], jnp.int32(i), rest[6], jnp.int32(i + 1))
-                x.block_until_ready()
-                bar.update(1)
-        out["x"] = x
+            out["x"] = run_stepwise(step, args_, 0, args.steps, lambda: bar.update(1))
 
     first = time_runs(stepped, 1)[0]
     times = time_runs(stepped, args.runs)

@@ -69,6 +69,9 @@ SETS = {
         ("unet_forward", ["--config", "sdxl", "--size", "128", "--batch", "2", "--runs", "2"]),
     ],
     "gpu-extra": [
+        # sample.py's progress bar: the loop one jitted step per call (no host callback), its cost per step.
+        ("sampling", ["--config", "sd15", "--steps", "50", "--batch", "1", "--dtype", "bfloat16", "--skip-torch",
+                      "--runs", "3", "--progress"]),
         ("train_step", ["--config", "sd15", "--size", "64", "--batch", "8", "--dtype", "bfloat16", "--remat",
                         "full", "--skip-torch", "--runs", "5"]),
         ("train_step", ["--config", "sd15", "--size", "64", "--batch", "16", "--dtype", "bfloat16",

@@ -3,6 +3,8 @@ cache of its compiled executables."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,23 @@ class CompiledLoops:
                                guess_mode=guess_mode, partial=partial)
         self._executables[key] = fn.lower(*args).compile()
         return self._executables[key], True
+
+
+def run_stepwise(partial_loop, args: tuple, start: int, stop: int, on_step: Callable[[], None]) -> jax.Array:
+    """Steps ``[start, stop)`` of a ``partial=True`` loop, one call each, calling
+    ``on_step()`` as each step finishes (a progress bar). ``args`` are the
+    loop's arguments: ``(params, state, latents, cond, gates, guidance,
+    rescale, noise_key, start, control, stop)``. Step i + 1 is dispatched
+    before waiting for step i, so the device never idles for the host."""
+    params, state, latents, *rest = args
+    pending = None
+    for i in range(start, stop):
+        latents, state = partial_loop(params, state, latents, *rest[:5], jnp.int32(i), rest[6], jnp.int32(i + 1))
+        if pending is not None:
+            pending.block_until_ready()
+            on_step()
+        pending = latents
+    if pending is not None:
+        pending.block_until_ready()
+        on_step()
+    return latents

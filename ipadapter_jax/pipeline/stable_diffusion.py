@@ -36,7 +36,7 @@ from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWi
 from ipadapter_jax.models.conditioning import ImagePrompt, UNetConditioning
 from ipadapter_jax.models.controlnet import ControlNetModel
 from ipadapter_jax.pipeline.control import ControlInputs, ControlNetSpec, check_controlnet_fits, prepare_control
-from ipadapter_jax.pipeline.denoise import CompiledLoops
+from ipadapter_jax.pipeline.denoise import CompiledLoops, run_stepwise
 from ipadapter_jax.pipeline.inputs import load_init_image
 from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
 from ipadapter_jax.pipeline.prompts import ImagePromptSpec, build_image_prompts, check_spec
@@ -384,14 +384,8 @@ class StableDiffusionPipeline:
         """The loop one step per call, with a progress bar (``args`` as the partial loop takes them)."""
         from tqdm.auto import tqdm
 
-        params, state, latents, *rest = args
         with tqdm(total=request.steps - request.start, desc="denoising", unit="step") as bar:
-            for i in range(request.start, request.steps):
-                latents, state = compiled(params, state, latents, *rest[:5], jnp.int32(i), rest[6],
-                                          jnp.int32(i + 1))
-                latents.block_until_ready()
-                bar.update(1)
-        return latents
+            return run_stepwise(compiled, args, request.start, request.steps, lambda: bar.update(1))
 
     def decode(self, latents) -> np.ndarray:
         """Latents -> images [B, H, W, 3] in [0, 1] (float32)."""
