@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark sets, one command, sized for a short GPU slot on an H100/H200:
+# The GPU checks and benchmark sets, one command, sized for a short GPU slot on an H100/H200: first the cuDNN
+# attention backend against a float64 reference (bench/attention_parity.py; CI has no GPU), then
 #   the `gpu` set (< 5 min): SD1.5 UNet forward (batch 2 = CFG), the 50-step DDIM + CFG + IP-Adapter loop at
 #   512 px at batch 1 and 8 (JAX bf16 vs diffusers fp16 SDPA) and the 512-px training step at batch 8 (JAX bf16
 #   vs PyTorch autocast bf16), then the `gpu-sdxl` set (SDXL 1024 px: UNet forward, 30-step CFG + Plus adapter loop
@@ -21,6 +22,7 @@ save() { if [ -n "${OUT:-}" ]; then cp bench/results/suite-gpu*.json "$OUT"/ 2>/
          tar czf "$OUT/jsonl.tgz" bench/results/*.jsonl; fi; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import jax, flax, torch, diffusers, transformers; print('jax', jax.__version__, 'flax', flax.__version__, 'torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, jax.devices())"
+python3 bench/attention_parity.py || echo "attention_parity: FAILED, the cuDNN backend is over its bound"
 python3 bench/suite.py --set gpu --no-docs || true
 save
 if [ "${SDXL_S:-420}" != 0 ]; then
