@@ -869,7 +869,7 @@ def test_concurrent_runs_of_one_output_are_refused(tmp_path):
     assert not (tmp_path / ".x.png.lock").exists()
 
 
-@pytest.mark.parametrize("delay", [2.0, "sampling"])
+@pytest.mark.parametrize("delay", [5.0, "sampling"])   # 5 s: loading or compiling, before the first step
 def test_ctrl_c_exits_130_with_one_line_and_no_partial_file(delay, tmp_path):
     """SIGINT while the demo run loads or compiles, and while it samples: exit 130, one line
     ('interrupted'), no image and no temporary or lock file left."""
