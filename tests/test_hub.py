@@ -339,6 +339,6 @@ def test_partly_cached_folder_is_completed_online(cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     folder = hub.resolve("org/sd", kind="folder", allow_patterns=hub.PIPELINE_FOLDER_PATTERNS)
     assert folder == root and (root / "unet" / "config.json").is_file()
-    assert calls[-1][:2] == ("org/sd", False) and "*/model.safetensors" in calls[-1][2]
-    assert "*/*.fp16.safetensors" in hub.pipeline_patterns("fp16") and "*/model.safetensors" not in \
-        hub.pipeline_patterns("fp16")
+    assert calls[-1][:2] == ("org/sd", False) and "text_encoder*/model.safetensors" in calls[-1][2]
+    assert "*/diffusion_pytorch_model.fp16.safetensors" in hub.pipeline_patterns("fp16")
+    assert "text_encoder*/model.safetensors" not in hub.pipeline_patterns("fp16")

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ipadapter_jax.io.errors import BadArgument, MissingFile
-from ipadapter_jax.io.hub import CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
+from ipadapter_jax.io.hub import (CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, TRANSFORMERS_FOLDER_PATTERNS, resolve,
+                                  resolve_model_folder)
 
 
 # Images 8x larger than any supported model was trained for (SDXL: 1024 px) take hours to compile and
@@ -51,6 +52,11 @@ def check_writable(flag: str, path: Path) -> None:
 _created: list[Path] = []   # folders check_writable made, removed again if the command stops before writing
 
 
+def keep_created_folders() -> None:
+    """The run wrote its outputs: the folders it made stay."""
+    _created.clear()
+
+
 def undo_created_folders() -> None:
     """Remove the (still empty) folders ``check_writable`` created: a refused
     command leaves nothing behind."""
@@ -76,6 +82,12 @@ def resolve_model(flag: str, spec: str) -> Path:
     repo fetches only what ``PIPELINE_FOLDER_PATTERNS`` names)."""
     return resolve(spec, kind="any", what="Stable Diffusion model (diffusers folder or single file)", flag=flag,
                    allow_patterns=PIPELINE_FOLDER_PATTERNS)
+
+
+def resolve_clip(flag: str, spec: str) -> Path:
+    """A transformers CLIPModel folder with its tokenizer and processor files, or its hub id."""
+    return resolve(spec, kind="folder", what="CLIP model folder", flag=flag,
+                   allow_patterns=TRANSFORMERS_FOLDER_PATTERNS)
 
 
 def resolve_encoder(flag: str, spec: str) -> Path:

@@ -125,14 +125,15 @@ def _check_numbers(p: argparse.ArgumentParser, args: argparse.Namespace) -> None
 def _main(argv) -> int:
     args = parse_args(argv)
     from ipadapter_jax.eval import ClipScorer, Generator, demo_cases, evaluate, load_cases, markdown_table
-    from ipadapter_jax.cli.checks import resolve_or_error
+    from ipadapter_jax.cli.checks import resolve_clip, resolve_encoder, resolve_or_error
     from ipadapter_jax.io.files import atomic_write
     from ipadapter_jax.pipeline import StableDiffusionPipeline
 
     cases = demo_cases(args.num_cases) if args.demo and not args.cases else load_cases(args.cases)
-    for flag, name, kind in (("--model", "model", "folder"), ("--image-encoder", "image_encoder", "folder"),
-                             ("--ip-adapter", "ip_adapter", "file"), ("--clip", "clip", "folder")):
-        setattr(args, name, str(resolve_or_error(flag, getattr(args, name), kind, None)))   # paths or hub ids
+    args.model = str(resolve_or_error("--model", args.model, "folder", None))    # paths or hub ids
+    args.image_encoder = str(resolve_encoder("--image-encoder", args.image_encoder))
+    args.ip_adapter = str(resolve_or_error("--ip-adapter", args.ip_adapter, "file", None))
+    args.clip = str(resolve_clip("--clip", args.clip))
     pipe = StableDiffusionPipeline.from_pretrained(args.model, image_encoder=args.image_encoder)
     generator = Generator(pipe, args.ip_adapter, conditioning=args.conditioning, steps=args.steps,
                           guidance=args.guidance, height=args.size, width=args.size, num_images=args.num_images)
@@ -156,13 +157,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_leaving_nothing(argv: list[str]) -> int:
     """``_main``; a run that fails removes the output folder it made (if still empty)."""
-    from ipadapter_jax.cli.checks import undo_created_folders
+    from ipadapter_jax.cli.checks import keep_created_folders, undo_created_folders
 
     try:
-        return _main(argv)
+        status = _main(argv)
     except BaseException:
         undo_created_folders()
         raise
+    keep_created_folders()
+    return status
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ from pathlib import Path
 from ipadapter_jax import demo, families
 from ipadapter_jax.cli import ArgumentParser, debug_requested, run
 from ipadapter_jax.cli.checks import (MAX_SIZE, check_files, check_writable, claim_output, release_outputs,
-                                      resolve_encoder, resolve_model, resolve_or_error, undo_created_folders)
+                                      keep_created_folders, resolve_encoder, resolve_model, resolve_or_error,
+                                      undo_created_folders)
 from ipadapter_jax.io.errors import UserError
 from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 
@@ -377,7 +378,9 @@ def generate(argv, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
     try:
         claim_output("--out", Path(args.out))
-        return _generate(args, prog)
+        status = _generate(args, prog)
+        keep_created_folders()
+        return status
     except BaseException:
         release_outputs()
         undo_created_folders()    # a folder made for an output never written

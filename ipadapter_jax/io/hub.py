@@ -10,10 +10,12 @@ One spelling, for files and folders alike:
 A local path that exists always wins over an id of the same spelling, and only
 a ``str`` can be an id (a ``pathlib.Path`` is always local). Ids resolve to files
 in the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, read at call
-time): the cache is looked in first; what is missing is downloaded with
-huggingface_hub's own progress bars, unless ``HF_HUB_OFFLINE=1``, which (like
-any failed download) gives a one-line ``MissingFile`` naming the flag, the id,
-what is missing and the cache folder.
+time): a file is looked up in the cache first; a folder is asked of the hub
+(which fetches only what the cache lacks, the cache being the fallback when
+the hub cannot be reached); downloads show huggingface_hub's own progress
+bars. ``HF_HUB_OFFLINE=1`` uses the cache alone; a missing file there (or any
+failed download) is a one-line ``MissingFile`` naming the flag, the id, what
+is missing and the cache folder.
 
 This module imports no JAX, Flax or NumPy (the command lines check their
 arguments with it before JAX loads); huggingface_hub is imported on first use.
@@ -54,18 +56,24 @@ class HubId:
 # What a pipeline folder download fetches: the configs, the tokenizers and each
 # component's default safetensors weights (not its fp16 / EMA / .bin copies,
 # nor a repo's single-file checkpoints beside the folders).
-CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "config.json")
+# (huggingface_hub matches with fnmatch: "*" crosses "/".) Text encoders by name, so a pipeline's
+# safety_checker/model.safetensors (never read here) is not fetched.
+CONFIG_PATTERNS = ("model_index.json", "*/*.json", "*/*.txt", "*.json", "*.txt")
 PIPELINE_FOLDER_PATTERNS = (*CONFIG_PATTERNS, "*/diffusion_pytorch_model.safetensors",
-                            "*/diffusion_pytorch_model-*-of-*.safetensors", "*/model.safetensors",
-                            "*/model-*-of-*.safetensors", "diffusion_pytorch_model.safetensors")
+                            "*/diffusion_pytorch_model-*-of-*.safetensors", "text_encoder*/model.safetensors",
+                            "text_encoder*/model-*-of-*.safetensors", "diffusion_pytorch_model.safetensors",
+                            "diffusion_pytorch_model-*-of-*.safetensors")
+# A transformers model folder with its tokenizer or processor files (a CLIPModel for scoring).
+TRANSFORMERS_FOLDER_PATTERNS = ("*.json", "*.txt", "model.safetensors", "model-*-of-*.safetensors")
 
 
 def pipeline_patterns(variant: str | None = None) -> tuple[str, ...]:
     """``PIPELINE_FOLDER_PATTERNS``, or with ``variant`` ("fp16") the weights of that variant instead."""
     if variant is None:
         return PIPELINE_FOLDER_PATTERNS
-    return (*CONFIG_PATTERNS, f"*/*.{variant}.safetensors", f"*/*.{variant}-*-of-*.safetensors",
-            f"*.{variant}.safetensors")
+    return (*CONFIG_PATTERNS, f"*/diffusion_pytorch_model.{variant}.safetensors",
+            f"*/diffusion_pytorch_model.{variant}-*-of-*.safetensors", f"text_encoder*/model.{variant}.safetensors",
+            f"text_encoder*/model.{variant}-*-of-*.safetensors", f"diffusion_pytorch_model.{variant}.safetensors")
 
 
 def parse(spec: str) -> HubId | None:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from ipadapter_jax.convert.components import load_components
 from ipadapter_jax.io.errors import BadArgument, MissingFile
-from ipadapter_jax.io.hub import resolve
+from ipadapter_jax.io.hub import CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, resolve
 from ipadapter_jax.pipeline.stable_diffusion import StableDiffusionPipeline
 from ipadapter_jax.pipeline.stable_diffusion_xl import StableDiffusionXLPipeline
 
@@ -52,9 +52,10 @@ def load_pipeline_from_single_file(path: str | os.PathLike, *, config_dir: str |
     if variant is not None:
         raise BadArgument(f"variant={variant!r}: {path} is a single-file checkpoint, which has one set of weights "
                           "(variant selects among the weights files of a diffusers folder)")
-    resolved = {name: None if value is None else resolve(value, kind=kind, what=what)
-                for name, value, kind, what in (("config_dir", config_dir, "folder", "model config folder"),
-                                                ("vae", vae, "any", "VAE folder or file"))}
+    resolved = {name: None if value is None else resolve(value, kind=kind, what=what, allow_patterns=patterns)
+                for name, value, kind, what, patterns in (
+                    ("config_dir", config_dir, "folder", "model config folder", CONFIG_PATTERNS),
+                    ("vae", vae, "any", "VAE folder or file", PIPELINE_FOLDER_PATTERNS))}
     components = load_components(path, dtype=dtype, attention_backend=attention_backend, ema=ema,
                                  prediction_type=prediction_type, **resolved)
     return PIPELINES[components.family.pipeline].from_components(
