@@ -8,7 +8,7 @@ only to read ``.bin`` pickles and for the parity tests.
 
 from __future__ import annotations
 
-import importlib
+from ipadapter_jax.io.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -23,14 +23,4 @@ _LAZY = {
 }
 __all__ = sorted([*_LAZY, "__version__"])
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ipadapter_jax' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

@@ -20,7 +20,7 @@ the file readers and the folder loader are ``ipadapter_jax.io``.
 
 from __future__ import annotations
 
-import importlib
+from ipadapter_jax.io.lazy import lazy_names
 
 # The converters' public names (the README's ``from ipadapter_jax.convert import apply_lora, ...``),
 # imported from their modules on first use (PEP 562): importing the package loads nothing.
@@ -35,14 +35,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ipadapter_jax.convert' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)

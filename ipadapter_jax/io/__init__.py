@@ -15,7 +15,7 @@ their arguments before JAX starts.
 
 from __future__ import annotations
 
-import importlib
+from ipadapter_jax.io.lazy import lazy_names
 
 _LAZY = {
     **dict.fromkeys(("CheckpointError", "atomic_write", "find_weights", "load_config", "read_state_dict",
@@ -26,14 +26,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'ipadapter_jax.io' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY)
