@@ -14,7 +14,7 @@ import os
 import jax.numpy as jnp
 
 from ipadapter_jax.convert.components import load_components
-from ipadapter_jax.io.errors import BadArgument, MissingFile
+from ipadapter_jax.io.errors import MissingFile
 from ipadapter_jax.io.hub import CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, resolve
 from ipadapter_jax.pipeline.stable_diffusion import StableDiffusionPipeline
 from ipadapter_jax.pipeline.stable_diffusion_xl import StableDiffusionXLPipeline
@@ -49,14 +49,12 @@ def load_pipeline_from_single_file(path: str | os.PathLike, *, config_dir: str |
     path = resolve(path, kind="file", what="single-file checkpoint")
     if not path.is_file():
         raise MissingFile(f"checkpoint file not found: {path} (a folder: use load_pipeline or from_pretrained)")
-    if variant is not None:
-        raise BadArgument(f"variant={variant!r}: {path} is a single-file checkpoint, which has one set of weights "
-                          "(variant selects among the weights files of a diffusers folder)")
     resolved = {name: None if value is None else resolve(value, kind=kind, what=what, allow_patterns=patterns)
                 for name, value, kind, what, patterns in (
                     ("config_dir", config_dir, "folder", "model config folder", CONFIG_PATTERNS),
                     ("vae", vae, "any", "VAE folder or file", PIPELINE_FOLDER_PATTERNS))}
-    components = load_components(path, dtype=dtype, attention_backend=attention_backend, ema=ema,
+    # (load_components refuses a variant for a file, before reading it)
+    components = load_components(path, dtype=dtype, attention_backend=attention_backend, variant=variant, ema=ema,
                                  prediction_type=prediction_type, **resolved)
     return PIPELINES[components.family.pipeline].from_components(
         components, image_encoder=image_encoder, dtype=dtype, attention_backend=attention_backend)
