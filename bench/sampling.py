@@ -158,7 +158,7 @@ def progress_record(graphdef, sched, net_graphdefs, jargs: tuple, args, whole_s:
 
     def stepped():
         with tqdm(total=args.steps, desc="denoising", unit="step", leave=False) as bar:
-            out["x"] = run_stepwise(step, args_, 0, args.steps, lambda: bar.update(1))
+            out["x"] = run_stepwise(step, args_, 0, args.steps, lambda _: bar.update(1))
 
     first = time_runs(stepped, 1)[0]
     times = time_runs(stepped, args.runs)

@@ -110,9 +110,11 @@ class CompiledLoops:
         return self._executables[key], True
 
 
-def run_stepwise(partial_loop, args: tuple, start: int, stop: int, on_step: Callable[[], None]) -> jax.Array:
+def run_stepwise(partial_loop, args: tuple, start: int, stop: int,
+                 on_step: Callable[[jax.Array], None]) -> jax.Array:
     """Steps ``[start, stop)`` of a ``partial=True`` loop, one call each, calling
-    ``on_step()`` as each step finishes (a progress bar). ``args`` are the
+    ``on_step(latents)`` as each step finishes (a progress bar; the parity
+    toolkit's trajectory). ``args`` are the
     loop's arguments: ``(params, state, latents, cond, gates, guidance,
     rescale, noise_key, start, control, stop)``. Step i + 1 is dispatched
     before waiting for step i, so the device never idles for the host."""
@@ -122,9 +124,9 @@ def run_stepwise(partial_loop, args: tuple, start: int, stop: int, on_step: Call
         latents, state = partial_loop(params, state, latents, *rest[:5], jnp.int32(i), rest[6], jnp.int32(i + 1))
         if pending is not None:
             pending.block_until_ready()
-            on_step()
+            on_step(pending)
         pending = latents
     if pending is not None:
         pending.block_until_ready()
-        on_step()
+        on_step(pending)
     return latents

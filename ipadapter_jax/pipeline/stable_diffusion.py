@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -339,9 +339,13 @@ class StableDiffusionPipeline:
                               masks=None if prompt.masks is None else {
                                   q: (shard(m) if m.shape[0] > 1 else m) for q, m in prompt.masks.items()})
 
-    def denoise(self, request: Prepared, *, progress: bool = False) -> tuple[jax.Array, dict]:
+    def denoise(self, request: Prepared, *, progress: bool = False,
+                on_step: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, dict]:
         """Run the jitted loop on a prepared request: (final latents, timings).
-        Compiles ahead of time (timed apart) once per argument signature."""
+        Compiles ahead of time (timed apart) once per argument signature.
+        ``on_step(latents)``: called with the latents after every step (the loop
+        then runs one step per call, as with ``progress``)."""
+        stepwise = progress or on_step is not None
         cond = request.cond.replace(
             encoder_hidden_states=shard_batch(self.mesh, request.cond.encoder_hidden_states),
             image_prompts=tuple(self._shard_prompt(p) for p in request.cond.image_prompts),
@@ -362,17 +366,20 @@ class StableDiffusionPipeline:
             control = request.control.replace(params=tuple(states), images=tuple(
                 shard_batch(self.mesh, image) for image in request.control.images))
             args += (control,)
-        if progress:   # step by step, the bar driven from Python (see make_denoise_loop's ``partial``)
+        if stepwise:   # step by step, driven from Python (see make_denoise_loop's ``partial``)
             args = args[:9] + (control, jnp.int32(request.start + 1))
         t0 = time.perf_counter()
-        compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, partial=progress,
+        compiled, compiled_now = self._loops.get(graphdef, request.scheduler, cfg=request.cfg, partial=stepwise,
                                                  args=args, control_graphdefs=tuple(control_graphdefs),
                                                  guess_mode=request.guess_mode)
         timings = {"compile_s": time.perf_counter() - t0}
         if progress and compiled_now:
             log.info("compiled the denoising loop (%d steps) in %.1f s", request.steps, timings["compile_s"])
         t1 = time.perf_counter()
-        final = self._run_steps(compiled, args, request) if progress else compiled(*args)
+        if on_step is not None:
+            final = run_stepwise(compiled, args, request.start, request.steps, on_step)
+        else:
+            final = self._run_steps(compiled, args, request) if progress else compiled(*args)
         final.block_until_ready()
         run = request.steps - request.start
         timings.update(denoise_s=time.perf_counter() - t1, steps=run)
@@ -385,7 +392,7 @@ class StableDiffusionPipeline:
         from tqdm.auto import tqdm
 
         with tqdm(total=request.steps - request.start, desc="denoising", unit="step") as bar:
-            return run_stepwise(compiled, args, request.start, request.steps, lambda: bar.update(1))
+            return run_stepwise(compiled, args, request.start, request.steps, lambda _: bar.update(1))
 
     def decode(self, latents) -> np.ndarray:
         """Latents -> images [B, H, W, 3] in [0, 1] (float32)."""

@@ -1,0 +1,271 @@
+"""Check that the JAX model computes what the PyTorch one does, on your own files.
+(`ipadapter-parity`, or `python -m ipadapter_jax.parity`.)
+
+Loads the model (and its adapters, LoRAs, embeddings, ControlNets) in both frameworks: diffusers /
+transformers in float32 on the CPU as the reference (--reference loads another model there), this
+package on the other side. Then reports, against the reference:
+  per component  text encoder(s) and their pooled output, image encoder, image projection, UNet without
+                 and with image tokens, ControlNet, VAE encoder and decoder, on seeded inputs of the real
+                 shapes: relative error ||jax - ref|| / ||ref|| and max absolute error;
+  per block      each block as diffusers names it (down_blocks.0, ..., mid_block, up_blocks.0, ...; with
+                 --depth 2 their resnets / attentions / samplers), fed the reference block's own input, and
+                 the first block past the bound;
+  trajectory     both sampling loops from the same noise, prompt and images: the latents' relative error
+                 after every scheduler step, and the decoded image's.
+--dtype bfloat16 runs ours in bfloat16 *and* float32, side by side, to tell precision loss from a bug.
+Components run one after another and each side is freed before the next loads (SDXL float32 fits in 24 GB).
+
+Exit status: 0 when every figure is within its bound (the test suite's, printed in the table; --bound
+replaces them), 1 when one is not, 2 on a user error.
+
+  ipadapter-parity --demo                                 # the embedded demo model, no download
+  ipadapter-parity --model stable-diffusion-v1-5 --image-encoder IP-Adapter/models/image_encoder \\
+      --ip-adapter IP-Adapter/models/ip-adapter_sd15.safetensors --image ref.png --prompt "a cat" \\
+      --json parity.json --plot parity.png
+  ipadapter-parity --model my-finetune.safetensors --model-config stable-diffusion-v1-5 \\
+      --reference stable-diffusion-v1-5 --components unet,vae   # where does my file differ from its base?
+
+Needs the torch extra for the reference side (pip install 'ipadapter-jax[torch]'); --plot needs the plot
+extra (pip install 'ipadapter-jax[plot]').
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+from ipadapter_jax import demo, families
+from ipadapter_jax.cli import ArgumentParser, debug_requested, run
+from ipadapter_jax.cli import sample as sample_cli
+from ipadapter_jax.cli.checks import (MAX_SIZE, check_files, check_writable, resolve_model, undo_created_folders)
+from ipadapter_jax.io.errors import BadArgument, UserError
+from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
+from ipadapter_jax.schedulers import NAMES as SCHEDULER_NAMES
+
+PROG = "ipadapter-parity"
+GROUPS = ("text", "image_encoder", "image_proj", "unet", "unet_ip", "controlnet", "vae", "trajectory")
+DEFAULT_STEPS = 10
+
+
+def build_parser(prog: str) -> ArgumentParser:
+    p = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    m = p.add_argument_group("model (as ipadapter-sample takes them)")
+    m.add_argument("--model", help="diffusers folder, single-file checkpoint or hub id (any supported family)")
+    m.add_argument("--demo", action="store_true", help="the embedded demo model, its adapter, image encoder and "
+                                                       "reference image (no download)")
+    m.add_argument("--reference", metavar="PATH_OR_ID",
+                   help="load this model on the reference side instead of --model (same family): your single file "
+                        "against its original folder, a fine-tune against its base")
+    m.add_argument("--model-config", metavar="DIR", help="with --model FILE: its family's diffusers folder (configs, "
+                                                         "tokenizers)")
+    m.add_argument("--vae", metavar="DIR_OR_FILE", help="with --model FILE: a VAE replacing the file's")
+    m.add_argument("--ip-adapter", action="append", default=[], metavar="FILE", help="IP-Adapter file; repeatable")
+    m.add_argument("--image-encoder", help="CLIP image encoder folder (transformers layout)")
+    m.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="reference image (one per adapter, or all for one adapter); the image encoder's and the "
+                        "trajectory's input (default: seeded pixels for the components)")
+    m.add_argument("--face-embeds", action="append", default=[], metavar="NPY",
+                   help="FaceID adapters: an InsightFace ID embedding .npy each (default: seeded)")
+    m.add_argument("--controlnet", action="append", default=[], metavar="DIR_OR_FILE", help="ControlNet; repeatable")
+    m.add_argument("--controlnet-config", metavar="DIR", help="config of single-file --controlnet files")
+    m.add_argument("--control-image", action="append", default=[], metavar="PNG", help="one per --controlnet")
+    m.add_argument("--control-scale", action="append", type=float, default=[], metavar="S",
+                   help="once or once per ControlNet (default 1.0; the trajectory's)")
+    m.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                   help="LoRA merged on both sides (diffusers: load_lora_weights + fuse_lora)")
+    m.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                   help="textual-inversion embedding on both sides (diffusers: load_textual_inversion)")
+    r = p.add_argument_group("inputs")
+    r.add_argument("--prompt", default=None, help="text prompt (default: empty; demo: its prompt)")
+    r.add_argument("--negative-prompt", default=None, help="negative prompt of the trajectory (default: none)")
+    r.add_argument("--scale", action="append", type=float, default=[],
+                   help="IP-Adapter scale, once or once per adapter (default 1.0; demo 0.5)")
+    r.add_argument("--scheduler", default="ddim", help=f"the trajectory's: {', '.join(SCHEDULER_NAMES)} "
+                                                       "(default ddim; euler-a draws noise, so no trajectory)")
+    r.add_argument("--steps", type=int, default=None, help=f"trajectory steps (default {DEFAULT_STEPS})")
+    r.add_argument("--guidance", type=float, default=None, help="guidance scale (default 7.5; demo 5)")
+    r.add_argument("--height", type=int, default=None, help="pixels (default: the model's size; demo 64)")
+    r.add_argument("--width", type=int, default=None, help="pixels (default: the model's size; demo 64)")
+    r.add_argument("--seed", type=int, default=0, help="seed of every generated input (default 0)")
+    o = p.add_argument_group("what to compare and report")
+    o.add_argument("--components", default=",".join(GROUPS),
+                   help=f"comma-separated subset of {','.join(GROUPS)} (default: all that apply)")
+    o.add_argument("--depth", type=int, choices=(1, 2), default=1,
+                   help="1: blocks (down_blocks.0, ...); 2: their children (down_blocks.0.resnets.0, ...)")
+    o.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="our compute dtype; bfloat16 also runs float32 and shows both")
+    o.add_argument("--bound", type=float, default=None,
+                   help="relative-error bound of every component, block and step (default: the test suite's: "
+                        "components 1e-5, blocks and steps 1e-4, image 2e-3 max abs; bfloat16 5e-2)")
+    o.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
+    o.add_argument("--plot", metavar="OUT.png", help="error per block and per step on a log axis (matplotlib)")
+    o.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
+    return p
+
+
+def parse_args(argv=None, prog: str = PROG):
+    """Parse and check the command line before JAX or torch loads."""
+    p = build_parser(prog)
+    args = p.parse_args(argv)
+    args.prog = prog
+    # The sample command's checks read these; parity has no such flags.
+    for name, value in dict(ema=None, prediction_type=None, lora_lenient=False, guess_mode=False, control_start=0.0,
+                            control_end=1.0, control_preprocess="none", mask=[], s_scale=1.0, lora_scale=1.0,
+                            prompt_2=None, negative_prompt_2=None, original_size=None, crop=None,
+                            target_size=None).items():
+        setattr(args, name, value)
+    try:
+        _check(args)
+    except UserError as e:
+        undo_created_folders()
+        if debug_requested(argv if argv is not None else sys.argv[1:]):
+            raise
+        p.error(str(e))
+    return args
+
+
+def _check(args) -> None:
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
+        raise BadArgument("the reference side needs torch and diffusers: pip install 'ipadapter-jax[torch]'")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise BadArgument("--plot needs matplotlib: pip install 'ipadapter-jax[plot]'")
+    if args.demo and args.model:
+        raise BadArgument("--demo and --model are exclusive: --demo uses the embedded model")
+    if not args.demo and not args.model:
+        raise BadArgument("give --model (a folder, single file or hub id), or --demo for the embedded model")
+    if args.demo:
+        paths = demo.demo_paths()
+        args.model = str(paths["sd"])
+        args.image_encoder = args.image_encoder or str(paths["image_encoder"])
+        args.ip_adapter = args.ip_adapter or [str(paths["adapter"])]
+        args.image = args.image or [str(paths["reference"])]
+        args.scale = args.scale or [demo.DEFAULT_SCALE]
+        for name, value in dict(prompt=demo.DEFAULT_PROMPT, guidance=demo.DEFAULT_GUIDANCE, height=demo.DEFAULT_SIZE,
+                                width=demo.DEFAULT_SIZE).items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)
+    args.prompt = "" if args.prompt is None else args.prompt
+    args.guidance = 7.5 if args.guidance is None else args.guidance
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.groups = [g.strip() for g in args.components.split(",") if g.strip()]
+    unknown = [g for g in args.groups if g not in GROUPS]
+    if unknown or not args.groups:
+        raise BadArgument(f"--components: unknown {', '.join(unknown) or '(none given)'}; valid: {', '.join(GROUPS)}")
+    if args.scheduler not in SCHEDULER_NAMES:
+        raise BadArgument(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+    if args.steps < 1:
+        raise BadArgument(f"--steps must be at least 1, got {args.steps}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and not (0 < value <= MAX_SIZE and value % 8 == 0):
+            raise BadArgument(f"{flag} must be a positive multiple of 8 up to {MAX_SIZE}, got {value}")
+    if args.bound is not None and not (math.isfinite(args.bound) and args.bound > 0):
+        raise BadArgument(f"--bound must be a positive number, got {args.bound}")
+    for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance]),
+                         ("--control-scale", args.control_scale)):
+        if any(not math.isfinite(v) for v in values):
+            raise BadArgument(f"{flag} must be a finite number")
+    args.out = "parity.png"   # the sample checks want an --out; nothing is written there
+    sample_cli._resolve_sources(args)
+    if args.reference:
+        args.reference = str(resolve_model("--reference", args.reference))
+    sample_cli._check_family_flags(args)
+    sample_cli._check_community_flags(args)
+    sample_cli._check_control_flags(args)
+    if args.image and not args.image_encoder:
+        raise BadArgument("--image needs --image-encoder (the CLIP vision folder the adapter was trained with)")
+    if args.ip_adapter and not args.image_encoder and not args.face_embeds:
+        raise BadArgument("--ip-adapter needs --image-encoder (or --face-embeds for a FaceID adapter)")
+    if len(args.scale) not in (0, 1, len(args.ip_adapter)):
+        raise BadArgument(f"give --scale once or once per adapter ({len(args.ip_adapter)}), got {len(args.scale)}")
+    check_files([*args.image, *args.face_embeds, *args.control_image])
+    if args.reference:
+        reference = Path(args.reference)
+        ref_family = families.of_folder(reference) if reference.is_dir() else None
+        if ref_family is not None and args.family is not None and ref_family.name != args.family.name:
+            raise BadArgument(f"--reference {args.reference} is {ref_family.title}, --model is {args.family.title}: "
+                              "compare models of one family")
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(flag, Path(path))
+
+
+def _reference_spec(args, family):
+    from ipadapter_jax.convert.textual_inversion import read_embedding
+    from ipadapter_jax.parity.reference import ReferenceSpec
+
+    model = args.reference or args.model
+    single = Path(model).is_file()
+    embeddings = []
+    for spec in args.embedding:
+        path, token = parse_embedding_spec(spec)
+        embeddings.append((str(path), read_embedding(path, token).token))
+    return ReferenceSpec(model=model, family=family, model_config=args.model_config if single else None,
+                         vae=args.vae if single else None, image_encoder=args.image_encoder,
+                         ip_adapters=list(args.ip_adapter),
+                         loras=[(str(p), s) for p, s in map(parse_lora_spec, args.lora)],
+                         embeddings=embeddings, controlnets=list(args.controlnet),
+                         controlnet_config=args.controlnet_config, scheduler=args.scheduler)
+
+
+def _load_ours(args, dtype: str):
+    import jax.numpy as jnp
+
+    pipe = sample_cli._load_model(args, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    for path in args.ip_adapter:
+        pipe.load_ip_adapter(path)
+    for net in args.controlnet:
+        pipe.load_controlnet(net, config=args.controlnet_config if Path(net).is_file() else None)
+    return pipe
+
+
+def check(argv, prog: str = PROG) -> int:
+    args = parse_args(argv, prog)
+    import jax
+
+    jax.config.update("jax_default_matmul_precision", "highest")   # the tests' setting: compare the math
+    from ipadapter_jax.parity import report
+    from ipadapter_jax.parity.reference import load_reference
+    from ipadapter_jax.parity.run import Request, compare, over_bounds
+
+    family = args.family
+    if family is None:   # a .ckpt: the family is known once ours has loaded it
+        family = _load_ours(args, "float32").family
+    req = Request(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
+                  steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
+                  scales=args.scale, images=args.image, face_embeds=args.face_embeds,
+                  control_images=args.control_image, control_scales=args.control_scale, depth=args.depth,
+                  groups=args.groups, dtype=args.dtype, bound=args.bound)
+    results, _ = compare(lambda: load_reference(_reference_spec(args, family)), lambda d: _load_ours(args, d),
+                         family, req, show_progress=not args.no_progress)
+    print(report.markdown(results, args.bound))
+    if args.json:
+        run_info = {"model": args.model, "reference": args.reference or args.model, "family": family.name,
+                    "prompt": args.prompt, "steps": args.steps, "scheduler": args.scheduler, "seed": args.seed,
+                    "depth": args.depth, "peak_rss_gb": _peak_rss_gb()}
+        Path(args.json).write_text(json.dumps(report.to_json(results, bound=args.bound, run=run_info), indent=1))
+    if args.plot:
+        report.plot(results, args.plot, args.bound)
+    bad = over_bounds(results, args.bound)
+    print(f"peak memory {_peak_rss_gb():.2f} GB | " + (f"past the bound: {', '.join(bad)}" if bad
+                                                        else "every figure within its bound"), file=sys.stderr)
+    return 1 if bad else 0
+
+
+def _peak_rss_gb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # KiB on Linux
+
+
+def main(argv=None) -> int:
+    """The parity command with user errors as one line (exit 2); exit 1 when a figure passes its bound."""
+    return run(PROG, lambda a: check(a, PROG), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Our side of a parity run: each component of our pipeline on the inputs the
+reference pass recorded, its blocks on the reference blocks' own inputs
+(``blocks.run_captured``), and the sampling trajectory step by step."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+
+from ipadapter_jax.models import UNetConditioning
+from ipadapter_jax.parity.blocks import BlockInputs, run_captured, submodule
+from ipadapter_jax.parity.metrics import Figure, figure
+from ipadapter_jax.parity.reference_run import Row
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(jnp.asarray(x).astype(jnp.float32))
+
+
+def block_figures(root, row: Row, env: BlockInputs, on_block: Callable[[], None] = lambda: None) -> list[Figure]:
+    """Each captured block of ``row`` run on our ``root`` model's block of the
+    same name, fed the reference block's inputs."""
+    figures = []
+    for name, captured in row.blocks.items():
+        try:
+            ours = run_captured(submodule(root, name), captured, env)
+            figures.append(figure(name, ours, captured.output))
+        except (AttributeError, IndexError, TypeError, ValueError) as e:   # a block we cannot line up
+            figures.append(Figure(name, float("inf"), float("inf"), f"{type(e).__name__}: {e}"))
+        on_block()
+    return figures
+
+
+def text_outputs(encoder, row: Row) -> tuple[list, list]:
+    """(outputs as the reference row's, pooled) of one of our text encoders."""
+    out = encoder(jnp.asarray(row.inputs["ids"], jnp.int32))
+    pooled = out.text_embeds if out.text_embeds is not None else out.pooler_output
+    return [_np(out.last_hidden_state), _np(out.hidden_states[-2])], [_np(pooled)]
+
+
+def clip_mask(ids: np.ndarray):
+    """The causal mask our text towers apply (``CLIPTextTransformer``)."""
+    n = ids.shape[1]
+    return jnp.tril(jnp.ones((n, n), bool))[None, None]
+
+
+def image_encoder_outputs(encoder, row: Row) -> list:
+    out = encoder(jnp.asarray(row.inputs["pixels"]))
+    return [_np(out.image_embeds), _np(out.hidden_states[-2])]
+
+
+def unet_outputs(unet, row: Row, prompts: tuple = ()) -> list:
+    i = row.inputs
+    cond = UNetConditioning(jnp.asarray(i["context"]), image_prompts=prompts, added_cond=i.get("added"))
+    return [_np(unet(jnp.asarray(i["sample"]), jnp.asarray(i["t"]), cond))]
+
+
+def controlnet_outputs(net, row: Row) -> list:
+    i = row.inputs
+    down, mid = net(jnp.asarray(i["sample"]), jnp.asarray(i["t"]), jnp.asarray(i["context"]),
+                    jnp.asarray(i["control"]), 1.0, added_cond=i.get("added"))
+    return [_np(d) for d in down] + [_np(mid)]
+
+
+def vae_outputs(vae, rows: dict) -> dict[str, list]:
+    dist = vae.encode(jnp.asarray(rows["vae.encoder"].inputs["images"]))
+    return {"vae.encoder": [_np(dist.mean), _np(dist.logvar)],
+            "vae.decoder": [_np(vae.decode(jnp.asarray(rows["vae.decoder"].inputs["latents"])))]}
+
+
+def trajectory(pipe, call: dict, noise: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    """Our sampling loop from ``noise``, one step per call: (latents after
+    every scheduler step, decoded image [1, H, W, 3] in [0, 1])."""
+    steps = []
+    request = pipe.prepare(**call, latents=noise)
+    final, _ = pipe.denoise(request, on_step=lambda latents: steps.append(_np(latents)))
+    return steps, pipe.decode(final)

@@ -1,0 +1,343 @@
+"""One parity run: the reference pass (diffusers / transformers, float32),
+then our pass for each dtype asked, component by component, each side freed
+before the next loads, into a ``Report``.
+
+Inputs are seeded and of the real shapes (the model's latent size, 77 text
+tokens, the encoder's resolution); where a component's input is another
+component's output (the UNet's text conditioning, the projections' image
+embeddings) the reference's output is used, so each figure measures one
+component. Blocks are fed the reference block's inputs. The trajectory runs
+both sampling loops from the same noise with the same prompt and images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+from typing import Callable, Sequence
+
+import numpy as np
+
+from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.parity import reference_run as ref
+from ipadapter_jax.parity.metrics import Figure, bounds_for, figure, first_over
+
+# Component groups (``--components``), in the order they run.
+GROUPS = ("text", "image_encoder", "image_proj", "unet", "unet_ip", "controlnet", "vae", "trajectory")
+TIMESTEP = 500   # the components' timestep: mid-schedule, where text and image conditioning both matter
+
+
+@dataclasses.dataclass
+class Request:
+    """What to compare (see ``ipadapter-parity --help``). ``images``: one
+    path per adapter, or all for a single adapter; ``face_embeds`` one .npy
+    per FaceID adapter; ``control_images`` one per ControlNet."""
+
+    prompt: str = ""
+    negative_prompt: str | None = None
+    height: int | None = None
+    width: int | None = None
+    steps: int = 10
+    guidance: float = 7.5
+    scheduler: str = "ddim"
+    seed: int = 0
+    scales: Sequence[float] = ()
+    images: Sequence[str] = ()
+    face_embeds: Sequence[str] = ()
+    control_images: Sequence[str] = ()
+    control_scales: Sequence[float] = ()
+    depth: int = 1
+    groups: Sequence[str] = GROUPS
+    dtype: str = "float32"
+    bound: float | None = None
+
+
+@dataclasses.dataclass
+class Result:
+    """One dtype's figures: components (each with its blocks), trajectory
+    steps and the decoded image."""
+
+    dtype: str
+    components: list[tuple[Figure, list[Figure]]] = dataclasses.field(default_factory=list)
+    trajectory: list[Figure] = dataclasses.field(default_factory=list)
+    image: Figure | None = None
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def _scales(req: Request, n: int) -> list[float]:
+    if not req.scales:
+        return [1.0] * n
+    return list(req.scales) * n if len(req.scales) == 1 else list(req.scales)
+
+
+def _images_per_adapter(req: Request, kinds: list[str]) -> list[list[str]]:
+    users = [i for i, k in enumerate(kinds) if k != "face_id"]
+    out = [[] for _ in kinds]
+    if len(users) == 1:
+        out[users[0]] = list(req.images)
+    else:
+        for i, path in zip(users, req.images):
+            out[i] = [path]
+    return out
+
+
+def _load_pil(path: str):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
+def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) -> dict:
+    """Every reference figure source, as numpy: {"rows": {name: Row}, "trajectory": ..., "call": ...}."""
+    from ipadapter_jax.families.text import added_conditioning, time_ids
+    from ipadapter_jax.io.images import preprocess
+
+    rng = np.random.default_rng(req.seed)
+    scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    h = req.height or pipe.unet.config.sample_size * scale_factor
+    w = req.width or pipe.unet.config.sample_size * scale_factor
+    lh, lw = h // scale_factor, w // scale_factor
+    out: dict = {"rows": {}, "size": (h, w), "notes": []}
+    rows = out["rows"]
+    groups = set(req.groups)
+    if "text" in groups:
+        rows.update(ref.text_rows(pipe, req.prompt, req.depth, progress))
+
+    # Image encoder and projections: the reference embeddings feed both sides' projections and UNets.
+    n_adapters = len(pipe.unet.encoder_hid_proj.image_projection_layers) if getattr(
+        pipe.unet, "encoder_hid_proj", None) is not None else 0
+    kinds = [ref.projection_input_kind(pipe, i) for i in range(n_adapters)]
+    per_adapter = _images_per_adapter(req, kinds)
+    encoder = getattr(pipe, "image_encoder", None)
+    encoded = None
+    if encoder is not None and (req.images or n_adapters):
+        size = encoder.config.image_size
+        pixels = (preprocess([_load_pil(p) for p in req.images][:1], size, size) if req.images
+                  else rng.standard_normal((1, size, size, 3)).astype(np.float32))
+        encoded = ref.image_encoder_row(pipe, pixels, req.depth)
+        if "image_encoder" in groups:
+            rows["image_encoder"] = encoded
+        progress("image_encoder")
+    faces = iter(req.face_embeds)
+    embeds = []
+    for i, kind in enumerate(kinds):
+        if kind == "face_id":
+            face = next(faces, None)
+            e = (np.load(face).astype(np.float32).reshape(-1, 512)[:1] if face is not None
+                 else rng.standard_normal((1, 512)).astype(np.float32))
+        elif kind and encoded is not None:
+            e = encoded.outputs[0 if kind == "image_embeds" else 1]
+        else:
+            e = None
+            out["notes"].append(f"image_proj.{i}: not compared ({kind or 'this projection type'} needs inputs "
+                                "the parity run does not build)")
+        embeds.append(e)
+        if e is not None and "image_proj" in groups:
+            rows[f"image_proj.{i}"] = ref.projection_row(pipe, i, e)
+    progress("image_proj")
+
+    # UNet inputs: seeded latents, the pipeline's own text conditioning, SDXL's added conditioning.
+    context, pooled = ref.conditioning(pipe, req.prompt)
+    added = added_conditioning(family, pooled, time_ids((h, w), (0, 0), (h, w)))
+    unet_in = {"sample": rng.standard_normal((1, lh, lw, pipe.unet.config.in_channels)).astype(np.float32),
+               "t": np.array([TIMESTEP]), "context": context, "added": added,
+               "embed_shapes": [np.shape(e)[1:] if e is not None else (1,) for e in embeds]}
+    comparable = n_adapters and all(e is not None for e in embeds)
+    if "unet" in groups and (comparable or not n_adapters):
+        rows["unet"] = ref.unet_row(pipe, unet_in, req.depth, None)
+        progress("unet")
+    if n_adapters and "unet_ip" in groups and comparable:
+        pipe.set_ip_adapter_scale(_scales(req, n_adapters))
+        rows["unet+ip"] = ref.unet_row(pipe, dict(unet_in, embeds=embeds, scales=_scales(req, n_adapters)),
+                                       req.depth, embeds)
+        progress("unet+ip")
+    if "controlnet" in groups:
+        from ipadapter_jax.pipeline.control import load_control_image
+
+        control = [load_control_image(p, h, w) for p in req.control_images]
+        rows.update(ref.controlnet_rows(pipe, unet_in, control, req.depth))
+        progress("controlnet")
+    if "vae" in groups:
+        images = rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
+        latents = rng.standard_normal((1, lh, lw, pipe.vae.config.latent_channels)).astype(np.float32)
+        rows.update(ref.vae_rows(pipe, images, latents, req.depth))
+        progress("vae")
+    if "trajectory" in groups:
+        out.update(_reference_trajectory(pipe, req, kinds, per_adapter, (h, w), rng, out["notes"]))
+        progress("trajectory")
+    return out
+
+
+def _reference_trajectory(pipe, req, kinds, per_adapter, size, rng, notes) -> dict:
+    h, w = size
+    if req.scheduler == "euler-a":
+        notes.append("trajectory: not compared with euler-a (each framework draws its own noise at every step)")
+        return {}
+    if any(k != "image_embeds" and k != "hidden_states" for k in kinds):
+        notes.append("trajectory: not compared with FaceID adapters (their ID embeddings go in as "
+                     "ip_adapter_image_embeds, which the parity run does not build)")
+        return {}
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    noise = rng.standard_normal((1, h // factor, w // factor, pipe.unet.config.in_channels)).astype(np.float32)
+    call = dict(prompt=req.prompt, num_inference_steps=req.steps, guidance_scale=req.guidance, height=h, width=w)
+    if req.negative_prompt is not None:
+        call["negative_prompt"] = req.negative_prompt
+    ours = dict(call)
+    if kinds:
+        pipe.set_ip_adapter_scale(_scales(req, len(kinds)))
+        call["ip_adapter_image"] = [[_load_pil(p) for p in imgs] for imgs in per_adapter]
+    if req.control_images:
+        images = [_load_pil(p) for p in req.control_images]
+        call["image"] = images if len(images) > 1 else images[0]
+        scales = list(req.control_scales) or [1.0]
+        scales = scales * len(images) if len(scales) == 1 else scales
+        call["controlnet_conditioning_scale"] = scales if len(images) > 1 else scales[0]
+    steps, image = ref.trajectory(pipe, call, noise)
+    return {"trajectory": steps, "image": image, "noise": noise, "call": ours, "per_adapter": per_adapter}
+
+
+def jax_pass(pipe, reference: dict, req: Request, dtype: str, show_progress: bool = True) -> Result:
+    """Our figures against the reference pass, for our pipeline ``pipe``
+    loaded in ``dtype``; a progress bar per component (its blocks)."""
+    from tqdm.auto import tqdm
+
+    import jax.numpy as jnp
+
+    from ipadapter_jax import ip_adapter
+    from ipadapter_jax.parity import jax_run as ours
+    from ipadapter_jax.parity.blocks import BlockInputs
+
+    result = Result(dtype, notes=list(reference["notes"]))
+    rows = reference["rows"]
+    compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    adapters = list(pipe.unet.ip_adapters)
+
+    def add(name, outputs, row, root, env):
+        blocks = []
+        if root is not None and row.blocks:
+            with tqdm(total=len(row.blocks), desc=f"{dtype} {name}", unit="block", leave=False,
+                      disable=not show_progress) as bar:
+                blocks = ours.block_figures(root, row, env, lambda: bar.update(1))
+        result.components.append((figure(name, outputs, row.outputs), blocks))
+
+    for slot in ("text_encoder", "text_encoder_2"):
+        if slot in rows:
+            encoder = getattr(pipe, slot)
+            outputs, pooled = ours.text_outputs(encoder, rows[slot])
+            env = BlockInputs(compute, clip_mask=ours.clip_mask(rows[slot].inputs["ids"]))
+            add(slot, outputs, rows[slot], encoder, env)
+            add(f"{slot}.pooled", pooled, rows[f"{slot}.pooled"], None, None)
+    if "image_encoder" in rows:
+        add("image_encoder", ours.image_encoder_outputs(pipe.image_encoder, rows["image_encoder"]),
+            rows["image_encoder"], pipe.image_encoder, BlockInputs(compute))
+    for i, adapter in enumerate(adapters):
+        row = rows.get(f"image_proj.{i}")
+        if row is not None:
+            add(f"image_proj.{i}", [np.asarray(adapter.project(row.inputs["embeds"]), np.float32)], row, None, None)
+    if "unet" in rows:
+        add("unet", ours.unet_outputs(pipe.unet, rows["unet"]), rows["unet"], pipe.unet,
+            BlockInputs(compute, ip=lambda tokens: ()))
+    if "unet+ip" in rows:
+        row = rows["unet+ip"]
+        scales = [ip_adapter.layer_scales(pipe.unet, s) for s in row.inputs["scales"]]
+        prompts = tuple(ip_adapter.image_prompt(a, a.project(e)[:, None], s)
+                        for a, e, s in zip(adapters, row.inputs["embeds"], scales))
+        make_ip = lambda tokens: tuple(   # noqa: E731  the reference's image tokens, our scales
+            (a, ip_adapter.image_prompt(a, jnp.asarray(t), s)) for a, t, s in zip(adapters, tokens, scales))
+        add("unet+ip", ours.unet_outputs(pipe.unet, row, prompts), row, pipe.unet, BlockInputs(compute, ip=make_ip))
+    for i, net in enumerate(pipe.controlnets):
+        row = rows.get(f"controlnet.{i}")
+        if row is not None:
+            add(f"controlnet.{i}", ours.controlnet_outputs(net, row), row, net, BlockInputs(compute))
+    if "vae.encoder" in rows:
+        outputs = ours.vae_outputs(pipe.vae, rows)
+        vae_dtype = pipe.vae.dtype
+        for name in ("vae.encoder", "vae.decoder"):
+            add(name, outputs[name], rows[name], pipe.vae, BlockInputs(vae_dtype))
+    if "trajectory" in reference:
+        result.trajectory, result.image = _jax_trajectory(pipe, reference, req)
+    return result
+
+
+def _jax_trajectory(pipe, reference: dict, req: Request) -> tuple[list[Figure], Figure]:
+    from ipadapter_jax.parity import jax_run as ours
+    from ipadapter_jax.pipeline import ImagePromptSpec
+    from ipadapter_jax.pipeline.control import ControlNetSpec
+
+    call = dict(reference["call"], scheduler=req.scheduler)
+    adapters = list(pipe.unet.ip_adapters)
+    if adapters:
+        scales = _scales(req, len(adapters))
+        call["ip_adapter_prompts"] = [ImagePromptSpec(images=imgs or None, scale=s)
+                                      for imgs, s in zip(reference["per_adapter"], scales)]
+    if req.control_images:
+        scales = list(req.control_scales) or [1.0]
+        scales = scales * len(req.control_images) if len(scales) == 1 else scales
+        call["controlnet_inputs"] = [ControlNetSpec(p, scale=s) for p, s in zip(req.control_images, scales)]
+    steps, image = ours.trajectory(pipe, call, reference["noise"])
+    figures = [figure(f"step {i + 1}", a, e) for i, (a, e) in enumerate(zip(steps, reference["trajectory"]))]
+    if len(steps) != len(reference["trajectory"]):
+        figures.append(Figure("steps", float("inf"), float("inf"),
+                              f"{len(steps)} steps vs reference {len(reference['trajectory'])}"))
+    return figures, figure("image", image, reference["image"])
+
+
+def compare(load_reference: Callable[[], object], load_ours: Callable[[str], object], family, req: Request,
+            *, show_progress: bool = True) -> tuple[list[Result], dict]:
+    """The whole run: ``load_reference()`` -> the diffusers pipeline (freed
+    after its pass), then ``load_ours(dtype)`` -> our pipeline for float32
+    and, with ``req.dtype == "bfloat16"``, bfloat16 (each freed after its
+    pass). Returns (one ``Result`` per dtype, the reference pass)."""
+    from tqdm.auto import tqdm
+
+    check_request(req)
+    pipe = load_reference()
+    with tqdm(total=len(req.groups), desc="reference", unit="part", leave=False,
+              disable=not show_progress) as bar:
+        reference = reference_pass(pipe, req, family, lambda name: bar.set_postfix_str(name) or bar.update(0))
+        bar.update(len(req.groups))
+    del pipe
+    free()
+    results = []
+    for dtype in ("float32", "bfloat16") if req.dtype == "bfloat16" else ("float32",):
+        ours = load_ours(dtype)
+        results.append(jax_pass(ours, reference, req, dtype, show_progress))
+        del ours
+        free()
+    return results, reference
+
+
+def free() -> None:
+    """Collect what a freed pipeline left in reference cycles (NNX modules
+    hold some), so the next side loads into the memory it used."""
+    gc.collect()
+
+
+def check_request(req: Request) -> None:
+    """Request values no model is needed to refuse."""
+    unknown = [g for g in req.groups if g not in GROUPS]
+    if unknown:
+        raise BadArgument(f"unknown components {', '.join(unknown)}; valid: {', '.join(GROUPS)}")
+    if req.depth not in (1, 2):
+        raise BadArgument(f"depth must be 1 (blocks) or 2 (their children), got {req.depth}")
+    if req.dtype not in ("float32", "bfloat16"):
+        raise BadArgument(f"dtype must be float32 or bfloat16, got {req.dtype!r}")
+
+
+def over_bounds(results: Sequence[Result], bound: float | None) -> list[str]:
+    """Every figure past its dtype's bound, named: component and block rows,
+    trajectory steps, the image's max abs."""
+    bad = []
+    for result in results:
+        bounds = bounds_for(result.dtype, bound)
+        for comp, blocks in result.components:
+            if comp.over(bounds["component"]):
+                bad.append(f"{result.dtype} {comp.name}")
+            first = first_over(blocks, bounds["block"])
+            if first:
+                bad.append(f"{result.dtype} {comp.name}: {first}")
+        bad += [f"{result.dtype} trajectory {f.name}" for f in result.trajectory if f.over(bounds["step"])]
+        if result.image is not None and not result.image.max_abs <= bounds["image_max_abs"]:
+            bad.append(f"{result.dtype} image")
+    return bad
