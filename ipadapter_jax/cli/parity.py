@@ -129,10 +129,17 @@ def parse_args(argv=None, prog: str = PROG):
     return args
 
 
+def _installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):   # a broken or blocked install counts as none
+        return False
+
+
 def _check(args) -> None:
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("diffusers") is None:
+    if not (_installed("torch") and _installed("diffusers")):
         raise BadArgument("the reference side needs torch and diffusers: pip install 'ipadapter-jax[torch]'")
-    if args.plot and importlib.util.find_spec("matplotlib") is None:
+    if args.plot and not _installed("matplotlib"):
         raise BadArgument("--plot needs matplotlib: pip install 'ipadapter-jax[plot]'")
     if args.demo and args.model:
         raise BadArgument("--demo and --model are exclusive: --demo uses the embedded model")
@@ -212,6 +219,39 @@ def _reference_spec(args, family):
                          controlnet_config=args.controlnet_config, scheduler=args.scheduler)
 
 
+def _read_inputs(args) -> None:
+    """Read every adapter, LoRA and embedding file with our readers first, so a
+    file neither side can use is our loader's one-line error before any model loads."""
+    from ipadapter_jax.convert.lora import read_lora
+    from ipadapter_jax.ip_adapter.official import read_ip_adapter
+
+    for path in args.ip_adapter:
+        read_ip_adapter(path)
+    for spec in args.lora:
+        read_lora(parse_lora_spec(spec)[0])
+
+
+def _load_reference(args, family):
+    """The reference pipeline; what diffusers cannot load is a one-line error naming it."""
+    from ipadapter_jax.io.errors import BadFile
+    from ipadapter_jax.parity.reference import load_reference
+
+    spec = _reference_spec(args, family)
+    try:
+        return load_reference(spec)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise BadFile(f"the reference side (diffusers {_version('diffusers')}) could not load {spec.model} with "
+                      f"its adapters and extras: {type(e).__name__}: {e}") from e
+
+
+def _version(name: str) -> str:
+    from importlib import metadata
+
+    return metadata.version(name)
+
+
 def _load_ours(args, dtype: str):
     import jax.numpy as jnp
 
@@ -229,9 +269,9 @@ def check(argv, prog: str = PROG) -> int:
 
     jax.config.update("jax_default_matmul_precision", "highest")   # the tests' setting: compare the math
     from ipadapter_jax.parity import report
-    from ipadapter_jax.parity.reference import load_reference
     from ipadapter_jax.parity.run import Request, compare, over_bounds
 
+    _read_inputs(args)
     family = args.family
     if family is None:   # a .ckpt: the family is known once ours has loaded it
         family = _load_ours(args, "float32").family
@@ -240,7 +280,7 @@ def check(argv, prog: str = PROG) -> int:
                   scales=args.scale, images=args.image, face_embeds=args.face_embeds,
                   control_images=args.control_image, control_scales=args.control_scale, depth=args.depth,
                   groups=args.groups, dtype=args.dtype, bound=args.bound)
-    results, _ = compare(lambda: load_reference(_reference_spec(args, family)), lambda d: _load_ours(args, d),
+    results, _ = compare(lambda: _load_reference(args, family), lambda d: _load_ours(args, d),
                          family, req, show_progress=not args.no_progress)
     print(report.markdown(results, args.bound))
     if args.json:

@@ -88,6 +88,14 @@ def projection_input_kind(pipe, index: int) -> str:
             "IPAdapterFaceIDImageProjection": "face_id"}.get(type(layer).__name__, "")
 
 
+def projection_input_width(pipe, index: int) -> int:
+    """The input width of adapter ``index``'s projection (its first linear layer)."""
+    import torch
+
+    layer = pipe.unet.encoder_hid_proj.image_projection_layers[index]
+    return next(m for m in layer.modules() if isinstance(m, torch.nn.Linear)).in_features
+
+
 def projection_row(pipe, index: int, embeds: np.ndarray) -> Row:
     import torch
 

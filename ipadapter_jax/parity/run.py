@@ -124,8 +124,9 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) 
     for i, kind in enumerate(kinds):
         if kind == "face_id":
             face = next(faces, None)
-            e = (np.load(face).astype(np.float32).reshape(-1, 512)[:1] if face is not None
-                 else rng.standard_normal((1, 512)).astype(np.float32))
+            width = ref.projection_input_width(pipe, i)
+            e = (np.load(face).astype(np.float32).reshape(-1, width)[:1] if face is not None
+                 else rng.standard_normal((1, width)).astype(np.float32))
         elif kind and encoded is not None:
             e = encoded.outputs[0 if kind == "image_embeds" else 1]
         else:
