@@ -50,6 +50,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training",),
     ("demo",),
     ("eval",),
+    ("parity",),   # the parity toolkit: comparison code shared with the tests
     ("cli",),      # the command lines: argument checks before JAX, user errors as one line
     (ROOT_PART,),  # the package root (lazy: PEP 562)
 )

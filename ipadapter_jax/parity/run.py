@@ -18,8 +18,15 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from ipadapter_jax import ip_adapter
+from ipadapter_jax.families.text import added_conditioning, time_ids
 from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.images import preprocess
+from ipadapter_jax.parity import jax_run as ours
 from ipadapter_jax.parity import reference_run as ref
+from ipadapter_jax.parity.blocks import BlockInputs
+from ipadapter_jax.pipeline import ImagePromptSpec
+from ipadapter_jax.pipeline.control import ControlNetSpec, load_control_image
 from ipadapter_jax.parity.metrics import Figure, bounds_for, figure, first_over
 
 # Component groups (``--components``), in the order they run.
@@ -90,8 +97,6 @@ def _load_pil(path: str):
 
 def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) -> dict:
     """Every reference figure source, as numpy: {"rows": {name: Row}, "trajectory": ..., "call": ...}."""
-    from ipadapter_jax.families.text import added_conditioning, time_ids
-    from ipadapter_jax.io.images import preprocess
 
     rng = np.random.default_rng(req.seed)
     scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -154,8 +159,6 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) 
                                        req.depth, embeds)
         progress("unet+ip")
     if "controlnet" in groups:
-        from ipadapter_jax.pipeline.control import load_control_image
-
         control = [load_control_image(p, h, w) for p in req.control_images]
         rows.update(ref.controlnet_rows(pipe, unet_in, control, req.depth))
         progress("controlnet")
@@ -205,9 +208,6 @@ def jax_pass(pipe, reference: dict, req: Request, dtype: str, show_progress: boo
 
     import jax.numpy as jnp
 
-    from ipadapter_jax import ip_adapter
-    from ipadapter_jax.parity import jax_run as ours
-    from ipadapter_jax.parity.blocks import BlockInputs
 
     result = Result(dtype, notes=list(reference["notes"]))
     rows = reference["rows"]
@@ -262,9 +262,6 @@ def jax_pass(pipe, reference: dict, req: Request, dtype: str, show_progress: boo
 
 
 def _jax_trajectory(pipe, reference: dict, req: Request) -> tuple[list[Figure], Figure]:
-    from ipadapter_jax.parity import jax_run as ours
-    from ipadapter_jax.pipeline import ImagePromptSpec
-    from ipadapter_jax.pipeline.control import ControlNetSpec
 
     call = dict(reference["call"], scheduler=req.scheduler)
     adapters = list(pipe.unet.ip_adapters)
