@@ -829,6 +829,10 @@ NEWCOMER = {
                             "/proc/x.safetensors"], ("/proc",)),
     "eval_num_cases_0": (["-m", "ipadapter_jax.cli.eval", "--num-cases", "0"], ("--num-cases", "0")),
     "eval_scales_nan": (["-m", "ipadapter_jax.cli.eval", "--scales", "nan"], ("--scales", "nan")),
+    "parity_unknown_component": (["-m", "ipadapter_jax.parity", "--demo", "--components", "unet,vea"],
+                                 ("--components", "vea")),
+    "parity_bound_negative": (["-m", "ipadapter_jax.parity", "--demo", "--bound", "-1"], ("--bound", "-1")),
+    "parity_json_unwritable": (["-m", "ipadapter_jax.parity", "--demo", "--json", "/proc/p.json"], ("--json", "/proc")),
 }
 
 
@@ -901,7 +905,7 @@ def test_every_thread_leaves_the_signals_to_the_waiter():
     command lines starts no thread before that: a thread started earlier would keep the signals."""
     code = (
         "import os, sys, threading\n"
-        "import ipadapter_jax.cli.sample, ipadapter_jax.cli.convert, ipadapter_jax.cli.eval\n"
+        "import ipadapter_jax.cli.sample, ipadapter_jax.cli.convert, ipadapter_jax.cli.eval, ipadapter_jax.cli.parity\n"
         "assert threading.active_count() == 1 and len(os.listdir('/proc/self/task')) == 1, 'a thread started early'\n"
         "from ipadapter_jax.cli import interrupts\n"
         "interrupts.exit_on_signals('x')\n"

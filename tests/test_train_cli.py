@@ -167,7 +167,8 @@ def test_argument_errors_come_before_jax(module, argv, mention):
 # --------------------------------------------------------------------------- console scripts
 
 SCRIPTS = {"ipadapter-sample": "ipadapter_jax.cli.sample:main", "ipadapter-train": "ipadapter_jax.cli.train:main",
-           "ipadapter-convert": "ipadapter_jax.cli.convert:main", "ipadapter-eval": "ipadapter_jax.cli.eval:main"}
+           "ipadapter-convert": "ipadapter_jax.cli.convert:main", "ipadapter-eval": "ipadapter_jax.cli.eval:main",
+           "ipadapter-parity": "ipadapter_jax.cli.parity:main"}
 
 
 def test_console_scripts_are_installed():
@@ -178,6 +179,6 @@ def test_console_scripts_are_installed():
     bin_dir = Path(sysconfig.get_path("scripts"))
     for name in SCRIPTS:
         assert (bin_dir / name).is_file(), f"{name} is not installed in {bin_dir}"
-    for name in ("ipadapter-train", "ipadapter-convert", "ipadapter-eval"):
+    for name in ("ipadapter-train", "ipadapter-convert", "ipadapter-eval", "ipadapter-parity"):
         result = subprocess.run([str(bin_dir / name), "--help"], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and result.stdout.startswith(f"usage: {name}"), result.stderr[-2000:]

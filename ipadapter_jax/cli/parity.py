@@ -100,7 +100,7 @@ def build_parser(prog: str) -> ArgumentParser:
                    help="our compute dtype; bfloat16 also runs float32 and shows both")
     o.add_argument("--bound", type=float, default=None,
                    help="relative-error bound of every component, block and step (default: the test suite's: "
-                        "components 1e-5, blocks and steps 1e-4, image 2e-3 max abs; bfloat16 5e-2)")
+                        "components, blocks and steps 1e-4, image 2e-3 max abs; bfloat16 5e-2)")
     o.add_argument("--json", metavar="OUT", help="write every figure to this JSON file")
     o.add_argument("--plot", metavar="OUT.png", help="error per block and per step on a log axis (matplotlib)")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")

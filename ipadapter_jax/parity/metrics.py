@@ -11,11 +11,13 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-# The bounds the test suite holds our float32 models to against diffusers / transformers (tests/test_unet.py,
-# test_vae.py, test_clip.py, test_controlnet.py, test_ip_adapter.py: modules 1e-5; the full-size UNets block by
-# block 1e-4; test_pipeline.py, test_sdxl_pipeline.py: final latents 1e-4 relative, images 2e-3 max abs;
-# bfloat16 compute against float32: 5e-2 relative, test_pipeline.py).
-BOUNDS = {"component": 1e-5, "block": 1e-4, "step": 1e-4, "image_max_abs": 2e-3}
+# The bounds the test suite holds our float32 models to against diffusers / transformers: full-size models
+# component and block 1e-4 (tests/test_unet_sd15_full.py, test_unet_sdxl_full.py; the small models of the other
+# tests are held to 1e-5, which full-size float32 rounding alone can pass: the random full-size SD 1.5 VAE
+# decoder measures 1.1e-5 with every block at most 3.5e-6, README "Checking parity on your own files");
+# the sampling loop: final latents 1e-4 relative, images 2e-3 max abs (test_pipeline.py, test_sdxl_pipeline.py);
+# bfloat16 compute against float32: 5e-2 relative (test_pipeline.py).
+BOUNDS = {"component": 1e-4, "block": 1e-4, "step": 1e-4, "image_max_abs": 2e-3}
 BF16_BOUNDS = {"component": 5e-2, "block": 5e-2, "step": 5e-2, "image_max_abs": 1e-1}
 
 

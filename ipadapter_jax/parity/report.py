@@ -21,35 +21,34 @@ def _mark(fig: Figure, bound: float) -> str:
 
 def markdown(results: Sequence[Result], bound: float | None = None) -> str:
     """One table of components (the first block past the bound named), one of
-    the trajectory; with two dtypes their figures side by side."""
-    main = results[-1]
-    others = results[:-1]
+    the trajectory; with two dtypes their figures side by side, each against
+    its own bound (in the column header)."""
     bounds = [bounds_for(r.dtype, bound) for r in results]
-    head = " | ".join(f"{r.dtype} rel | {r.dtype} max abs" for r in results)
-    lines = [f"| component | {head} | bound | first block past the bound |",
-             "|---|" + "---|" * (2 * len(results) + 2)]
-    for k, (comp, blocks) in enumerate(main.components):
+    head = " | ".join(f"{r.dtype} rel (<= {b['component']:g}) | max abs" for r, b in zip(results, bounds))
+    lines = [f"| component | {head} | first block past the bound (<= {bounds[0]['block']:g}) |",
+             "|---|" + "---|" * (2 * len(results) + 1)]
+    for k, (comp, _) in enumerate(results[-1].components):
         cells, firsts = [], []
-        for r, b in zip([*others, main], bounds):
-            c, bl = r.components[k]
-            cells.append(f"{_fmt(c.rel)} | {_fmt(c.max_abs)}")
-            first = first_over(bl, b["block"])
+        for r, b in zip(results, bounds):
+            c, blocks = r.components[k]
+            cells.append(f"{_fmt(c.rel)} {_mark(c, b['component'])} | {_fmt(c.max_abs)}")
+            first = first_over(blocks, b["block"])
             if first:
                 firsts.append(f"{first} ({r.dtype})" if len(results) > 1 else first)
         note = f" ({comp.note})" if comp.note else ""
-        lines.append(f"| {comp.name} | {' | '.join(cells)} | {bounds[-1]['component']:g} "
-                     f"{_mark(comp, bounds[-1]['component'])}{note} | {', '.join(firsts) or '-'} |")
+        lines.append(f"| {comp.name}{note} | {' | '.join(cells)} | {', '.join(firsts) or '-'} |")
     out = "\n".join(lines)
-    if main.trajectory:
-        lines = [f"| step | {' | '.join(f'{r.dtype} rel' for r in results)} | bound |", "|---|" +
-                 "---|" * (len(results) + 1)]
-        for k, step in enumerate(main.trajectory):
-            lines.append(f"| {step.name} | {' | '.join(_fmt(r.trajectory[k].rel) for r in results)} | "
-                         f"{bounds[-1]['step']:g} {_mark(step, bounds[-1]['step'])} |")
-        lines.append(f"| image (max abs) | {' | '.join(_fmt(r.image.max_abs) for r in results)} | "
-                     f"{bounds[-1]['image_max_abs']:g} |")
+    if results[-1].trajectory:
+        head = " | ".join(f"{r.dtype} rel (<= {b['step']:g})" for r, b in zip(results, bounds))
+        lines = [f"| step | {head} |", "|---|" + "---|" * len(results)]
+        for k, step in enumerate(results[-1].trajectory):
+            lines.append(f"| {step.name} | " + " | ".join(
+                f"{_fmt(r.trajectory[k].rel)} {_mark(r.trajectory[k], b['step'])}" for r, b in zip(results, bounds))
+                + " |")
+        lines.append("| image, max abs | " + " | ".join(
+            f"{_fmt(r.image.max_abs)} (<= {b['image_max_abs']:g})" for r, b in zip(results, bounds)) + " |")
         out += "\n\n" + "\n".join(lines)
-    for note in main.notes:
+    for note in results[-1].notes:
         out += f"\n\nnote: {note}"
     return out + "\n"
 

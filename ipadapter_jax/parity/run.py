@@ -12,6 +12,7 @@ both sampling loops from the same noise with the same prompt and images.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 from typing import Callable, Sequence
@@ -300,6 +301,7 @@ def compare(load_reference: Callable[[], object], load_ours: Callable[[str], obj
     results = []
     for dtype in ("float32", "bfloat16") if req.dtype == "bfloat16" else ("float32",):
         ours = load_ours(dtype)
+        free()   # what loading left on the heap
         results.append(jax_pass(ours, reference, req, dtype, show_progress))
         del ours
         free()
@@ -308,8 +310,14 @@ def compare(load_reference: Callable[[], object], load_ours: Callable[[str], obj
 
 def free() -> None:
     """Collect what a freed pipeline left in reference cycles (NNX modules
-    hold some), so the next side loads into the memory it used."""
+    hold some) and hand the freed heap back to the system (glibc keeps it
+    otherwise: loading a pipeline leaves about half its size behind), so the
+    next side loads into the memory this one used."""
     gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc: nothing to trim
+        pass
 
 
 def check_request(req: Request) -> None:
