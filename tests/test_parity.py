@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import sd_fixtures
@@ -221,3 +222,30 @@ def test_without_torch_names_the_extra(sd, tmp_path):
 def test_demo_without_arguments_refused_with_hint(capsys):
     code, _, err = parity([], capsys)
     assert code == 2 and "--demo" in err
+
+
+def test_single_file_with_lora_and_embedding(sd, tmp_path, capsys):
+    """A single file (from_single_file on the reference side) with a kohya LoRA (load_lora_weights +
+    fuse_lora) and an A1111 embedding (load_textual_inversion) in the prompt: within the bounds."""
+    from safetensors.numpy import save_file
+
+    from ipadapter_jax.cli.convert import main as convert_main
+    from test_community_cli import configs_only
+    from test_lora import _kohya_sd15
+
+    file = tmp_path / "finetune.safetensors"
+    assert convert_main(["to-single-file", str(sd["sd"]), str(file)]) == 0
+    configs = configs_only(sd["sd"], tmp_path / "configs")
+    save_file(_kohya_sd15(1), tmp_path / "lora.safetensors")
+    width = json.loads((sd["sd"] / "text_encoder" / "config.json").read_text())["hidden_size"]
+    vectors = (np.random.default_rng(3).standard_normal((2, width)) * 0.3).astype(np.float32)
+    save_file({"emb_params": vectors}, tmp_path / "my-style.safetensors")
+    out_json = tmp_path / "sf.json"
+    code, stdout, err = parity(["--model", file, "--model-config", configs, "--lora",
+                                f"{tmp_path / 'lora.safetensors'}:0.8", "--embedding", tmp_path / "my-style.safetensors",
+                                "--prompt", "a circle in my-style", "--components", "text,unet,trajectory",
+                                "--steps", 2, "--height", 16, "--width", 16, "--json", out_json], capsys)
+    assert code == 0, stdout + err
+    doc = json.loads(out_json.read_text())
+    assert all(c["rel"] <= 1e-5 for c in doc["components"]), doc["components"]
+    assert len(doc["trajectory"]) == 2
