@@ -14,6 +14,7 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -328,11 +329,47 @@ def read_npy(path: str | os.PathLike, *, mmap: bool = False) -> np.ndarray:
     return array if mmap else np.array(array)
 
 
-def read_weights(paths: list[Path]) -> dict[str, np.ndarray]:
+def read_weights(paths: list[Path], *, lazy: bool = False) -> Mapping[str, np.ndarray]:
+    """The tensors of ``paths`` (one model's files or shards) by name. ``lazy``:
+    safetensors files are read one tensor at a time as the mapping is read, so
+    a loader that converts each tensor as it goes never holds the whole
+    checkpoint in numpy beside its converted copy (pickles are read whole)."""
+    if lazy and all(is_safetensors(p) for p in paths):
+        return LazySafetensors(paths)
     state: dict[str, np.ndarray] = {}
     for path in paths:
         state.update(read_state_dict(path))
     return state
+
+
+class LazySafetensors(Mapping):
+    """Safetensors files as a read-only mapping {name: numpy array}, each
+    tensor read from disk when it is looked up (the files' headers up front)."""
+
+    def __init__(self, paths: list[Path]):
+        self._where: dict[str, Path] = {}
+        for path in paths:
+            names, _ = read_safetensors_header(path)
+            self._where.update({name: Path(path) for name in names})
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        from safetensors import SafetensorError, safe_open
+
+        path = self._where[key]
+        try:
+            with safe_open(str(path), framework="numpy") as f:
+                try:
+                    return f.get_tensor(key)
+                except (TypeError, AttributeError):   # bfloat16 / float8: as _read_safetensors
+                    return _read_raw_tensor(path, key)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 # The temporary files of the atomic writes in progress: a command ended by a

@@ -161,7 +161,7 @@ def load_state_dict_into(make_module: Callable[[], nnx.Module], state_dict: dict
             mismatched.append(f"{key}: checkpoint {tuple(to_torch_layout(path, value).shape)} vs model "
                               f"{_torch_shape(path, tuple(shape))}")
             continue
-        filled[path] = value
+        filled[path] = jnp.asarray(value)   # converted now: a lazily read checkpoint never sits in memory twice
     missing = sorted(k for k, (path, _) in targets.items() if path not in filled)
 
     _refuse(source, mismatched, missing if strict else [], unexpected if strict else [],

@@ -53,7 +53,7 @@ def load_pretrained(folder: str | os.PathLike, build: Callable[..., nnx.Module],
                 raise e from None
             raise named from None
     files = find_weights(folder, weights_name, variant)
-    state_dict = read_weights(files)
+    state_dict = read_weights(files, lazy=True)   # tensor by tensor: no second copy of the model
     source = str(files[0]) if len(files) == 1 else f"{folder} ({len(files)} shards)"
     return load_state_dict_into(lambda: build(config, nnx.Rngs(0)), state_dict, source=source, strict=strict,
                                 rename=rename, make_abstract=lambda: build(config, AbstractRngs()))
