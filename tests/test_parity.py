@@ -84,7 +84,8 @@ def test_sd15_every_component_block_and_step(sd, tmp_path, capsys):
     expected_blocks = unet_block_names(torch_unet(sd["sd"] / "unet"))
     assert [b["name"] for b in fp32["unet"]["blocks"]] == expected_blocks
     assert [b["name"] for b in fp32["unet+ip"]["blocks"]] == expected_blocks
-    assert len(fp32["text_encoder"]["blocks"]) == 3   # 2 layers + final_layer_norm
+    assert [b["name"] for b in fp32["text_encoder"]["blocks"]] == ["embeddings", "encoder.layers.0",
+                                                                   "encoder.layers.1", "final_layer_norm"]
     assert len(doc["float32"]["trajectory"]) == 3 and len(doc["trajectory"]) == 3
     assert all(s["rel"] <= 1e-4 for s in doc["float32"]["trajectory"])
     assert doc["float32"]["image"]["max_abs"] <= 2e-3
@@ -169,6 +170,7 @@ def test_changed_blocks_are_named(sd, tmp_path, capsys):
     assert comps["unet"]["first_divergent"] == "down_blocks.1"
     assert [b["name"] for b in comps["unet"]["blocks"] if b["rel"] > 1e-4] == ["down_blocks.1"]
     assert comps["vae.decoder"]["first_divergent"] == "decoder.up_blocks.1"
+    assert [b["name"] for b in comps["vae.decoder"]["blocks"] if b["rel"] > 1e-4] == ["decoder.up_blocks.1"]
     assert comps["vae.encoder"]["first_divergent"] is None
     assert "down_blocks.1" in stdout and "decoder.up_blocks.1" in stdout
     assert "past the bound" in err

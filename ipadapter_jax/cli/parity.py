@@ -167,6 +167,8 @@ def _check(args) -> None:
         raise BadArgument(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
     if args.steps < 1:
         raise BadArgument(f"--steps must be at least 1, got {args.steps}")
+    if args.seed < 0:
+        raise BadArgument(f"--seed must be a non-negative integer, got {args.seed}")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and not (0 < value <= MAX_SIZE and value % 8 == 0):
             raise BadArgument(f"{flag} must be a positive multiple of 8 up to {MAX_SIZE}, got {value}")
@@ -190,6 +192,7 @@ def _check(args) -> None:
     if len(args.scale) not in (0, 1, len(args.ip_adapter)):
         raise BadArgument(f"give --scale once or once per adapter ({len(args.ip_adapter)}), got {len(args.scale)}")
     check_files([*args.image, *args.face_embeds, *args.control_image])
+    _check_inputs(args)
     if args.reference:
         reference = Path(args.reference)
         ref_family = families.of_folder(reference) if reference.is_dir() else None
@@ -201,17 +204,43 @@ def _check(args) -> None:
             check_writable(flag, Path(path))
 
 
+def _check_inputs(args) -> None:
+    """The inputs agree with the models and with each other; files are readable
+    (our readers: images, ID embeddings); what a requested component needs is there."""
+    from ipadapter_jax.io.files import read_npy
+    from ipadapter_jax.io.images import load_image
+
+    for path in [*args.image, *args.control_image]:
+        load_image(path)
+    for path in args.face_embeds:
+        if read_npy(path).ndim not in (1, 2):
+            raise BadArgument(f"--face-embeds {path}: expected [512] or [N, 512] ID embeddings")
+    if len(args.ip_adapter) > 1 and args.image and len(args.image) != len(args.ip_adapter) and not args.face_embeds:
+        raise BadArgument(f"with {len(args.ip_adapter)} adapters give one --image per adapter, got {len(args.image)}")
+    explicit = args.components != ",".join(GROUPS)
+    needs = {"controlnet": (args.controlnet, "--controlnet"), "unet_ip": (args.ip_adapter, "--ip-adapter"),
+             "image_proj": (args.ip_adapter, "--ip-adapter"), "image_encoder": (args.image_encoder, "--image-encoder")}
+    for group, (given, flag) in needs.items():
+        if explicit and group in args.groups and not given:
+            raise BadArgument(f"--components {group} needs {flag}: there is nothing to compare without it")
+    reference = args.reference or args.model
+    if Path(reference).is_file() and not args.model_config and not Path(args.model).is_dir():
+        raise BadArgument(f"the reference side loads the single file {reference} with diffusers' from_single_file, "
+                          "which needs its family's diffusers folder offline: give --model-config")
+
+
 def _reference_spec(args, family):
     from ipadapter_jax.convert.textual_inversion import read_embedding
     from ipadapter_jax.parity.reference import ReferenceSpec
 
     model = args.reference or args.model
     single = Path(model).is_file()
+    config = args.model_config or (args.model if Path(args.model).is_dir() else None)   # the folder of --model
     embeddings = []
     for spec in args.embedding:
         path, token = parse_embedding_spec(spec)
         embeddings.append((str(path), read_embedding(path, token).token))
-    return ReferenceSpec(model=model, family=family, model_config=args.model_config if single else None,
+    return ReferenceSpec(model=model, family=family, model_config=config if single else None,
                          vae=args.vae if single else None, image_encoder=args.image_encoder,
                          ip_adapters=list(args.ip_adapter),
                          loras=[(str(p), s) for p, s in map(parse_lora_spec, args.lora)],
@@ -274,7 +303,12 @@ def check(argv, prog: str = PROG) -> int:
     _read_inputs(args)
     family = args.family
     if family is None:   # a .ckpt: the family is known once ours has loaded it
-        family = _load_ours(args, "float32").family
+        from ipadapter_jax.parity.run import free
+
+        pipe = _load_ours(args, "float32")
+        family = pipe.family
+        del pipe
+        free()
     req = Request(prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
                   steps=args.steps, guidance=args.guidance, scheduler=args.scheduler, seed=args.seed,
                   scales=args.scale, images=args.image, face_embeds=args.face_embeds,
@@ -282,6 +316,9 @@ def check(argv, prog: str = PROG) -> int:
                   groups=args.groups, dtype=args.dtype, bound=args.bound)
     results, _ = compare(lambda: _load_reference(args, family), lambda d: _load_ours(args, d),
                          family, req, show_progress=not args.no_progress)
+    if not any(r.components or r.trajectory for r in results):
+        raise BadArgument(f"nothing was compared ({'; '.join(results[0].notes) or 'no component applies'}): "
+                          "check --components and the models given")
     print(report.markdown(results, args.bound))
     if args.json:
         run_info = {"model": args.model, "reference": args.reference or args.model, "family": family.name,

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.models import layers
+from ipadapter_jax.models.unet import timestep_embedding
 from ipadapter_jax.parity.capture import Captured, nhwc
 from ipadapter_jax.parity.names import get_submodule, unet_block_names, vae_block_names
 
@@ -95,7 +96,11 @@ def run_captured(module, c: Captured, env: BlockInputs) -> list[np.ndarray]:
         result = [module(x, _size(_arg(c, 1, "output_size")))]
     elif kind == "CLIPEncoderLayer":
         result = [module(x, env.clip_mask)]
-    elif kind in ("TimestepEmbedding", "Downsample2D", "DownEncoderBlock2D", "UpDecoderBlock2D", "Attention",
+    elif kind == "CLIPTextEmbeddings":
+        result = [module(jnp.asarray(_arg(c, 0, "input_ids"), jnp.int32))]
+    elif kind == "CLIPVisionEmbeddings":
+        result = [module(_map(_arg(c, 0, "pixel_values"), d))]
+    elif kind in ("GroupNorm", "TimestepEmbedding", "Downsample2D", "DownEncoderBlock2D", "UpDecoderBlock2D", "Attention",
                   "ControlNetConditioningEmbedding", "LayerNorm", "Linear", "Conv2d"):
         result = [module(x)]   # one input, positional on the reference side
     else:
@@ -136,7 +141,13 @@ def unet_block_outputs(unet, sample, timesteps, conditioning, *, jit: bool = Fal
     sample = sample.astype(unet.dtype)
     context = jnp.asarray(cond.encoder_hidden_states).astype(unet.dtype)
     out = {}
-    emb = out["time_embedding"] = unet.time_conditioning(timesteps, sample.shape[0], cond.added_cond)
+    t = jnp.broadcast_to(jnp.asarray(timesteps), (sample.shape[0],))   # as UNet2DConditionModel.time_conditioning
+    t_emb = timestep_embedding(t, cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos,
+                               downscale_freq_shift=cfg.freq_shift)
+    emb = out["time_embedding"] = unet.time_embedding(t_emb.astype(unet.dtype))
+    if unet.add_embedding is not None:
+        added = out["add_embedding"] = unet.added_embedding(unet.check_added_cond(cond.added_cond, sample.shape[0]))
+        emb = emb + added
     x = out["conv_in"] = unet.conv_in(sample)
     skips = [x]
     for i, block in enumerate(unet.down_blocks):
@@ -155,8 +166,8 @@ def unet_block_outputs(unet, sample, timesteps, conditioning, *, jit: bool = Fal
         block_skips, skips = skips[-n_res:], skips[:-n_res]
         size = skips[-1].shape[1:3] if skips and block.upsamplers is not None else None
         x = out[f"up_blocks.{i}"] = block(x, list(block_skips), emb, context, ip, upsample_size=size)
-    x = unet.conv_out(layers.activation(cfg.act_fn)(unet.conv_norm_out(x)))
-    out["conv_out"] = x.astype(jnp.float32)
+    x = out["conv_norm_out"] = unet.conv_norm_out(x)
+    out["conv_out"] = unet.conv_out(layers.activation(cfg.act_fn)(x)).astype(jnp.float32)
     return out
 
 
@@ -173,7 +184,8 @@ def vae_block_outputs(vae, part: str, inputs) -> dict:
         for i, block in enumerate(enc.down_blocks):
             x = out[f"encoder.down_blocks.{i}"] = block(x)
         x = out["encoder.mid_block"] = enc.mid_block(x)
-        x = out["encoder.conv_out"] = enc.conv_out(enc.act(enc.conv_norm_out(x)))
+        x = out["encoder.conv_norm_out"] = enc.conv_norm_out(x)
+        x = out["encoder.conv_out"] = enc.conv_out(enc.act(x))
         if vae.quant_conv is not None:
             out["quant_conv"] = vae.quant_conv(x)
         return out
@@ -184,5 +196,6 @@ def vae_block_outputs(vae, part: str, inputs) -> dict:
     x = out["decoder.mid_block"] = dec.mid_block(x)
     for i, block in enumerate(dec.up_blocks):
         x = out[f"decoder.up_blocks.{i}"] = block(x)
-    out["decoder.conv_out"] = dec.conv_out(dec.act(dec.conv_norm_out(x)))
+    x = out["decoder.conv_norm_out"] = dec.conv_norm_out(x)
+    out["decoder.conv_out"] = dec.conv_out(dec.act(x))
     return out

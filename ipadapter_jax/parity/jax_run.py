@@ -13,6 +13,7 @@ from ipadapter_jax.models import UNetConditioning
 from ipadapter_jax.parity.blocks import BlockInputs, run_captured, submodule
 from ipadapter_jax.parity.metrics import Figure, figure
 from ipadapter_jax.parity.reference_run import Row
+from ipadapter_jax.pipeline.jitted import JittedModule
 
 
 def _np(x) -> np.ndarray:
@@ -65,9 +66,11 @@ def controlnet_outputs(net, row: Row) -> list:
 
 
 def vae_outputs(vae, rows: dict) -> dict[str, list]:
-    dist = vae.encode(jnp.asarray(rows["vae.encoder"].inputs["images"]))
-    return {"vae.encoder": [_np(dist.mean), _np(dist.logvar)],
-            "vae.decoder": [_np(vae.decode(jnp.asarray(rows["vae.decoder"].inputs["latents"])))]}
+    """The VAE through jit: at full resolution its eager activations alone can
+    pass the memory a full-size pipeline leaves."""
+    dist = JittedModule(vae, "encode")(jnp.asarray(rows["vae.encoder"].inputs["images"]))
+    decoded = JittedModule(vae, "decode")(jnp.asarray(rows["vae.decoder"].inputs["latents"]))
+    return {"vae.encoder": [_np(dist.mean), _np(dist.logvar)], "vae.decoder": [_np(decoded)]}
 
 
 def trajectory(pipe, call: dict, noise: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:

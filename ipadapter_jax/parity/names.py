@@ -56,18 +56,26 @@ def _is_block(name: str) -> bool:
 
 def unet_block_names(unet, depth: int = 1) -> list[str]:
     """The UNet's blocks in forward order (depth 2: their resnets, attentions
-    and samplers); ``conv_out`` is the prediction (after ``conv_norm_out``)."""
-    names = ["time_embedding", "conv_in"] + [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
+    and samplers): every part with weights, so a changed weight anywhere is
+    named. ``time_embedding`` is the timestep's part of ``emb`` (SDXL adds
+    ``add_embedding``); ``conv_out`` is the prediction."""
+    names = ["time_embedding", *_present(unet, "add_embedding"), "conv_in"]
+    names += [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
     if unet.mid_block is not None:
         names.append("mid_block")
-    names += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))] + ["conv_out"]
-    return _expand(unet, names, depth, _is_block)
+    names += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    return _expand(unet, names + [*_present(unet, "conv_norm_out"), "conv_out"], depth, _is_block)
+
+
+def _present(module, *names: str) -> list[str]:
+    """The names among ``names`` that ``module`` has (not None): optional parts."""
+    return [name for name in names if getattr(module, name, None) is not None]
 
 
 def controlnet_block_names(net, depth: int = 1) -> list[str]:
     """A ControlNet's blocks in forward order: the conditioning embedding, the
     down and mid blocks, then the zero convolutions of each residual."""
-    names = ["time_embedding", "conv_in", "controlnet_cond_embedding"]
+    names = ["time_embedding", *_present(net, "add_embedding"), "conv_in", "controlnet_cond_embedding"]
     names += [f"down_blocks.{i}" for i in range(len(net.down_blocks))] + ["mid_block"]
     names += [f"controlnet_down_blocks.{i}" for i in range(len(net.controlnet_down_blocks))]
     return _expand(net, names + ["controlnet_mid_block"], depth, _is_block)
@@ -79,13 +87,14 @@ def vae_block_names(vae, part: str, depth: int = 1) -> list[str]:
     if part == "encoder":
         enc = vae.encoder
         names = ["encoder.conv_in"] + [f"encoder.down_blocks.{i}" for i in range(len(enc.down_blocks))]
-        names += ["encoder.mid_block", "encoder.conv_out"]
+        names += ["encoder.mid_block", "encoder.conv_norm_out", "encoder.conv_out"]
         names += ["quant_conv"] if getattr(vae, "quant_conv", None) is not None else []
     elif part == "decoder":
         dec = vae.decoder
         names = ["post_quant_conv"] if getattr(vae, "post_quant_conv", None) is not None else []
         names += ["decoder.conv_in", "decoder.mid_block"]
-        names += [f"decoder.up_blocks.{i}" for i in range(len(dec.up_blocks))] + ["decoder.conv_out"]
+        names += [f"decoder.up_blocks.{i}" for i in range(len(dec.up_blocks))]
+        names += ["decoder.conv_norm_out", "decoder.conv_out"]
     else:
         raise ValueError(f"part must be 'encoder' or 'decoder', got {part!r}")
     return _expand(vae, names, depth, _is_block)
@@ -99,10 +108,10 @@ def clip_block_names(model, depth: int = 1) -> list[str]:
     if hasattr(model, "text_model") or hasattr(model, "final_layer_norm"):
         tower = "text_model." if hasattr(model, "text_model") else ""
         text = model.text_model if tower else model
-        names = [f"{tower}encoder.layers.{i}" for i in range(len(text.encoder.layers))]
+        names = [f"{tower}embeddings"] + [f"{tower}encoder.layers.{i}" for i in range(len(text.encoder.layers))]
         return names + [f"{tower}final_layer_norm"]
     tower = "vision_model"
-    names = [f"{tower}.pre_layrnorm"] + [f"{tower}.encoder.layers.{i}"
+    names = [f"{tower}.embeddings", f"{tower}.pre_layrnorm"] + [f"{tower}.encoder.layers.{i}"
                                          for i in range(len(model.vision_model.encoder.layers))]
     return names + [f"{tower}.post_layernorm"] + (["visual_projection"] if hasattr(model, "visual_projection")
                                                   else [])

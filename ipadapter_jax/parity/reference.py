@@ -8,25 +8,16 @@ extra)."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Sequence
 
-from ipadapter_jax.io.errors import BadArgument, MissingFile
+from ipadapter_jax.io.errors import BadArgument
 
 # Our scheduler names -> diffusers classes (and their options).
 SCHEDULERS = {"ddim": ("DDIMScheduler", {}), "pndm": ("PNDMScheduler", {}),
               "euler": ("EulerDiscreteScheduler", {}), "euler-a": ("EulerAncestralDiscreteScheduler", {}),
               "dpm++2m": ("DPMSolverMultistepScheduler", {}),
               "dpm++2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})}
-EXTRA = "pip install 'ipadapter-jax[torch]'"
-
-
-def require_reference_stack() -> None:
-    """torch, diffusers and transformers importable, or one clear error naming the extra."""
-    missing = [name for name in ("torch", "diffusers", "transformers") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise MissingFile(f"the parity check's reference side needs {', '.join(missing)}: {EXTRA}")
 
 
 @dataclasses.dataclass
@@ -80,7 +71,7 @@ def load_reference(spec: ReferenceSpec):
     cls = _pipeline_class(spec.family, bool(controlnets))
     extra = {"controlnet": controlnets if len(controlnets) > 1 else controlnets[0]} if controlnets else {}
     model = Path(spec.model)
-    common = dict(dtype=torch.float32, **extra)
+    common = dict(extra)
     if model.is_dir():
         index = (model / "model_index.json").read_text() if (model / "model_index.json").is_file() else ""
         if "safety_checker" in index:
@@ -95,6 +86,9 @@ def load_reference(spec: ReferenceSpec):
                              else AutoencoderKL.from_single_file(str(vae_path)))
         if "StableDiffusionXL" not in cls.__name__:
             common.update(safety_checker=None, requires_safety_checker=False)
+        if spec.model_config is None:
+            raise BadArgument(f"the reference side loads the single file {model} with diffusers' from_single_file, "
+                              "which needs its family's diffusers folder offline: give --model-config")
         pipe = cls.from_single_file(str(model), config=spec.model_config, local_files_only=True, **common)
     _scheduler(pipe, spec.scheduler)
     if spec.ip_adapters:
@@ -104,9 +98,9 @@ def load_reference(spec: ReferenceSpec):
         pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{i}"])
     for path, token in spec.embeddings:
         _embedding(pipe, path, token)
-    for module in pipe.components.values():
+    for module in pipe.components.values():   # float32 whatever the files or configs say (fp16 files upcast)
         if isinstance(module, torch.nn.Module):
-            module.eval()
+            module.float().eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -130,7 +124,10 @@ def _scheduler(pipe, name: str) -> None:
 
 def _ip_adapters(pipe, spec: ReferenceSpec) -> None:
     from transformers import CLIPVisionModelWithProjection
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    try:   # transformers 5: the PIL processor; 4.x: the one processor
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
 
     paths = [Path(p) for p in spec.ip_adapters]
     pipe.load_ip_adapter([str(p.parent) for p in paths], subfolder=[""] * len(paths),
@@ -138,7 +135,7 @@ def _ip_adapters(pipe, spec: ReferenceSpec) -> None:
     if spec.image_encoder:
         encoder = CLIPVisionModelWithProjection.from_pretrained(spec.image_encoder).eval()
         size = encoder.config.image_size   # the encoder's own resolution, as our preprocessing takes it
-        pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessorPil(
+        pipe.register_modules(image_encoder=encoder, feature_extractor=Processor(
             size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
 
 

@@ -39,7 +39,7 @@ def _run(module, names, fn):
     return out, dict((n, captured[n]) for n in names if n in captured)
 
 
-def text_rows(pipe, prompt: str, depth: int, progress) -> dict[str, Row]:
+def text_rows(pipe, prompt: str, depth: int) -> dict[str, Row]:
     """Each text encoder on the prompt's token ids: [last hidden state,
     penultimate hidden state] and the pooled output as a row of its own."""
     rows = {}
@@ -47,7 +47,8 @@ def text_rows(pipe, prompt: str, depth: int, progress) -> dict[str, Row]:
         encoder, tokenizer = getattr(pipe, slot, None), getattr(pipe, slot.replace("text_encoder", "tokenizer"), None)
         if encoder is None:
             continue
-        ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        text = pipe.maybe_convert_prompt(prompt, tokenizer) if hasattr(pipe, "maybe_convert_prompt") else prompt
+        ids = tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         names = block_names.clip_block_names(encoder, depth)
         out, blocks = _run(encoder, names, lambda: encoder(ids, output_hidden_states=True))
@@ -56,7 +57,6 @@ def text_rows(pipe, prompt: str, depth: int, progress) -> dict[str, Row]:
         inputs = {"ids": ids.numpy()}
         rows[slot] = Row(flat_outputs((out.last_hidden_state, out.hidden_states[-2])), blocks, inputs)
         rows[f"{slot}.pooled"] = Row(flat_outputs(pooled), {}, inputs)
-        progress(slot)
     return rows
 
 

@@ -25,7 +25,8 @@ def markdown(results: Sequence[Result], bound: float | None = None) -> str:
     its own bound (in the column header)."""
     bounds = [bounds_for(r.dtype, bound) for r in results]
     head = " | ".join(f"{r.dtype} rel (<= {b['component']:g}) | max abs" for r, b in zip(results, bounds))
-    lines = [f"| component | {head} | first block past the bound (<= {bounds[0]['block']:g}) |",
+    block_bounds = ", ".join(f"{r.dtype} {b['block']:g}" for r, b in zip(results, bounds))
+    lines = [f"| component | {head} | first block past the bound ({block_bounds}) |",
              "|---|" + "---|" * (2 * len(results) + 1)]
     for k, (comp, _) in enumerate(results[-1].components):
         cells, firsts = [], []
@@ -45,8 +46,9 @@ def markdown(results: Sequence[Result], bound: float | None = None) -> str:
             lines.append(f"| {step.name} | " + " | ".join(
                 f"{_fmt(r.trajectory[k].rel)} {_mark(r.trajectory[k], b['step'])}" for r, b in zip(results, bounds))
                 + " |")
-        lines.append("| image, max abs | " + " | ".join(
-            f"{_fmt(r.image.max_abs)} (<= {b['image_max_abs']:g})" for r, b in zip(results, bounds)) + " |")
+        lines.append("| image: rel, max abs | " + " | ".join(
+            f"{_fmt(r.image.rel)}, {_fmt(r.image.max_abs)} (<= {b['image_max_abs']:g})"
+            for r, b in zip(results, bounds)) + " |")
         out += "\n\n" + "\n".join(lines)
     for note in results[-1].notes:
         out += f"\n\nnote: {note}"
@@ -76,7 +78,8 @@ def _version(name: str) -> str | None:
 
 
 def machine() -> dict:
-    """The CPU (model name from /proc/cpuinfo where there is one), the cores and the platform."""
+    """The CPU (model name from /proc/cpuinfo where there is one), the cores, the
+    platform, and JAX's backend, device and matmul precision."""
     import os
 
     cpu = platform.processor() or platform.machine()
@@ -85,8 +88,15 @@ def machine() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version()}
+    out = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:   # where our side ran (a report from a GPU says so)
+        import jax
+
+        out.update(jax_backend=jax.default_backend(), jax_device=jax.devices()[0].device_kind,
+                   jax_matmul_precision=str(jax.config.jax_default_matmul_precision))
+    except Exception:   # noqa: BLE001  the report is written whatever JAX says
+        pass
+    return out
 
 
 def to_json(results: Sequence[Result], *, bound: float | None, run: dict) -> dict:

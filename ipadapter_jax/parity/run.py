@@ -15,6 +15,8 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import gc
+import tempfile
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +24,7 @@ import numpy as np
 from ipadapter_jax import ip_adapter
 from ipadapter_jax.families.text import added_conditioning, time_ids
 from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.io.files import read_npy
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.parity import jax_run as ours
 from ipadapter_jax.parity import reference_run as ref
@@ -90,14 +93,15 @@ def _images_per_adapter(req: Request, kinds: list[str]) -> list[list[str]]:
 
 
 def _load_pil(path: str):
-    from PIL import Image
+    """An image as a diffusers user loads it (``diffusers.utils.load_image``: EXIF rotation, RGB)."""
+    from diffusers.utils import load_image
 
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    return load_image(str(path))
 
 
-def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) -> dict:
-    """Every reference figure source, as numpy: {"rows": {name: Row}, "trajectory": ..., "call": ...}."""
+def reference_pass(pipe, req: Request, family, progress: Callable[[str, dict], None]) -> dict:
+    """Every reference figure source, as numpy: {"rows": {name: Row}, "trajectory": ..., "call": ...};
+    ``progress(part, rows)`` after each part."""
 
     rng = np.random.default_rng(req.seed)
     scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
@@ -108,7 +112,8 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) 
     rows = out["rows"]
     groups = set(req.groups)
     if "text" in groups:
-        rows.update(ref.text_rows(pipe, req.prompt, req.depth, progress))
+        rows.update(ref.text_rows(pipe, req.prompt, req.depth))
+        progress("text", rows)
 
     # Image encoder and projections: the reference embeddings feed both sides' projections and UNets.
     n_adapters = len(pipe.unet.encoder_hid_proj.image_projection_layers) if getattr(
@@ -119,19 +124,19 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) 
     encoded = None
     if encoder is not None and (req.images or n_adapters):
         size = encoder.config.image_size
-        pixels = (preprocess([_load_pil(p) for p in req.images][:1], size, size) if req.images
+        pixels = (preprocess(list(req.images[:1]), size, size) if req.images
                   else rng.standard_normal((1, size, size, 3)).astype(np.float32))
         encoded = ref.image_encoder_row(pipe, pixels, req.depth)
         if "image_encoder" in groups:
             rows["image_encoder"] = encoded
-        progress("image_encoder")
+        progress("image_encoder", rows)
     faces = iter(req.face_embeds)
     embeds = []
     for i, kind in enumerate(kinds):
         if kind == "face_id":
             face = next(faces, None)
             width = ref.projection_input_width(pipe, i)
-            e = (np.load(face).astype(np.float32).reshape(-1, width)[:1] if face is not None
+            e = (read_npy(face).astype(np.float32).reshape(-1, width)[:1] if face is not None
                  else rng.standard_normal((1, width)).astype(np.float32))
         elif kind and encoded is not None:
             e = encoded.outputs[0 if kind == "image_embeds" else 1]
@@ -142,7 +147,7 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) 
         embeds.append(e)
         if e is not None and "image_proj" in groups:
             rows[f"image_proj.{i}"] = ref.projection_row(pipe, i, e)
-    progress("image_proj")
+    progress("image_proj", rows)
 
     # UNet inputs: seeded latents, the pipeline's own text conditioning, SDXL's added conditioning.
     context, pooled = ref.conditioning(pipe, req.prompt)
@@ -151,26 +156,28 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str], None]) 
                "t": np.array([TIMESTEP]), "context": context, "added": added,
                "embed_shapes": [np.shape(e)[1:] if e is not None else (1,) for e in embeds]}
     comparable = n_adapters and all(e is not None for e in embeds)
+    if n_adapters and not comparable and {"unet", "unet_ip"} & groups:
+        out["notes"].append("unet, unet+ip: not compared (an adapter's projection input is not built here)")
     if "unet" in groups and (comparable or not n_adapters):
         rows["unet"] = ref.unet_row(pipe, unet_in, req.depth, None)
-        progress("unet")
+        progress("unet", rows)
     if n_adapters and "unet_ip" in groups and comparable:
         pipe.set_ip_adapter_scale(_scales(req, n_adapters))
         rows["unet+ip"] = ref.unet_row(pipe, dict(unet_in, embeds=embeds, scales=_scales(req, n_adapters)),
                                        req.depth, embeds)
-        progress("unet+ip")
+        progress("unet+ip", rows)
     if "controlnet" in groups:
         control = [load_control_image(p, h, w) for p in req.control_images]
         rows.update(ref.controlnet_rows(pipe, unet_in, control, req.depth))
-        progress("controlnet")
+        progress("controlnet", rows)
     if "vae" in groups:
         images = rng.uniform(-1, 1, (1, h, w, 3)).astype(np.float32)
         latents = rng.standard_normal((1, lh, lw, pipe.vae.config.latent_channels)).astype(np.float32)
         rows.update(ref.vae_rows(pipe, images, latents, req.depth))
-        progress("vae")
+        progress("vae", rows)
     if "trajectory" in groups:
         out.update(_reference_trajectory(pipe, req, kinds, per_adapter, (h, w), rng, out["notes"]))
-        progress("trajectory")
+        progress("trajectory", rows)
     return out
 
 
@@ -182,6 +189,9 @@ def _reference_trajectory(pipe, req, kinds, per_adapter, size, rng, notes) -> di
     if any(k != "image_embeds" and k != "hidden_states" for k in kinds):
         notes.append("trajectory: not compared with FaceID adapters (their ID embeddings go in as "
                      "ip_adapter_image_embeds, which the parity run does not build)")
+        return {}
+    if any(not images for images in per_adapter):
+        notes.append("trajectory: not compared (give each adapter its reference image with --image)")
         return {}
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     noise = rng.standard_normal((1, h // factor, w // factor, pipe.unet.config.in_channels)).astype(np.float32)
@@ -291,13 +301,25 @@ def compare(load_reference: Callable[[], object], load_ours: Callable[[str], obj
     from tqdm.auto import tqdm
 
     check_request(req)
-    pipe = load_reference()
-    with tqdm(total=len(req.groups), desc="reference", unit="part", leave=False,
-              disable=not show_progress) as bar:
-        reference = reference_pass(pipe, req, family, lambda name: bar.set_postfix_str(name) or bar.update(0))
-        bar.update(len(req.groups))
-    del pipe
-    free()
+    with tempfile.TemporaryDirectory(prefix="ipadapter-parity-") as folder:
+        pipe = load_reference()
+        with tqdm(total=len(req.groups), desc="reference", unit="part", leave=False,
+                  disable=not show_progress) as bar:
+            def progress(name: str, rows: dict) -> None:
+                spill(rows, Path(folder))   # each component's captures leave memory as it finishes
+                bar.set_postfix_str(name)
+
+            reference = reference_pass(pipe, req, family, progress)
+            bar.update(len(req.groups))
+        del pipe
+        free()
+        results = _our_passes(load_ours, reference, req, show_progress)
+        del reference["rows"]   # the memory maps, before their folder goes
+        free()
+    return results, reference
+
+
+def _our_passes(load_ours, reference: dict, req: Request, show_progress: bool) -> list[Result]:
     results = []
     for dtype in ("float32", "bfloat16") if req.dtype == "bfloat16" else ("float32",):
         ours = load_ours(dtype)
@@ -305,7 +327,37 @@ def compare(load_reference: Callable[[], object], load_ours: Callable[[str], obj
         results.append(jax_pass(ours, reference, req, dtype, show_progress))
         del ours
         free()
-    return results, reference
+    return results
+
+
+SPILL_BYTES = 1 << 20
+
+
+def spill(rows: dict, folder: Path) -> None:
+    """Move the large arrays of ``rows`` (captured block inputs and outputs,
+    component inputs and outputs) to .npy files in ``folder`` and map them
+    back read-only: their pages are then the kernel's to drop and reread, not
+    memory the next component (or our pass) competes with. Rows already
+    spilled are left alone."""
+    def out(x):
+        if isinstance(x, np.ndarray) and not isinstance(x, np.memmap) and x.nbytes >= SPILL_BYTES:
+            path = folder / f"{len(list(folder.iterdir()))}.npy"
+            np.save(path, x)
+            return np.load(path, mmap_mode="r")
+        if isinstance(x, tuple):
+            return tuple(out(v) for v in x)
+        if isinstance(x, list):
+            return [out(v) for v in x]
+        if isinstance(x, dict):
+            return {k: out(v) for k, v in x.items()}
+        return x
+
+    for row in rows.values():
+        row.outputs, row.inputs = out(row.outputs), out(row.inputs)
+        for captured in row.blocks.values():
+            captured.args, captured.kwargs, captured.output = (out(captured.args), out(captured.kwargs),
+                                                               out(captured.output))
+    free()
 
 
 def free() -> None:
