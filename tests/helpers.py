@@ -72,9 +72,9 @@ def assert_same_weights_file(a, b) -> None:
 
 # --------------------------------------------------------------------------- comparisons
 #
-# The error metrics, block names, captured reference blocks and block-by-block runs are the parity
+# The error metrics, block names, captured reference blocks and our blocks run on their inputs are the parity
 # toolkit's (ipadapter_jax.parity): the tests and `ipadapter-parity` share one comparison code path.
-from ipadapter_jax.parity.blocks import unet_block_outputs, vae_block_outputs  # noqa: E402,F401
-from ipadapter_jax.parity.capture import block_outputs_torch, capture_torch_blocks  # noqa: E402,F401
-from ipadapter_jax.parity.metrics import block_errors, first_divergence, max_abs, rel_err  # noqa: E402,F401
+from ipadapter_jax.parity.blocks import BlockInputs, block_figures  # noqa: E402,F401
+from ipadapter_jax.parity.capture import capture  # noqa: E402,F401
+from ipadapter_jax.parity.metrics import describe, first_over, max_abs, rel_err  # noqa: E402,F401
 from ipadapter_jax.parity.names import unet_block_names, vae_block_names  # noqa: E402,F401

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_same_weights_file, capture_torch_blocks, first_divergence, nchw, nhwc, rel_err,
-                     unet_block_names, unet_block_outputs)
+from helpers import (assert_same_weights_file, block_figures, capture, describe, first_over, nchw, nhwc, rel_err,
+                     unet_block_names)
 from ipadapter_jax.models import UNet2DConditionModel
 from ipadapter_jax.models.conditioning import UNetConditioning
 
@@ -46,9 +46,9 @@ def reference_unet(tmp_path, config: dict):
 
 
 def compare(torch_model, jax_model, shape, seq=7, timesteps=(3, 917)):
-    """(rel err of the prediction, where): ``where(bound)`` runs the JAX UNet
-    block by block and names the first block that differs from diffusers' by
-    more than ``bound`` (evaluated only when an assertion fails)."""
+    """(rel err of the prediction, where): ``where(bound)`` runs each block of
+    the JAX UNet on the inputs diffusers' block received and names the first
+    that differs by more than ``bound`` (evaluated only when an assertion fails)."""
     rng = np.random.default_rng(0)
     sample = rng.standard_normal(shape, dtype=np.float32)
     context = rng.standard_normal((shape[0], seq, jax_model.config.per_block("cross_attention_dim")[0]),
@@ -65,11 +65,10 @@ def compare_inputs(torch_model, jax_model, sample, t, context, down_residuals=No
                       mid_block_additional_residual=nchw(mid_residual))
         conditioning = UNetConditioning(encoder_hidden_states=context, down_block_residuals=tuple(down_residuals),
                                         mid_block_residual=mid_residual)
-    with torch.no_grad(), capture_torch_blocks(torch_model, unet_block_names(torch_model)) as torch_blocks:
+    with torch.no_grad(), capture(torch_model, unet_block_names(torch_model)) as torch_blocks:
         expected = nhwc(torch_model(nchw(sample), torch.as_tensor(t), torch.from_numpy(context), **kwargs).sample)
     err = rel_err(jax_model(sample, t, conditioning), expected)
-    return err, lambda bound: first_divergence(unet_block_outputs(jax_model, sample, t, conditioning),
-                                               torch_blocks, bound)
+    return err, lambda bound: describe(block_figures(jax_model, torch_blocks), bound)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -162,10 +161,10 @@ def test_unet_controlnet_residuals(tmp_path):
     assert rel_err(model(sample, np.array([3, 917]), context), with_residuals) > 1e-2
 
 
-def test_block_outputs_locate_a_divergence(tmp_path):
-    """The per-block diagnosis the parity tests print: the block-by-block run
-    (eager and jitted) reproduces the model's output, every block matches
-    diffusers, and a perturbed block is named as the first divergence."""
+def test_block_figures_locate_a_divergence(tmp_path):
+    """The per-block diagnosis the parity tests print (and ipadapter-parity
+    reports): every block, fed diffusers' block input, matches diffusers'
+    output; a perturbed block is named, and only that one."""
     torch_model, folder = reference_unet(tmp_path, CONFIGS["sd15_like"])
     model = UNet2DConditionModel.from_pretrained(folder)
     rng = np.random.default_rng(5)
@@ -173,16 +172,15 @@ def test_block_outputs_locate_a_divergence(tmp_path):
     context = rng.standard_normal((2, 7, 24), dtype=np.float32)
     t = np.array([3, 917])
     names = unet_block_names(torch_model)
-    with torch.no_grad(), capture_torch_blocks(torch_model, names) as torch_blocks:
+    with torch.no_grad(), capture(torch_model, names) as torch_blocks:
         torch_model(nchw(sample), torch.from_numpy(t), torch.from_numpy(context))
-    assert list(torch_blocks) == names
-    for jit in (False, True):
-        blocks = unet_block_outputs(model, sample, t, context, jit=jit)
-        assert list(blocks) == names
-        assert rel_err(blocks["conv_out"], model(sample, t, context)) <= 1e-6
-        assert first_divergence(blocks, torch_blocks, TOL).startswith("no block output differs")
+    assert list(torch_blocks) == names and "conv_norm_out" in names
+    figures = block_figures(model, torch_blocks)
+    assert [f.name for f in figures] == names
+    assert first_over(figures, TOL) is None, describe(figures, TOL)
 
     bias = model.down_blocks[1].resnets[0].conv2.bias
     bias[...] = bias[...] + 0.5
-    message = first_divergence(unet_block_outputs(model, sample, t, context), torch_blocks, TOL)
-    assert message.startswith("first divergence at down_blocks.1 (rel err"), message
+    figures = block_figures(model, torch_blocks)
+    assert [f.name for f in figures if f.over(TOL)] == ["down_blocks.1"], describe(figures, TOL)
+    assert describe(figures, TOL).startswith("first block past 1e-05: down_blocks.1 (rel")

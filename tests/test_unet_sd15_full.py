@@ -11,8 +11,7 @@ import pytest
 import torch
 from flax import nnx
 
-from helpers import (capture_torch_blocks, first_divergence, nchw, nhwc, rel_err, unet_block_names,
-                     unet_block_outputs)
+from helpers import block_figures, capture, describe, nchw, nhwc, rel_err, unet_block_names
 from ipadapter_jax.models import UNet2DConditionModel
 
 SD15_UNET_CONFIG = dict(
@@ -36,9 +35,9 @@ def test_sd15_unet_full_architecture(tmp_path):
     sample = rng.standard_normal((1, 32, 32, 4), dtype=np.float32)
     context = rng.standard_normal((1, 77, 768), dtype=np.float32)
     t = np.array([601])
-    # Block outputs (a few MB at 32x32 latents) are kept as numpy copies; the
-    # torch model goes before the JAX one is built.
-    with torch.no_grad(), capture_torch_blocks(torch_model, unet_block_names(torch_model)) as torch_blocks:
+    # Block inputs and outputs (a few MB at 32x32 latents) are kept as numpy
+    # copies; the torch model goes before the JAX one is built.
+    with torch.no_grad(), capture(torch_model, unet_block_names(torch_model)) as torch_blocks:
         expected = nhwc(torch_model(nchw(sample), torch.from_numpy(t), torch.from_numpy(context)).sample)
     del torch_model
     gc.collect()
@@ -49,6 +48,5 @@ def test_sd15_unet_full_architecture(tmp_path):
     graphdef, state = nnx.split(model)
     forward = jax.jit(lambda s, x, t, c: nnx.merge(graphdef, s)(x, t, c))
     actual = forward(state, sample, t, context)
-    # On failure only: run the JAX UNet block by block (jitted) to name the first divergence.
-    assert rel_err(actual, expected) <= 1e-4, \
-        first_divergence(unet_block_outputs(model, sample, t, context, jit=True), torch_blocks, 1e-4)
+    # On failure only: each JAX block on diffusers' block inputs, to name the first divergence.
+    assert rel_err(actual, expected) <= 1e-4, describe(block_figures(model, torch_blocks), 1e-4)

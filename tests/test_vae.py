@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import (assert_same_weights_file, capture_torch_blocks, first_divergence, nchw, nhwc, rel_err,
-                     vae_block_names, vae_block_outputs)
+from helpers import (assert_same_weights_file, block_figures, capture, describe, first_over, nchw, nhwc, rel_err,
+                     vae_block_names)
 from ipadapter_jax.models import AutoencoderKL
 
 TOL = 1e-5
@@ -32,12 +32,12 @@ def vae_pair(tmp_path_factory):
 def test_vae_encoder_parity(vae_pair, hw):
     torch_model, model, _ = vae_pair
     x = np.random.default_rng(0).uniform(-1, 1, (2, *hw, 3)).astype(np.float32)
-    with torch.no_grad(), capture_torch_blocks(torch_model, vae_block_names(torch_model, "encoder")) as blocks:
+    with torch.no_grad(), capture(torch_model, vae_block_names(torch_model, "encoder")) as blocks:
         dist = torch_model.encode(nchw(x)).latent_dist
     posterior = model.encode(x)
 
     def where():
-        return first_divergence(vae_block_outputs(model, "encoder", x), blocks, TOL)
+        return describe(block_figures(model, blocks), TOL)
 
     assert rel_err(posterior.mean, nhwc(dist.mean)) <= TOL, where()
     assert rel_err(posterior.logvar, nhwc(dist.logvar)) <= TOL, where()
@@ -58,10 +58,9 @@ def test_vae_decoder_parity(vae_pair, hw):
 def assert_decoder_parity(torch_model, model, z):
     """decode(z) within TOL of diffusers'; a failure names the first decoder
     block that differs."""
-    with torch.no_grad(), capture_torch_blocks(torch_model, vae_block_names(torch_model, "decoder")) as blocks:
+    with torch.no_grad(), capture(torch_model, vae_block_names(torch_model, "decoder")) as blocks:
         expected = nhwc(torch_model.decode(nchw(z)).sample)
-    assert rel_err(model.decode(z), expected) <= TOL, \
-        first_divergence(vae_block_outputs(model, "decoder", z), blocks, TOL)
+    assert rel_err(model.decode(z), expected) <= TOL, describe(block_figures(model, blocks), TOL)
 
 
 def test_vae_scaling_factor_from_config(vae_pair):
@@ -106,30 +105,25 @@ def test_vae_export_round_trip(vae_pair, tmp_path):
     assert_decoder_parity(reloaded, model, z)
 
 
-def test_vae_block_outputs_locate_a_divergence(vae_pair):
-    """The per-block diagnosis the parity tests print: the block-by-block run
-    reproduces encode / decode, every block matches diffusers, and a perturbed
-    block is named as the first divergence."""
+def test_vae_block_figures_locate_a_divergence(vae_pair):
+    """The per-block diagnosis the parity tests print (and ipadapter-parity
+    reports): every encoder and decoder block, fed diffusers' block input,
+    matches; a perturbed decoder block is named, and only that one."""
     torch_model, model, folder = vae_pair
     rng = np.random.default_rng(4)
     x = rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
     z = rng.standard_normal((1, 8, 8, 4)).astype(np.float32)
     names = vae_block_names(torch_model, "encoder") + vae_block_names(torch_model, "decoder")
-    with torch.no_grad(), capture_torch_blocks(torch_model, names) as torch_blocks:
+    with torch.no_grad(), capture(torch_model, names) as torch_blocks:
         torch_model.encode(nchw(x))
         torch_model.decode(nchw(z))
-    assert list(torch_blocks) == names
-    encoder = vae_block_outputs(model, "encoder", x)
-    decoder = vae_block_outputs(model, "decoder", z)
-    assert list(encoder) + list(decoder) == names
-    mean, logvar = np.split(np.asarray(encoder["quant_conv"]), 2, axis=-1)
-    assert rel_err(mean, model.encode(x).mean) <= 1e-6
-    assert rel_err(decoder["decoder.conv_out"], model.decode(z)) <= 1e-6
-    for blocks in (encoder, decoder):
-        assert first_divergence(blocks, torch_blocks, TOL).startswith("no block output differs")
+    assert list(torch_blocks) == names and "decoder.conv_norm_out" in names
+    figures = block_figures(model, torch_blocks)
+    assert [f.name for f in figures] == names
+    assert first_over(figures, TOL) is None, describe(figures, TOL)
 
     perturbed = AutoencoderKL.from_pretrained(folder)
     bias = perturbed.decoder.up_blocks[1].resnets[0].conv2.bias
     bias[...] = bias[...] + 0.5
-    message = first_divergence(vae_block_outputs(perturbed, "decoder", z), torch_blocks, TOL)
-    assert message.startswith("first divergence at decoder.up_blocks.1 (rel err"), message
+    figures = block_figures(perturbed, torch_blocks)
+    assert [f.name for f in figures if f.over(TOL)] == ["decoder.up_blocks.1"], describe(figures, TOL)

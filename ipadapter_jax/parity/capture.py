@@ -77,32 +77,3 @@ def capture(module, names, *, inputs: bool = True):
     finally:
         for handle in handles:
             handle.remove()
-
-
-@contextlib.contextmanager
-def capture_torch_blocks(module, names):
-    """The tests' form of ``capture``: yields ``{name: first output as NHWC
-    numpy}`` filled by the forward passes run inside the block."""
-    outputs: dict[str, np.ndarray] = {}
-
-    def hook(name):
-        def record(_module, _inputs, output):
-            outputs[name] = flat_outputs(output)[0]
-        return record
-
-    handles = [module.get_submodule(name).register_forward_hook(hook(name)) for name in names]
-    try:
-        yield outputs
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def block_outputs_torch(module, names, *inputs, **kwargs):
-    """``module(*inputs, **kwargs)`` under no_grad with the blocks ``names``
-    captured: returns (result, {name: NHWC numpy output})."""
-    import torch
-
-    with torch.no_grad(), capture_torch_blocks(module, names) as captured:
-        result = module(*inputs, **kwargs)
-    return result, captured

@@ -10,28 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.models import UNetConditioning
-from ipadapter_jax.parity.blocks import BlockInputs, run_captured, submodule
-from ipadapter_jax.parity.metrics import Figure, figure
+from ipadapter_jax.parity.blocks import block_figures
 from ipadapter_jax.parity.reference_run import Row
 from ipadapter_jax.pipeline.jitted import JittedModule
 
 
 def _np(x) -> np.ndarray:
     return np.asarray(jnp.asarray(x).astype(jnp.float32))
-
-
-def block_figures(root, row: Row, env: BlockInputs, on_block: Callable[[], None] = lambda: None) -> list[Figure]:
-    """Each captured block of ``row`` run on our ``root`` model's block of the
-    same name, fed the reference block's inputs."""
-    figures = []
-    for name, captured in row.blocks.items():
-        try:
-            ours = run_captured(submodule(root, name), captured, env)
-            figures.append(figure(name, ours, captured.output))
-        except (AttributeError, IndexError, TypeError, ValueError) as e:   # a block we cannot line up
-            figures.append(Figure(name, float("inf"), float("inf"), f"{type(e).__name__}: {e}"))
-        on_block()
-    return figures
 
 
 def text_outputs(encoder, row: Row) -> tuple[list, list]:

@@ -115,34 +115,13 @@ def first_over(figures: Sequence[Figure], bound: float) -> str | None:
     return next((f.name for f in figures if f.over(bound)), None)
 
 
-# ----------------------------------------------------------------- block dicts (the tests' diagnosis)
-
-def block_errors(jax_outputs: dict, torch_outputs: dict) -> dict[str, float]:
-    """{name: rel err} over the JAX blocks in order (inf on a shape mismatch,
-    nan where the reference has no output of that name)."""
-    errors = {}
-    for name, actual in jax_outputs.items():
-        expected = torch_outputs.get(name)
-        errors[name] = math.nan if expected is None else figure(name, actual, expected).rel
-    return errors
-
-
-def first_divergence(jax_outputs: dict, torch_outputs: dict, bound: float) -> str:
-    """A failure message naming the first block (in forward order) whose
-    output differs from the reference's by a relative error above ``bound``,
-    followed by every block's relative error."""
-    errors = block_errors(jax_outputs, torch_outputs)
-    first = next((name for name, err in errors.items() if not err <= bound), None)
+def describe(figures: Sequence[Figure], bound: float) -> str:
+    """A failure message: the first block (in forward order) past ``bound``
+    with its figure, then every block's relative error."""
+    first = first_over(figures, bound)
     if first is None:
-        head = (f"no block output differs by more than {bound:g}: the divergence comes after the last "
-                "captured block or only shows in the final output")
-    elif math.isnan(errors[first]):
-        head = f"first divergence at {first}: no torch output captured under that name"
-    elif math.isinf(errors[first]):
-        head = (f"first divergence at {first}: shape {tuple(np.shape(jax_outputs[first]))} "
-                f"(NHWC) vs torch {tuple(np.shape(torch_outputs[first]))}")
+        head = f"no block past {bound:g}: the error builds up over blocks that are each within it"
     else:
-        head = f"first divergence at {first} (rel err {errors[first]:.3e} > {bound:g})"
-    missing = [name for name in torch_outputs if name not in jax_outputs]
-    tail = f"; torch-only blocks: {missing}" if missing else ""
-    return head + "\nper-block rel err: " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()) + tail
+        fig = next(f for f in figures if f.name == first)
+        head = f"first block past {bound:g}: {first} (rel {fig.rel:.3e}{', ' + fig.note if fig.note else ''})"
+    return head + "\nper-block rel err: " + ", ".join(f"{f.name}={f.rel:.2e}" for f in figures)

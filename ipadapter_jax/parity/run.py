@@ -28,7 +28,7 @@ from ipadapter_jax.io.files import read_npy
 from ipadapter_jax.io.images import preprocess
 from ipadapter_jax.parity import jax_run as ours
 from ipadapter_jax.parity import reference_run as ref
-from ipadapter_jax.parity.blocks import BlockInputs
+from ipadapter_jax.parity.blocks import BlockInputs, block_figures
 from ipadapter_jax.pipeline import ImagePromptSpec
 from ipadapter_jax.pipeline.control import ControlNetSpec, load_control_image
 from ipadapter_jax.parity.metrics import Figure, bounds_for, figure, first_over
@@ -212,63 +212,84 @@ def _reference_trajectory(pipe, req, kinds, per_adapter, size, rng, notes) -> di
     return {"trajectory": steps, "image": image, "noise": noise, "call": ours, "per_adapter": per_adapter}
 
 
-def jax_pass(pipe, reference: dict, req: Request, dtype: str, show_progress: bool = True) -> Result:
-    """Our figures against the reference pass, for our pipeline ``pipe``
-    loaded in ``dtype``; a progress bar per component (its blocks)."""
+def jax_pass(load: Callable[[], object], reference: dict, req: Request, dtype: str,
+             show_progress: bool = True) -> Result:
+    """Our figures against the reference pass, for our pipeline ``load()``
+    builds in ``dtype``: the trajectory first (it needs the whole pipeline),
+    then the components, each model dropped once its last component is done
+    (a full-size SDXL pipeline and its VAE's activations do not fit 24 GB
+    together). A progress bar per component (its blocks)."""
     from tqdm.auto import tqdm
 
     import jax.numpy as jnp
 
-
     result = Result(dtype, notes=list(reference["notes"]))
     rows = reference["rows"]
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    pipe = load()
+    free()   # what loading left on the heap
+    if "trajectory" in reference:
+        result.trajectory, result.image = _jax_trajectory(pipe, reference, req)
+    parts = {"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None),
+             "image_encoder": pipe.image_encoder, "unet": pipe.unet, "vae": pipe.vae,
+             "controlnets": list(pipe.controlnets)}
     adapters = list(pipe.unet.ip_adapters)
+    del pipe
 
     def add(name, outputs, row, root, env):
         blocks = []
         if root is not None and row.blocks:
             with tqdm(total=len(row.blocks), desc=f"{dtype} {name}", unit="block", leave=False,
                       disable=not show_progress) as bar:
-                blocks = ours.block_figures(root, row, env, lambda: bar.update(1))
+                blocks = block_figures(root, row.blocks, env, lambda: (bar.update(1), free()))
         result.components.append((figure(name, outputs, row.outputs), blocks))
 
     for slot in ("text_encoder", "text_encoder_2"):
+        encoder = parts.pop(slot)
         if slot in rows:
-            encoder = getattr(pipe, slot)
             outputs, pooled = ours.text_outputs(encoder, rows[slot])
             env = BlockInputs(compute, clip_mask=ours.clip_mask(rows[slot].inputs["ids"]))
             add(slot, outputs, rows[slot], encoder, env)
             add(f"{slot}.pooled", pooled, rows[f"{slot}.pooled"], None, None)
+        del encoder
+        free()
+    encoder = parts.pop("image_encoder")
     if "image_encoder" in rows:
-        add("image_encoder", ours.image_encoder_outputs(pipe.image_encoder, rows["image_encoder"]),
-            rows["image_encoder"], pipe.image_encoder, BlockInputs(compute))
+        add("image_encoder", ours.image_encoder_outputs(encoder, rows["image_encoder"]),
+            rows["image_encoder"], encoder, BlockInputs(compute))
+    del encoder
+    free()
     for i, adapter in enumerate(adapters):
         row = rows.get(f"image_proj.{i}")
         if row is not None:
             add(f"image_proj.{i}", [np.asarray(adapter.project(row.inputs["embeds"]), np.float32)], row, None, None)
+    unet = parts.pop("unet")
     if "unet" in rows:
-        add("unet", ours.unet_outputs(pipe.unet, rows["unet"]), rows["unet"], pipe.unet,
+        add("unet", ours.unet_outputs(unet, rows["unet"]), rows["unet"], unet,
             BlockInputs(compute, ip=lambda tokens: ()))
+        free()
     if "unet+ip" in rows:
         row = rows["unet+ip"]
-        scales = [ip_adapter.layer_scales(pipe.unet, s) for s in row.inputs["scales"]]
+        scales = [ip_adapter.layer_scales(unet, s) for s in row.inputs["scales"]]
         prompts = tuple(ip_adapter.image_prompt(a, a.project(e)[:, None], s)
                         for a, e, s in zip(adapters, row.inputs["embeds"], scales))
         make_ip = lambda tokens: tuple(   # noqa: E731  the reference's image tokens, our scales
             (a, ip_adapter.image_prompt(a, jnp.asarray(t), s)) for a, t, s in zip(adapters, tokens, scales))
-        add("unet+ip", ours.unet_outputs(pipe.unet, row, prompts), row, pipe.unet, BlockInputs(compute, ip=make_ip))
-    for i, net in enumerate(pipe.controlnets):
+        add("unet+ip", ours.unet_outputs(unet, row, prompts), row, unet, BlockInputs(compute, ip=make_ip))
+    del unet, adapters
+    free()
+    for i, net in enumerate(parts.pop("controlnets")):
         row = rows.get(f"controlnet.{i}")
         if row is not None:
             add(f"controlnet.{i}", ours.controlnet_outputs(net, row), row, net, BlockInputs(compute))
+        del net
+        free()
+    vae = parts.pop("vae")
     if "vae.encoder" in rows:
-        outputs = ours.vae_outputs(pipe.vae, rows)
-        vae_dtype = pipe.vae.dtype
+        outputs = ours.vae_outputs(vae, rows)
+        free()
         for name in ("vae.encoder", "vae.decoder"):
-            add(name, outputs[name], rows[name], pipe.vae, BlockInputs(vae_dtype))
-    if "trajectory" in reference:
-        result.trajectory, result.image = _jax_trajectory(pipe, reference, req)
+            add(name, outputs[name], rows[name], vae, BlockInputs(vae.dtype))
     return result
 
 
@@ -322,10 +343,7 @@ def compare(load_reference: Callable[[], object], load_ours: Callable[[str], obj
 def _our_passes(load_ours, reference: dict, req: Request, show_progress: bool) -> list[Result]:
     results = []
     for dtype in ("float32", "bfloat16") if req.dtype == "bfloat16" else ("float32",):
-        ours = load_ours(dtype)
-        free()   # what loading left on the heap
-        results.append(jax_pass(ours, reference, req, dtype, show_progress))
-        del ours
+        results.append(jax_pass(lambda: load_ours(dtype), reference, req, dtype, show_progress))
         free()
     return results
 
