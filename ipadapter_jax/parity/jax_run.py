@@ -58,10 +58,15 @@ def vae_outputs(vae, rows: dict) -> dict[str, list]:
     return {"vae.encoder": [_np(dist.mean), _np(dist.logvar)], "vae.decoder": [_np(decoded)]}
 
 
-def trajectory(pipe, call: dict, noise: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Our sampling loop from ``noise``, one step per call: (latents after
-    every scheduler step, decoded image [1, H, W, 3] in [0, 1])."""
+def prepare_trajectory(pipe, call: dict, noise: np.ndarray):
+    """Our pipeline's request for the sampling loop from ``noise`` (the
+    encoders' part of the trajectory)."""
+    return pipe.prepare(**call, latents=noise)
+
+
+def trajectory(pipe, request) -> tuple[list[np.ndarray], np.ndarray]:
+    """Our sampling loop on a prepared request, one step per call: (latents
+    after every scheduler step, decoded image [1, H, W, 3] in [0, 1])."""
     steps = []
-    request = pipe.prepare(**call, latents=noise)
     final, _ = pipe.denoise(request, on_step=lambda latents: steps.append(_np(latents)))
     return steps, pipe.decode(final)

@@ -215,10 +215,12 @@ def _reference_trajectory(pipe, req, kinds, per_adapter, size, rng, notes) -> di
 def jax_pass(load: Callable[[], object], reference: dict, req: Request, dtype: str,
              show_progress: bool = True) -> Result:
     """Our figures against the reference pass, for our pipeline ``load()``
-    builds in ``dtype``: the trajectory first (it needs the whole pipeline),
-    then the components, each model dropped once its last component is done
-    (a full-size SDXL pipeline and its VAE's activations do not fit 24 GB
-    together). A progress bar per component (its blocks)."""
+    builds in ``dtype``, each model dropped once its last use is done (a
+    full-size SDXL pipeline does not fit 24 GB beside its VAE's activations or
+    its bfloat16 compute copy): the trajectory's request is prepared, the
+    encoders' components run, the encoders go, the loop runs, then the UNet's,
+    ControlNets' and VAE's components. A progress bar per component (its
+    blocks)."""
     from tqdm.auto import tqdm
 
     import jax.numpy as jnp
@@ -228,13 +230,9 @@ def jax_pass(load: Callable[[], object], reference: dict, req: Request, dtype: s
     compute = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
     pipe = load()
     free()   # what loading left on the heap
-    if "trajectory" in reference:
-        result.trajectory, result.image = _jax_trajectory(pipe, reference, req)
+    request = _jax_request(pipe, reference, req) if "trajectory" in reference else None
     parts = {"text_encoder": pipe.text_encoder, "text_encoder_2": getattr(pipe, "text_encoder_2", None),
-             "image_encoder": pipe.image_encoder, "unet": pipe.unet, "vae": pipe.vae,
-             "controlnets": list(pipe.controlnets)}
-    adapters = list(pipe.unet.ip_adapters)
-    del pipe
+             "image_encoder": pipe.image_encoder}
 
     def add(name, outputs, row, root, env):
         blocks = []
@@ -257,7 +255,16 @@ def jax_pass(load: Callable[[], object], reference: dict, req: Request, dtype: s
     if "image_encoder" in rows:
         add("image_encoder", ours.image_encoder_outputs(encoder, rows["image_encoder"]),
             rows["image_encoder"], encoder, BlockInputs(compute))
-    del encoder
+    del encoder, parts
+    pipe.free_encoders()   # the loop needs the UNet, ControlNets and VAE only
+    free()
+    if request is not None:
+        steps, image = ours.trajectory(pipe, request)
+        result.trajectory, result.image = _trajectory_figures(steps, image, reference)
+        del request
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "controlnets": list(pipe.controlnets)}
+    adapters = list(pipe.unet.ip_adapters)
+    del pipe
     free()
     for i, adapter in enumerate(adapters):
         row = rows.get(f"image_proj.{i}")
@@ -293,8 +300,8 @@ def jax_pass(load: Callable[[], object], reference: dict, req: Request, dtype: s
     return result
 
 
-def _jax_trajectory(pipe, reference: dict, req: Request) -> tuple[list[Figure], Figure]:
-
+def _jax_request(pipe, reference: dict, req: Request):
+    """Our pipeline's prepared request for the reference trajectory's call."""
     call = dict(reference["call"], scheduler=req.scheduler)
     adapters = list(pipe.unet.ip_adapters)
     if adapters:
@@ -305,7 +312,10 @@ def _jax_trajectory(pipe, reference: dict, req: Request) -> tuple[list[Figure], 
         scales = list(req.control_scales) or [1.0]
         scales = scales * len(req.control_images) if len(scales) == 1 else scales
         call["controlnet_inputs"] = [ControlNetSpec(p, scale=s) for p, s in zip(req.control_images, scales)]
-    steps, image = ours.trajectory(pipe, call, reference["noise"])
+    return ours.prepare_trajectory(pipe, call, reference["noise"])
+
+
+def _trajectory_figures(steps: list, image, reference: dict) -> tuple[list[Figure], Figure]:
     figures = [figure(f"step {i + 1}", a, e) for i, (a, e) in enumerate(zip(steps, reference["trajectory"]))]
     if len(steps) != len(reference["trajectory"]):
         figures.append(Figure("steps", float("inf"), float("inf"),
@@ -341,9 +351,12 @@ def compare(load_reference: Callable[[], object], load_ours: Callable[[str], obj
 
 
 def _our_passes(load_ours, reference: dict, req: Request, show_progress: bool) -> list[Result]:
+    import jax
+
     results = []
     for dtype in ("float32", "bfloat16") if req.dtype == "bfloat16" else ("float32",):
         results.append(jax_pass(lambda: load_ours(dtype), reference, req, dtype, show_progress))
+        jax.clear_caches()   # the executables of this dtype's models (the next pass compiles its own)
         free()
     return results
 

@@ -198,6 +198,22 @@ class StableDiffusionPipeline:
         """Detach every adapter: the UNet computes its plain output again."""
         ip_adapter.detach_all(self.unet)
 
+    # The encoders' attributes (subclasses add theirs): what ``free_encoders`` drops.
+    ENCODER_ATTRIBUTES = ("text_encoder", "_text", "image_encoder", "_image")
+
+    def free_encoders(self) -> None:
+        """Drop the text and image encoders. ``denoise`` and ``decode`` of a
+        request already ``prepare``d need only the UNet, the ControlNets and the
+        VAE: a memory-bound run of a big model (SDXL in float32 beside its
+        bfloat16 compute copy) prepares, frees the encoders, then denoises.
+        Encoding a prompt or an image afterwards is an error."""
+        for name in self.ENCODER_ATTRIBUTES:
+            setattr(self, name, None)
+
+    def _require_encoders(self) -> None:
+        if self._text is None:
+            raise BadArgument("this pipeline's encoders were freed (free_encoders): load it again to encode prompts")
+
     def prompt_tokens(self, adapter: ip_adapter.IPAdapter, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         """``ip_adapter.prompt_tokens`` with this pipeline's image encoder:
         (cond, uncond) tokens of reference images for ``adapter``."""
@@ -212,6 +228,7 @@ class StableDiffusionPipeline:
 
     def _encode_text(self, prompt_lists: Sequence[Sequence[str]], layer: int | None = None) -> EncodedText:
         """Each text encoder's prompts -> the family's conditioning (float32 numpy)."""
+        self._require_encoders()
         encoders = [self._text, *self._more_text_encoders()]
         tokenizers = [self.tokenizer, *self._more_tokenizers()]
         ids = [jnp.asarray(token_ids(tok, prompts)) for tok, prompts in zip(tokenizers, prompt_lists)]

@@ -79,6 +79,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 f"text_encoder_2's projection ({pooled}) + 6 time ids x {unet.config.addition_time_embed_dim} "
                 f"= {added}")
 
+    ENCODER_ATTRIBUTES = StableDiffusionPipeline.ENCODER_ATTRIBUTES + ("text_encoder_2", "_text_2")
+
     @classmethod
     def _extra_components(cls, components: Components) -> dict:
         return dict(text_encoder_2=components.text_encoders[1], tokenizer_2=components.tokenizers[1],
