@@ -93,6 +93,8 @@ def load_reference(spec: ReferenceSpec):
     _scheduler(pipe, spec.scheduler)
     if spec.ip_adapters:
         _ip_adapters(pipe, spec)
+    if spec.image_encoder:
+        _image_encoder(pipe, spec.image_encoder)
     for i, (path, scale) in enumerate(spec.loras):
         pipe.load_lora_weights(str(path), adapter_name=f"lora{i}")
         pipe.fuse_lora(lora_scale=scale, adapter_names=[f"lora{i}"])
@@ -123,20 +125,24 @@ def _scheduler(pipe, name: str) -> None:
 
 
 def _ip_adapters(pipe, spec: ReferenceSpec) -> None:
+    paths = [Path(p) for p in spec.ip_adapters]
+    pipe.load_ip_adapter([str(p.parent) for p in paths], subfolder=[""] * len(paths),
+                         weight_name=[p.name for p in paths], image_encoder_folder=None)
+
+
+def _image_encoder(pipe, folder: str) -> None:
+    """The CLIP vision tower and an image processor at its own resolution (as
+    our preprocessing takes it), as ``ip_adapter_image`` needs them."""
     from transformers import CLIPVisionModelWithProjection
     try:   # transformers 5: the PIL processor; 4.x: the one processor
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as Processor
     except ImportError:
         from transformers import CLIPImageProcessor as Processor
 
-    paths = [Path(p) for p in spec.ip_adapters]
-    pipe.load_ip_adapter([str(p.parent) for p in paths], subfolder=[""] * len(paths),
-                         weight_name=[p.name for p in paths], image_encoder_folder=None)
-    if spec.image_encoder:
-        encoder = CLIPVisionModelWithProjection.from_pretrained(spec.image_encoder).eval()
-        size = encoder.config.image_size   # the encoder's own resolution, as our preprocessing takes it
-        pipe.register_modules(image_encoder=encoder, feature_extractor=Processor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+    encoder = CLIPVisionModelWithProjection.from_pretrained(folder).float().eval()
+    size = encoder.config.image_size
+    pipe.register_modules(image_encoder=encoder, feature_extractor=Processor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
 
 
 def _embedding(pipe, path: str, token: str) -> None:

@@ -122,7 +122,7 @@ def reference_pass(pipe, req: Request, family, progress: Callable[[str, dict], N
     per_adapter = _images_per_adapter(req, kinds)
     encoder = getattr(pipe, "image_encoder", None)
     encoded = None
-    if encoder is not None and (req.images or n_adapters):
+    if encoder is not None:
         size = encoder.config.image_size
         pixels = (preprocess(list(req.images[:1]), size, size) if req.images
                   else rng.standard_normal((1, size, size, 3)).astype(np.float32))
