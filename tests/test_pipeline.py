@@ -241,3 +241,21 @@ def test_sample_py_errors(paths, tmp_path):
                            (["--scheduler", "heun"], "valid: ddim, pndm")]:
         result = subprocess.run(base + extra, capture_output=True, text=True, timeout=120)
         assert result.returncode == 2 and message in result.stderr, (extra, result.stderr[-500:])
+
+
+def test_free_encoders_after_prepare(paths):
+    """A prepared request denoises the same without the encoders; encoding afterwards is a clear error."""
+    from ipadapter_jax.io.errors import BadArgument
+
+    pipe = StableDiffusionPipeline.from_pretrained(paths["sd"], image_encoder=paths["image_encoder"])
+    pipe.load_ip_adapter(paths["adapter"])
+    specs = [ImagePromptSpec(images=[paths["image"]], scale=0.7)]
+    options = dict(num_inference_steps=2, height=sd_fixtures.HEIGHT, width=sd_fixtures.WIDTH,
+                   latents=np.load(paths["latents"]))
+    expected = pipe(PROMPT, ip_adapter_prompts=specs, **options).latents
+    request = pipe.prepare(PROMPT, ip_adapter_prompts=specs, **options)
+    pipe.free_encoders()
+    assert pipe.text_encoder is None and pipe.image_encoder is None
+    np.testing.assert_array_equal(np.asarray(pipe.denoise(request)[0]), expected)
+    with pytest.raises(BadArgument, match="free_encoders"):
+        pipe.prepare(PROMPT, **options)

@@ -128,7 +128,8 @@ def plot(results: Sequence[Result], path: str, bound: float | None = None) -> No
         labels = [f"{c.name}:{b.name}" for c, blocks in r.components for b in blocks]
         values = [max(b.rel, 1e-12) if math.isfinite(b.rel) else 1.0 for _, blocks in r.components for b in blocks]
         ax.semilogy(range(len(values)), values, marker=".", label=r.dtype)
-    ax.axhline(bounds_for(results[-1].dtype, bound)["block"], color="red", linestyle="--", label="bound")
+    for r, color in zip(results, ("red", "purple")):
+        ax.axhline(bounds_for(r.dtype, bound)["block"], color=color, linestyle="--", label=f"{r.dtype} bound")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=5)
     ax.set_ylabel("relative error (reference inputs)")
     ax.set_title("per block")
@@ -138,7 +139,8 @@ def plot(results: Sequence[Result], path: str, bound: float | None = None) -> No
         for r in results:
             ax.semilogy([i + 1 for i in range(len(r.trajectory))], [max(f.rel, 1e-12) for f in r.trajectory],
                         marker="o", label=r.dtype)
-        ax.axhline(bounds_for(results[-1].dtype, bound)["step"], color="red", linestyle="--", label="bound")
+        for r, color in zip(results, ("red", "purple")):
+            ax.axhline(bounds_for(r.dtype, bound)["step"], color=color, linestyle="--", label=f"{r.dtype} bound")
         ax.set_xlabel("scheduler step")
         ax.set_ylabel("relative error of the latents")
         ax.set_title("sampling trajectory")
