@@ -46,8 +46,9 @@ def write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def build_pipeline_folder(root: Path, seed: int = 0) -> dict:
-    """Write root/sd (diffusers layout), root/image_encoder, root/ip-adapter.safetensors."""
+def build_pipeline_folder(root: Path, seed: int = 0, *, with_image: bool = False) -> dict:
+    """Write root/sd (diffusers layout), root/image_encoder, root/ip-adapter.safetensors
+    (and, ``with_image``, root/ref.png as ``paths["image"]``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -79,7 +80,10 @@ def build_pipeline_folder(root: Path, seed: int = 0) -> dict:
     save_file(fx.flat(fx.image_proj("base", c, seed=seed), fx.ip_layers(unet, seed=seed + 1)), adapter)
     plus = root / "ip-adapter-plus_sd15.safetensors"
     save_file(fx.flat(fx.image_proj("plus", c, seed=seed + 2), fx.ip_layers(unet, seed=seed + 3)), plus)
-    return {"sd": sd, "image_encoder": root / "image_encoder", "adapter": adapter, "plus": plus}
+    paths = {"sd": sd, "image_encoder": root / "image_encoder", "adapter": adapter, "plus": plus}
+    if with_image:
+        paths["image"] = reference_image(root / "ref.png")
+    return paths
 
 
 def reference_image(path: Path, seed: int = 0, size=(40, 30)) -> Path:

@@ -69,10 +69,7 @@ def _no_hang(request):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """The tiny random SD folder, image encoder and adapters of ``sd_fixtures``, made once."""
-    root = tmp_path_factory.mktemp("fuzz_models")
-    paths = sd_fixtures.build_pipeline_folder(root)
-    paths["image"] = sd_fixtures.reference_image(root / "ref.png")
-    return paths
+    return sd_fixtures.build_pipeline_folder(tmp_path_factory.mktemp("fuzz_models"), with_image=True)
 
 
 @pytest.fixture(scope="module")

@@ -26,10 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
-    root = tmp_path_factory.mktemp("parity")
-    paths = sd_fixtures.build_pipeline_folder(root)
-    paths["image"] = sd_fixtures.reference_image(root / "ref.png")
-    return paths
+    return sd_fixtures.build_pipeline_folder(tmp_path_factory.mktemp("parity"), with_image=True)
 
 
 def parity(argv, capsys) -> tuple[int, str, str]:

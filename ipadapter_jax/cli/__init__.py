@@ -53,6 +53,20 @@ def run(prog: str, main: Callable[[list[str]], int | None], argv: Sequence[str] 
         return 130
 
 
+def checked(parser: argparse.ArgumentParser, argv: Sequence[str] | None, check: Callable[[], None]) -> None:
+    """Run a command's argument checks: a ``UserError`` is the parser's one-line
+    error (folders the checks made are removed), or with ``--debug`` its traceback."""
+    from ipadapter_jax.cli.checks import undo_created_folders
+
+    try:
+        check()
+    except UserError as e:
+        undo_created_folders()
+        if debug_requested(argv if argv is not None else sys.argv[1:]):
+            raise
+        parser.error(str(e))
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with errors as one line, ``PROG: error: MESSAGE`` and exit status
     2: never the usage block (the flags of these commands fill a screen; ``--help``

@@ -39,9 +39,9 @@ import sys
 from pathlib import Path
 
 from ipadapter_jax import demo, families
-from ipadapter_jax.cli import ArgumentParser, debug_requested, run
+from ipadapter_jax.cli import ArgumentParser, checked, run
 from ipadapter_jax.cli import sample as sample_cli
-from ipadapter_jax.cli.checks import (MAX_SIZE, check_files, check_writable, resolve_model, undo_created_folders)
+from ipadapter_jax.cli.checks import MAX_SIZE, check_files, check_writable, resolve_model
 from ipadapter_jax.io.errors import BadArgument, UserError
 from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 from ipadapter_jax.schedulers import NAMES as SCHEDULER_NAMES
@@ -119,13 +119,7 @@ def parse_args(argv=None, prog: str = PROG):
                             prompt_2=None, negative_prompt_2=None, original_size=None, crop=None,
                             target_size=None).items():
         setattr(args, name, value)
-    try:
-        _check(args)
-    except UserError as e:
-        undo_created_folders()
-        if debug_requested(argv if argv is not None else sys.argv[1:]):
-            raise
-        p.error(str(e))
+    checked(p, argv, lambda: _check(args))
     return args
 
 

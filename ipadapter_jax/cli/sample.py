@@ -44,11 +44,10 @@ import time
 from pathlib import Path
 
 from ipadapter_jax import demo, families
-from ipadapter_jax.cli import ArgumentParser, debug_requested, run
+from ipadapter_jax.cli import ArgumentParser, checked, run
 from ipadapter_jax.cli.checks import (MAX_SIZE, check_files, check_writable, claim_output, release_outputs,
                                       keep_created_folders, resolve_encoder, resolve_model, resolve_or_error,
                                       undo_created_folders)
-from ipadapter_jax.io.errors import UserError
 from ipadapter_jax.io.specs import parse_embedding_spec, parse_lora_spec
 
 from ipadapter_jax.cli.sample_args import SCHEDULER_NAMES, build_parser
@@ -68,27 +67,25 @@ def parse_args(argv=None, prog: str = PROG):
     p = build_parser(prog, __doc__)
     args = p.parse_args(argv)
     args.prog = prog
-    try:
-        _resolve_defaults(args)
-        _check_numbers(args)
-        _resolve_sources(args)
-        _check_family_flags(args)
-        _check_community_flags(args)
-        _check_control_flags(args)
-        _check_prompt_flags(args)
-        check_files([*args.image, *args.mask, *args.face_embeds, args.init_image, args.init_latents,
-                     *args.control_image])
-        if args.save_latents and not args.save_latents.endswith(".npy"):   # as np.save names it
-            args.save_latents += ".npy"
-        for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
-            if path:
-                check_writable(flag, Path(path))
-    except UserError as e:
-        undo_created_folders()
-        if debug_requested(argv if argv is not None else sys.argv[1:]):
-            raise
-        p.error(str(e))
+    checked(p, argv, lambda: _check_all(args))
     return args
+
+
+def _check_all(args) -> None:
+    _resolve_defaults(args)
+    _check_numbers(args)
+    _resolve_sources(args)
+    _check_family_flags(args)
+    _check_community_flags(args)
+    _check_control_flags(args)
+    _check_prompt_flags(args)
+    check_files([*args.image, *args.mask, *args.face_embeds, args.init_image, args.init_latents,
+                 *args.control_image])
+    if args.save_latents and not args.save_latents.endswith(".npy"):   # as np.save names it
+        args.save_latents += ".npy"
+    for flag, path in (("--out", args.out), ("--save-latents", args.save_latents)):
+        if path:
+            check_writable(flag, Path(path))
 
 
 def _resolve_defaults(args) -> None:

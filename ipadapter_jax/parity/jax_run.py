@@ -4,13 +4,10 @@ reference pass recorded, its blocks on the reference blocks' own inputs
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax.numpy as jnp
 import numpy as np
 
 from ipadapter_jax.models import UNetConditioning
-from ipadapter_jax.parity.blocks import block_figures
 from ipadapter_jax.parity.reference_run import Row
 from ipadapter_jax.pipeline.jitted import JittedModule
 

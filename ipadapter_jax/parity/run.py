@@ -280,7 +280,7 @@ def jax_pass(load: Callable[[], object], reference: dict, req: Request, dtype: s
         scales = [ip_adapter.layer_scales(unet, s) for s in row.inputs["scales"]]
         prompts = tuple(ip_adapter.image_prompt(a, a.project(e)[:, None], s)
                         for a, e, s in zip(adapters, row.inputs["embeds"], scales))
-        make_ip = lambda tokens: tuple(   # noqa: E731  the reference's image tokens, our scales
+        make_ip = lambda tokens, adapters=adapters: tuple(   # noqa: E731  the reference's tokens, our scales
             (a, ip_adapter.image_prompt(a, jnp.asarray(t), s)) for a, t, s in zip(adapters, tokens, scales))
         add("unet+ip", ours.unet_outputs(unet, row, prompts), row, unet, BlockInputs(compute, ip=make_ip))
     del unet, adapters
