@@ -290,7 +290,11 @@ def check(argv, prog: str = PROG) -> int:
     args = parse_args(argv, prog)
     import jax
 
-    jax.config.update("jax_default_matmul_precision", "highest")   # the tests' setting: compare the math
+    with jax.default_matmul_precision("highest"):   # the tests' setting: compare the math, not the kernels
+        return _check_run(args)
+
+
+def _check_run(args) -> int:
     from ipadapter_jax.parity import report
     from ipadapter_jax.parity.run import Request, compare, over_bounds
 

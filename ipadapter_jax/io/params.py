@@ -161,7 +161,9 @@ def load_state_dict_into(make_module: Callable[[], nnx.Module], state_dict: dict
             mismatched.append(f"{key}: checkpoint {tuple(to_torch_layout(path, value).shape)} vs model "
                               f"{_torch_shape(path, tuple(shape))}")
             continue
-        filled[path] = jnp.asarray(value)   # converted now: a lazily read checkpoint never sits in memory twice
+        # Strict: converted now, so a lazily read checkpoint never sits in memory twice. Non-strict keeps numpy:
+        # the real init below would otherwise sit on the device beside every converted tensor.
+        filled[path] = jnp.asarray(value) if strict else value
     missing = sorted(k for k, (path, _) in targets.items() if path not in filled)
 
     _refuse(source, mismatched, missing if strict else [], unexpected if strict else [],

@@ -66,7 +66,6 @@ def load_reference(spec: ReferenceSpec):
     import torch
 
     quiet()
-    torch.set_grad_enabled(False)
     controlnets = [_controlnet(path, spec.controlnet_config) for path in spec.controlnets]
     cls = _pipeline_class(spec.family, bool(controlnets))
     extra = {"controlnet": controlnets if len(controlnets) > 1 else controlnets[0]} if controlnets else {}

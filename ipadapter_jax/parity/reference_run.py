@@ -101,7 +101,7 @@ def projection_row(pipe, index: int, embeds: np.ndarray) -> Row:
 
     layer = pipe.unet.encoder_hid_proj.image_projection_layers[index]
     with torch.no_grad():
-        out = layer(torch.from_numpy(embeds))
+        out = layer(torch.from_numpy(np.array(embeds)))   # a writable copy (the inputs may be memory-mapped)
     return Row(flat_outputs(out), {}, {"embeds": embeds})
 
 
@@ -121,7 +121,7 @@ def unet_row(pipe, inputs: dict, depth: int, image_embeds: list | None) -> Row:
         if image_embeds is None:
             pipe.set_ip_adapter_scale([0.0] * n_adapters)
             image_embeds = [np.zeros((1, *shape), np.float32) for shape in inputs["embed_shapes"]]
-        added["image_embeds"] = [torch.from_numpy(e[:, None]) for e in image_embeds]
+        added["image_embeds"] = [torch.from_numpy(np.array(e[:, None])) for e in image_embeds]
     names = block_names.unet_block_names(unet, depth)
     out, blocks = _run(unet, names, lambda: unet(_nchw(inputs["sample"]), torch.tensor(inputs["t"]),
                                                  encoder_hidden_states=torch.from_numpy(inputs["context"]),

@@ -69,7 +69,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
         self.force_zeros_for_empty_prompt = bool(force_zeros_for_empty_prompt)
         self._text_2 = JittedModule(text_encoder_2)
-        pooled = text_encoder_2.config.projection_dim
+        pooled = self.pooled_dim = text_encoder_2.config.projection_dim   # kept: free_encoders drops the encoder
         added = unet.config.addition_time_embed_dim * 6 + pooled
         expected = unet.config.projection_class_embeddings_input_dim
         if unet.config.addition_embed_type != "text_time" or added != expected:
@@ -118,9 +118,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             raise BadArgument("give negative_pooled_prompt_embeds with negative_prompt_embeds (SDXL needs both)")
         if embeds is not None:
             context, pooled = np.asarray(embeds, np.float32), np.asarray(pooled, np.float32)
-            if context.ndim != 3 or pooled.shape != (context.shape[0], self.text_encoder_2.config.projection_dim):
+            if context.ndim != 3 or pooled.shape != (context.shape[0], self.pooled_dim):
                 raise BadArgument(f"prompt_embeds [B, L, C] and pooled_prompt_embeds [B, "
-                                  f"{self.text_encoder_2.config.projection_dim}] expected, got {context.shape} "
+                                  f"{self.pooled_dim}] expected, got {context.shape} "
                                   f"and {pooled.shape}")
         else:
             prompts = _prompt_list(prompt, num_images, "prompts")
