@@ -83,7 +83,7 @@ def load_reference(spec: ReferenceSpec):
             vae_path = Path(spec.vae)
             common["vae"] = (AutoencoderKL.from_pretrained(str(vae_path)) if vae_path.is_dir()
                              else AutoencoderKL.from_single_file(str(vae_path)))
-        if "StableDiffusionXL" not in cls.__name__:
+        if "safety_checker" in spec.family.configs.get("model_index", {}):   # the family's pipelines have one
             common.update(safety_checker=None, requires_safety_checker=False)
         if spec.model_config is None:
             raise BadArgument(f"the reference side loads the single file {model} with diffusers' from_single_file, "
