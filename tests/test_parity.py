@@ -248,3 +248,11 @@ def test_single_file_with_lora_and_embedding(sd, tmp_path, capsys):
     doc = json.loads(out_json.read_text())
     assert all(c["rel"] <= 1e-5 for c in doc["components"]), doc["components"]
     assert len(doc["trajectory"]) == 2
+
+
+def test_cli_groups_are_the_runs():
+    """ipadapter_jax.cli.parity keeps its own copy of the component groups (its parser loads no JAX)."""
+    from ipadapter_jax.cli.parity import GROUPS as CLI_GROUPS
+    from ipadapter_jax.parity.run import GROUPS
+
+    assert CLI_GROUPS == GROUPS
