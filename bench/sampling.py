@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -184,6 +185,11 @@ def main():
     parser.add_argument("--device", default="cpu", help="torch device: cpu or cuda")
     parser.add_argument("--attention", default="auto", help="JAX attention backend (auto, xla, blocked, jax, cudnn)")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--no-hoist", action="store_true",
+                        help="JAX recomputes what is constant across steps at every step (Winograd kernel "
+                             "transforms, text/image K/V), as before the hoisting (make_denoise_loop(hoist=False))")
+    parser.add_argument("--compare-hoist", action="store_true",
+                        help="also time the JAX loop without hoisting in the same process (jax_nohoist_* fields)")
     parser.add_argument("--progress", action="store_true",
                         help="also time the loop as sample.py runs it with its progress bar: one jitted step per "
                              "call, tqdm driven from Python (make_denoise_loop(partial=True)); reports the bar's "
@@ -212,7 +218,7 @@ def main():
     graphdef, params = nnx.split(unet)
     nets = paired_controlnets(torch_unet, args.controlnets, jdtype, args.attention) if args.controlnets else []
     net_graphdefs, net_states = (tuple(zip(*(nnx.split(ours) for _, ours in nets))) if nets else ((), ()))
-    loop = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs)
+    loop = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, hoist=not args.no_hoist)
     c = config["cross_attention_dim"]
 
     for batch in batches:
@@ -240,17 +246,28 @@ def main():
                  jax.random.key(0), jnp.int32(0), control)
         last = {}
 
-        def jax_loop():
-            last["jax"] = loop(*jargs).block_until_ready()
+        # Compiled ahead of time (the first call's compile timed apart, without a whole extra loop run).
+        t0 = time.perf_counter()
+        compiled = loop.lower(*jargs).compile()
+        compile_s = time.perf_counter() - t0
 
-        compile_s = time_runs(jax_loop, 1)[0]
+        def jax_loop():
+            last["jax"] = compiled(*jargs).block_until_ready()
+
         jax_times = time_runs(jax_loop, args.runs)
         jax_latents = np.asarray(last["jax"], np.float32)
         record = dict(config=args.config, adapter=args.adapter, controlnets=args.controlnets,
-                      attention=args.attention, batch=batch,
+                      attention=args.attention, batch=batch, hoist=not args.no_hoist,
                       latent=args.size, steps=args.steps, dtype=args.dtype,
                       runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                       jax_times_s=[round(t, 4) for t in jax_times], jax_it_per_s=round(args.steps / median(jax_times), 3))
+        if args.compare_hoist:
+            plain = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs,
+                                      hoist=args.no_hoist).lower(*jargs).compile()
+            plain_times = time_runs(lambda: plain(*jargs).block_until_ready(), args.runs)
+            other = "hoist" if args.no_hoist else "nohoist"
+            record.update({f"jax_{other}_median_s": round(median(plain_times), 4),
+                           f"jax_{other}_times_s": [round(t, 4) for t in plain_times]})
         if args.progress:
             record.update(progress_record(graphdef, sched, net_graphdefs, jargs, args, median(jax_times), jax_latents))
         dev = jax.devices()[0]
@@ -295,8 +312,8 @@ def main():
                         dict(down_block_additional_residuals=down, mid_block_additional_residual=mid))
             t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).to(args.device, tdtype)
 
-            def torch_loop():
-                tsched.set_timesteps(args.steps)
+            def torch_loop(steps=args.steps):
+                tsched.set_timesteps(steps)
                 latents = t_noise * tsched.init_noise_sigma
                 with torch.no_grad():
                     for t in tsched.timesteps:
@@ -309,7 +326,7 @@ def main():
                     torch.cuda.synchronize()
                 last["torch"] = latents
 
-            warm = time_runs(torch_loop, 1)[0]
+            warm = time_runs(lambda: torch_loop(1), 1)[0]    # one step warms up as well as a whole loop
             torch_times = time_runs(torch_loop, args.runs)
             torch_latents = last["torch"].float().permute(0, 2, 3, 1).cpu().numpy()
             record.update(torch_device=args.device, torch_dtype=str(tdtype).replace("torch.", ""),

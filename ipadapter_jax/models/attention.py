@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ipadapter_jax.io.errors import BadArgument
-from ipadapter_jax.models import layers
+from ipadapter_jax.models import hoisting, layers
 
 BACKENDS = ("auto", "xla", "blocked", "jax", "cudnn", "pallas")
 
@@ -331,14 +331,22 @@ class Attention(nnx.Module):
             x = self.group_norm(x)
         if spatial_shape is not None:
             x = x.reshape(x.shape[0], -1, x.shape[-1])
-        context = x if context is None else context
         loras = [(adapter.lora[self.processor_index], prompt.lora_scale) for adapter, prompt in ip
                  if adapter.lora is not None and self.processor_index is not None]
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
+        q = self.to_q(x)
         for lora, s in loras:
             q = q + (s * lora.to_q_lora(x)).astype(q.dtype)
-            k = k + (s * lora.to_k_lora(context)).astype(k.dtype)
-            v = v + (s * lora.to_v_lora(context)).astype(v.dtype)
+
+        def project(c, lora_scales):
+            k, v = self.to_k(c), self.to_v(c)
+            for (lora, _), s in zip(loras, lora_scales):
+                k = k + (s * lora.to_k_lora(c)).astype(k.dtype)
+                v = v + (s * lora.to_v_lora(c)).astype(v.dtype)
+            return k, v
+
+        scales = tuple(s for _, s in loras)
+        # A cross-attention context (text) is the same at every denoising step: its K/V once per loop.
+        k, v = project(x, scales) if context is None else hoisting.constant(self, "kv", project, context, scales)
         h = self.attend(q, k, v, mask)
         if self.cross_index is not None:
             for adapter, prompt in ip:
@@ -359,15 +367,19 @@ class Attention(nnx.Module):
         image is attended separately and its output multiplied by its mask at
         this layer's resolution (diffusers' ``ip_adapter_masks``).
         """
-        tokens = prompt.tokens.astype(q.dtype)                 # [B, N, T, C]
-        b, n, t, c = tokens.shape
+        b, n, t, c = prompt.tokens.shape                       # [B, N, T, C]
         scale = prompt.scale[self.cross_index].astype(q.dtype)  # traced: new scales never recompile
+
+        def project(tokens, i=None):    # the tokens are the same at every denoising step: once per loop
+            tokens = tokens.astype(q.dtype)
+            tokens = tokens.reshape(b, n * t, c) if i is None else tokens[:, i]
+            return layer.to_k_ip(tokens), layer.to_v_ip(tokens)
+
         if prompt.masks is None:
-            flat = tokens.reshape(b, n * t, c)
-            return scale * self.attend(q, layer.to_k_ip(flat), layer.to_v_ip(flat))
+            return scale * self.attend(q, *hoisting.constant(layer, "kv", project, prompt.tokens))
         masks = prompt.masks[q.shape[1]].astype(q.dtype)       # [B, N, Lq]
         out = 0
         for i in range(n):
-            image = tokens[:, i]
-            out = out + self.attend(q, layer.to_k_ip(image), layer.to_v_ip(image)) * masks[:, i, :, None]
+            kv = hoisting.constant(layer, f"kv{i}", lambda tokens, i=i: project(tokens, i), prompt.tokens)
+            out = out + self.attend(q, *kv) * masks[:, i, :, None]
         return scale * out

@@ -27,7 +27,7 @@ from flax import nnx
 
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported
 from ipadapter_jax.io.pretrained import PretrainedMixin, check_fields
-from ipadapter_jax.models import layers
+from ipadapter_jax.models import hoisting, layers
 from ipadapter_jax.models.resnet import ResnetBlock2D
 from ipadapter_jax.models.unet import (DownBlock, TimestepEmbedding, UNetConfig, UNetMidBlock2DCrossAttn,
                                        added_embedding, check_added_cond, timestep_embedding)
@@ -301,7 +301,8 @@ class ControlNetModel(PretrainedMixin, nnx.Module):
                                    downscale_freq_shift=cfg.freq_shift)
         emb = self.time_embedding(t_emb.astype(self.dtype))
         if self.add_embedding is not None:
-            emb = emb + added_embedding(self.add_embedding, cfg, added_cond, self.dtype)
+            emb = emb + hoisting.constant(self, "added_embedding",
+                                          lambda a: added_embedding(self.add_embedding, cfg, a, self.dtype), added_cond)
         return emb
 
     def check_inputs(self, sample, encoder_hidden_states, controlnet_cond, conditioning_scale, added_cond) -> None:
@@ -349,13 +350,16 @@ class ControlNetModel(PretrainedMixin, nnx.Module):
         cfg = self.config
         scale = jnp.asarray(conditioning_scale, dtype=jnp.float32)
         self.check_inputs(sample, encoder_hidden_states, controlnet_cond, scale, added_cond)
-        if cfg.controlnet_conditioning_channel_order == "bgr":
-            controlnet_cond = controlnet_cond[..., ::-1]
-        context = encoder_hidden_states.astype(self.dtype)
+        context = hoisting.constant(self, "context", lambda c: c.astype(self.dtype), encoder_hidden_states)
         emb = self.time_conditioning(timesteps, sample.shape[0], added_cond)
 
+        def embed_control(image):   # the control image is the same at every denoising step
+            if cfg.controlnet_conditioning_channel_order == "bgr":
+                image = image[..., ::-1]
+            return self.controlnet_cond_embedding(image.astype(self.dtype))
+
         x = self.conv_in(sample.astype(self.dtype))
-        x = x + self.controlnet_cond_embedding(controlnet_cond.astype(self.dtype))
+        x = x + hoisting.constant(self, "control_embedding", embed_control, controlnet_cond)
         skips = [x]
         for block in self.down_blocks:
             x, block_skips = block(x, emb, context)

@@ -18,7 +18,7 @@ from flax import nnx
 from jax import lax
 
 from ipadapter_jax.io.errors import BadArgument
-from ipadapter_jax.models import winograd
+from ipadapter_jax.models import hoisting, winograd
 
 Dtype = Any
 
@@ -138,7 +138,18 @@ class Conv(nnx.Conv):
         path = cpu_conv_path(self.kernel.shape, strides, rows, dtype)
         if path == "xla":
             return super().__call__(inputs)
-        y = CONV_PATHS[path](inputs.astype(dtype), self.kernel[...].astype(dtype), strides, padding)
+        if path.startswith("winograd") and hoisting.active():
+            # Inside a denoising loop the transformed kernel is computed once per call (within
+            # hoisting's memory budget; otherwise here, tied to the input as winograd.conv does).
+            tile = int(path[len("winograd"):])
+            x = inputs.astype(dtype)
+            u = hoisting.constant(self, path, lambda k: winograd.transform_kernel(k.astype(dtype), tile),
+                                  self.kernel[...], budget="winograd",
+                                  fallback=lambda k: winograd.transform_kernel(k.astype(dtype), tile,
+                                                                               winograd.tied_zero(x, dtype)))
+            y = winograd.conv3x3(x, u, tile=tile, padding=padding)
+        else:
+            y = CONV_PATHS[path](inputs.astype(dtype), self.kernel[...].astype(dtype), strides, padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y

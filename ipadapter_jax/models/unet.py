@@ -26,7 +26,7 @@ from flax import nnx
 
 from ipadapter_jax.io.errors import BadArgument, BadFile, Unsupported
 from ipadapter_jax.io.pretrained import PretrainedMixin, check_fields, check_groups
-from ipadapter_jax.models import layers
+from ipadapter_jax.models import hoisting, layers
 from ipadapter_jax.models.attention import Attention
 from ipadapter_jax.models.conditioning import UNetConditioning
 from ipadapter_jax.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -624,7 +624,9 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
                                    downscale_freq_shift=self.config.freq_shift)
         emb = self.time_embedding(t_emb.astype(self.dtype))
         if self.add_embedding is not None:
-            emb = emb + self.added_embedding(self.check_added_cond(added_cond, batch))
+            # The pooled text and the time ids are the same at every denoising step.
+            emb = emb + hoisting.constant(self, "added_embedding", self.added_embedding,
+                                          self.check_added_cond(added_cond, batch))
         return emb
 
     def added_embedding(self, added_cond: dict) -> jax.Array:
@@ -661,7 +663,7 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         sample = sample.astype(self.dtype)
-        context = cond.encoder_hidden_states.astype(self.dtype)
+        context = hoisting.constant(self, "context", lambda c: c.astype(self.dtype), cond.encoder_hidden_states)
         emb = self.time_conditioning(timesteps, sample.shape[0], cond.added_cond)
 
         # Rematerialisation per UNet block (jax.checkpoint): training memory for compute.

@@ -76,9 +76,10 @@ TILES = tuple(MATRICES)
 def transform_kernel(kernel: jax.Array, tile: int, zero: jax.Array | None = None) -> jax.Array:
     """HWIO 3x3 kernel [3, 3, C_in, C_out] -> G g G^T as [(m + 2)^2, C_in, C_out].
 
-    Inside a jitted function whose kernel is an argument (the pipelines') this runs on
-    every call: a memory pass writing (m + 2)^2 / 9 times the kernel, cheap at 320
-    channels, a large share at 1280 (BENCHMARKS.md, "3x3 convolutions on CPU").
+    Inside a jitted function whose kernel is an argument this runs on every call: a
+    memory pass writing (m + 2)^2 / 9 times the kernel, cheap at 320 channels, a large
+    share at 1280 (BENCHMARKS.md, "3x3 convolutions on CPU"); the denoising loop runs it
+    once before its steps (``ipadapter_jax.models.hoisting``).
     ``zero``, an exact scalar 0 computed from other data, is added to the small
     transform matrix: the result then depends on that data (see ``conv``)."""
     # One [a*a, 9] x [9, C_in * C_out] matmul: as fast as writing u at all (measured),
@@ -145,12 +146,18 @@ def conv3x3(x: jax.Array, u: jax.Array, *, tile: int, padding) -> jax.Array:
 
 def conv(x: jax.Array, kernel: jax.Array, *, tile: int = 2, padding=((1, 1), (1, 1))) -> jax.Array:
     """Stride-1 3x3 convolution of NHWC ``x`` with an HWIO ``kernel``, by Winograd F(tile, 3)."""
-    # Make the transformed kernel depend on x (by adding an exact zero to the small transform
-    # matrix), so that it is computed where the convolution runs. Depending on the parameters
-    # only, XLA:CPU computes every layer's transformed kernel at the start of the program and
-    # keeps them all live: the SD1.5 UNet's temporary memory went from 0.25 to 2.6 GiB (0.44
-    # with this); it also dropped lax.optimization_barrier. The zero is 0 * (x0 != x0): no NaN
-    # from x, no gradient. Added to the kernel itself it cost a pass over every kernel.
+    return conv3x3(x, transform_kernel(kernel, tile, tied_zero(x, kernel.dtype)), tile=tile, padding=padding)
+
+
+def tied_zero(x: jax.Array, dtype) -> jax.Array:
+    """An exact scalar 0 computed from ``x``, for ``transform_kernel(..., zero)``.
+
+    It makes the transformed kernel depend on x, so that it is computed where the
+    convolution runs. Depending on the parameters only, XLA:CPU computes every layer's
+    transformed kernel at the start of the program and keeps them all live: the SD1.5
+    UNet's temporary memory went from 0.25 to 2.6 GiB (0.44 with this); it also dropped
+    lax.optimization_barrier. 0 * (x0 != x0): no NaN from x, no gradient. Added to the
+    kernel itself it cost a pass over every kernel. (A denoising loop computes the
+    transforms once before its steps instead, see ``ipadapter_jax.models.hoisting``.)"""
     x0 = x[(0,) * x.ndim]
-    zero = jnp.zeros((), kernel.dtype) * (x0 != x0).astype(kernel.dtype)
-    return conv3x3(x, transform_kernel(kernel, tile, zero), tile=tile, padding=padding)
+    return jnp.zeros((), dtype) * (x0 != x0).astype(dtype)

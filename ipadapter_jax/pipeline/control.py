@@ -24,6 +24,7 @@ from flax import struct
 
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, Unsupported
 from ipadapter_jax.io.images import check_array_image, load_image
+from ipadapter_jax.models import hoisting
 from ipadapter_jax.models.conditioning import UNetConditioning
 
 PREPROCESSORS = ("none", "canny")
@@ -197,6 +198,19 @@ def check_controlnet_fits(controlnet, unet, name: str) -> None:
                            "ControlNet for SDXL, an SD 1.5 one for SD 1.5)")
 
 
+def _control_inputs(text, added, image, *, cfg: bool, half: bool):
+    """A ControlNet's text, added conditioning and control images for the
+    model batch: the conditional half only (``half``), else the control images
+    doubled under CFG."""
+    if half:
+        text = jnp.split(text, 2)[1] if text.shape[0] > 1 else text
+        added = None if added is None else {k: (jnp.split(v, 2)[1] if v.shape[0] > 1 else v)
+                                            for k, v in added.items()}
+    elif cfg:
+        image = jnp.concatenate([image, image])
+    return text, added, image
+
+
 def controlled(controlnets: Sequence, control: ControlInputs, cond: UNetConditioning, model_in: jax.Array,
                timestep, i, *, cfg: bool, guess_mode: bool) -> UNetConditioning:
     """``cond`` with the summed residuals of every ControlNet at step ``i``.
@@ -204,18 +218,14 @@ def controlled(controlnets: Sequence, control: ControlInputs, cond: UNetConditio
     Under CFG the batch is [uncond; cond]: the ControlNets see both halves
     (their control images doubled), or in guess mode only the conditional
     half, the unconditional half getting zero residuals (diffusers)."""
-    text, added = cond.encoder_hidden_states, cond.added_cond
     half = guess_mode and cfg
     if half:
         model_in = jnp.split(model_in, 2)[1]
-        text = jnp.split(text, 2)[1] if text.shape[0] > 1 else text
-        added = None if added is None else {k: (jnp.split(v, 2)[1] if v.shape[0] > 1 else v)
-                                            for k, v in added.items()}
     down, mid = None, None
     for k, net in enumerate(controlnets):
-        image = control.images[k]
-        if cfg and not half:
-            image = jnp.concatenate([image, image])
+        # What a ControlNet sees of the conditioning is the same at every step (hoisted by the loop).
+        text, added, image = hoisting.constant(net, "inputs", lambda *a: _control_inputs(*a, cfg=cfg, half=half),
+                                               cond.encoder_hidden_states, cond.added_cond, control.images[k])
         d, m = net(model_in, timestep, text, image, conditioning_scale=control.scales[k, i], added_cond=added,
                    guess_mode=guess_mode)
         down = list(d) if down is None else [a + b for a, b in zip(down, d)]

@@ -3,13 +3,15 @@ cache of its compiled executables."""
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax.models import hoisting
 from ipadapter_jax.models.conditioning import UNetConditioning
 from ipadapter_jax.pipeline.control import controlled
 
@@ -33,8 +35,17 @@ def gated(cond: UNetConditioning, gates: jax.Array, i) -> UNetConditioning:
     return cond.replace(image_prompts=prompts)
 
 
+class Stepwise(NamedTuple):
+    """A loop run a step per call (``make_denoise_loop(partial=True)``):
+    ``constants(*args)`` once per sampling call (what every step shares, see
+    ``ipadapter_jax.models.hoisting``), then ``step(*args, constants)`` per step."""
+
+    constants: Callable
+    step: Callable
+
+
 def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs: tuple = (),
-                      guess_mode: bool = False, partial: bool = False):
+                      guess_mode: bool = False, partial: bool = False, hoist: bool = True):
     """The jitted denoising loop for one UNet structure and scheduler.
 
     Returns ``denoise(params, sched_state, latents, cond, gates, guidance,
@@ -47,15 +58,20 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
     ``control`` is a ``ControlInputs`` and their residuals join each step's
     conditioning.
 
-    ``partial=True``: ``denoise(..., start, control, stop) -> (latents,
-    sched_state)`` runs steps ``[start, stop)`` only and returns the state to
-    continue from, so a progress bar is driven from Python between calls: a
-    host callback inside the loop would keep JAX from caching the executable
-    on disk.
+    ``hoist`` (default): what is the same at every step (Winograd kernel
+    transforms, text and image-token K/V, control-image embeddings, SDXL's
+    added embedding) is computed once before the loop; ``False`` recomputes it
+    at every step, as diffusers does (same math; for benchmarks).
+
+    ``partial=True``: a ``Stepwise``: ``step(..., start, control, stop,
+    constants) -> (latents, sched_state)`` runs steps ``[start, stop)`` only and
+    returns the state to continue from, so a progress bar is driven from
+    Python between calls (a host callback inside the loop would keep JAX from
+    caching the executable on disk); ``constants(...)`` (same arguments, no
+    ``constants``) computes the shared values once per sampling call.
     """
 
-    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None,
-                stop=None):
+    def models_and_body(params, cond, gates, guidance, rescale, noise_key, control):
         unet = nnx.merge(unet_graphdef, params)
         nets = tuple(nnx.merge(g, p) for g, p in zip(control_graphdefs, control.params)) if control_graphdefs \
             else ()
@@ -75,10 +91,27 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
                      if scheduler.needs_noise else None)
             return scheduler.step(state, eps, i, x, noise)
 
+        models = {"unet": unet, **{f"controlnet{k}": net for k, net in enumerate(nets)}}
+        return models, body
+
+    def step_constants(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start,
+                       control=None, stop=None):
+        models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
+        return hoisting.collect(models, body, start, (latents, sched_state)) if hoist else {}
+
+    def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None,
+                stop=None, constants=None):
+        models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
+        carry = (latents, sched_state)
         end = stop if partial else scheduler.num_steps(sched_state)
-        latents, state = jax.lax.fori_loop(start, end, body, (latents, sched_state))
+        if hoist and constants is None:
+            constants = hoisting.collect(models, body, start, carry)
+        with hoisting.use(models, constants) if hoist else contextlib.nullcontext():
+            latents, state = jax.lax.fori_loop(start, end, body, carry)
         return (latents, state) if partial else latents
 
+    if partial:
+        return Stepwise(jax.jit(step_constants), jax.jit(denoise))
     return jax.jit(denoise)
 
 
@@ -98,7 +131,8 @@ class CompiledLoops:
 
     def get(self, graphdef, scheduler, *, cfg: bool, partial: bool, args: tuple, control_graphdefs: tuple = (),
             guess_mode: bool = False):
-        """(executable, compiled_now) for these arguments (and ControlNet structures)."""
+        """(executable, compiled_now) for these arguments (and ControlNet structures);
+        a ``Stepwise`` of executables when ``partial``."""
         leaves = jax.tree.leaves(args)
         key = (graphdef, scheduler.cache_key, cfg, partial, control_graphdefs, guess_mode, jax.tree.structure(args),
                tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
@@ -106,11 +140,16 @@ class CompiledLoops:
             return self._executables[key], False
         fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, control_graphdefs=control_graphdefs,
                                guess_mode=guess_mode, partial=partial)
-        self._executables[key] = fn.lower(*args).compile()
+        if partial:
+            constants = fn.constants.lower(*args).compile()
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), constants.out_info)
+            self._executables[key] = Stepwise(constants, fn.step.lower(*args, shapes).compile())
+        else:
+            self._executables[key] = fn.lower(*args).compile()
         return self._executables[key], True
 
 
-def run_stepwise(partial_loop, args: tuple, start: int, stop: int,
+def run_stepwise(partial_loop: Stepwise, args: tuple, start: int, stop: int,
                  on_step: Callable[[jax.Array], None]) -> jax.Array:
     """Steps ``[start, stop)`` of a ``partial=True`` loop, one call each, calling
     ``on_step(latents)`` as each step finishes (a progress bar; the parity
@@ -119,9 +158,11 @@ def run_stepwise(partial_loop, args: tuple, start: int, stop: int,
     rescale, noise_key, start, control, stop)``. Step i + 1 is dispatched
     before waiting for step i, so the device never idles for the host."""
     params, state, latents, *rest = args
+    constants = partial_loop.constants(*args)
     pending = None
     for i in range(start, stop):
-        latents, state = partial_loop(params, state, latents, *rest[:5], jnp.int32(i), rest[6], jnp.int32(i + 1))
+        latents, state = partial_loop.step(params, state, latents, *rest[:5], jnp.int32(i), rest[6],
+                                           jnp.int32(i + 1), constants)
         if pending is not None:
             pending.block_until_ready()
             on_step(pending)
