@@ -211,42 +211,128 @@ def main():
     config, clip_dim, (hidden, n_tokens), pooled = CONFIGS[args.config]
     plus = (hidden, *PLUS_DIMS[args.config]) if args.adapter == "plus" else None
     jdtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
-    torch_unet, ip_state, unet, adapter = paired_models(config, clip_dim, jdtype, args.attention, plus)
-    scales = adapters.layer_scales(unet, 0.7)
-
-    sched = schedulers.make_scheduler("ddim", SCHEDULER)
-    graphdef, params = nnx.split(unet)
-    nets = paired_controlnets(torch_unet, args.controlnets, jdtype, args.attention) if args.controlnets else []
-    net_graphdefs, net_states = (tuple(zip(*(nnx.split(ours) for _, ours in nets))) if nets else ((), ()))
-    loop = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, hoist=not args.no_hoist)
     c = config["cross_attention_dim"]
+    sched = schedulers.make_scheduler("ddim", SCHEDULER)
+    # SDXL on CPU: both frameworks' float32 copies and the conversion do not fit in 24 GB, so
+    # PyTorch runs first, is freed, and JAX gets its own random weights (as bench/unet_forward.py).
+    separate = args.config == "sdxl" and args.device == "cpu" and not args.skip_torch
+    if separate and (args.controlnets or len(batches) > 1):
+        parser.error("--config sdxl on CPU runs the frameworks one after the other: one --batch, no --controlnets")
 
-    for batch in batches:
-        sched_state = sched.set_timesteps(args.steps, sample_shape=(batch, args.size, args.size, 4))
+    def inputs(batch: int) -> dict:
         rng = np.random.default_rng(batch)
-        noise = rng.standard_normal((batch, args.size, args.size, 4), dtype=np.float32)
-        text = rng.standard_normal((2 * batch, 77, c), dtype=np.float32)
+        out = dict(noise=rng.standard_normal((batch, args.size, args.size, 4), dtype=np.float32),
+                   text=rng.standard_normal((2 * batch, 77, c), dtype=np.float32))
         shape = (batch, n_tokens, hidden) if plus else (batch, clip_dim)
-        image_embeds = rng.standard_normal(shape, dtype=np.float32)
-        tokens = np.asarray(adapter.project(np.concatenate([np.zeros_like(image_embeds), image_embeds])))
-        prompt = adapters.image_prompt(adapter, tokens, scales)
-        added = None
+        out["image_embeds"] = rng.standard_normal(shape, dtype=np.float32)
+        out["added"] = None
         if pooled:
             px = 8 * args.size
-            added = {"text_embeds": rng.standard_normal((2 * batch, pooled), dtype=np.float32),
-                     "time_ids": np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (2 * batch, 1))}
-        cond = UNetConditioning(jnp.asarray(text), (prompt,),
-                                added_cond=None if added is None else {k: jnp.asarray(v) for k, v in added.items()})
-        hint = rng.uniform(0, 1, (batch, 8 * args.size, 8 * args.size, 3)).astype(np.float32)
-        control = ControlInputs(params=net_states, images=(jnp.asarray(hint),) * len(nets),
+            out["added"] = {"text_embeds": rng.standard_normal((2 * batch, pooled), dtype=np.float32),
+                            "time_ids": np.tile(np.array([[px, px, 0, 0, px, px]], np.float32), (2 * batch, 1))}
+        out["hint"] = rng.uniform(0, 1, (batch, 8 * args.size, 8 * args.size, 3)).astype(np.float32)
+        return out
+
+    def torch_timing(tu, t_nets, x: dict) -> tuple[dict, np.ndarray]:
+        """diffusers' loop on ``tu`` (IP-Adapter weights loaded, scale 0.7) and ``t_nets``."""
+        tdtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        tsched = DDIMScheduler.from_config(SCHEDULER)
+        t_text = torch.from_numpy(x["text"]).to(args.device, tdtype)
+        # The CFG batch [uncond x B; cond x B], one image per row: [2B, 1, D].
+        t_img = torch.from_numpy(np.concatenate([np.zeros_like(x["image_embeds"]), x["image_embeds"]])[:, None]).to(
+            args.device, tdtype)
+        t_added = {k: torch.from_numpy(v).to(args.device, tdtype) for k, v in (x["added"] or {}).items()}
+        t_hint = torch.from_numpy(np.concatenate([x["hint"], x["hint"]])).permute(0, 3, 1, 2).to(args.device, tdtype)
+        t_noise = torch.from_numpy(x["noise"]).permute(0, 3, 1, 2).to(args.device, tdtype)
+        last = {}
+
+        def residuals(model_in, t):
+            """diffusers' MultiControlNet: every net on the CFG batch, residuals summed."""
+            down, mid = None, None
+            for net in t_nets:
+                d, m = net(model_in, t, encoder_hidden_states=t_text, controlnet_cond=t_hint,
+                           conditioning_scale=1.0, added_cond_kwargs=t_added or None, return_dict=False)
+                down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+                mid = m if mid is None else mid + m
+            return ({} if down is None else
+                    dict(down_block_additional_residuals=down, mid_block_additional_residual=mid))
+
+        def torch_loop(steps=args.steps):
+            tsched.set_timesteps(steps)
+            latents = t_noise * tsched.init_noise_sigma
+            with torch.no_grad():
+                for t in tsched.timesteps:
+                    model_in = tsched.scale_model_input(torch.cat([latents] * 2), t)
+                    eps = tu(model_in, t, encoder_hidden_states=t_text, **residuals(model_in, t),
+                             added_cond_kwargs={"image_embeds": [t_img], **t_added}).sample
+                    u, cnd = eps.chunk(2)
+                    latents = tsched.step(u + 7.5 * (cnd - u), t, latents).prev_sample
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            last["torch"] = latents
+
+        warm = time_runs(lambda: torch_loop(1), 1)[0]    # one step warms up as well as a whole loop
+        torch_times = time_runs(torch_loop, args.runs)
+        fields = dict(torch_device=args.device, torch_dtype=str(tdtype).replace("torch.", ""),
+                      torch_warmup_s=round(warm, 3), torch_median_s=round(median(torch_times), 4),
+                      torch_times_s=[round(t, 4) for t in torch_times],
+                      torch_it_per_s=round(args.steps / median(torch_times), 3))
+        return fields, last["torch"].float().permute(0, 2, 3, 1).cpu().numpy()
+
+    def with_ip_adapter(tu):
+        tu._load_ip_adapter_weights([torch_ip_state(ip_state)], low_cpu_mem_usage=False)
+        for proc in tu.attn_processors.values():
+            if hasattr(proc, "scale"):
+                proc.scale = [0.7]
+        return tu.to(args.device, torch.float16 if args.device.startswith("cuda") else torch.float32)
+
+    torch_first = {}
+    if separate:
+        import gc
+        import tempfile as _tempfile
+
+        from safetensors.numpy import save_file
+
+        from ipadapter_jax.ip_adapter import load_ip_adapter
+        from ipadapter_jax.models import UNet2DConditionModel
+
+        torch.manual_seed(0)
+        torch_unet = TorchUNet(**config).eval()
+        ip_state = random_ip_adapter(torch_unet, clip_dim, plus=plus)
+        torch_first[batches[0]] = torch_timing(with_ip_adapter(torch_unet), [], inputs(batches[0]))[0]
+        del torch_unet
+        gc.collect()
+        unet = UNet2DConditionModel(config, dtype=jdtype, attention_backend=args.attention, rngs=nnx.Rngs(0))
+        with _tempfile.TemporaryDirectory() as tmp:
+            save_file(ip_state, f"{tmp}/ip.safetensors")
+            adapter = load_ip_adapter(f"{tmp}/ip.safetensors", unet)
+        nets = []
+    else:
+        torch_unet, ip_state, unet, adapter = paired_models(config, clip_dim, jdtype, args.attention, plus)
+        nets = paired_controlnets(torch_unet, args.controlnets, jdtype, args.attention) if args.controlnets else []
+    scales = adapters.layer_scales(unet, 0.7)
+    graphdef, params = nnx.split(unet)
+    net_graphdefs, net_states = (tuple(zip(*(nnx.split(ours) for _, ours in nets))) if nets else ((), ()))
+    loop = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, hoist=not args.no_hoist)
+
+    for batch in batches:
+        x = inputs(batch)
+        sched_state = sched.set_timesteps(args.steps, sample_shape=(batch, args.size, args.size, 4))
+        image_embeds = x["image_embeds"]
+        tokens = np.asarray(adapter.project(np.concatenate([np.zeros_like(image_embeds), image_embeds])))
+        prompt = adapters.image_prompt(adapter, tokens, scales)
+        cond = UNetConditioning(jnp.asarray(x["text"]), (prompt,), added_cond=None if x["added"] is None else
+                                {k: jnp.asarray(v) for k, v in x["added"].items()})
+        control = ControlInputs(params=net_states, images=(jnp.asarray(x["hint"]),) * len(nets),
                                 scales=jnp.ones((len(nets), args.steps), jnp.float32)) if nets else None
-        jargs = (params, sched_state, jnp.asarray(noise) * sched.init_noise_sigma(sched_state),
+        jargs = (params, sched_state, jnp.asarray(x["noise"]) * sched.init_noise_sigma(sched_state),
                  cond, jnp.ones((1, args.steps), jnp.float32),
                  jnp.float32(7.5), jnp.float32(0.0),
                  jax.random.key(0), jnp.int32(0), control)
         last = {}
 
-        # Compiled ahead of time (the first call's compile timed apart, without a whole extra loop run).
+        # Compiled ahead of time (timed apart), then one untimed run: the first execution pays
+        # one-off costs (page faults of fresh buffers) that a single timed run would otherwise carry.
         t0 = time.perf_counter()
         compiled = loop.lower(*jargs).compile()
         compile_s = time.perf_counter() - t0
@@ -254,16 +340,19 @@ def main():
         def jax_loop():
             last["jax"] = compiled(*jargs).block_until_ready()
 
+        warm_s = time_runs(jax_loop, 1)[0]
         jax_times = time_runs(jax_loop, args.runs)
         jax_latents = np.asarray(last["jax"], np.float32)
         record = dict(config=args.config, adapter=args.adapter, controlnets=args.controlnets,
                       attention=args.attention, batch=batch, hoist=not args.no_hoist,
                       latent=args.size, steps=args.steps, dtype=args.dtype,
-                      runs=args.runs, jax_first_call_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
+                      runs=args.runs, jax_first_call_s=round(compile_s + warm_s, 3),
+                      jax_compile_s=round(compile_s, 3), jax_median_s=round(median(jax_times), 4),
                       jax_times_s=[round(t, 4) for t in jax_times], jax_it_per_s=round(args.steps / median(jax_times), 3))
         if args.compare_hoist:
             plain = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs,
                                       hoist=args.no_hoist).lower(*jargs).compile()
+            plain(*jargs).block_until_ready()
             plain_times = time_runs(lambda: plain(*jargs).block_until_ready(), args.runs)
             other = "hoist" if args.no_hoist else "nohoist"
             record.update({f"jax_{other}_median_s": round(median(plain_times), 4),
@@ -282,60 +371,17 @@ def main():
             if peak:
                 record["jax_mfu"] = round(flops / median(jax_times) / peak, 3)
 
-        if not args.skip_torch:
-            tdtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+        if batch in torch_first:   # PyTorch ran first, on its own weights: no latents comparison
+            record.update(torch_first[batch], separate_weights=True)
+        elif not args.skip_torch:
             tu = TorchUNet(**config).eval()
             tu.load_state_dict(torch_unet.state_dict())
-            tu._load_ip_adapter_weights([torch_ip_state(ip_state)], low_cpu_mem_usage=False)
-            for proc in tu.attn_processors.values():
-                if hasattr(proc, "scale"):
-                    proc.scale = [0.7]
-            tu = tu.to(args.device, tdtype)
-            tsched = DDIMScheduler.from_config(SCHEDULER)
-            t_text = torch.from_numpy(text).to(args.device, tdtype)
-            # The CFG batch [uncond x B; cond x B], one image per row: [2B, 1, D].
-            t_img = torch.from_numpy(np.concatenate([np.zeros_like(image_embeds), image_embeds])[:, None]).to(
-                args.device, tdtype)
-            t_added = {k: torch.from_numpy(v).to(args.device, tdtype) for k, v in (added or {}).items()}
-            t_nets = [net.to(args.device, tdtype) for net, _ in nets]
-            t_hint = torch.from_numpy(np.concatenate([hint, hint])).permute(0, 3, 1, 2).to(args.device, tdtype)
-
-            def residuals(model_in, t):
-                """diffusers' MultiControlNet: every net on the CFG batch, residuals summed."""
-                down, mid = None, None
-                for net in t_nets:
-                    d, m = net(model_in, t, encoder_hidden_states=t_text, controlnet_cond=t_hint,
-                               conditioning_scale=1.0, added_cond_kwargs=t_added or None, return_dict=False)
-                    down = list(d) if down is None else [a + b for a, b in zip(down, d)]
-                    mid = m if mid is None else mid + m
-                return ({} if down is None else
-                        dict(down_block_additional_residuals=down, mid_block_additional_residual=mid))
-            t_noise = torch.from_numpy(noise).permute(0, 3, 1, 2).to(args.device, tdtype)
-
-            def torch_loop(steps=args.steps):
-                tsched.set_timesteps(steps)
-                latents = t_noise * tsched.init_noise_sigma
-                with torch.no_grad():
-                    for t in tsched.timesteps:
-                        model_in = tsched.scale_model_input(torch.cat([latents] * 2), t)
-                        eps = tu(model_in, t, encoder_hidden_states=t_text, **residuals(model_in, t),
-                                 added_cond_kwargs={"image_embeds": [t_img], **t_added}).sample
-                        u, cnd = eps.chunk(2)
-                        latents = tsched.step(u + 7.5 * (cnd - u), t, latents).prev_sample
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                last["torch"] = latents
-
-            warm = time_runs(lambda: torch_loop(1), 1)[0]    # one step warms up as well as a whole loop
-            torch_times = time_runs(torch_loop, args.runs)
-            torch_latents = last["torch"].float().permute(0, 2, 3, 1).cpu().numpy()
-            record.update(torch_device=args.device, torch_dtype=str(tdtype).replace("torch.", ""),
-                          torch_warmup_s=round(warm, 3), torch_median_s=round(median(torch_times), 4),
-                          torch_times_s=[round(t, 4) for t in torch_times],
-                          torch_it_per_s=round(args.steps / median(torch_times), 3),
-                          speedup_jax_over_torch=round(median(torch_times) / median(jax_times), 3),
-                          latents_rel_diff=float(np.linalg.norm(jax_latents - torch_latents)
-                                                 / np.linalg.norm(torch_latents)))
+            fields, torch_latents = torch_timing(with_ip_adapter(tu), [net.to(args.device, tu.dtype) for net, _ in nets],
+                                                 x)
+            record.update(fields, latents_rel_diff=float(np.linalg.norm(jax_latents - torch_latents)
+                                                          / np.linalg.norm(torch_latents)))
+        if "torch_median_s" in record:
+            record["speedup_jax_over_torch"] = round(record["torch_median_s"] / median(jax_times), 3)
         report("sampling", record)
 
 

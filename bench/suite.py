@@ -34,12 +34,24 @@ SETS = {
         ("unet_forward", ["--config", "small", "--batch", "2", "--runs", "5"]),
         ("sampling", ["--config", "small", "--size", "8", "--steps", "20", "--runs", "5"]),
         ("sampling", ["--config", "sd15", "--size", "64", "--steps", "3", "--runs", "1"]),
+        # The loop's cost per step without its fixed costs: (30-step time - 10-step time) / 20, per side.
+        ("sampling", ["--config", "sd15", "--size", "64", "--steps", "10", "--runs", "1", "--compare-hoist"]),
+        ("sampling", ["--config", "sd15", "--size", "64", "--steps", "30", "--runs", "1"]),
         ("train_step", ["--config", "small", "--size", "32", "--batch", "1", "--runs", "5"]),
         ("train_step", ["--config", "sd15", "--size", "32", "--batch", "1", "--runs", "2"]),
         ("vae_decode", ["--size", "64", "--batch", "1", "--runs", "3"]),
         ("clip_vision", ["--batch", "1", "--runs", "5"]),
         # One SD 1.5 denoising step (CFG) with a ControlNet + IP-Adapter at 512 px (issue: ControlNet).
-        ("sampling", ["--config", "sd15", "--controlnets", "1", "--size", "64", "--steps", "1", "--runs", "3"]),
+        ("sampling", ["--config", "sd15", "--controlnets", "1", "--size", "64", "--steps", "1", "--runs", "3",
+                      "--compare-hoist"]),
+    ],
+    # The denoising loop against the bare forward (issue: hoisting), the cpu set's rows for it.
+    "cpu-loop": [
+        ("unet_forward", ["--config", "sd15", "--batch", "2", "--runs", "3"]),
+        ("sampling", ["--config", "sd15", "--size", "64", "--steps", "10", "--runs", "1", "--compare-hoist"]),
+        ("sampling", ["--config", "sd15", "--size", "64", "--steps", "30", "--runs", "1"]),
+        ("sampling", ["--config", "sd15", "--controlnets", "1", "--size", "64", "--steps", "1", "--runs", "3",
+                      "--compare-hoist"]),
     ],
     "gpu": [
         ("unet_forward", ["--config", "sd15", "--batch", "2", "--dtype", "bfloat16", "--torch-dtype", "float16",
@@ -67,6 +79,8 @@ SETS = {
     # SDXL base on CPU: batch 2 (one CFG step) at 1024 px; independent weights per framework (see unet_forward).
     "cpu-sdxl": [
         ("unet_forward", ["--config", "sdxl", "--size", "128", "--batch", "2", "--runs", "2"]),
+        # The 2-step loop with CFG + a base adapter at 1024 px (PyTorch first, then JAX: see sampling.py).
+        ("sampling", ["--config", "sdxl", "--size", "128", "--steps", "2", "--runs", "1"]),
     ],
     "gpu-extra": [
         # sample.py's progress bar: the loop one jitted step per call (no host callback), its cost per step.
@@ -91,6 +105,7 @@ SETS = {
 # How each set is run (the GPU sets through bench/gpu.sh, which installs carried wheels first).
 COMMANDS = {"cpu": "python bench/suite.py", "gpu": "bash bench/gpu.sh",
             "gpu-sdxl": "bash bench/gpu.sh (after the gpu set)", "cpu-sdxl": "python bench/suite.py --set cpu-sdxl",
+            "cpu-loop": "python bench/suite.py --set cpu-loop",
             "gpu-extra": "bash bench/gpu.sh (after the gpu set)"}
 
 
@@ -161,6 +176,10 @@ def _extra(r: dict) -> str:
     env = [w for w in r.get("command", "").split() if "=" in w and not w.startswith("-")]
     if env:
         parts.append("env " + " ".join(f"`{w}`" for w in env))
+    if "jax_nohoist_median_s" in r:
+        parts.append(f"JAX without hoisting {_fmt_s(r['jax_nohoist_median_s'])}")
+    if r.get("separate_weights"):
+        parts.append("each framework its own random weights (no latents comparison)")
     if "jax_peak_memory_gib" in r:
         parts.append(f"peak {r['jax_peak_memory_gib']} GiB")
     for key in ("latents_rel_diff", "rel_diff"):

@@ -42,8 +42,8 @@ _SCOPE: contextvars.ContextVar = contextvars.ContextVar("hoisting", default=None
 # Memory caps (bytes) per kind of hoisted value: when the values of a kind exceed their cap
 # together, none of that kind is hoisted (computed at every step, as without hoisting).
 # Winograd-transformed kernels are 16/9 (F(2x2)) to 4x (F(4x4)) the size of their 3x3 kernels:
-# 2.6 GB for SD 1.5 at 512 px, where they saved ~3.5% of a step; SDXL's would not fit beside
-# the model in a 24 GB machine (BENCHMARKS.md, "The denoising loop: what is hoisted").
+# SD 1.5's at 512 px fit under the cap, SDXL's at 1024 px do not (sizes, gains and peaks in
+# BENCHMARKS.md, "The denoising loop: what is hoisted").
 BUDGETS = {"winograd": 3 << 30}
 
 
