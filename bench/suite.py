@@ -57,7 +57,7 @@ SETS = {
         ("unet_forward", ["--config", "sd15", "--batch", "2", "--dtype", "bfloat16", "--torch-dtype", "float16",
                           "--device", "cuda", "--runs", "10"]),
         ("sampling", ["--config", "sd15", "--steps", "50", "--batch", "1", "--batch", "8", "--dtype", "bfloat16",
-                      "--device", "cuda", "--runs", "3"]),
+                      "--device", "cuda", "--runs", "3", "--compare-hoist"]),
         ("train_step", ["--config", "sd15", "--size", "64", "--batch", "8", "--dtype", "bfloat16",
                         "--device", "cuda", "--runs", "5"]),
     ],

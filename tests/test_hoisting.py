@@ -93,7 +93,13 @@ def _run(unet, net, sched, args, *, hoist: bool, guess_mode: bool = False):
     return np.asarray(loop(*args))
 
 
-def test_hoisted_loop_is_the_per_step_loop_and_hoists_every_constant(models):
+@pytest.fixture
+def short_loops_hoist_winograd(monkeypatch):
+    """These loops are shorter than hoisting's MIN_STEPS for Winograd transforms: hoist them anyway."""
+    monkeypatch.setitem(hoisting.MIN_STEPS, "winograd", STEPS)
+
+
+def test_hoisted_loop_is_the_per_step_loop_and_hoists_every_constant(models, short_loops_hoist_winograd):
     unet, adapter, net = models
     sched, args = _args(unet, adapter, net)
     hoisted = _run(unet, net, sched, args, hoist=True)
@@ -128,7 +134,7 @@ def _cross_attention_paths(net) -> list[str]:
             if path and path[-1] == "attn2"]
 
 
-def test_guess_mode_and_masks_hoist_too(models):
+def test_guess_mode_and_masks_hoist_too(models, short_loops_hoist_winograd):
     unet, adapter, net = models
     sched, args = _args(unet, adapter, net, masks=True)
     for guess_mode in (False, True):
@@ -137,7 +143,7 @@ def test_guess_mode_and_masks_hoist_too(models):
         assert rel_err(hoisted, plain) <= SAME
 
 
-def test_bfloat16_loop_hoists_its_casts():
+def test_bfloat16_loop_hoists_its_casts(short_loops_hoist_winograd):
     """Under a bfloat16 UNet the text context is cast before its K/V: a chain of hoisted values."""
     unet, adapter, net = _models(jnp.bfloat16)
     sched, args = _args(unet, adapter, net)
@@ -188,12 +194,23 @@ def test_a_key_met_twice_with_other_arguments_is_computed_in_place():
     assert int(hoisted) == 1
 
 
-def test_winograd_kernels_beyond_the_memory_budget_stay_in_the_step(models, monkeypatch):
+@pytest.mark.parametrize("limit", ["memory", "steps"])
+def test_winograd_kernels_beyond_the_budget_or_in_short_loops_stay_in_the_step(models, monkeypatch, limit):
     unet, adapter, net = models
     sched, args = _args(unet, adapter, net)
-    monkeypatch.setitem(hoisting.BUDGETS, "winograd", 0)
-    stepwise = make_denoise_loop(nnx.graphdef(unet), sched, cfg=True, control_graphdefs=(nnx.graphdef(net),),
-                                 partial=True)
-    keys = set(stepwise.constants(*args, jnp.int32(1)))
+
+    def constants():   # a new jitted function each time: the limits are read when it is traced
+        stepwise = make_denoise_loop(nnx.graphdef(unet), sched, cfg=True, control_graphdefs=(nnx.graphdef(net),),
+                                     partial=True)
+        return set(stepwise.constants(*args, jnp.int32(1)))
+
+    monkeypatch.setitem(hoisting.MIN_STEPS, "winograd", STEPS)
+    assert any(":winograd" in k for k in constants())   # the test can fail
+    if limit == "memory":
+        monkeypatch.setitem(hoisting.BUDGETS, "winograd", 0)
+    else:
+        monkeypatch.setitem(hoisting.MIN_STEPS, "winograd", STEPS + 1)
+    keys = constants()
     assert not any(":winograd" in k for k in keys) and "unet:context" in keys
-    assert rel_err(_run(unet, net, sched, args, hoist=True), _run(unet, net, sched, args, hoist=False)) <= SAME
+    if limit == "memory":
+        assert rel_err(_run(unet, net, sched, args, hoist=True), _run(unet, net, sched, args, hoist=False)) <= SAME

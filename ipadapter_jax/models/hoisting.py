@@ -39,12 +39,15 @@ from flax import nnx
 
 _SCOPE: contextvars.ContextVar = contextvars.ContextVar("hoisting", default=None)
 
-# Memory caps (bytes) per kind of hoisted value: when the values of a kind exceed their cap
-# together, none of that kind is hoisted (computed at every step, as without hoisting).
-# Winograd-transformed kernels are 16/9 (F(2x2)) to 4x (F(4x4)) the size of their 3x3 kernels:
-# SD 1.5's at 512 px fit under the cap, SDXL's at 1024 px do not (sizes, gains and peaks in
-# BENCHMARKS.md, "The denoising loop: what is hoisted").
+# Per kind of hoisted value, a memory cap (bytes) and the fewest loop steps: when the values
+# of a kind exceed their cap together, or the loop has fewer steps, none of that kind is
+# hoisted (each is computed in the step, as without hoisting). Winograd-transformed kernels are
+# 16/9 (F(2x2)) to 4x (F(4x4)) the size of their 3x3 kernels: SD 1.5's at 512 px fit under the
+# cap, SDXL's at 1024 px do not; writing them costs more than a step saves, so short loops
+# keep them in the step (sizes, gains and costs in BENCHMARKS.md, "The denoising loop: what
+# is hoisted").
 BUDGETS = {"winograd": 3 << 30}
+MIN_STEPS = {"winograd": 8}
 
 
 def module_paths(models: dict[str, Any]) -> dict[int, str]:
@@ -61,8 +64,9 @@ def module_paths(models: dict[str, Any]) -> dict[int, str]:
 class Plan:
     """The marked calls of one traced step (``collect``), then their values."""
 
-    def __init__(self, models: dict[str, Any]):
+    def __init__(self, models: dict[str, Any], steps: int | None = None):
         self._paths = module_paths(models)
+        self.steps = steps
         self.records: dict[str, tuple[Callable, tuple, Any]] = {}
         self.ambiguous: set[str] = set()
         self._inside = False
@@ -94,12 +98,14 @@ class Plan:
         return result
 
     def over_budget(self) -> set[str]:
-        """Keys of the kinds whose values together exceed their ``BUDGETS`` cap."""
+        """Keys of the kinds whose values together exceed their ``BUDGETS`` cap, or
+        that need more loop steps (``MIN_STEPS``) than ``steps``."""
         totals: dict[str, int] = {}
         for key, kind in self.budgets.items():
             totals[kind] = totals.get(kind, 0) + sum(leaf.size * leaf.dtype.itemsize
                                                      for leaf in jax.tree.leaves(self.records[key][2]))
-        over = {kind for kind, total in totals.items() if total > BUDGETS.get(kind, 0)}
+        over = {kind for kind, total in totals.items() if total > BUDGETS.get(kind, 0)
+                or (self.steps is not None and self.steps < MIN_STEPS.get(kind, 0))}
         return {key for key, kind in self.budgets.items() if kind in over}
 
     def compute(self) -> dict[str, Any]:
@@ -141,7 +147,7 @@ def constant(owner, tag: str, fn: Callable, *args, budget: str | None = None, fa
 
     ``owner``: the module doing the work (its path names the value); ``tag``:
     which of its values; ``args``: loop invariants only (see the module doc);
-    ``budget``: the ``BUDGETS`` kind whose memory cap the value counts against;
+    ``budget``: the kind (``BUDGETS``, ``MIN_STEPS``) the value counts against;
     ``fallback``: how the step computes it when it is not hoisted (default ``fn``)."""
     scope = _SCOPE.get()
     if scope is None:
@@ -165,10 +171,11 @@ def _scope(scope) -> Iterator:
         _SCOPE.reset(token)
 
 
-def collect(models: dict[str, Any], step: Callable, *args) -> dict[str, Any]:
+def collect(models: dict[str, Any], step: Callable, *args, steps: int | None = None) -> dict[str, Any]:
     """Trace ``step(*args)`` abstractly over ``models`` (``{name: module}``) and
-    return the values of its marked calls, computed in the current trace."""
-    plan = Plan(models)
+    return the values of its marked calls, computed in the current trace;
+    ``steps``: how many times the loop runs the step (for ``MIN_STEPS``)."""
+    plan = Plan(models, steps)
     with _scope(plan):
         jax.eval_shape(step, *args)
     return plan.compute()

@@ -58,10 +58,11 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
     ``control`` is a ``ControlInputs`` and their residuals join each step's
     conditioning.
 
-    ``hoist`` (default): what is the same at every step (Winograd kernel
-    transforms, text and image-token K/V, control-image embeddings, SDXL's
-    added embedding) is computed once before the loop; ``False`` recomputes it
-    at every step, as diffusers does (same math; for benchmarks).
+    ``hoist`` (default): what is the same at every step (text and image-token
+    K/V, control-image embeddings, SDXL's added embedding, and Winograd kernel
+    transforms within ``hoisting.BUDGETS`` / ``MIN_STEPS``) is computed once
+    before the loop; ``False`` recomputes it at every step, as diffusers does
+    (same math; for benchmarks).
 
     ``partial=True``: a ``Stepwise``: ``step(..., start, control, stop,
     constants) -> (latents, sched_state)`` runs steps ``[start, stop)`` only and
@@ -97,7 +98,8 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
     def step_constants(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start,
                        control=None, stop=None):
         models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
-        return hoisting.collect(models, body, start, (latents, sched_state)) if hoist else {}
+        return (hoisting.collect(models, body, start, (latents, sched_state), steps=scheduler.num_steps(sched_state))
+                if hoist else {})
 
     def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None,
                 stop=None, constants=None):
@@ -105,7 +107,7 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
         carry = (latents, sched_state)
         end = stop if partial else scheduler.num_steps(sched_state)
         if hoist and constants is None:
-            constants = hoisting.collect(models, body, start, carry)
+            constants = hoisting.collect(models, body, start, carry, steps=scheduler.num_steps(sched_state))
         with hoisting.use(models, constants) if hoist else contextlib.nullcontext():
             latents, state = jax.lax.fori_loop(start, end, body, carry)
         return (latents, state) if partial else latents
