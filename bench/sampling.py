@@ -6,7 +6,7 @@
     python bench/sampling.py --config sdxl --adapter plus --size 128 --steps 30 --batch 1 --batch 4 \
         --dtype bfloat16 --device cuda                               # SDXL 1024 px + Plus adapter (GPU)
 
-Both frameworks get the same random weights (UNet and a base IP-Adapter in the official format), the same
+Both frameworks get the same random weights (except SDXL on CPU: each its own, see ``separate``) (UNet and a base IP-Adapter in the official format), the same
 text/image embeddings and the same initial noise. diffusers runs the loop StableDiffusionPipeline runs
 (scale_model_input, UNet with IP-Adapter processors, CFG, DDIM step) in float32 on CPU, or float16 with SDPA on
 CUDA; JAX runs its single jitted ``fori_loop`` (compile time reported apart). it/s counts denoising steps
@@ -153,7 +153,8 @@ def progress_record(graphdef, sched, net_graphdefs, jargs: tuple, args, whole_s:
     from ipadapter_jax.pipeline import make_denoise_loop
     from ipadapter_jax.pipeline.denoise import run_stepwise
 
-    step = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, partial=True)
+    step = make_denoise_loop(graphdef, sched, cfg=True, control_graphdefs=net_graphdefs, partial=True,
+                             hoist=not args.no_hoist)
     out = {}
     args_ = (*jargs[:9], jargs[9], jnp.int32(1))   # (..., start, control, stop), as the pipeline passes them
 
@@ -376,8 +377,8 @@ def main():
         elif not args.skip_torch:
             tu = TorchUNet(**config).eval()
             tu.load_state_dict(torch_unet.state_dict())
-            fields, torch_latents = torch_timing(with_ip_adapter(tu), [net.to(args.device, tu.dtype) for net, _ in nets],
-                                                 x)
+            tdtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+            fields, torch_latents = torch_timing(with_ip_adapter(tu), [net.to(args.device, tdtype) for net, _ in nets], x)
             record.update(fields, latents_rel_diff=float(np.linalg.norm(jax_latents - torch_latents)
                                                           / np.linalg.norm(torch_latents)))
         if "torch_median_s" in record:

@@ -332,10 +332,14 @@ pipe = StableDiffusionPipeline.from_pretrained({sd!r}, image_encoder={enc!r})
 pipe.load_ip_adapter({adapter!r})
 pipe.load_ip_adapter({plus!r})
 pipe.load_controlnet({cn!r})
-out = pipe("a red circle", ip_adapter_prompts=[ImagePromptSpec(images=[{image!r}], scale=0.7, masks=[{mask!r}]),
-                                               ImagePromptSpec(images=[{image!r}], scale=0.4, start=0.2)],
-           controlnet_inputs=[ControlNetSpec({control!r}, scale=0.9, start=0.1, end=0.8)],
-           num_inference_steps=5, height=16, width=16, num_images=8, seed=1, init_image={image!r}, strength=0.7)
+call = dict(ip_adapter_prompts=[ImagePromptSpec(images=[{image!r}], scale=0.7, masks=[{mask!r}]),
+                                ImagePromptSpec(images=[{image!r}], scale=0.4, start=0.2)],
+            controlnet_inputs=[ControlNetSpec({control!r}, scale=0.9, start=0.1, end=0.8)],
+            num_inference_steps=5, height=16, width=16, num_images=8, seed=1, init_image={image!r}, strength=0.7)
+out = pipe("a red circle", **call)
+# Step by step (the progress bar): the hoisted values computed in one call, sharded as the loop's.
+stepped = pipe("a red circle", progress=True, **call)
+assert np.array_equal(stepped.latents, out.latents), np.abs(stepped.latents - out.latents).max()
 np.save({out!r}, out.latents)
 print(jax.device_count())
 """
@@ -343,8 +347,9 @@ print(jax.device_count())
 
 def test_with_img2img_masks_two_adapters_and_the_mesh(paths, tmp_path):
     """ControlNet + img2img + a masked adapter + a gated second adapter: the
-    same call on 8 virtual CPU devices (batch split over the data axis) and on
-    1 device agree; bfloat16 compute stays close to float32."""
+    same call on 8 virtual CPU devices (batch split over the data axis, whole
+    loop and step by step) and on 1 device agree; bfloat16 compute stays close
+    to float32."""
     from PIL import Image
 
     mask = np.zeros((16, 16), np.uint8)

@@ -214,3 +214,13 @@ def test_winograd_kernels_beyond_the_budget_or_in_short_loops_stay_in_the_step(m
     assert not any(":winograd" in k for k in keys) and "unet:context" in keys
     if limit == "memory":
         assert rel_err(_run(unet, net, sched, args, hoist=True), _run(unet, net, sched, args, hoist=False)) <= SAME
+
+
+def test_a_unet_built_for_training_with_remat_samples_the_same(models, monkeypatch):
+    """Rematerialisation is for gradients: inside a denoising loop it is off (its checkpoint
+    trace would otherwise hold the hoisted values' inputs)."""
+    unet, adapter, net = models
+    sched, args = _args(unet, adapter, net)
+    expected = _run(unet, net, sched, args, hoist=True)
+    monkeypatch.setattr(unet, "remat", "full")
+    assert rel_err(_run(unet, net, sched, args, hoist=True), expected) <= SAME

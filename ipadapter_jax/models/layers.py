@@ -140,7 +140,7 @@ class Conv(nnx.Conv):
             return super().__call__(inputs)
         if path.startswith("winograd") and hoisting.active():
             # Inside a denoising loop the transformed kernel is computed once per call (within
-            # hoisting's memory budget; otherwise here, tied to the input as winograd.conv does).
+            # hoisting's BUDGETS and MIN_STEPS; otherwise here, tied to the input as winograd.conv does).
             tile = int(path[len("winograd"):])
             x = inputs.astype(dtype)
             u = hoisting.constant(self, path, lambda k: winograd.transform_kernel(k.astype(dtype), tile),

@@ -667,7 +667,9 @@ class UNet2DConditionModel(PretrainedMixin, nnx.Module):
         emb = self.time_conditioning(timesteps, sample.shape[0], cond.added_cond)
 
         # Rematerialisation per UNet block (jax.checkpoint): training memory for compute.
-        policy = remat_policy(self.remat)
+        # Sampling takes no gradient: no remat inside a denoising loop (whose hoisted values would
+        # otherwise be computed inside a checkpoint's trace).
+        policy = None if hoisting.active() else remat_policy(self.remat)
         if policy is None:
             run = lambda fn, *a: fn(*a)
         else:

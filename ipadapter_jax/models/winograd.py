@@ -78,8 +78,8 @@ def transform_kernel(kernel: jax.Array, tile: int, zero: jax.Array | None = None
 
     Inside a jitted function whose kernel is an argument this runs on every call: a
     memory pass writing (m + 2)^2 / 9 times the kernel, cheap at 320 channels, a large
-    share at 1280 (BENCHMARKS.md, "3x3 convolutions on CPU"); the denoising loop runs it
-    once before its steps (``ipadapter_jax.models.hoisting``).
+    share at 1280 (BENCHMARKS.md, "3x3 convolutions on CPU"); a long enough denoising loop
+    runs it once before its steps, within a memory budget (``ipadapter_jax.models.hoisting``).
     ``zero``, an exact scalar 0 computed from other data, is added to the small
     transform matrix: the result then depends on that data (see ``conv``)."""
     # One [a*a, 9] x [9, C_in * C_out] matmul: as fast as writing u at all (measured),
@@ -157,7 +157,7 @@ def tied_zero(x: jax.Array, dtype) -> jax.Array:
     transformed kernel at the start of the program and keeps them all live: the SD1.5
     UNet's temporary memory went from 0.25 to 2.6 GiB (0.44 with this); it also dropped
     lax.optimization_barrier. 0 * (x0 != x0): no NaN from x, no gradient. Added to the
-    kernel itself it cost a pass over every kernel. (A denoising loop computes the
-    transforms once before its steps instead, see ``ipadapter_jax.models.hoisting``.)"""
+    kernel itself it cost a pass over every kernel. (A long enough denoising loop
+    computes the transforms once before its steps instead, see ``ipadapter_jax.models.hoisting``.)"""
     x0 = x[(0,) * x.ndim]
     return jnp.zeros((), dtype) * (x0 != x0).astype(dtype)

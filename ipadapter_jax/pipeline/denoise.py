@@ -144,7 +144,9 @@ class CompiledLoops:
                                guess_mode=guess_mode, partial=partial)
         if partial:
             constants = fn.constants.lower(*args).compile()
-            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), constants.out_info)
+            # With their shardings: on a mesh the step is compiled for the values it will be given.
+            shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                  constants.out_info)
             self._executables[key] = Stepwise(constants, fn.step.lower(*args, shapes).compile())
         else:
             self._executables[key] = fn.lower(*args).compile()
