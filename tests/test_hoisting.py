@@ -56,6 +56,12 @@ def _models(dtype=jnp.float32):
     return unet, adapter, net
 
 
+@pytest.fixture(autouse=True)
+def small_models_hoist(monkeypatch):
+    """These models are far under hoisting's MIN_MODEL_BYTES: hoist anyway."""
+    monkeypatch.setattr(hoisting, "MIN_MODEL_BYTES", 0)
+
+
 @pytest.fixture(scope="module")
 def models():
     return _models()
@@ -224,3 +230,14 @@ def test_a_unet_built_for_training_with_remat_samples_the_same(models, monkeypat
     expected = _run(unet, net, sched, args, hoist=True)
     monkeypatch.setattr(unet, "remat", "full")
     assert rel_err(_run(unet, net, sched, args, hoist=True), expected) <= SAME
+
+
+def test_small_models_hoist_nothing(models, monkeypatch):
+    unet, adapter, net = models
+    sched, args = _args(unet, adapter, net)
+    monkeypatch.setattr(hoisting, "MIN_MODEL_BYTES", 1 << 40)
+    stepwise = make_denoise_loop(nnx.graphdef(unet), sched, cfg=True, control_graphdefs=(nnx.graphdef(net),),
+                                 partial=True)
+    assert stepwise.constants(*args, jnp.int32(1)) == {}
+    stepped = run_stepwise(stepwise, args + (jnp.int32(1),), 0, STEPS, lambda _: None)
+    np.testing.assert_array_equal(np.asarray(stepped), _run(unet, net, sched, args, hoist=True))

@@ -48,6 +48,16 @@ _SCOPE: contextvars.ContextVar = contextvars.ContextVar("hoisting", default=None
 # is hoisted").
 BUDGETS = {"winograd": 3 << 30}
 MIN_STEPS = {"winograd": 8}
+# Loops over fewer parameter bytes than this (all their models together) hoist nothing: what
+# they could hoist is tiny, and finding it traces the step once more, which cost the embedded
+# demo model's warm second run more compile time than it saved (BENCHMARKS.md, same section).
+MIN_MODEL_BYTES = 64 << 20
+
+
+def worth_hoisting(*states) -> bool:
+    """Whether a loop over models with these parameter states is large enough to hoist."""
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(states)
+               if hasattr(leaf, "dtype")) >= MIN_MODEL_BYTES
 
 
 def module_paths(models: dict[str, Any]) -> dict[int, str]:

@@ -61,7 +61,7 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
     ``hoist`` (default): what is the same at every step (text and image-token
     K/V, control-image embeddings, SDXL's added embedding, and Winograd kernel
     transforms within ``hoisting.BUDGETS`` / ``MIN_STEPS``) is computed once
-    before the loop; ``False`` recomputes it at every step, as diffusers does
+    before the loop (models under ``hoisting.MIN_MODEL_BYTES`` hoist nothing); ``False`` recomputes it at every step, as diffusers does
     (same math; for benchmarks).
 
     ``partial=True``: a ``Stepwise``: ``step(..., start, control, stop,
@@ -98,8 +98,9 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
     def step_constants(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start,
                        control=None, stop=None):
         models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
-        return (hoisting.collect(models, body, start, (latents, sched_state), steps=scheduler.num_steps(sched_state))
-                if hoist else {})
+        if not (hoist and hoisting.worth_hoisting(params, control)):
+            return {}
+        return hoisting.collect(models, body, start, (latents, sched_state), steps=scheduler.num_steps(sched_state))
 
     def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None,
                 stop=None, constants=None):
@@ -107,7 +108,8 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
         carry = (latents, sched_state)
         end = stop if partial else scheduler.num_steps(sched_state)
         if hoist and constants is None:
-            constants = hoisting.collect(models, body, start, carry, steps=scheduler.num_steps(sched_state))
+            constants = (hoisting.collect(models, body, start, carry, steps=scheduler.num_steps(sched_state))
+                         if hoisting.worth_hoisting(params, control) else {})
         with hoisting.use(models, constants) if hoist else contextlib.nullcontext():
             latents, state = jax.lax.fori_loop(start, end, body, carry)
         return (latents, state) if partial else latents
@@ -142,7 +144,9 @@ class CompiledLoops:
             return self._executables[key], False
         fn = make_denoise_loop(graphdef, scheduler, cfg=cfg, control_graphdefs=control_graphdefs,
                                guess_mode=guess_mode, partial=partial)
-        if partial:
+        if partial and not hoisting.worth_hoisting(args[0], args[9]):   # nothing to compute once
+            self._executables[key] = Stepwise(lambda *_: {}, fn.step.lower(*args, {}).compile())
+        elif partial:
             constants = fn.constants.lower(*args).compile()
             # With their shardings: on a mesh the step is compiled for the values it will be given.
             shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
