@@ -54,6 +54,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # decoupled: the paper's separate image K/V; concat: the "simple adapter" ablation (image tokens
     # appended to the text tokens of the frozen cross-attention; train only model.image_proj then).
     c.step.image_conditioning = "decoupled"
+    # The paper's condition dropout (section 4.1.2), one uniform draw per sample: the image alone, the
+    # caption alone, or both (what classifier-free guidance needs); the three sum to at most 1.
+    c.step.image_drop_rate = 0.05
+    c.step.text_drop_rate = 0.05
+    c.step.both_drop_rate = 0.05
+    c.step.noise_offset = 0.0            # the official --noise_offset (0: off)
+    c.step.snr_gamma = 0.0               # min-SNR-gamma loss weighting, e.g. 5.0 (0: plain MSE, the paper)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1_000_000

@@ -183,3 +183,65 @@ def test_remat_gives_the_same_gradients_with_less_memory(setup):
     assert results[True][2] <= results["dots"][2], (results[True][2], results["dots"][2])
     with pytest.raises(ValueError, match="selective"):
         remat_policy("selective")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_gamma_weighting_is_diffusers_scripts(prediction_type):
+    """``snr_gamma`` weights each sample's MSE as diffusers' training scripts do (``--snr_gamma``,
+    ``training_utils.compute_snr``); 0 is the plain MSE."""
+    import jax.numpy as jnp
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from ipadapter_jax.training.step import diffusion_loss
+
+    scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
+    rng = np.random.default_rng(0)
+    pred, target = (rng.standard_normal((6, 8, 8, 4)).astype(np.float32) for _ in range(2))
+    timesteps = np.array([0, 10, 250, 500, 900, 999])
+    alphas = jnp.asarray(scheduler.alphas_cumprod.numpy(), jnp.float32)
+
+    # The scripts' lines (train_text_to_image.py, --snr_gamma), in torch.
+    t = torch.from_numpy(timesteps)
+    snr = compute_snr(scheduler, t)
+    weights = torch.stack([snr, 5.0 * torch.ones_like(t, dtype=snr.dtype)], dim=1).min(dim=1)[0]
+    weights = weights / snr if prediction_type == "epsilon" else weights / (snr + 1)
+    mse = torch.nn.functional.mse_loss(torch.from_numpy(pred), torch.from_numpy(target), reduction="none")
+    expected = (mse.mean(dim=list(range(1, mse.ndim))) * weights).mean().item()
+
+    ours = float(diffusion_loss(jnp.asarray(pred), jnp.asarray(target), alphas, jnp.asarray(timesteps),
+                                prediction_type=prediction_type, snr_gamma=5.0))
+    assert abs(ours - expected) <= 1e-5 * abs(expected)
+    plain = float(np.mean((pred - target) ** 2))
+    assert abs(ours - plain) > 1e-2 * plain      # the weighting changes the loss (the test can fail)
+    assert float(diffusion_loss(jnp.asarray(pred), jnp.asarray(target), alphas, jnp.asarray(timesteps),
+                                prediction_type=prediction_type)) == pytest.approx(plain, rel=1e-6)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("snr_gamma", -1.0, "step.snr_gamma must be a finite number >= 0"),
+    ("image_drop_rate", float("nan"), "step.image_drop_rate must be a finite number >= 0"),
+    ("both_drop_rate", 0.95, "must be <= 1"),
+])
+def test_recipe_fields_are_checked_by_name(field, value, message):
+    from configs import sd15_ip_adapter
+
+    from ipadapter_jax.io.errors import BadArgument
+    from ipadapter_jax.training.ip_adapter_task import check_config
+
+    cfg = sd15_ip_adapter.get_config()
+    check_config(cfg)
+    cfg.step[field] = value
+    with pytest.raises(BadArgument, match=message):
+        check_config(cfg)
+
+
+def test_recipe_defaults_are_the_papers():
+    from configs import sd15_ip_adapter
+
+    from ipadapter_jax.training import ip_adapter_task
+
+    cfg = sd15_ip_adapter.get_config()
+    assert {name: cfg.step[name] for name in ip_adapter_task.DROP_RATES} == dict.fromkeys(ip_adapter_task.DROP_RATES,
+                                                                                             0.05)
+    assert cfg.step.snr_gamma == 0.0 and cfg.step.noise_offset == 0.0

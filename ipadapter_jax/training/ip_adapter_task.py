@@ -68,6 +68,9 @@ def _new_adapter(cfg, unet, image_encoder) -> None:
     adapter.init_from_unet(unet)
     ip_adapter.attach(unet, adapter)
 
+# The paper's dropout of the condition (section 4.1.2: 0.05 each), config fields of ``step``.
+DROP_RATES = ("image_drop_rate", "text_drop_rate", "both_drop_rate")
+
 
 def _source(field: str, value: str, what: str, kind: str) -> Path:
     """The folder or file a config field names (a local path or a hub id); a
@@ -104,10 +107,15 @@ def check_config(cfg) -> None:
             raise BadArgument(f"{field} must be a finite number >= 0, got {value!r}")
     if not cfg.optimizer.ema_decay < 1:
         raise BadArgument(f"optimizer.ema_decay must be < 1, got {cfg.optimizer.ema_decay!r}")
-    for section, name in (("step", "noise_offset"), ("model", "resampler_dim")):   # optional fields
+    for section, name in (("step", "noise_offset"), ("step", "snr_gamma"), ("model", "resampler_dim"),
+                          *(("step", rate) for rate in DROP_RATES)):   # optional fields
         value = cfg[section].get(name, 0)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise BadArgument(f"{section}.{name} must be a finite number >= 0, got {value!r}")
+    rates = [cfg.step.get(rate, 0.05) for rate in DROP_RATES]
+    if sum(rates) > 1:
+        raise BadArgument(f"step.image_drop_rate + step.text_drop_rate + step.both_drop_rate must be <= 1 (one "
+                          f"uniform draw per sample picks at most one), got {' + '.join(map(str, rates))}")
     runner.check_train_config(cfg.train)
 
 
@@ -199,7 +207,9 @@ def build_trainer(cfg, components: Components, image_encoder, optimizer, cached:
     step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_input=spec.encoder_output,
                           scaling_factor=components.vae.scaling_factor,
                           image_conditioning=cfg.step.image_conditioning,
-                          noise_offset=float(cfg.step.get("noise_offset", 0.0)))
+                          noise_offset=float(cfg.step.get("noise_offset", 0.0)),
+                          snr_gamma=float(cfg.step.get("snr_gamma", 0.0)),
+                          **{name: float(cfg.step.get(name, 0.05)) for name in DROP_RATES})
     return Trainer.create(
         components.unet, vae=None if cached else components.vae,
         text_encoder=None if cached else components.text_encoders[0],

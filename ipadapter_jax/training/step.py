@@ -72,6 +72,24 @@ class StepConfig:
     image_conditioning: str = "decoupled"
     # > 0: noise += noise_offset * N(0, 1) of shape [B, 1, 1, C] (the official scripts' --noise_offset).
     noise_offset: float = 0.0
+    # > 0: min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
+    # Weighting Strategy"; diffusers' training scripts' --snr_gamma); 0: the paper's plain MSE.
+    snr_gamma: float = 0.0
+
+
+def diffusion_loss(pred: jax.Array, target: jax.Array, alphas_cumprod: jax.Array, timesteps: jax.Array, *,
+                   prediction_type: str = "epsilon", snr_gamma: float = 0.0) -> jax.Array:
+    """MSE of a prediction [B, ...]; with ``snr_gamma`` > 0 each sample's MSE is
+    weighted by min(SNR(t), gamma) / SNR(t) (epsilon targets) or / (SNR(t) + 1)
+    (v-prediction), SNR(t) = alpha_bar_t / (1 - alpha_bar_t), as diffusers'
+    training scripts weight it (``--snr_gamma``)."""
+    if not snr_gamma:
+        return jnp.mean((pred - target) ** 2)
+    per_sample = jnp.mean((pred - target) ** 2, axis=tuple(range(1, pred.ndim)))
+    alpha_bar = alphas_cumprod[timesteps]
+    snr = alpha_bar / (1.0 - alpha_bar)
+    weight = jnp.minimum(snr, snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1.0)
+    return jnp.mean(per_sample * weight)
 
 
 class TextConditioning(NamedTuple):
@@ -299,7 +317,8 @@ class Trainer:
         pred = pred.astype(jnp.float32)
         target = noise if c.prediction_type == "epsilon" else schedulers.ddpm_velocity(alphas, latents, noise,
                                                                                         timesteps)
-        return jnp.mean((pred - target.astype(jnp.float32)) ** 2)
+        return diffusion_loss(pred, target.astype(jnp.float32), alphas, timesteps,
+                              prediction_type=c.prediction_type, snr_gamma=c.snr_gamma)
 
     # ------------------------------------------------------------------ the step
 
