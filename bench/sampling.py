@@ -6,10 +6,14 @@
     python bench/sampling.py --config sdxl --adapter plus --size 128 --steps 30 --batch 1 --batch 4 \
         --dtype bfloat16 --device cuda                               # SDXL 1024 px + Plus adapter (GPU)
 
-Both frameworks get the same random weights (except SDXL on CPU: each its own, see ``separate``) (UNet and a base IP-Adapter in the official format), the same
+Both frameworks get the same random weights (UNet and a base IP-Adapter in the official format; SDXL on
+CPU: each framework its own, run one after the other, as the two copies do not fit in 24 GB), the same
 text/image embeddings and the same initial noise. diffusers runs the loop StableDiffusionPipeline runs
 (scale_model_input, UNet with IP-Adapter processors, CFG, DDIM step) in float32 on CPU, or float16 with SDPA on
-CUDA; JAX runs its single jitted ``fori_loop`` (compile time reported apart). it/s counts denoising steps
+CUDA; JAX runs its single jitted ``fori_loop``, compiled ahead of time (``jax_compile_s``; ``jax_first_call_s``
+adds one untimed warm-up run), by default with what is constant across steps hoisted before the loop
+(``--no-hoist``: the per-step form; ``--compare-hoist``: both). PyTorch warms up with a one-step loop
+(``torch_warmup_s``; records before 2026-12-06 warmed up with a whole loop). it/s counts denoising steps
 (each is one UNet call on the CFG-doubled batch). MFU: XLA's FLOP count of one UNet call (cost analysis of the
 compiled forward) x steps over the time, against the card's dense bf16 peak. SDXL (``--config sdxl``,
 ``sdxl-small``) adds the pooled text and time-id conditioning on both sides; ``--adapter plus`` uses a
