@@ -21,6 +21,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.variant = "base"         # base | plus (a new adapter); ignored with adapter_init
     c.model.num_tokens = 4           # image tokens (base: 4; plus: 16)
     c.model.adapter_init = ""        # optional official adapter file to continue from
+    # Which cross-attention layers get an image branch: all | down | mid | up | comma-separated diffusers
+    # layer names (up_blocks.1.attentions.0.transformer_blocks.0.attn2, ...); the others export as zeros.
+    c.model.image_layers = "all"
 
     c.data = ml_collections.ConfigDict()
     c.data.kind = "json"             # json | tfds | cached

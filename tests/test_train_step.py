@@ -236,6 +236,19 @@ def test_recipe_fields_are_checked_by_name(field, value, message):
         check_config(cfg)
 
 
+def test_image_layers_field_is_checked_by_name():
+    from configs import sd15_ip_adapter
+
+    from ipadapter_jax.io.errors import BadArgument
+    from ipadapter_jax.training.ip_adapter_task import check_config
+
+    cfg = sd15_ip_adapter.get_config()
+    assert cfg.model.image_layers == "all"
+    cfg.model.image_layers = ""
+    with pytest.raises(BadArgument, match="model.image_layers must be"):
+        check_config(cfg)
+
+
 def test_recipe_defaults_are_the_papers():
     from configs import sd15_ip_adapter
 
@@ -245,3 +258,38 @@ def test_recipe_defaults_are_the_papers():
     assert {name: cfg.step[name] for name in ip_adapter_task.DROP_RATES} == dict.fromkeys(ip_adapter_task.DROP_RATES,
                                                                                              0.05)
     assert cfg.step.snr_gamma == 0.0 and cfg.step.noise_offset == 0.0
+
+
+def test_image_branches_on_some_layers_only(setup):
+    """``model.image_layers``: the left-out layers' branches get no gradient, and export as zeros
+    (what a file with a branch on every layer says for "no branch here")."""
+    import jax
+
+    from ipadapter_jax.io.errors import BadArgument
+    from ipadapter_jax.ip_adapter import image_layer_mask
+    from ipadapter_jax.training.ip_adapter_task import without_branches
+
+    _, unet, data = setup
+    cross = unet.cross_attention_layers()
+    up = image_layer_mask(unet, "up")
+    assert up.tolist() == [float(c.group == "up") for c in cross] and 0 < up.sum() < len(cross)
+    assert image_layer_mask(unet, "all").tolist() == [1.0] * len(cross)
+    names = [cross[0].name, cross[-1].name.removesuffix(".processor")]
+    assert np.flatnonzero(image_layer_mask(unet, ",".join(names))).tolist() == [0, len(cross) - 1]
+    with pytest.raises(BadArgument, match="up_blocks.9.attn2.*cross-attention layers"):
+        image_layer_mask(unet, "up_blocks.9.attn2")
+
+    trainer, trainable, frozen = Trainer.create(unet, scheduler_config=SD15_SCHEDULER,
+                                                config=StepConfig(image_layer_scale=tuple(up)))
+    grads = jax.grad(trainer.loss)(trainable, frozen, data["latents"], data["text"], data["embeds"], data["noise"],
+                                   data["timesteps"])
+    official = as_official(trainer, grads, frozen)
+    for c in cross:
+        norm = np.abs(official[f"ip_adapter.{2 * c.index + 1}.to_v_ip.weight"]).max()
+        assert (norm > 0) == bool(up[c.index]), (c.name, norm)
+
+    adapter = without_branches(nnx.merge(trainer.unet_graphdef, trainable, frozen["unet"]).ip_adapters[0], up)
+    exported = ip_adapter_state_dict(adapter)
+    for c in cross:
+        for proj in ("to_k_ip", "to_v_ip"):
+            assert np.any(exported[f"ip_adapter.{2 * c.index + 1}.{proj}.weight"]) == bool(up[c.index])

@@ -21,12 +21,12 @@ from ipadapter_jax.ip_adapter.modules import (AttentionLoRA, IPAdapter, IPAdapte
                                               detach_all, image_prompt, split_concatenated)
 from ipadapter_jax.ip_adapter.official import (ip_adapter_state_dict, load_ip_adapter, read_ip_adapter,
                                                save_ip_adapter)
-from ipadapter_jax.ip_adapter.scales import WEIGHT_TYPES, comfy_order, layer_scales
+from ipadapter_jax.ip_adapter.scales import WEIGHT_TYPES, comfy_order, image_layer_mask, layer_scales
 from ipadapter_jax.ip_adapter.variants import VARIANTS, Variant
 from ipadapter_jax.models.conditioning import ImagePrompt
 
 __all__ = ["AttentionLoRA", "COMBINE_MODES", "IPAdapter", "IPAdapterLayer", "ImagePrompt", "LoRALinear", "VARIANTS",
            "Variant", "WEIGHT_TYPES", "attach", "combine_embeds", "comfy_order", "detach_all", "encode_image",
-           "image_prompt", "ip_adapter_state_dict", "layer_scales", "load_embeds", "load_ip_adapter",
+           "image_layer_mask", "image_prompt", "ip_adapter_state_dict", "layer_scales", "load_embeds", "load_ip_adapter",
            "mask_pyramid", "prompt_tokens", "read_ip_adapter", "resize_mask", "save_embeds", "save_ip_adapter",
            "schedule_gates", "split_concatenated", "zero_image_states"]

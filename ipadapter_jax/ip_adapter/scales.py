@@ -183,3 +183,33 @@ def layer_scales(unet, scale: Any = 1.0, *, weight_type: str | None = None,
     if arr.shape != (n,):
         raise BadArgument(f"per-layer scales must have {n} entries (one per cross-attention layer), got {arr.shape}")
     return arr
+
+
+LAYER_GROUPS = ("all", "down", "mid", "up")
+
+
+def image_layer_mask(unet, layers: Any = "all") -> np.ndarray:
+    """Which cross-attention layers get an image branch: 1.0 / 0.0 per layer (processor order).
+
+    layers: ``"all"``; a group, ``"down"``, ``"mid"`` or ``"up"`` (those blocks only; the paper's
+      ablations and InstantStyle use the up blocks); or diffusers layer names, comma-separated or a list
+      (``up_blocks.1.attentions.0.transformer_blocks.0.attn2``, ``.processor`` optional).
+    """
+    cross = unet.cross_attention_layers()
+    if isinstance(layers, str) and layers.strip() in LAYER_GROUPS:
+        group = layers.strip()
+        mask = np.asarray([group == "all" or c.group == group for c in cross], np.float32)
+        if not mask.any():
+            raise BadArgument(f"image layers {group!r}: this UNet has no cross-attention layer in its {group} blocks")
+        return mask
+    names = [n.strip() for n in (layers.split(",") if isinstance(layers, str) else layers)]
+    known = {c.name.removesuffix(".processor"): c.index for c in cross}
+    unknown = [n for n in names if n.removesuffix(".processor") not in known]
+    if unknown or not names or not all(names):
+        raise BadArgument(f"image layers: {', '.join(map(repr, unknown)) or repr(layers)} is not one of "
+                          f"{list(LAYER_GROUPS)} or of this UNet's cross-attention layers "
+                          f"({', '.join(sorted(known))})")
+    mask = np.zeros(len(cross), np.float32)
+    for n in names:
+        mask[known[n.removesuffix(".processor")]] = 1.0
+    return mask

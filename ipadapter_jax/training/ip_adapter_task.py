@@ -112,6 +112,10 @@ def check_config(cfg) -> None:
         value = cfg[section].get(name, 0)
         if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise BadArgument(f"{section}.{name} must be a finite number >= 0, got {value!r}")
+    layers = cfg.model.get("image_layers", "all")
+    if not (isinstance(layers, str) and layers.strip()) and not (
+            isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers)):
+        raise BadArgument(f"model.image_layers must be 'all', 'down', 'mid', 'up' or layer names, got {layers!r}")
     rates = [cfg.step.get(rate, 0.05) for rate in DROP_RATES]
     if sum(rates) > 1:
         raise BadArgument(f"step.image_drop_rate + step.text_drop_rate + step.both_drop_rate must be <= 1 (one "
@@ -209,6 +213,7 @@ def build_trainer(cfg, components: Components, image_encoder, optimizer, cached:
                           image_conditioning=cfg.step.image_conditioning,
                           noise_offset=float(cfg.step.get("noise_offset", 0.0)),
                           snr_gamma=float(cfg.step.get("snr_gamma", 0.0)),
+                          image_layer_scale=tuple(float(v) for v in image_layers(cfg, components.unet)),
                           **{name: float(cfg.step.get(name, 0.05)) for name in DROP_RATES})
     return Trainer.create(
         components.unet, vae=None if cached else components.vae,
@@ -282,10 +287,31 @@ def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, c
                        samples_per_step=cfg.data.batch_size)
 
 
-def _trained_adapter(graphdef, state: dict, rest):
-    """The adapter of a trained state ``{"trainable", "opt_state"}``: its EMA weights when tracked."""
+def image_layers(cfg, unet) -> np.ndarray:
+    """``model.image_layers`` as a 1.0 / 0.0 mask over ``unet``'s cross-attention layers."""
+    try:
+        return ip_adapter.image_layer_mask(unet, cfg.model.get("image_layers", "all"))
+    except BadArgument as e:
+        raise BadArgument(f"model.{e}") from None
+
+
+def without_branches(adapter, mask: np.ndarray):
+    """``adapter`` with the image branches of the layers ``mask`` leaves out set to zero (an
+    all-zero ``to_v_ip`` adds exactly nothing): the official layout has a branch on every
+    cross-attention layer, so that is how a file says "no branch here"."""
+    for layer, keep in zip(adapter.layers, mask, strict=True):
+        if not keep:
+            for proj in (layer.to_k_ip, layer.to_v_ip):
+                proj.kernel[...] = jnp.zeros_like(proj.kernel[...])
+    return adapter
+
+
+def _trained_adapter(graphdef, state: dict, rest, mask: np.ndarray):
+    """The adapter of a trained state ``{"trainable", "opt_state"}``: its EMA weights when tracked,
+    without the branches ``mask`` leaves out."""
     ema = find_ema(state["opt_state"])
-    return nnx.merge(graphdef, ema if ema is not None else state["trainable"], rest).ip_adapters[0]
+    return without_branches(nnx.merge(graphdef, ema if ema is not None else state["trainable"], rest).ip_adapters[0],
+                            mask)
 
 
 # --------------------------------------------------------------------------- train
@@ -337,7 +363,8 @@ def train(cfg) -> dict:
     result = runner.run(task, workdir, cfg.train)
     export = Path(cfg.train.export or workdir / "ip_adapter.safetensors")
     if jax.process_index() == 0:
-        save_ip_adapter(_trained_adapter(trainer.unet_graphdef, result.state, frozen["unet"]), export)
+        save_ip_adapter(_trained_adapter(trainer.unet_graphdef, result.state, frozen["unet"],
+                                         image_layers(cfg, components.unet)), export)
     return {"steps": cfg.train.steps, "final_loss": result.loss, "export": str(export),
             "skipped_images": result.counts["skipped_images"], "resumed_from": result.start}
 
@@ -358,5 +385,5 @@ def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | Non
     graphdef, trainable, rest = nnx.split(components.unet, path_filter(cfg.train.trainable), ...)
     optimizer, _ = make_optimizer(cfg)
     state = runner.restore_state(manager, step, {"trainable": trainable, "opt_state": optimizer.init(trainable)})
-    adapter = _trained_adapter(graphdef, state, rest)
+    adapter = _trained_adapter(graphdef, state, rest, image_layers(cfg, components.unet))
     return save_ip_adapter(adapter, out or Path(cfg.workdir) / f"ip_adapter_step{step}.safetensors")

@@ -75,6 +75,9 @@ class StepConfig:
     # > 0: min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
     # Weighting Strategy"; diffusers' training scripts' --snr_gamma); 0: the paper's plain MSE.
     snr_gamma: float = 0.0
+    # Which cross-attention layers have an image branch (1.0 / 0.0 per layer, processor order;
+    # ``ip_adapter.image_layer_mask``); None: all of them.
+    image_layer_scale: tuple | None = None
 
 
 def diffusion_loss(pred: jax.Array, target: jax.Array, alphas_cumprod: jax.Array, timesteps: jax.Array, *,
@@ -311,7 +314,8 @@ class Trainer:
                 context = jnp.concatenate([text, tokens.astype(text.dtype)], axis=1)
                 pred = unet(noisy, timesteps, UNetConditioning(context, added_cond=added))
             else:
-                scale = jnp.ones((len(adapter.layers),), jnp.float32)
+                scale = (jnp.ones((len(adapter.layers),), jnp.float32) if c.image_layer_scale is None
+                         else jnp.asarray(c.image_layer_scale, jnp.float32))
                 prompt = ImagePrompt(tokens=tokens[:, None], scale=scale)
                 pred = unet(noisy, timesteps, UNetConditioning(text, (prompt,), added_cond=added))
         pred = pred.astype(jnp.float32)
