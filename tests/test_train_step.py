@@ -247,6 +247,9 @@ def test_image_layers_field_is_checked_by_name():
     cfg.model.image_layers = ""
     with pytest.raises(BadArgument, match="model.image_layers must be"):
         check_config(cfg)
+    cfg.model.image_layers, cfg.step.image_conditioning = "up", "concat"
+    with pytest.raises(BadArgument, match="simple adapter"):
+        check_config(cfg)
 
 
 def test_recipe_defaults_are_the_papers():
@@ -276,6 +279,8 @@ def test_image_branches_on_some_layers_only(setup):
     assert image_layer_mask(unet, "all").tolist() == [1.0] * len(cross)
     names = [cross[0].name, cross[-1].name.removesuffix(".processor")]
     assert np.flatnonzero(image_layer_mask(unet, ",".join(names))).tolist() == [0, len(cross) - 1]
+    mid_up = image_layer_mask(unet, "mid, up")
+    assert mid_up.tolist() == [float(c.group in ("mid", "up")) for c in cross]
     with pytest.raises(BadArgument, match="up_blocks.9.attn2.*cross-attention layers"):
         image_layer_mask(unet, "up_blocks.9.attn2")
 
@@ -288,8 +293,10 @@ def test_image_branches_on_some_layers_only(setup):
         norm = np.abs(official[f"ip_adapter.{2 * c.index + 1}.to_v_ip.weight"]).max()
         assert (norm > 0) == bool(up[c.index]), (c.name, norm)
 
-    adapter = without_branches(nnx.merge(trainer.unet_graphdef, trainable, frozen["unet"]).ip_adapters[0], up)
-    exported = ip_adapter_state_dict(adapter)
+    trained = nnx.merge(trainer.unet_graphdef, trainable, frozen["unet"]).ip_adapters[0]
+    exported = ip_adapter_state_dict(without_branches(trained, up))
     for c in cross:
         for proj in ("to_k_ip", "to_v_ip"):
-            assert np.any(exported[f"ip_adapter.{2 * c.index + 1}.{proj}.weight"]) == bool(up[c.index])
+            key = f"ip_adapter.{2 * c.index + 1}.{proj}.weight"
+            assert np.any(exported[key]) == bool(up[c.index])
+            assert np.any(ip_adapter_state_dict(trained)[key])     # the training state is left as it was

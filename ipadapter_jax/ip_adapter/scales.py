@@ -192,24 +192,25 @@ def image_layer_mask(unet, layers: Any = "all") -> np.ndarray:
     """Which cross-attention layers get an image branch: 1.0 / 0.0 per layer (processor order).
 
     layers: ``"all"``; a group, ``"down"``, ``"mid"`` or ``"up"`` (those blocks only; the paper's
-      ablations and InstantStyle use the up blocks); or diffusers layer names, comma-separated or a list
-      (``up_blocks.1.attentions.0.transformer_blocks.0.attn2``, ``.processor`` optional).
+      ablations and InstantStyle use the up blocks); diffusers layer names
+      (``up_blocks.1.attentions.0.transformer_blocks.0.attn2``, ``.processor`` optional); or several of
+      these, comma-separated or as a list (``"mid,up"``).
     """
     cross = unet.cross_attention_layers()
-    if isinstance(layers, str) and layers.strip() in LAYER_GROUPS:
-        group = layers.strip()
-        mask = np.asarray([group == "all" or c.group == group for c in cross], np.float32)
-        if not mask.any():
-            raise BadArgument(f"image layers {group!r}: this UNet has no cross-attention layer in its {group} blocks")
-        return mask
     names = [n.strip() for n in (layers.split(",") if isinstance(layers, str) else layers)]
     known = {c.name.removesuffix(".processor"): c.index for c in cross}
-    unknown = [n for n in names if n.removesuffix(".processor") not in known]
+    unknown = [n for n in names if n not in LAYER_GROUPS and n.removesuffix(".processor") not in known]
     if unknown or not names or not all(names):
         raise BadArgument(f"image layers: {', '.join(map(repr, unknown)) or repr(layers)} is not one of "
                           f"{list(LAYER_GROUPS)} or of this UNet's cross-attention layers "
                           f"({', '.join(sorted(known))})")
     mask = np.zeros(len(cross), np.float32)
     for n in names:
-        mask[known[n.removesuffix(".processor")]] = 1.0
+        if n in LAYER_GROUPS:
+            in_group = [c.index for c in cross if n == "all" or c.group == n]
+            if not in_group:
+                raise BadArgument(f"image layers {n!r}: this UNet has no cross-attention layer in its {n} blocks")
+            mask[in_group] = 1.0
+        else:
+            mask[known[n.removesuffix(".processor")]] = 1.0
     return mask

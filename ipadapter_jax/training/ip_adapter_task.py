@@ -116,6 +116,9 @@ def check_config(cfg) -> None:
     if not (isinstance(layers, str) and layers.strip()) and not (
             isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers)):
         raise BadArgument(f"model.image_layers must be 'all', 'down', 'mid', 'up' or layer names, got {layers!r}")
+    if layers != "all" and cfg.step.get("image_conditioning", "decoupled") == "concat":
+        raise BadArgument("model.image_layers selects image branches, which step.image_conditioning='concat' (the "
+                          "simple adapter) does not have: leave it 'all'")
     rates = [cfg.step.get(rate, 0.05) for rate in DROP_RATES]
     if sum(rates) > 1:
         raise BadArgument(f"step.image_drop_rate + step.text_drop_rate + step.both_drop_rate must be <= 1 (one "
@@ -292,13 +295,15 @@ def image_layers(cfg, unet) -> np.ndarray:
     try:
         return ip_adapter.image_layer_mask(unet, cfg.model.get("image_layers", "all"))
     except BadArgument as e:
-        raise BadArgument(f"model.{e}") from None
+        raise BadArgument(f"model.image_layers: {e}") from None
 
 
 def without_branches(adapter, mask: np.ndarray):
-    """``adapter`` with the image branches of the layers ``mask`` leaves out set to zero (an
-    all-zero ``to_v_ip`` adds exactly nothing): the official layout has a branch on every
-    cross-attention layer, so that is how a file says "no branch here"."""
+    """A copy of ``adapter`` with the image branches of the layers ``mask`` leaves out set to
+    zero (an all-zero ``to_v_ip`` adds exactly nothing): the official layout has a branch on
+    every cross-attention layer, so that is how a file says "no branch here". A copy: a merged
+    module shares its arrays with the training state it came from."""
+    adapter = nnx.clone(adapter)
     for layer, keep in zip(adapter.layers, mask, strict=True):
         if not keep:
             for proj in (layer.to_k_ip, layer.to_v_ip):
@@ -329,6 +334,7 @@ def train(cfg) -> dict:
     # --- models and data (errors here come before any compilation)
     components, image_encoder = build_models(cfg)
     unet, vae, family = components.unet, components.vae, components.family
+    image_layers(cfg, unet)   # names checked before any data is read or cached
     text_encoder, tokenizers = components.text_encoders[0], components.tokenizers
     if len(family.text) > 1 and (cfg.data.kind == "cached" or cfg.data.cache_dir):
         raise Unsupported(f"feature caching (data.cache_dir / data.kind='cached') is not supported for {family.title} "
