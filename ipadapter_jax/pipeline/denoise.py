@@ -95,23 +95,25 @@ def make_denoise_loop(unet_graphdef, scheduler, *, cfg: bool, control_graphdefs:
         models = {"unet": unet, **{f"controlnet{k}": net for k, net in enumerate(nets)}}
         return models, body
 
-    def step_constants(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start,
-                       control=None, stop=None):
-        models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
+    def shared_values(models, body, params, sched_state, latents, start, control):
+        """What every step shares, computed here (``hoisting.collect``); {} when nothing is hoisted."""
         if not (hoist and hoisting.worth_hoisting(params, control)):
             return {}
         return hoisting.collect(models, body, start, (latents, sched_state), steps=scheduler.num_steps(sched_state))
 
+    def step_constants(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start,
+                       control=None, stop=None):
+        models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
+        return shared_values(models, body, params, sched_state, latents, start, control)
+
     def denoise(params, sched_state, latents, cond, gates, guidance, rescale, noise_key, start, control=None,
                 stop=None, constants=None):
         models, body = models_and_body(params, cond, gates, guidance, rescale, noise_key, control)
-        carry = (latents, sched_state)
         end = stop if partial else scheduler.num_steps(sched_state)
-        if hoist and constants is None:
-            constants = (hoisting.collect(models, body, start, carry, steps=scheduler.num_steps(sched_state))
-                         if hoisting.worth_hoisting(params, control) else {})
+        if constants is None:
+            constants = shared_values(models, body, params, sched_state, latents, start, control)
         with hoisting.use(models, constants) if hoist else contextlib.nullcontext():
-            latents, state = jax.lax.fori_loop(start, end, body, carry)
+            latents, state = jax.lax.fori_loop(start, end, body, (latents, sched_state))
         return (latents, state) if partial else latents
 
     if partial:
