@@ -26,9 +26,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.image_layers = "all"
 
     c.data = ml_collections.ConfigDict()
-    c.data.kind = "json"             # json | tfds | cached
+    c.data.kind = "json"             # json | tfds | webdataset | cached
     c.data.json_file = ""
     c.data.image_root = ""
+    # kind=webdataset: img2dataset tar shards, a glob or a brace range ("shards/{00000..00099}.tar"); each
+    # shard is indexed once (kept in index_dir, default <workdir>/shard_index) and read by random access.
+    c.data.shards = ""
+    c.data.index_dir = ""
     c.data.tfds_name = ""
     c.data.tfds_dir = ""
     c.data.split = "train"

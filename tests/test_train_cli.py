@@ -139,6 +139,8 @@ def test_quiet_by_default_verbose_shows_the_libraries_logs(model, tmp_path):
 NO_JAX = """
 import sys
 from ipadapter_jax.cli import {module} as cli
+if {module!r} == "train":
+    sys.argv = {argv!r}   # ml_collections finds --config.FIELD overrides in sys.argv
 try:
     code = cli.main({argv!r})
 except SystemExit as e:      # argparse's own errors
@@ -151,6 +153,10 @@ sys.exit(code)
 @pytest.mark.parametrize("module, argv, mention", [
     ("train", ["train.py", "--config", TINY, "--config.train.stepz=3"], "stepz"),
     ("train", ["train.py", "--bogus"], "bogus"),
+    ("train", ["train.py", "--config", TINY, "--config.data.kind=webdataset",
+               "--config.data.shards=/nonexistent/{000..003}.tar"], "data.shards: no such shard file: /nonexistent/000"),
+    ("train", ["train.py", "--config", TINY, "--config.data.kind=webdataset", "--config.data.shards=/tmp/*.nothing"],
+     "data.shards: no file matches '/tmp/*.nothing'"),
     ("convert", ["to-single-file", "folder", "out.ckpt"], "must be a .safetensors file"),
     ("convert", ["to-diffusers", "file", "out", "--prediction-type", "x0"], "--prediction-type"),
     ("eval", ["--modes", "text,sketch"], "sketch"),

@@ -201,6 +201,23 @@ def _init_distributed() -> None:
                                    process_id=_PROCESS_ID.value)
 
 
+def _check_data(prog: str, args: list[str]) -> None:
+    """The data a training config names, checked before JAX loads where no model is needed:
+    the webdataset shard list (an empty glob or a missing shard is one line)."""
+    from ipadapter_jax.io.errors import UserError
+
+    try:
+        cfg = _config(args)
+        if cfg.get("task", "ip_adapter") == "ip_adapter" and cfg.data.get("kind") == "webdataset":
+            from ipadapter_jax.training.shards import shard_paths
+
+            shard_paths(cfg.data.shards)
+    except UserError as e:
+        if _debug_requested(args) or _DEBUG.value:
+            raise
+        _fail(prog, str(e))
+
+
 # --------------------------------------------------------------------------- main
 
 def _train(prog: str, args: list[str], _argv) -> int:
@@ -227,6 +244,7 @@ def _absl_main(argv: list[str], *, prog: str, args: list[str]) -> int:
         hint = f" (did you mean --config {argv[1]}?)" if argv[1].endswith(".py") else ""
         _fail(prog, f"unexpected argument {argv[1]!r}: train takes flags only{hint}")
     configure_logging(_VERBOSE.value)
+    _check_data(prog, args)
     _init_distributed()
     from ipadapter_jax.cli import run
 

@@ -5,6 +5,8 @@ Sources (each ``__len__`` / ``__getitem__`` -> dict of numpy arrays):
   ``{"image_file": "1.png", "text": "A dog"}`` plus an image root;
 * ``TFDSImageTextSource``: any TFDS dataset with an image and a text feature,
   read through TFDS' TF-free ``as_data_source`` API;
+* ``webdataset.WebDatasetSource``: img2dataset tar shards, indexed once for
+  random access (its own module);
 * ``CachedSource``: latents / text embeddings / image embeddings precomputed
   by ``cache_features`` (skips the VAE and encoders in every step).
 
@@ -86,6 +88,10 @@ class _ImageTextBase:
     def _describe(self, index: int) -> str:
         return f"record {index}"
 
+    def _original_size(self, index: int, width: int, height: int) -> tuple[int, int]:
+        """(height, width) of the image before any resizing (SDXL's ``original_size``): the file's."""
+        return height, width
+
     def __getitem__(self, index: int) -> dict:
         skipped, last = 0, None
         # Each record at most once: a dataset smaller than max_retries that is all unreadable
@@ -105,7 +111,7 @@ class _ImageTextBase:
             width, height = rgb.size
             _, _, left, top = train_crop(width, height, self.resolution)
             record = {"pixels": pixels, "clip_pixels": clip, "input_ids": token_ids(self.tokenizer, text, warn=False)[0],
-                      "original_size": np.array([height, width], np.int32),
+                      "original_size": np.array(self._original_size(i, width, height), np.int32),
                       "crop_top_left": np.array([top, left], np.int32), "skipped": np.int32(skipped)}
             if self.tokenizer_2 is not None:
                 record["input_ids_2"] = token_ids(self.tokenizer_2, text, warn=False)[0]

@@ -39,6 +39,7 @@ from ipadapter_jax.models import CLIPVisionModelWithProjection
 from ipadapter_jax.training import data as data_lib
 from ipadapter_jax.training import runner
 from ipadapter_jax.training import sharding as sharding_lib
+from ipadapter_jax.training import webdataset
 from ipadapter_jax.training.optim import EmaState, ema_tracker, find_ema, make_optimizer, step_lr
 from ipadapter_jax.training.runner import Preempted, TrainingError
 from ipadapter_jax.training.step import StepConfig, Trainer, path_filter
@@ -82,7 +83,7 @@ def _source(field: str, value: str, what: str, kind: str) -> Path:
     return resolve(value, kind=kind, what=what, flag=field, allow_patterns=PIPELINE_FOLDER_PATTERNS)
 
 
-CHOICES = {"data.kind": ("json", "tfds", "cached"), "step.compute_dtype": ("float32", "bfloat16"),
+CHOICES = {"data.kind": ("json", "tfds", "webdataset", "cached"), "step.compute_dtype": ("float32", "bfloat16"),
            "step.prediction_type": ("epsilon", "v_prediction"), "step.image_conditioning": ("decoupled", "concat"),
            "optimizer.schedule": ("constant", "cosine"), "train.remat": ("none", "full", "dots")}
 
@@ -156,6 +157,10 @@ def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None):
         if d.kind == "json":
             return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution,
                                                 clip_size=clip_size, tokenizer_2=tokenizer_2)
+        if d.kind == "webdataset":
+            index_dir = d.get("index_dir", "") or Path(cfg.workdir) / "shard_index"
+            return webdataset.WebDatasetSource(d.shards, tokenizer, d.resolution, index_dir=index_dir,
+                                               clip_size=clip_size, tokenizer_2=tokenizer_2)
         if d.kind == "tfds":
             return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
                                                 image_key=d.image_key, text_key=d.text_key, clip_size=clip_size,
@@ -348,8 +353,11 @@ def train(cfg) -> dict:
         source = _cached_source(cfg, source, vae, text_encoder, image_encoder, plus)
     mesh = _mesh(cfg)
     try:
-        loader = data_lib.make_loader(source, batch_size=cfg.data.batch_size // jax.process_count(), seed=cfg.seed,
-                                      workers=cfg.data.workers)
+        # A webdataset source holds this process's shards only: no further split, an own shuffle.
+        own = isinstance(source, webdataset.WebDatasetSource)
+        loader = data_lib.make_loader(source, batch_size=cfg.data.batch_size // jax.process_count(),
+                                      seed=cfg.seed + jax.process_index() * own, workers=cfg.data.workers,
+                                      shard_by_process=not own)
     except UserError:
         raise
     except ValueError as e:   # a dataset smaller than one batch

@@ -239,7 +239,10 @@ class _Loop:
 
     def __init__(self, task: Task, train, manager, metrics: MetricsLog | None, counts: dict,
                  notice: PreemptionNotice):
-        self.task, self.train, self.manager, self.metrics, self.counts = task, train, manager, metrics, counts
+        self.task, self.train, self.manager, self.metrics = task, train, manager, metrics
+        # Counted on each process (its own batches) since this run started; ``counts``: the
+        # totals before it (metrics.csv's last kept row, on process 0) and of every process.
+        self.base, self.local, self.counts = dict(counts), {name: 0 for name in counts}, dict(counts)
         self.notice = notice
         self.loss = math.nan
         self.preempted_at: int | None = None
@@ -253,7 +256,7 @@ class _Loop:
         for step in self._bar:
             batch, counts = self.task.batch(step)
             for name, n in counts.items():
-                self.counts[name] += n
+                self.local[name] += n
             state, metrics = self.task.step(state, batch, step)
             done = step + 1 == steps
             if (step + 1) % self.train.log_every == 0 or done:
@@ -281,6 +284,7 @@ class _Loop:
         now = time.perf_counter()
         steps_per_s = self.train.log_every / max(now - self._last, 1e-9)
         self._last = now
+        self._total_counts()
         row = {"step": step + 1, **values, "lr": self.task.lr(step), "steps_per_s": steps_per_s}
         if self.task.samples_per_step:
             row["samples_per_s"] = steps_per_s * self.task.samples_per_step
@@ -288,6 +292,13 @@ class _Loop:
         if self.metrics is not None:
             self.metrics.write(row)
         self._bar.set_postfix(loss=f"{self.loss:.4f}", **self.counts)
+
+    def _total_counts(self) -> None:
+        """``counts``: the totals of every process (all call this at the same steps)."""
+        local = np.array([self.local[name] for name in self.base], np.int64)
+        if jax.process_count() > 1 and len(local):
+            local = np.sum(multihost_utils.process_allgather(local), axis=0)
+        self.counts = {name: self.base[name] + int(n) for name, n in zip(self.base, local)}
 
     def _error(self, what: str) -> TrainingError:
         self.manager.wait_until_finished()   # the latest step is then the last complete one
@@ -334,4 +345,4 @@ def run(task: Task, workdir: str | Path, train) -> Result:
                 metrics.close()
     if loop.preempted_at is not None:
         raise Preempted(loop.preempted_at, workdir / "checkpoints")
-    return Result(state, start, loop.loss, counts)
+    return Result(state, start, loop.loss, loop.counts)
