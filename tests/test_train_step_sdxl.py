@@ -286,8 +286,12 @@ def test_sdxl_config_trains_and_exports(config, tmp_path):
     cfg.step.noise_offset = 0.05
     cfg.workdir = str(tmp_path / "run")
     cfg.train.steps, cfg.train.log_every, cfg.train.save_every = 3, 1, 100
+    if config.endswith("plus"):      # the plus run trains from a feature cache (the base run from pixels)
+        cfg.data.cache_dir = str(tmp_path / "cache")
     summary = loop.train(cfg)
     assert np.isfinite(summary["final_loss"])
+    if config.endswith("plus"):
+        check_sdxl_cache(cfg, tmp_path / "cache")
     state = read_ip_adapter(summary["export"])
     width = fx.SDXL_UNET["cross_attention_dim"]
     if config.endswith("plus"):
@@ -317,3 +321,44 @@ def test_sdxl_config_trains_and_exports(config, tmp_path):
         ours.load_ip_adapter(export)
         actual = jax_run(ours, run_paths, ip_adapter_prompts=[ImagePromptSpec(embeds=embeds, scale=1.0)])
         assert rel_err(actual, expected) <= 1e-4
+
+
+def check_sdxl_cache(cfg, cache):
+    """The SDXL feature cache holds what the step computes from pixels: both encoders'
+    context, the pooled embedding, each record's time ids (original size, crop, target),
+    the image encoder's hidden states and the latents' posterior mean; and the constants
+    of a dropped caption / image are the encoders' outputs for "" and zero pixels."""
+    from ipadapter_jax.convert.components import load_components
+    from ipadapter_jax.families.text import penultimate_pair_pooled, time_ids, token_ids
+    from ipadapter_jax.models import CLIPVisionModelWithProjection as JaxVision
+    from ipadapter_jax.training import data as data_lib
+    from ipadapter_jax.training import ip_adapter_task as loop
+
+    components = load_components(cfg.model.pretrained)
+    encoder = JaxVision.from_pretrained(cfg.model.image_encoder)
+    source = loop.build_source(cfg, components.tokenizers[0], 224, components.tokenizers[1])
+    cached = data_lib.CachedSource(cache)
+    assert len(cached) == len(source) == 4
+    for i in range(len(source)):
+        record, features = source[i], cached[i]
+        assert set(features) == {"latents", "text_embeds", "image_embeds", "pooled_text_embeds", "time_ids",
+                                 "skipped"}
+        text = penultimate_pair_pooled(components.text_encoders, [record["input_ids"][None],
+                                                                   record["input_ids_2"][None]])
+        np.testing.assert_allclose(features["text_embeds"], text.context[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(features["pooled_text_embeds"], text.pooled[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(features["time_ids"], time_ids(record["original_size"],
+                                                                     record["crop_top_left"], (16, 16))[0])
+        np.testing.assert_allclose(features["image_embeds"],
+                                   encoder(record["clip_pixels"][None]).hidden_states[-2][0], rtol=1e-5, atol=1e-5)
+        latents = components.vae.encode(record["pixels"][None]).mean * components.vae.scaling_factor
+        np.testing.assert_allclose(features["latents"], latents[0], rtol=1e-5, atol=1e-5)
+    # image 2 is 24 x 20 (h, w): resized to 19 x 16, cropped from row (19 - 16) // 2 = 1
+    assert cached[2]["time_ids"].tolist() == [24, 20, 1, 0, 16, 16]
+    constants = loop._constants(components, encoder, cached=True, plus=True)
+    empty = [token_ids(tok, "", warn=False) for tok in components.tokenizers]
+    text = penultimate_pair_pooled(components.text_encoders, empty)
+    np.testing.assert_allclose(constants["empty_text"], text.context[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(constants["empty_pooled"], text.pooled[0], rtol=1e-5, atol=1e-5)
+    zero = np.zeros((1, 224, 224, 3), np.float32)
+    np.testing.assert_allclose(constants["uncond_image"], encoder(zero).hidden_states[-2][0], rtol=1e-5, atol=1e-5)

@@ -221,7 +221,11 @@ class TFDSImageTextSource(_ImageTextBase):
 
 class CachedSource:
     """Precomputed features (``cache_features``): ``latents``, ``text_embeds``,
-    ``image_embeds`` per record, memory-mapped from one .npz-like folder."""
+    ``image_embeds`` per record, and for a family with added conditioning
+    (SDXL) ``pooled_text_embeds`` and ``time_ids``, memory-mapped from one
+    folder of ``.npy`` files."""
+
+    FEATURES = ("latents", "text_embeds", "image_embeds", "pooled_text_embeds", "time_ids")
 
     def __init__(self, folder: str | os.PathLike):
         folder = Path(folder)
@@ -235,7 +239,7 @@ class CachedSource:
         needed = {"latents", "text_embeds", "image_embeds"}
         if not needed <= self.arrays.keys():
             raise BadFile(f"{folder} lacks {sorted(needed - self.arrays.keys())}.npy (see cache_features)")
-        n = {len(a) if a.ndim else 0 for k, a in self.arrays.items() if k in needed}
+        n = {len(a) if a.ndim else 0 for k, a in self.arrays.items() if k in self.FEATURES}
         if len(n) != 1 or 0 in n:
             raise BadFile(f"{folder}: feature arrays have different or zero lengths {n}")
 
@@ -254,7 +258,7 @@ class CachedSource:
         self.__init__(state["folder"])
 
     def __getitem__(self, index):
-        out = {k: np.asarray(self.arrays[k][index]) for k in ("latents", "text_embeds", "image_embeds")}
+        out = {k: np.asarray(self.arrays[k][index]) for k in self.FEATURES if k in self.arrays}
         out["skipped"] = np.int32(0)
         return out
 

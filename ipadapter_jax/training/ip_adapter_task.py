@@ -7,8 +7,8 @@ a diffusers folder or a single file, of any family); its family
 (``ipadapter_jax.families``) says what the text side needs: SDXL trains with
 both text encoders and each image's ``time_ids`` (original size + crop
 top-left + target size) built from what its source recorded. Feature caching
-(``data.cache_dir``, ``data.kind="cached"``) covers families with one text
-encoder (SD 1.x / 2.x).
+(``data.cache_dir``, ``data.kind="cached"``) stores the family's text
+conditioning (SDXL: both encoders' context, the pooled embedding, the time ids).
 
 Read top to bottom: ``train(config)`` is the whole recipe in sections.
 """
@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax import ip_adapter
 from ipadapter_jax.convert.components import Components, load_components
-from ipadapter_jax.families.text import time_ids, token_ids
+from ipadapter_jax.families.text import TEXT_CONDITIONING, time_ids, token_ids
 from ipadapter_jax.io.errors import BadArgument, BadFile, Incompatible, MissingFile, Unsupported, UserError
 from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
 from ipadapter_jax.ip_adapter import variants
@@ -174,14 +174,19 @@ def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None):
         raise BadFile(f"data ({d.kind}): {e}") from e
 
 
-def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) -> data_lib.CachedSource:
+def _cached_source(cfg, source, components: Components, image_encoder, plus: bool) -> data_lib.CachedSource:
     """Encode the dataset once with the frozen VAE / text / image encoders into
     ``data.cache_dir`` (reused when it exists) and train from the cache. The
     cache holds the posterior mean of each latent (one fixed draw instead of a
-    fresh sample per step: the usual trade of feature caching)."""
+    fresh sample per step: the usual trade of feature caching) and the family's
+    text conditioning (SDXL: both encoders' context, the pooled embedding and
+    each image's time ids)."""
+    family = components.family
     folder = Path(cfg.data.cache_dir)
     manifest = {"variant": "plus" if plus else "base", "resolution": cfg.data.resolution, "records": len(source),
                 "source": repr(source)}
+    if len(family.text) > 1:
+        manifest["family"] = family.name
     if (folder / "manifest.json").exists():
         found = json.loads((folder / "manifest.json").read_text())
         if found != manifest:
@@ -189,23 +194,34 @@ def _cached_source(cfg, source, vae, text_encoder, image_encoder, plus: bool) ->
                                "data.cache_dir or delete it")
         log.info("using cached features in %s", folder)
         return data_lib.CachedSource(folder)
-    graphs = {name: nnx.split(m) for name, m in
-              (("vae", vae), ("text", text_encoder), ("image", image_encoder))}
+    modules = {"vae": components.vae, "image": image_encoder,
+               **{f"text{i}": m for i, m in enumerate(components.text_encoders)}}
+    graphs = {name: nnx.split(m) for name, m in modules.items()}
+    conditioning = TEXT_CONDITIONING[family.text_conditioning]
+    size_conditioning = family.added_conditioning is not None
 
     @jax.jit
     def encode(states, pixels, ids, clip):
-        vae_m = nnx.merge(graphs["vae"][0], states["vae"])
-        text_m = nnx.merge(graphs["text"][0], states["text"])
-        image_m = nnx.merge(graphs["image"][0], states["image"])
+        vae_m, image_m = (nnx.merge(graphs[n][0], states[n]) for n in ("vae", "image"))
+        texts = [nnx.merge(graphs[f"text{i}"][0], states[f"text{i}"]) for i in range(len(ids))]
+        text = conditioning(texts, ids)
         image_out = image_m(clip)
-        return {"latents": vae_m.encode(pixels).mean * vae_m.scaling_factor,
-                "text_embeds": text_m(ids).last_hidden_state,
-                "image_embeds": image_out.hidden_states[-2] if plus else image_out.image_embeds}
+        out = {"latents": vae_m.encode(pixels).mean * vae_m.scaling_factor, "text_embeds": text.context,
+               "image_embeds": image_out.hidden_states[-2] if plus else image_out.image_embeds}
+        if text.pooled is not None:
+            out["pooled_text_embeds"] = text.pooled
+        return out
+
+    def encode_batch(b):
+        ids = [b["input_ids"]] + [b[f"input_ids_{i + 2}"] for i in range(len(family.text) - 1)]
+        out = encode(states, b["pixels"], ids, b["clip_pixels"])
+        if size_conditioning:
+            out["time_ids"] = time_ids(b["original_size"], b["crop_top_left"], (cfg.data.resolution,) * 2)
+        return out
 
     states = {name: g[1] for name, g in graphs.items()}
     if jax.process_index() == 0:
-        data_lib.cache_features(source, folder, lambda b: encode(states, b["pixels"], b["input_ids"],
-                                                                  b["clip_pixels"]), manifest=manifest)
+        data_lib.cache_features(source, folder, encode_batch, manifest=manifest)
     if jax.process_count() > 1:  # the other processes wait for process 0's cache
         multihost_utils.sync_global_devices("feature cache written")
     return data_lib.CachedSource(folder)
@@ -239,17 +255,21 @@ def _mesh(cfg):
     return mesh
 
 
-def _constants(tokenizers: list, text_encoder, image_encoder, cached: bool, plus: bool) -> dict:
+def _constants(components: Components, image_encoder, cached: bool, plus: bool) -> dict:
     """What dropped captions / images become: the ids of "" (one row per
     tokenizer: [77], or [n, 77] for a family with n > 1 text encoders) or, with
-    cached features, the encoders' outputs for "" and zero pixels, as the
-    encoders are not in the step."""
+    cached features, the family's text conditioning of "" (and its pooled
+    embedding) and the image encoder on zero pixels, as the encoders are not
+    in the step."""
+    tokenizers = components.tokenizers
     empty = np.stack([token_ids(tok, "", warn=False)[0] for tok in tokenizers])
-    if len(tokenizers) > 1:
-        return {"empty_text": empty}
     if not cached:
-        return {"empty_text": empty[0]}
-    constants = {"empty_text": np.asarray(text_encoder(empty[:1]).last_hidden_state[0], np.float32)}
+        return {"empty_text": empty if len(tokenizers) > 1 else empty[0]}
+    family = components.family
+    text = TEXT_CONDITIONING[family.text_conditioning](components.text_encoders, [row[None] for row in empty])
+    constants = {"empty_text": np.asarray(text.context[0], np.float32)}
+    if text.pooled is not None:
+        constants["empty_pooled"] = np.asarray(text.pooled[0], np.float32)
     if plus:
         size = image_encoder.config.image_size
         zero = np.zeros((1, size, size, 3), np.float32)
@@ -283,7 +303,7 @@ def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, c
         host_batch = next(data_iter)
         skipped = int(np.sum(host_batch.pop("skipped")))
         if cached:
-            host_batch = {k: host_batch[k] for k in ("latents", "text_embeds", "image_embeds")}
+            host_batch = {k: host_batch[k] for k in data_lib.CachedSource.FEATURES if k in host_batch}
         else:
             original, crop = host_batch.pop("original_size"), host_batch.pop("crop_top_left")
             if size_conditioning:
@@ -338,19 +358,26 @@ def train(cfg) -> dict:
 
     # --- models and data (errors here come before any compilation)
     components, image_encoder = build_models(cfg)
-    unet, vae, family = components.unet, components.vae, components.family
+    unet, family = components.unet, components.family
     image_layers(cfg, unet)   # names checked before any data is read or cached
-    text_encoder, tokenizers = components.text_encoders[0], components.tokenizers
-    if len(family.text) > 1 and (cfg.data.kind == "cached" or cfg.data.cache_dir):
-        raise Unsupported(f"feature caching (data.cache_dir / data.kind='cached') is not supported for {family.title} "
-                          "(two text encoders) yet; train from images (data.kind json or tfds, data.cache_dir='')")
+    tokenizers = components.tokenizers
     source = build_source(cfg, tokenizers[0], image_encoder.config.image_size, *tokenizers[1:])
     spec = unet.ip_adapters[0].spec          # from the adapter itself (adapter_init may be any variant)
     if spec.needs_face_id:
         raise Unsupported("training FaceID adapters needs InsightFace embeddings in the data; not supported")
     plus = spec.encoder_output == "hidden_states"
     if cfg.data.kind != "cached" and cfg.data.cache_dir:
-        source = _cached_source(cfg, source, vae, text_encoder, image_encoder, plus)
+        if cfg.data.kind == "webdataset" and jax.process_count() > 1:
+            raise Unsupported("data.cache_dir with data.kind='webdataset' and several processes: each process "
+                              "reads its own shards, and the cache is written by one; cache on one process, "
+                              "or train from the shards (data.cache_dir='')")
+        source = _cached_source(cfg, source, components, image_encoder, plus)
+    if isinstance(source, data_lib.CachedSource) and family.added_conditioning is not None:
+        lacking = [k for k in ("pooled_text_embeds", "time_ids") if k not in source.arrays]
+        if lacking:
+            raise Incompatible(f"feature cache {source.folder} has no {' / '.join(lacking)}, which an "
+                               f"{family.title} model needs: it was made for a model without added "
+                               "conditioning; use another data.cache_dir")
     mesh = _mesh(cfg)
     try:
         # A webdataset source holds this process's shards only: no further split, an own shuffle.
@@ -367,7 +394,7 @@ def train(cfg) -> dict:
     # --- the step
     optimizer, lr_schedule = make_optimizer(cfg)
     trainer, trainable, frozen = build_trainer(cfg, components, image_encoder, optimizer, cached)
-    constants = _constants(tokenizers, text_encoder, image_encoder, cached, plus)
+    constants = _constants(components, image_encoder, cached, plus)
     opt_state = trainer.init_optimizer(trainable)
 
     # --- sharding, the run, then the adapter in the official format (the EMA weights when tracked)
