@@ -77,6 +77,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.trainable = r"^ip_adapters/"   # regex over state paths: what the optimizer sees
     c.train.export = ""                    # default: <workdir>/ip_adapter.safetensors
     c.train.remat = "none"                 # UNet block rematerialisation: none | full | dots (memory for compute)
+    c.train.tensorboard = True             # event files in <workdir>/tensorboard (scalars, eval samples)
+    c.train.eval_every = 0                 # > 0: live evaluation every N steps and at the end (needs eval.cases)
+
+    # Live evaluation (train.eval_every): a sample grid of held-out references and CLIP-I / CLIP-T.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.cases = ""                # JSON [{"image": "ref.png", "caption": "..."}] (ipadapter-eval's format)
+    c.eval.clip_model = ""           # transformers CLIPModel folder for CLIP-I / CLIP-T ("": the grid only)
+    c.eval.grid = 4                  # cases in the grid (reference | image prompt | image prompt + caption)
+    c.eval.num_cases = 0             # cases scored (0: all), shared out over the processes
+    c.eval.steps = 25                # DDIM steps of each sample
+    c.eval.guidance = 5.0
+    c.eval.scale = 1.0               # the adapter's scale
+    c.eval.size = 0                  # pixels (0: data.resolution)
+    c.eval.seed = 0
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                 # -1: all devices not used by fsdp

@@ -356,3 +356,60 @@ def test_feature_cache_of_another_setting_is_refused(setup, cached, tmp_path):
                                                                            "--config.data.resolution=32"]),
                             capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode != 0 and "was made for" in result.stderr
+
+
+def tensorboard_events(folder: Path) -> dict[str, list]:
+    """Tag -> [(step, value or image bytes)] of the TensorBoard event files in ``folder``
+    (TFRecord framing: length, its CRC, the Event, its CRC)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    found: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        at = 0
+        while at < len(data):
+            (n,) = struct.unpack("<Q", data[at:at + 8])
+            event = event_pb2.Event.FromString(data[at + 12:at + 12 + n])
+            at += 12 + n + 4
+            for value in event.summary.value:
+                item = value.image.encoded_image_string if value.HasField("image") else value.simple_value
+                found.setdefault(value.tag, []).append((event.step, item))
+    return found
+
+
+def test_live_evaluation_and_tensorboard(setup, straight, tmp_path):
+    """train.eval_every: a sample grid (PNG and TensorBoard) and CLIP-I / CLIP-T at steps
+    4 and 8, eval.csv / eval.json; the training losses are those of the run without it;
+    TensorBoard holds the logged scalars."""
+    import io
+
+    from PIL import Image
+
+    from ipadapter_jax.demo import demo_paths
+
+    cases = tmp_path / "cases.json"
+    cases.write_text(json.dumps([{"image": str(setup["images"] / f"{i}.png"), "caption": f"a colour {i}"}
+                                 for i in range(3)]))
+    workdir = tmp_path / "run"
+    run(command(setup, workdir, steps=8, extra=[
+        "--config.train.eval_every=4", f"--config.eval.cases={cases}", f"--config.eval.clip_model="
+        f"{demo_paths()['clip']}", "--config.eval.grid=2", "--config.eval.steps=2", "--config.eval.size=16"]))
+    np.testing.assert_array_equal(losses(workdir), losses(straight)[:8])
+    with open(workdir / "eval.csv") as f:
+        evals = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in evals] == [4, 8]
+    for r in evals:
+        assert -1 <= float(r["clip_i"]) <= 1 and -1 <= float(r["clip_t"]) <= 1
+    final = json.loads((workdir / "eval.json").read_text())
+    assert final["step"] == 8 and abs(final["clip_i"] - float(evals[-1]["clip_i"])) < 1e-5
+    for step in (4, 8):    # 2 cases x (reference, image prompt, image prompt + caption), 16 px each
+        assert Image.open(workdir / "samples" / f"step_{step:07d}.png").size == (48, 32)
+    events = tensorboard_events(workdir / "tensorboard")
+    assert [s for s, _ in events["train/loss"]] == list(range(1, 9))
+    np.testing.assert_allclose([v for _, v in events["train/loss"]], losses(workdir), rtol=1e-6)
+    assert {"train/grad_norm", "train/lr", "train/samples_per_s", "train/data_wait_s"} <= events.keys()
+    assert [s for s, _ in events["eval/clip_i"]] == [4, 8]
+    assert [s for s, _ in events["samples"]] == [4, 8]
+    assert Image.open(io.BytesIO(events["samples"][-1][1])).size == (48, 32)

@@ -213,10 +213,24 @@ def test_restart_from_checkpoint_matches_uninterrupted(model, shards, tmp_path, 
                 for i in range(processes)]
 
     straight = tmp_path / "straight"
-    logs = run_all(commands(straight, STEPS), env)
+    evaluation = []
+    if processes == 2:   # live evaluation shared by the processes (it must not change the losses)
+        from ipadapter_jax.demo import demo_paths
+
+        cases = tmp_path / "cases.json"
+        for i in range(3):
+            (tmp_path / f"ref{i}.png").write_bytes(png((40 * i, 90, 200)))
+        cases.write_text(json.dumps([{"image": f"ref{i}.png", "caption": f"a colour {i}"} for i in range(3)]))
+        evaluation = [f"--config.train.eval_every={STEPS}", f"--config.eval.cases={cases}",
+                      f"--config.eval.clip_model={demo_paths()['clip']}", "--config.eval.grid=1",
+                      "--config.eval.steps=2", "--config.eval.size=16"]
+    logs = run_all([c + evaluation for c in commands(straight, STEPS)], env)
     if processes == 2:
         assert "process 0 of 2 reads 2 of 4 shards (00000.tar ... 00002.tar)" in logs[0], logs[0][-2000:]
         assert "process 1 of 2 reads 2 of 4 shards (00001.tar ... 00003.tar)" in logs[1], logs[1][-2000:]
+        final = json.loads((straight / "eval.json").read_text())   # cases 0 and 2 on process 0, 1 on process 1
+        assert final["clip_cases"] == 3 and -1 <= final["clip_i"] <= 1, final
+        assert (straight / "samples" / f"step_{STEPS:07d}.png").is_file()
     reference = rows(straight)
     assert len(reference) == STEPS and np.isfinite([float(r["loss"]) for r in reference]).all()
     assert int(reference[-1]["skipped_images"]) >= 1          # the corrupt image was met and counted

@@ -15,7 +15,11 @@ Resumes automatically from the latest checkpoint in the workdir. Multi-host: lau
 with JAX's coordinator environment set (or --coordinator, --num_processes and --process_id); the same
 command runs on 1 device, N local devices or several hosts.
 
-Logs: <workdir>/metrics.csv, a progress bar and train's own messages (resumed from, preempted, ...).
+Logs: <workdir>/metrics.csv (loss, grad norm, lr, steps/s, samples/s, data wait, skipped images), TensorBoard
+event files in <workdir>/tensorboard (train.tensorboard), a progress bar and train's own messages (resumed
+from, preempted, ...). Live evaluation: --config.train.eval_every=N --config.eval.cases=CASES.json
+[--config.eval.clip_model=CLIP_DIR] samples a grid of held-out references every N steps
+(<workdir>/samples/, TensorBoard) and scores CLIP-I / CLIP-T (eval.csv, eval.json).
 The INFO logs of JAX, orbax and absl are off: --verbose shows them (as does absl's --verbosity=0;
 --logger_levels=NAME:LEVEL,... sets single loggers).
 
@@ -232,7 +236,9 @@ def _train(prog: str, args: list[str], _argv) -> int:
         elif _EXPORT_ONLY.value:
             print(f"exported {task.export_checkpoint(cfg, _STEP.value)}")
         else:
-            print(f"done: {task.train(cfg)}")
+            from ipadapter_jax.eval.live import LiveEval
+
+            print(f"done: {task.train(cfg, evaluation=LiveEval)}")
     except task.Preempted as e:   # a checkpoint of the step was saved on every process
         print(f"{prog}: {e}", file=sys.stderr, flush=True)
     return 0

@@ -25,8 +25,8 @@ class JittedModule:
 
 
 def data_mesh() -> Mesh:
-    """All local devices on one ``data`` axis."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    """All local devices on one ``data`` axis (this process's: a pipeline runs per process)."""
+    return Mesh(np.asarray(jax.local_devices()), ("data",))
 
 
 def shard_batch(mesh: Mesh, x):

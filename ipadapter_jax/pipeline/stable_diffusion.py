@@ -144,12 +144,16 @@ class StableDiffusionPipeline:
                                    attention_backend=attention_backend)
 
     @classmethod
-    def from_components(cls, components: Components, *, image_encoder: str | os.PathLike | None = None,
+    def from_components(cls, components: Components, *,
+                        image_encoder: str | os.PathLike | CLIPVisionModelWithProjection | None = None,
                         dtype=jnp.float32, attention_backend: str = "auto") -> "StableDiffusionPipeline":
         """The pipeline of loaded components (``convert.components.load_components``)
-        and an optional CLIP image encoder folder (local path or hub id)."""
+        and an optional CLIP image encoder: a folder (local path or hub id), or a
+        loaded ``CLIPVisionModelWithProjection`` (used as it is)."""
         encoder = None
-        if image_encoder is not None:
+        if isinstance(image_encoder, CLIPVisionModelWithProjection):
+            encoder = image_encoder
+        elif image_encoder is not None:
             folder = resolve_model_folder(image_encoder, weights_name="model", what="CLIP image encoder folder")
             encoder = CLIPVisionModelWithProjection.from_pretrained(folder, dtype=dtype,
                                                                     attention_backend=attention_backend)

@@ -50,7 +50,7 @@ __all__ = ["EmaState", "Preempted", "TrainingError", "build_models", "build_sour
 log = logging.getLogger(__name__)
 
 ITEMS = ("state", "data", "config")    # the orbax items of a trainer checkpoint
-METRICS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "samples_per_s", "skipped_images")
+METRICS = ("step", "loss", "grad_norm", "lr", "steps_per_s", "samples_per_s", "data_wait_s", "skipped_images")
 
 
 # --------------------------------------------------------------------------- models and data
@@ -125,6 +125,28 @@ def check_config(cfg) -> None:
         raise BadArgument(f"step.image_drop_rate + step.text_drop_rate + step.both_drop_rate must be <= 1 (one "
                           f"uniform draw per sample picks at most one), got {' + '.join(map(str, rates))}")
     runner.check_train_config(cfg.train)
+    check_eval_config(cfg)
+
+
+def check_eval_config(cfg) -> None:
+    """The ``eval`` fields when ``train.eval_every`` > 0: ``eval.cases`` names an existing
+    file, ``eval.clip_model`` ("" or) an existing folder, sizes and counts are integers."""
+    if not cfg.train.get("eval_every", 0):
+        return
+    e = cfg.get("eval")
+    if e is None or not e.get("cases"):
+        raise BadArgument("train.eval_every > 0 needs eval.cases: a JSON list of held-out {'image', 'caption'} "
+                          "records (--config.eval.cases=PATH)")
+    if not Path(e.cases).is_file():
+        raise MissingFile(f"eval.cases: file not found: {e.cases}")
+    if e.get("clip_model") and not Path(e.clip_model).is_dir():
+        raise MissingFile(f"eval.clip_model: CLIP model folder not found: {e.clip_model}")
+    for name, low in (("grid", 0), ("num_cases", 0), ("steps", 1), ("size", 0)):
+        value = e.get(name, low)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise BadArgument(f"eval.{name} must be an integer >= {low}, got {value!r}")
+    if e.get("size", 0) % 8:
+        raise BadArgument(f"eval.size must be a multiple of 8 (0: data.resolution), got {e.size}")
 
 
 def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
@@ -286,7 +308,7 @@ def _shard(cfg, mesh, *trees):
 
 
 def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, cached: bool,
-          lr_schedule, size_conditioning: bool = False) -> runner.Task:
+          lr_schedule, size_conditioning: bool = False, evaluate=None) -> runner.Task:
     """The runner's task: the state ``{"trainable", "opt_state"}``, batches from
     the grain iterator (checkpointed with it) placed over (data, fsdp). With
     ``size_conditioning`` (SDXL's added conditioning) batches get ``time_ids``
@@ -312,7 +334,7 @@ def _task(cfg, trainer, state: dict, frozen, mesh, data_iter, constants: dict, c
 
     return runner.Task(state=state, step=step, batch=batch, lr=step_lr(cfg, lr_schedule),
                        counters=("skipped_images",), data=data_iter, config=cfg.to_dict(), columns=METRICS,
-                       samples_per_step=cfg.data.batch_size)
+                       samples_per_step=cfg.data.batch_size, evaluate=evaluate)
 
 
 def image_layers(cfg, unet) -> np.ndarray:
@@ -346,12 +368,18 @@ def _trained_adapter(graphdef, state: dict, rest, mask: np.ndarray):
 
 # --------------------------------------------------------------------------- train
 
-def train(cfg) -> dict:
+def train(cfg, evaluation=None) -> dict:
     """Train an IP-Adapter as ``cfg`` says; returns a summary. Resumes from the
     latest checkpoint in ``cfg.workdir`` when there is one. Raises ``Preempted``
     (nothing exported) when a preemption notice stopped it after a checkpoint,
     ``TrainingError`` on a non-finite loss, and a ``UserError`` for a bad
-    config, model or dataset (before anything is compiled)."""
+    config, model or dataset (before anything is compiled).
+
+    evaluation: ``(cfg, components, image_encoder, image_layer_mask, workdir) ->
+    evaluate`` (``runner.Task.evaluate``), run every ``train.eval_every`` steps;
+    ``train.py`` gives ``ipadapter_jax.eval.live.LiveEval`` (samples and CLIP
+    scores; the evaluation layer sits above training, so it is passed in). The
+    last evaluation is also written to ``<workdir>/eval.json``."""
     check_config(cfg)
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -398,16 +426,28 @@ def train(cfg) -> dict:
     opt_state = trainer.init_optimizer(trainable)
 
     # --- sharding, the run, then the adapter in the official format (the EMA weights when tracked)
+    mask = image_layers(cfg, components.unet)
+    evaluate = None
+    if cfg.train.get("eval_every", 0):
+        if evaluation is None:
+            log.warning("train.eval_every is set but no evaluation was given to train() (train.py gives "
+                        "ipadapter_jax.eval.live.LiveEval): not evaluating")
+        else:
+            evaluate = evaluation(cfg, components, image_encoder, mask, workdir)
     trainable, opt_state, frozen = _shard(cfg, mesh, trainable, opt_state, frozen)
     task = _task(cfg, trainer, {"trainable": trainable, "opt_state": opt_state}, frozen, mesh, iter(loader),
-                 constants, cached, lr_schedule, family.added_conditioning is not None)
+                 constants, cached, lr_schedule, family.added_conditioning is not None, evaluate)
     result = runner.run(task, workdir, cfg.train)
     export = Path(cfg.train.export or workdir / "ip_adapter.safetensors")
+    summary = {"steps": cfg.train.steps, "final_loss": result.loss, "export": str(export),
+               "skipped_images": result.counts["skipped_images"], "resumed_from": result.start}
     if jax.process_index() == 0:
-        save_ip_adapter(_trained_adapter(trainer.unet_graphdef, result.state, frozen["unet"],
-                                         image_layers(cfg, components.unet)), export)
-    return {"steps": cfg.train.steps, "final_loss": result.loss, "export": str(export),
-            "skipped_images": result.counts["skipped_images"], "resumed_from": result.start}
+        save_ip_adapter(_trained_adapter(trainer.unet_graphdef, result.state, frozen["unet"], mask), export)
+        if result.evaluation is not None:
+            summary["evaluation"] = {k: round(float(v), 6) for k, v in result.evaluation.scalars.items()}
+            (workdir / "eval.json").write_text(json.dumps({"step": cfg.train.steps, **summary["evaluation"]},
+                                                          indent=1))
+    return summary
 
 
 def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | None = None) -> Path:

@@ -8,8 +8,13 @@ and what its learning rate is; ``run`` does the rest:
 
 * resumes from the latest checkpoint in ``<workdir>/checkpoints`` (restored
   against the shapes and shardings of the task's state);
-* logs every ``train.log_every`` steps to ``<workdir>/metrics.csv`` and a
-  progress bar (process 0 only);
+* logs every ``train.log_every`` steps to ``<workdir>/metrics.csv``, a
+  progress bar and, with ``train.tensorboard``, TensorBoard event files in
+  ``<workdir>/tensorboard`` (process 0 only): the task's metrics, the learning
+  rate, throughput (steps/s, samples/s, the host's wait for data per step);
+* evaluates every ``train.eval_every`` steps and at the end when the task has
+  an ``evaluate`` (all processes call it; process 0 writes its scalars to
+  ``<workdir>/eval.csv`` and TensorBoard, its images to TensorBoard);
 * stops with ``TrainingError`` on a non-finite loss or gradient norm, never
   checkpointing a broken state, naming the last good checkpoint;
 * checkpoints (orbax, async) every ``train.save_every`` steps and at the end,
@@ -82,6 +87,9 @@ class Task:
     columns: the metrics.csv columns; None: those of the first logged row.
     samples_per_step: > 0 adds a ``samples_per_s`` column.
     desc: the progress bar's label, and the prefix of errors.
+    evaluate: ``(step, state) -> Evaluation | None``, called on every process at
+      the evaluation steps (a collective when several processes share the work);
+      process 0's result is written.
     """
 
     state: Any
@@ -94,6 +102,7 @@ class Task:
     columns: Sequence[str] | None = None
     samples_per_step: int = 0
     desc: str = "training"
+    evaluate: Callable[[int, Any], "Evaluation | None"] | None = None
 
     @property
     def item_names(self) -> tuple[str, ...]:
@@ -109,6 +118,15 @@ class Task:
 
 
 @dataclasses.dataclass
+class Evaluation:
+    """What an evaluation gives: ``scalars`` (name -> float, e.g. "clip_i") and
+    ``images`` (name -> uint8 [H, W, 3], e.g. a grid of samples)."""
+
+    scalars: dict[str, float]
+    images: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class Result:
     """state: the trained state; start: the step resumed from (0: a fresh
     run); loss: the last logged loss (nan when none was); counts: the totals
@@ -118,6 +136,7 @@ class Result:
     start: int
     loss: float
     counts: dict[str, int]
+    evaluation: Evaluation | None = None     # the last one (process 0), None without ``evaluate``
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -170,16 +189,49 @@ class MetricsLog:
         self._file.flush()
 
     def last(self, column: str) -> int:
-        return int(self.kept[-1][column]) if self.kept else 0
+        value = self.kept[-1].get(column) if self.kept else None
+        return int(value) if value else 0
 
     def write(self, row: dict) -> None:
         if self._writer is None:
             self._start(row)
+        elif not row.keys() <= set(self._writer.fieldnames):
+            # A column the file has not had (a run resumed by a newer version): rewrite it with
+            # the column added; earlier rows leave it empty.
+            self._file.seek(0)
+            self._file.truncate()
+            self._start(list(self._writer.fieldnames) + [k for k in row if k not in self._writer.fieldnames])
         self._writer.writerow(row)
+        self.kept.append(row)
         self._file.flush()
 
     def close(self) -> None:
         self._file.close()
+
+
+class TensorBoardLog:
+    """TensorBoard event files in ``<workdir>/tensorboard`` (tensorboardX): scalars
+    and images by step. A resumed run purges the events after the step it resumed
+    from, so the curves continue without a second copy of the steps it repeats."""
+
+    def __init__(self, folder: Path, resume_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
+
+    def scalars(self, step: int, values: dict, prefix: str = "") -> None:
+        for name, value in values.items():
+            if name != "step" and isinstance(value, (int, float, np.number)) and math.isfinite(float(value)):
+                self.writer.add_scalar(f"{prefix}{name}", float(value), step)
+        self.writer.flush()
+
+    def images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        for name, image in images.items():
+            self.writer.add_image(name, np.asarray(image), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 # --------------------------------------------------------------------------- preemption
@@ -238,8 +290,12 @@ class _Loop:
     """One run of ``task`` from ``start`` to ``train.steps``."""
 
     def __init__(self, task: Task, train, manager, metrics: MetricsLog | None, counts: dict,
-                 notice: PreemptionNotice):
+                 notice: PreemptionNotice, tensorboard: TensorBoardLog | None = None,
+                 evals: MetricsLog | None = None):
         self.task, self.train, self.manager, self.metrics = task, train, manager, metrics
+        self.tensorboard, self.evals = tensorboard, evals
+        self.evaluation: Evaluation | None = None
+        self.data_wait = 0.0     # host seconds spent waiting for batches since the last log
         # Counted on each process (its own batches) since this run started; ``counts``: the
         # totals before it (metrics.csv's last kept row, on process 0) and of every process.
         self.base, self.local, self.counts = dict(counts), {name: 0 for name in counts}, dict(counts)
@@ -253,14 +309,19 @@ class _Loop:
         steps = self.train.steps
         self._bar = tqdm(range(start, steps), initial=start, total=steps, desc=self.task.desc,
                          disable=jax.process_index() != 0)
+        eval_every = self.train.get("eval_every", 0) if self.task.evaluate is not None else 0
         for step in self._bar:
+            waited = time.perf_counter()
             batch, counts = self.task.batch(step)
+            self.data_wait += time.perf_counter() - waited
             for name, n in counts.items():
                 self.local[name] += n
             state, metrics = self.task.step(state, batch, step)
             done = step + 1 == steps
             if (step + 1) % self.train.log_every == 0 or done:
                 self._log(step, metrics)
+            if eval_every and ((step + 1) % eval_every == 0 or done):
+                self._evaluate(step + 1, state)
             preempted = not done and self.notice.reached(step + 1)
             if (step + 1) % self.train.save_every == 0 or done or preempted:
                 # Never checkpoint a broken state: the loss and the gradient norm of this step
@@ -288,10 +349,33 @@ class _Loop:
         row = {"step": step + 1, **values, "lr": self.task.lr(step), "steps_per_s": steps_per_s}
         if self.task.samples_per_step:
             row["samples_per_s"] = steps_per_s * self.task.samples_per_step
+        row["data_wait_s"] = self.data_wait / self.train.log_every
+        self.data_wait = 0.0
         row.update(self.counts)
         if self.metrics is not None:
             self.metrics.write(row)
-        self._bar.set_postfix(loss=f"{self.loss:.4f}", **self.counts)
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step + 1, row, "train/")
+        throughput = {"img/s": f"{row['samples_per_s']:.1f}"} if "samples_per_s" in row else {}
+        self._bar.set_postfix(loss=f"{self.loss:.4f}", **throughput, wait=f"{row['data_wait_s']:.3f}s",
+                              **self.counts)
+
+    def _evaluate(self, step: int, state) -> None:
+        """The task's evaluation at ``step``: written by process 0 (eval.csv, TensorBoard, a log line)."""
+        start = time.perf_counter()
+        evaluation = self.task.evaluate(step, state)
+        self._last += time.perf_counter() - start      # evaluation time is not training throughput
+        if jax.process_index() != 0 or evaluation is None:
+            return
+        self.evaluation = evaluation
+        if self.evals is not None:
+            self.evals.write({"step": step, **evaluation.scalars})
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(step, evaluation.scalars, "eval/")
+            self.tensorboard.images(step, evaluation.images)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in evaluation.scalars.items())
+        log.info("%s: evaluation at step %d: %s (%.1f s)", self.task.desc, step, shown or "images only",
+                 time.perf_counter() - start)
 
     def _total_counts(self) -> None:
         """``counts``: the totals of every process (all call this at the same steps)."""
@@ -309,9 +393,9 @@ class _Loop:
 
 
 def check_train_config(train) -> None:
-    """Refuse ``train.steps`` < 0, ``log_every`` / ``save_every`` < 1 and
-    ``keep`` < 1 (None: keep all), naming the field."""
-    for name, low in (("steps", 0), ("log_every", 1), ("save_every", 1), ("keep", 1)):
+    """Refuse ``train.steps`` < 0, ``log_every`` / ``save_every`` < 1,
+    ``eval_every`` < 0 and ``keep`` < 1 (None: keep all), naming the field."""
+    for name, low in (("steps", 0), ("log_every", 1), ("save_every", 1), ("keep", 1), ("eval_every", 0)):
         value = train.get(name, low)
         if name == "keep" and value is None:
             continue
@@ -333,16 +417,20 @@ def run(task: Task, workdir: str | Path, train) -> Result:
     if start:
         state = restore_state(manager, start, state, task.data)
         log.info("%s: resumed from %s at step %d", task.desc, manager.directory, start)
-    metrics = MetricsLog(workdir / "metrics.csv", start, task.columns) if jax.process_index() == 0 else None
+    main = jax.process_index() == 0
+    metrics = MetricsLog(workdir / "metrics.csv", start, task.columns) if main else None
+    evals = MetricsLog(workdir / "eval.csv", start) if main and task.evaluate is not None else None
+    tensorboard = TensorBoardLog(workdir / "tensorboard", start) if main and train.get("tensorboard") else None
     counts = {name: metrics.last(name) if metrics is not None else 0 for name in task.counters}
     with PreemptionNotice() as notice:   # SIGTERM handled until every save has finished
-        loop = _Loop(task, train, manager, metrics, counts, notice)
+        loop = _Loop(task, train, manager, metrics, counts, notice, tensorboard, evals)
         try:
             state = loop.run(state, start)
         finally:
             manager.wait_until_finished()
-            if metrics is not None:
-                metrics.close()
+            for log_file in (metrics, evals, tensorboard):
+                if log_file is not None:
+                    log_file.close()
     if loop.preempted_at is not None:
         raise Preempted(loop.preempted_at, workdir / "checkpoints")
-    return Result(state, start, loop.loss, loop.counts)
+    return Result(state, start, loop.loss, loop.counts, loop.evaluation)
