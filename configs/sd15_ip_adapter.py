@@ -82,7 +82,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Live evaluation (train.eval_every): a sample grid of held-out references and CLIP-I / CLIP-T.
     c.eval = ml_collections.ConfigDict()
-    c.eval.cases = ""                # JSON [{"image": "ref.png", "caption": "..."}] (ipadapter-eval's format)
+    c.eval.cases = ""                # JSON [{"image": "ref.png", "caption": "..."}] (ipadapter-eval's format);
+                                     # "demo": the demo's held-out shapes
     c.eval.clip_model = ""           # transformers CLIPModel folder for CLIP-I / CLIP-T ("": the grid only)
     c.eval.grid = 4                  # cases in the grid (reference | image prompt | image prompt + caption)
     c.eval.num_cases = 0             # cases scored (0: all), shared out over the processes

@@ -413,3 +413,31 @@ def test_live_evaluation_and_tensorboard(setup, straight, tmp_path):
     assert [s for s, _ in events["eval/clip_i"]] == [4, 8]
     assert [s for s, _ in events["samples"]] == [4, 8]
     assert Image.open(io.BytesIO(events["samples"][-1][1])).size == (48, 32)
+
+
+def test_sweep_runs_the_grid_and_gathers_a_table(setup, tmp_path):
+    """``train.py sweep``: two override sets trained one after the other into their own
+    folders (common overrides after --), one Markdown table of their final losses; --print
+    writes the commands instead; a bad --grid is one line."""
+    root = tmp_path / "sweep"
+    base = command(setup, tmp_path / "unused", steps=2)
+    common = [a for a in base[4:] if not a.startswith(("--config.workdir", "--config.train.steps"))]
+    sweep = [sys.executable, str(ROOT / "train.py"), "sweep", "--config", str(ROOT / "configs" / "tiny.py"),
+             "--grid", "step.snr_gamma=0,5", "--workdir", str(root)]
+    printed = run([*sweep, "--print", "--", *common, "--config.train.steps=2"]).stdout.splitlines()
+    assert len(printed) == 2 and printed[1].startswith("ipadapter-train --config")
+    assert f"--config.step.snr_gamma=5 --config.workdir={root / 'snr_gamma=5'}" in printed[1]
+    out = run([*sweep, "--", *common, "--config.train.steps=2"]).stdout
+    table = (root / "sweep.md").read_text()
+    assert table in out
+    lines = table.splitlines()
+    assert lines[0] == "| run | step.snr_gamma | status | folder | step | final loss |"
+    for line, name in zip(lines[2:], ("snr_gamma=0", "snr_gamma=5"), strict=True):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == name and cells[2] == "done" and cells[3] == str(root / name) and cells[4] == "2"
+        assert float(cells[5]) == pytest.approx(losses(root / name)[-1], abs=1e-4)
+        assert (root / name / "ip_adapter.safetensors").is_file()
+    bad = subprocess.run([*sweep[:5], "--grid", "snr_gamma"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "ipadapter-train sweep: error: --grid 'snr_gamma': expected FIELD=V1,V2,... with a dotted config field, "
+        "e.g. model.num_tokens=1,4,16"], bad.stderr

@@ -7,6 +7,8 @@ image projection + to_k_ip/to_v_ip), from one device to many hosts.
     python train.py --config ... --export_only [--step=N]   # export a checkpoint's adapter (official format)
     python train.py --config configs/demo/clip.py           # the demo recipe's stages: clip, vae, unet,
                                                             # ip_adapter (see configs/demo/__init__.py)
+    python train.py sweep --config C --grid "model.num_tokens=1,4,16" [--print]   # ablations: one run per
+                                                            # override set, one table (sweep --help)
 
 Installed, the same command is `ipadapter-train` (the same flags).
 
@@ -267,6 +269,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     flags of ``argv`` (as ``sys.argv``: the program name first; default
     ``sys.argv``), train, return the exit status (2: a user error)."""
     argv = list(sys.argv if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "sweep":
+        from ipadapter_jax.cli import sweep
+
+        return sweep.main(argv[2:])
     try:
         app.run(functools.partial(_absl_main, prog=_prog(argv), args=argv[1:]), argv=argv,
                 flags_parser=_parse_flags)

@@ -16,7 +16,7 @@ image branch, as the export writes them):
   are gathered, so process 0 writes the mean over all of them.
 
 Held-out cases are ``eval.cases``, a JSON list of ``{"image", "caption"}`` as
-``ipadapter-eval --cases`` reads. Every process samples with its own local
+``ipadapter-eval --cases`` reads, or "demo": the demo's held-out shapes. Every process samples with its own local
 copy of the frozen model (the components it loaded, before sharding), so an
 evaluation needs no cross-host computation beyond gathering the adapter's
 weights and the scores.
@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from ipadapter_jax.eval import ClipScorer, Generator, load_cases, to_uint8
+from ipadapter_jax.eval import ClipScorer, Generator, demo_cases, load_cases, to_uint8
 from ipadapter_jax.io.images import load_rgb
 from ipadapter_jax.pipeline.single_file import PIPELINES
 from ipadapter_jax.training.optim import find_ema
@@ -66,7 +66,8 @@ class LiveEval:
         self.generator = Generator(self.pipe, self.adapter, conditioning=cfg.step.get("image_conditioning",
                                                                                      "decoupled"),
                                    steps=e.get("steps", 25), guidance=e.get("guidance", 5.0), height=size, width=size)
-        self.cases = load_cases(e.cases)
+        # "demo": the demo's held-out shapes (test split), as ``ipadapter-eval --demo`` scores them.
+        self.cases = demo_cases(e.get("num_cases", 0) or 64) if e.cases == "demo" else load_cases(e.cases)
         n = e.get("num_cases", 0) or len(self.cases)
         self.scored = self.cases[:n]
         self.grid = self.cases[:e.get("grid", 4)]

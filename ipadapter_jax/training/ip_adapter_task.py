@@ -137,7 +137,7 @@ def check_eval_config(cfg) -> None:
     if e is None or not e.get("cases"):
         raise BadArgument("train.eval_every > 0 needs eval.cases: a JSON list of held-out {'image', 'caption'} "
                           "records (--config.eval.cases=PATH)")
-    if not Path(e.cases).is_file():
+    if e.cases != "demo" and not Path(e.cases).is_file():
         raise MissingFile(f"eval.cases: file not found: {e.cases}")
     if e.get("clip_model") and not Path(e.clip_model).is_dir():
         raise MissingFile(f"eval.clip_model: CLIP model folder not found: {e.clip_model}")
