@@ -3,8 +3,9 @@
 records as the other sources give them (SDXL's original size from the json),
 disjoint shares per process; then ``train.py`` on shards with a corrupt
 image: a run restarted from its checkpoint has exactly the losses of an
-uninterrupted one, with one process and with two. A bad shard list is one
-line before JAX loads: tests/test_train_cli.py."""
+uninterrupted one, with one process and with two (the first part of the
+two-process run started as a SLURM job step: ``--distributed``). A bad shard
+list is one line before JAX loads: tests/test_train_cli.py."""
 
 from __future__ import annotations
 
@@ -196,6 +197,18 @@ def run_all(cmds, env) -> list[str]:
 STEPS = 10
 
 
+def port_free(port: int) -> bool:
+    """Whether ``port`` can be bound on localhost (JAX derives a SLURM job's coordinator port from its id)."""
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_restart_from_checkpoint_matches_uninterrupted(model, shards, tmp_path, processes):
     """An uninterrupted run, and a run stopped after its step-4 checkpoint and restarted:
@@ -211,6 +224,19 @@ def test_restart_from_checkpoint_matches_uninterrupted(model, shards, tmp_path, 
         extra = [] if processes == 1 else [f"--coordinator=127.0.0.1:{port}", f"--num_processes={processes}"]
         return [command(model, shards, workdir, steps, [*extra, *([f"--process_id={i}"] * (processes > 1))])
                 for i in range(processes)]
+
+    def slurm(workdir, steps):
+        """Two processes as SLURM's srun starts them: --distributed, JAX reads the job from the environment."""
+        job = next(str(j) for j in range(os.getpid(), os.getpid() + 4096) if port_free(j % 2**12 + 61440))
+        procs = [subprocess.Popen(command(model, shards, workdir, steps, ["--distributed"]), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                  env=dict(env, SLURM_JOB_ID=job, SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
+                                           SLURM_PROCID=str(i), SLURM_LOCALID=str(i)))
+                 for i in range(2)]
+        outputs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outputs):
+            assert p.returncode == 0, err[-4000:]
+        assert "process 1 of 2 reads" in outputs[1][1], outputs[1][1][-2000:]
 
     straight = tmp_path / "straight"
     evaluation = []
@@ -237,7 +263,10 @@ def test_restart_from_checkpoint_matches_uninterrupted(model, shards, tmp_path, 
     assert (straight / "ip_adapter.safetensors").is_file()
 
     restarted = tmp_path / "restarted"
-    run_all(commands(restarted, 4), env)
+    if processes == 2:    # the first part as a SLURM job step (--distributed), the rest with --coordinator
+        slurm(restarted, 4)
+    else:
+        run_all(commands(restarted, 4), env)
     out = run_all(commands(restarted, STEPS), env)
     assert "'resumed_from': 4" in out[0], out[0][-2000:]
     assert [r["loss"] for r in rows(restarted)] == [r["loss"] for r in reference]

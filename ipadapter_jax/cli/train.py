@@ -54,6 +54,9 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step for --export_only (d
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-process runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Initialise jax.distributed from the cluster's environment (JAX's detection: TPU pod "
+    "slices, SLURM, Open MPI, Kubernetes): the same command on every host, no coordinator flags.")
 _VERBOSE = flags.DEFINE_bool("verbose", False, "Show the INFO logs of JAX, orbax and absl too.")
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of user errors too (or IPADAPTER_JAX_DEBUG=1).")
 
@@ -196,15 +199,25 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger("ipadapter_jax").setLevel(logging.INFO)
 
 
-def _init_distributed() -> None:
-    """jax.distributed for --coordinator (before any backend use)."""
+def _init_distributed(prog: str) -> None:
+    """jax.distributed for --coordinator, or from the cluster's environment with
+    --distributed (before any backend use)."""
     import jax
 
+    if not (_COORDINATOR.value or _DISTRIBUTED.value):
+        return
+    # Only affects CPU collectives (GPU/TPU use their own).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if _COORDINATOR.value:
-        # Only affects CPU collectives (GPU/TPU use their own).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
+        return
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:    # no cluster environment found: JAX asks for the coordinator's address
+        _fail(prog, f"--distributed: JAX found no cluster environment (TPU pod slice, SLURM, Open MPI, Kubernetes) "
+                    f"to start from ({str(e).splitlines()[0]}); outside one, give --coordinator host:port "
+                    "--num_processes N --process_id i")
 
 
 def _check_data(prog: str, args: list[str]) -> None:
@@ -253,7 +266,7 @@ def _absl_main(argv: list[str], *, prog: str, args: list[str]) -> int:
         _fail(prog, f"unexpected argument {argv[1]!r}: train takes flags only{hint}")
     configure_logging(_VERBOSE.value)
     _check_data(prog, args)
-    _init_distributed()
+    _init_distributed(prog)
     from ipadapter_jax.cli import run
 
     return run(prog, functools.partial(_train, prog, args), ["--debug"] if _DEBUG.value else [])
