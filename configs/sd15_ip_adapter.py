@@ -18,7 +18,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""          # diffusers SD folder (unet, vae, text_encoder, tokenizer, scheduler)
     c.model.image_encoder = ""       # CLIP vision folder (OpenCLIP ViT-H/14 for the official SD1.5 adapters)
-    c.model.variant = "base"         # base | plus (a new adapter); ignored with adapter_init
+    c.model.variant = "base"         # base | plus | full-face (a new adapter); ignored with adapter_init
     c.model.num_tokens = 4           # image tokens (base: 4; plus: 16)
     c.model.adapter_init = ""        # optional official adapter file to continue from
     # Which cross-attention layers get an image branch: all | down | mid | up | comma-separated diffusers
@@ -39,6 +39,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.image_key = "image"
     c.data.text_key = "text"
     c.data.cache_dir = ""            # kind=cached: read it; json/tfds: encode once into it, then train from it
+    # The image prompt: "image" (the image itself) or "face" (its face crop: json face_image_file, webdataset
+    # KEY.face.jpg; the Plus-face / full-face recipe: the crop conditions, the whole image is the target).
+    c.data.condition = "image"
     c.data.resolution = 512
     c.data.batch_size = 8            # global, over all processes
     c.data.workers = 4

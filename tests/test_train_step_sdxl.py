@@ -244,7 +244,7 @@ def test_records_carry_size_and_crop(tmp_path):
     assert "input_ids_2" not in JsonImageTextSource(tmp_path / "data.json", tmp_path, tok, 16)[0]
 
 
-@pytest.mark.parametrize("config", ["sdxl_ip_adapter", "sdxl_ip_adapter_plus"])
+@pytest.mark.parametrize("config", ["sdxl_ip_adapter", "sdxl_ip_adapter_plus", "sdxl_ip_adapter_plus_face"])
 def test_sdxl_config_trains_and_exports(config, tmp_path):
     """The SDXL configs train a few steps on a small SDXL folder from a json
     dataset (per-image time ids), and the exported adapter loads into the UNet."""
@@ -272,7 +272,8 @@ def test_sdxl_config_trains_and_exports(config, tmp_path):
     records = []
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (16 + 4 * i, 20, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        records.append({"image_file": f"{i}.png", "text": f"a colour {i}"})
+        Image.fromarray(rng.integers(0, 256, (10, 8, 3), dtype=np.uint8)).save(images / f"{i}_face.png")
+        records.append({"image_file": f"{i}.png", "face_image_file": f"{i}_face.png", "text": f"a colour {i}"})
     (tmp_path / "data.json").write_text(json.dumps(records))
 
     cfg = importlib.import_module(f"configs.{config}").get_config()
@@ -286,15 +287,16 @@ def test_sdxl_config_trains_and_exports(config, tmp_path):
     cfg.step.noise_offset = 0.05
     cfg.workdir = str(tmp_path / "run")
     cfg.train.steps, cfg.train.log_every, cfg.train.save_every = 3, 1, 100
-    if config.endswith("plus"):      # the plus run trains from a feature cache (the base run from pixels)
+    if config.endswith("plus"):      # the plus run trains from a feature cache (the others from pixels)
         cfg.data.cache_dir = str(tmp_path / "cache")
+    assert cfg.data.condition == ("face" if config.endswith("face") else "image")
     summary = loop.train(cfg)
     assert np.isfinite(summary["final_loss"])
     if config.endswith("plus"):
         check_sdxl_cache(cfg, tmp_path / "cache")
     state = read_ip_adapter(summary["export"])
     width = fx.SDXL_UNET["cross_attention_dim"]
-    if config.endswith("plus"):
+    if "plus" in config:
         assert state["image_proj.proj_in.weight"].shape == (64, fx.CLIP_HIDDEN)
         assert state["image_proj.proj_out.weight"].shape == (width, 64)
         assert state["image_proj.latents"].shape == (1, 16, 64)

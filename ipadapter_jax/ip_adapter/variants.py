@@ -89,6 +89,14 @@ def _new_plus(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs, *
                      embedding_dim=encoder_config.hidden_size, output_dim=token_dim, rngs=rngs)
 
 
+def _new_full_face(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs, *,
+                   width: int = 0) -> nnx.Module:
+    # One token per CLIP hidden state (257 for ViT-H/14 at 224 px): ``num_tokens`` does not apply.
+    if width:
+        raise BadArgument(f"the full-face adapter's projection has no inner width to set (got {width})")
+    return MLPProjModel(encoder_config.hidden_size, token_dim, rngs=rngs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One IP-Adapter variant.
@@ -150,7 +158,7 @@ VARIANTS: tuple[Variant, ...] = (
             "ip-adapter_sd15, ip-adapter_sd15_light, ip-adapter_sd15_vit-G, ip-adapter_sdxl, ip-adapter_sdxl_vit-h",
             new=_new_base),
     Variant("full-face", "proj.3.weight", MLPProjModel, _full_face_hparams, HIDDEN_STATES, "zero_pixels", False,
-            "ip-adapter-full-face_sd15"),
+            "ip-adapter-full-face_sd15", new=_new_full_face),
     Variant("faceid-plus", "perceiver_resampler.proj_in.weight", FaceIDPlusModel, _faceid_plus_hparams,
             FACE_ID_AND_HIDDEN, "zeros", True,
             "ip-adapter-faceid-plus_sd15, ip-adapter-faceid-plusv2_sd15, ip-adapter-faceid-plusv2_sdxl"),

@@ -72,18 +72,34 @@ def train_pixels(image, resolution: int) -> np.ndarray:
     return pixels / 127.5 - 1.0
 
 
-class _ImageTextBase:
-    """Shared record building: image -> pixels + clip_pixels, text -> input_ids."""
+CONDITIONS = ("image", "face")
 
-    def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16, tokenizer_2=None):
+
+class _ImageTextBase:
+    """Shared record building: image -> pixels + clip_pixels, text -> input_ids.
+
+    condition: what the image prompt (``clip_pixels``) is made from: the image
+    itself ("image"), or the record's face crop ("face": the Plus-face /
+    full-face recipe, as the official ``tutorial_train_plus`` face data: the crop
+    is the condition, the whole image the target)."""
+
+    def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16, tokenizer_2=None,
+                 condition: str = "image"):
+        if condition not in CONDITIONS:
+            raise BadArgument(f"data.condition must be one of {list(CONDITIONS)}, got {condition!r}")
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self.resolution = resolution
         self.clip_size = clip_size
         self.max_retries = max_retries
+        self.condition = condition
 
     def _raw(self, index: int) -> tuple[Any, str]:
         raise NotImplementedError
+
+    def _face(self, index: int):
+        """The record's face crop (a path, PIL image or array), for ``condition="face"``."""
+        raise Unsupported(f"{type(self).__name__} has no face crops (data.condition='face')")
 
     def _describe(self, index: int) -> str:
         return f"record {index}"
@@ -103,7 +119,8 @@ class _ImageTextBase:
                 image, text = self._raw(i)
                 rgb = load_rgb(image)
                 pixels = train_pixels(rgb, self.resolution)
-                clip = preprocess([rgb], self.clip_size, self.clip_size)[0]
+                condition = rgb if self.condition == "image" else load_rgb(self._face(i))
+                clip = preprocess([condition], self.clip_size, self.clip_size)[0]
             except (UserError, OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
                 log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
                 skipped, last = skipped + 1, e
@@ -143,6 +160,9 @@ class JsonImageTextSource(_ImageTextBase):
             if not isinstance(r["image_file"], str) or not r["image_file"] or not isinstance(r["text"], str):
                 raise BadFile(f"{json_file}: record {i}: 'image_file' must be a file name and 'text' a string, "
                               f"got {_short(r)}")
+            if self.condition == "face" and not (isinstance(r.get("face_image_file"), str) and r["face_image_file"]):
+                raise BadFile(f"{json_file}: record {i} has no 'face_image_file' (the face crop that "
+                              f"data.condition='face' conditions on): {_short(r)}")
         self.records = records
 
     def __len__(self) -> int:
@@ -150,12 +170,16 @@ class JsonImageTextSource(_ImageTextBase):
 
     def __repr__(self) -> str:
         # grain checks the data source on restore by its repr: it must be stable across processes.
+        condition = "" if self.condition == "image" else f", condition={self.condition}"
         return (f"JsonImageTextSource(json_file={self.json_file}, image_root={self.image_root}, "
-                f"resolution={self.resolution}, records={len(self)})")
+                f"resolution={self.resolution}, records={len(self)}{condition})")
 
     def _raw(self, index):
         r = self.records[index]
         return self.image_root / r["image_file"], r["text"]
+
+    def _face(self, index):
+        return self.image_root / self.records[index]["face_image_file"]
 
     def _describe(self, index):
         return str(self.image_root / self.records[index]["image_file"])

@@ -83,7 +83,7 @@ def _source(field: str, value: str, what: str, kind: str) -> Path:
     return resolve(value, kind=kind, what=what, flag=field, allow_patterns=PIPELINE_FOLDER_PATTERNS)
 
 
-CHOICES = {"data.kind": ("json", "tfds", "webdataset", "cached"), "step.compute_dtype": ("float32", "bfloat16"),
+CHOICES = {"data.kind": ("json", "tfds", "webdataset", "cached"), "data.condition": data_lib.CONDITIONS, "step.compute_dtype": ("float32", "bfloat16"),
            "step.prediction_type": ("epsilon", "v_prediction"), "step.image_conditioning": ("decoupled", "concat"),
            "optimizer.schedule": ("constant", "cosine"), "train.remat": ("none", "full", "dots")}
 
@@ -175,14 +175,18 @@ def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None):
     d = cfg.data
     if d.kind not in CHOICES["data.kind"]:
         raise BadArgument(f"data.kind must be one of {list(CHOICES['data.kind'])}, got {d.kind!r}")
+    condition = d.get("condition", "image")
+    if condition == "face" and d.kind == "tfds":
+        raise Unsupported("data.condition='face' needs face crops: json (face_image_file) or webdataset "
+                          "(KEY.face.jpg) data, not tfds")
     try:
         if d.kind == "json":
             return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution,
-                                                clip_size=clip_size, tokenizer_2=tokenizer_2)
+                                                clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition)
         if d.kind == "webdataset":
             index_dir = d.get("index_dir", "") or Path(cfg.workdir) / "shard_index"
             return webdataset.WebDatasetSource(d.shards, tokenizer, d.resolution, index_dir=index_dir,
-                                               clip_size=clip_size, tokenizer_2=tokenizer_2)
+                                               clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition)
         if d.kind == "tfds":
             return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
                                                 image_key=d.image_key, text_key=d.text_key, clip_size=clip_size,

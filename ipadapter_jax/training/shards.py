@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 TEXT_EXTENSION = "txt"
+FACE_EXTENSIONS = ("face.jpg", "face.jpeg", "face.png", "face.webp")   # KEY.face.jpg: a face crop (face variants)
 _KEY = re.compile(r"^((?:.*/)?[^./][^/]*?)\.([^/]*)$")   # (key, extension) of a member name
 _BRACES = re.compile(r"\{([^{}]*)\}")
 INDEX_VERSION = 1

@@ -28,7 +28,7 @@ import numpy as np
 
 from ipadapter_jax.io.errors import BadArgument, BadFile
 from ipadapter_jax.training.data import _ImageTextBase
-from ipadapter_jax.training.shards import TEXT_EXTENSION, load_indexes, shard_paths
+from ipadapter_jax.training.shards import FACE_EXTENSIONS, TEXT_EXTENSION, load_indexes, shard_paths
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class WebDatasetSource(_ImageTextBase):
     """The records of a process's share of the shards ``shards`` (see
     ``shard_paths``), as the other image-text sources give them (``pixels``,
     ``clip_pixels``, ``input_ids``, ``original_size``, ``crop_top_left``,
-    ``skipped``). ``original_size`` is the record's json ``original_height`` /
+    ``skipped``; with ``condition="face"`` the image prompt is the record's
+    ``face.jpg|png|webp`` member). ``original_size`` is the record's json ``original_height`` /
     ``original_width`` when img2dataset wrote them (it resized the image), else
     the stored image's size.
 
@@ -94,9 +95,10 @@ class WebDatasetSource(_ImageTextBase):
 
     def __repr__(self) -> str:
         # grain checks the source on restore by its repr: stable across runs of the same data.
+        condition = "" if self.condition == "image" else f", condition={self.condition}"
         return (f"WebDatasetSource(shards={self.paths[0]}..{self.paths[-1].name}, {len(self.paths)} of "
                 f"{self.all_shards} shards for process {self.process_index} of {self.process_count}, "
-                f"records={len(self)}, resolution={self.resolution})")
+                f"records={len(self)}, resolution={self.resolution}{condition})")
 
     def _locate(self, index: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
@@ -132,6 +134,17 @@ class WebDatasetSource(_ImageTextBase):
         image = Image.open(io.BytesIO(self._read(shard, offset, size)))   # decoded (or refused) by load_rgb
         text = self._read(shard, *shard_index.member(row, TEXT_EXTENSION)).decode("utf-8", errors="replace")
         return image, text.strip()
+
+    def _face(self, index):
+        from PIL import Image
+
+        shard, row = self._locate(index)
+        for ext in FACE_EXTENSIONS:
+            found = self.indexes[shard].member(row, ext)
+            if found is not None:
+                return Image.open(io.BytesIO(self._read(shard, *found)))
+        raise BadFile(f"{self._describe(index)} has no face crop ({' / '.join(FACE_EXTENSIONS)}), which "
+                      "data.condition='face' conditions on")
 
     def _original_size(self, index: int, width: int, height: int) -> tuple[int, int]:
         raw = self.member(index, "json")
