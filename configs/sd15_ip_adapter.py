@@ -18,9 +18,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.pretrained = ""          # diffusers SD folder (unet, vae, text_encoder, tokenizer, scheduler)
     c.model.image_encoder = ""       # CLIP vision folder (OpenCLIP ViT-H/14 for the official SD1.5 adapters)
-    c.model.variant = "base"         # base | plus | full-face (a new adapter); ignored with adapter_init
+    c.model.variant = "base"         # base | plus | full-face | faceid | faceid-plus (a new adapter); not with
+                                     # adapter_init (its file says)
     c.model.num_tokens = 4           # image tokens (base: 4; plus: 16)
     c.model.adapter_init = ""        # optional official adapter file to continue from
+    c.model.lora_rank = 128          # FaceID variants: the rank of the LoRA on every attention layer
+    c.model.shortcut = False         # faceid-plus: PlusV2 (ID tokens added back to the perceiver's output)
     # Which cross-attention layers get an image branch: all | down | mid | up | comma-separated diffusers
     # layer names (up_blocks.1.attentions.0.transformer_blocks.0.attn2, ...); the others export as zeros.
     c.model.image_layers = "all"

@@ -97,6 +97,28 @@ def _new_full_face(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rn
     return MLPProjModel(encoder_config.hidden_size, token_dim, rngs=rngs)
 
 
+# InsightFace's ``normed_embedding`` (buffalo_l / antelopev2): what every official FaceID adapter takes.
+ID_EMBED_DIM = 512
+
+
+def _new_faceid(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs, *, width: int = 0) -> nnx.Module:
+    # The official MLPProjModel of tutorial_train_faceid.py: Linear(512, 1024), GELU, Linear(1024, T x C), LayerNorm.
+    if width:
+        raise BadArgument(f"the FaceID adapter's projection has no inner width to set (got {width})")
+    return FaceIDProjModel(ID_EMBED_DIM, token_dim, num_tokens, mult=2, rngs=rngs)
+
+
+def _new_faceid_plus(token_dim: int, encoder_config, num_tokens: int, rngs: nnx.Rngs, *,
+                     width: int = 0) -> nnx.Module:
+    # The official ProjPlusModel: the FaceID MLP, then a depth-4 perceiver (64-wide heads) over the
+    # face crop's CLIP hidden states.
+    if width:
+        raise BadArgument(f"the FaceID-Plus adapter's projection has no inner width to set (got {width})")
+    return FaceIDPlusModel(id_embed_dim=ID_EMBED_DIM, cross_attention_dim=token_dim,
+                           clip_embed_dim=encoder_config.hidden_size, num_tokens=num_tokens, depth=4, dim_head=64,
+                           heads=max(token_dim // 64, 1), mult=2, rngs=rngs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """One IP-Adapter variant.
@@ -161,10 +183,11 @@ VARIANTS: tuple[Variant, ...] = (
             "ip-adapter-full-face_sd15", new=_new_full_face),
     Variant("faceid-plus", "perceiver_resampler.proj_in.weight", FaceIDPlusModel, _faceid_plus_hparams,
             FACE_ID_AND_HIDDEN, "zeros", True,
-            "ip-adapter-faceid-plus_sd15, ip-adapter-faceid-plusv2_sd15, ip-adapter-faceid-plusv2_sdxl"),
+            "ip-adapter-faceid-plus_sd15, ip-adapter-faceid-plusv2_sd15, ip-adapter-faceid-plusv2_sdxl",
+            new=_new_faceid_plus),
     Variant("faceid", "norm.weight", FaceIDProjModel, _faceid_hparams, FACE_ID, "zeros", True,
             "ip-adapter-faceid_sd15, ip-adapter-faceid-portrait_sd15, ip-adapter-faceid_sdxl, "
-            "ip-adapter-faceid-portrait_sdxl"),
+            "ip-adapter-faceid-portrait_sdxl", new=_new_faceid),
     Variant("plus", "latents", Resampler, _plus_hparams, HIDDEN_STATES, "zero_pixels", False,
             "ip-adapter-plus_sd15, ip-adapter-plus-face_sd15, ip-adapter-plus_sdxl_vit-h, "
             "ip-adapter-plus-face_sdxl_vit-h", new=_new_plus),

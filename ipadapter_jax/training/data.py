@@ -75,6 +75,42 @@ def train_pixels(image, resolution: int) -> np.ndarray:
 CONDITIONS = ("image", "face")
 
 
+def read_id_embed(source) -> np.ndarray:
+    """A face ID embedding as float32 [D]: a ``.npy`` file (or its bytes), or a
+    PyTorch tensor file (``.bin`` / ``.pt`` / ``.pth``, what the official
+    ``tutorial_train_faceid.py`` reads; through ``torch.load(weights_only=True)``).
+    Shapes [D] and [1, D] are taken; anything else, or a non-finite value, is a ``BadFile``."""
+    import io
+
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "the record's npy"
+    if isinstance(source, bytes):
+        array = np.load(io.BytesIO(source), allow_pickle=False)
+    elif Path(source).suffix in (".bin", ".pt", ".pth"):
+        try:
+            import torch
+        except ImportError:
+            raise Unsupported(f"{source}: a PyTorch file needs torch (pip install -e '.[torch]'), or save the "
+                              "embedding as .npy") from None
+        try:
+            array = torch.load(source, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise MissingFile(f"{source} not found") from None
+        except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file; each is this file's fault
+            raise BadFile(f"{source}: not a readable PyTorch tensor file ({type(e).__name__}: {e})") from None
+        if not hasattr(array, "float"):
+            raise BadFile(f"{source}: expected one tensor (the ID embedding), got a {type(array).__name__}")
+        array = array.float().numpy()
+    else:
+        array = read_npy(source)
+    array = np.asarray(array, np.float32)
+    if array.ndim == 2 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim != 1 or not np.isfinite(array).all():
+        raise BadFile(f"{name}: expected a finite ID embedding of shape [D] (InsightFace: [512]), got shape "
+                      f"{tuple(array.shape)}")
+    return array
+
+
 class _ImageTextBase:
     """Shared record building: image -> pixels + clip_pixels, text -> input_ids.
 
@@ -84,15 +120,16 @@ class _ImageTextBase:
     is the condition, the whole image the target)."""
 
     def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16, tokenizer_2=None,
-                 condition: str = "image"):
+                 condition: str = "image", id_embeds: bool = False):
         if condition not in CONDITIONS:
             raise BadArgument(f"data.condition must be one of {list(CONDITIONS)}, got {condition!r}")
         self.tokenizer = tokenizer
         self.tokenizer_2 = tokenizer_2
         self.resolution = resolution
-        self.clip_size = clip_size
+        self.clip_size = clip_size          # 0: no clip_pixels (an adapter without CLIP input: FaceID)
         self.max_retries = max_retries
         self.condition = condition
+        self.id_embeds = id_embeds
 
     def _raw(self, index: int) -> tuple[Any, str]:
         raise NotImplementedError
@@ -100,6 +137,10 @@ class _ImageTextBase:
     def _face(self, index: int):
         """The record's face crop (a path, PIL image or array), for ``condition="face"``."""
         raise Unsupported(f"{type(self).__name__} has no face crops (data.condition='face')")
+
+    def _id_embed(self, index: int) -> np.ndarray:
+        """The record's face ID embedding (InsightFace, [512]), for FaceID variants."""
+        raise Unsupported(f"{type(self).__name__} has no ID embeddings (FaceID)")
 
     def _describe(self, index: int) -> str:
         return f"record {index}"
@@ -119,15 +160,19 @@ class _ImageTextBase:
                 image, text = self._raw(i)
                 rgb = load_rgb(image)
                 pixels = train_pixels(rgb, self.resolution)
-                condition = rgb if self.condition == "image" else load_rgb(self._face(i))
-                clip = preprocess([condition], self.clip_size, self.clip_size)[0]
+                extra = {}
+                if self.clip_size:
+                    condition = rgb if self.condition == "image" else load_rgb(self._face(i))
+                    extra["clip_pixels"] = preprocess([condition], self.clip_size, self.clip_size)[0]
+                if self.id_embeds:
+                    extra["id_embeds"] = self._id_embed(i)
             except (UserError, OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
                 log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
                 skipped, last = skipped + 1, e
                 continue
             width, height = rgb.size
             _, _, left, top = train_crop(width, height, self.resolution)
-            record = {"pixels": pixels, "clip_pixels": clip, "input_ids": token_ids(self.tokenizer, text, warn=False)[0],
+            record = {"pixels": pixels, **extra, "input_ids": token_ids(self.tokenizer, text, warn=False)[0],
                       "original_size": np.array(self._original_size(i, width, height), np.int32),
                       "crop_top_left": np.array([top, left], np.int32), "skipped": np.int32(skipped)}
             if self.tokenizer_2 is not None:
@@ -163,6 +208,9 @@ class JsonImageTextSource(_ImageTextBase):
             if self.condition == "face" and not (isinstance(r.get("face_image_file"), str) and r["face_image_file"]):
                 raise BadFile(f"{json_file}: record {i} has no 'face_image_file' (the face crop that "
                               f"data.condition='face' conditions on): {_short(r)}")
+            if self.id_embeds and not (isinstance(r.get("id_embed_file"), str) and r["id_embed_file"]):
+                raise BadFile(f"{json_file}: record {i} has no 'id_embed_file' (the face ID embedding a FaceID "
+                              f"adapter is trained on): {_short(r)}")
         self.records = records
 
     def __len__(self) -> int:
@@ -180,6 +228,9 @@ class JsonImageTextSource(_ImageTextBase):
 
     def _face(self, index):
         return self.image_root / self.records[index]["face_image_file"]
+
+    def _id_embed(self, index):
+        return read_id_embed(self.image_root / self.records[index]["id_embed_file"])
 
     def _describe(self, index):
         return str(self.image_root / self.records[index]["image_file"])

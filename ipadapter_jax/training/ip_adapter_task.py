@@ -64,9 +64,20 @@ def _new_adapter(cfg, unet, image_encoder) -> None:
         raise BadArgument(f"model.variant must be one of {trainable} to train a new adapter, got {m.variant!r}")
     rngs = nnx.Rngs(cfg.seed)
     token_dim = unet.cross_attention_layers()[0].token_dim
-    proj = spec.new(token_dim, image_encoder.config, m.num_tokens, rngs, width=m.get("resampler_dim", 0))
-    adapter = ip_adapter.IPAdapter.for_unet(unet, proj, variant=spec.name, rngs=rngs)
+    proj = spec.new(token_dim, None if image_encoder is None else image_encoder.config, m.num_tokens, rngs,
+                    width=m.get("resampler_dim", 0))
+    rank = m.get("lora_rank", 128) if spec.lora else None
+    adapter = ip_adapter.IPAdapter.for_unet(unet, proj, variant=spec.name, lora_rank=rank,
+                                            shortcut=bool(m.get("shortcut", False)), rngs=rngs)
     adapter.init_from_unet(unet)
+    if adapter.lora is not None:
+        # The official LoRALinearLayer's start: down ~ N(0, 1 / rank), up = 0 (so the UNet is unchanged).
+        key = jax.random.key(cfg.seed + 1)
+        for i, lora in enumerate(adapter.lora):
+            for j, linear in enumerate((lora.to_q_lora, lora.to_k_lora, lora.to_v_lora, lora.to_out_lora)):
+                kernel = linear.down.kernel
+                draw = jax.random.normal(jax.random.fold_in(key, 4 * i + j), kernel.shape, jnp.float32) / rank
+                kernel.set_value(draw.astype(kernel.dtype))
     ip_adapter.attach(unet, adapter)
 
 # The paper's dropout of the condition (section 4.1.2: 0.05 each), config fields of ``step``.
@@ -96,9 +107,9 @@ def check_config(cfg) -> None:
         value = cfg[section].get(name, allowed[0])
         if value not in allowed:
             raise BadArgument(f"{field} must be one of {list(allowed)}, got {value!r}")
-    for field in ("data.batch_size", "data.resolution", "optimizer.accumulate"):
+    for field in ("data.batch_size", "data.resolution", "optimizer.accumulate", "model.lora_rank"):
         section, name = field.split(".")
-        value = cfg[section][name]
+        value = cfg[section].get(name, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise BadArgument(f"{field} must be an integer >= 1, got {value!r}")
     for field in ("optimizer.lr", "optimizer.ema_decay", "optimizer.clip_norm", "optimizer.weight_decay"):
@@ -156,11 +167,14 @@ def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
     m = cfg.model
     root = _source("model.pretrained", m.pretrained, "Stable Diffusion model (diffusers folder or single file)",
                    "any")
-    encoder_dir = _source("model.image_encoder", m.image_encoder, "CLIP vision model folder (transformers layout)",
-                          "encoder")
+    new = variants.BY_NAME.get(m.variant)
+    # FaceID takes ID embeddings only: a new one needs no image encoder.
+    optional = not m.image_encoder and not m.adapter_init and new is not None and new.encoder_output is None
+    encoder_dir = None if optional else _source("model.image_encoder", m.image_encoder,
+                                                "CLIP vision model folder (transformers layout)", "encoder")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
     components = load_components(root, dtype=dtype, remat=cfg.train.remat)
-    image_encoder = CLIPVisionModelWithProjection.from_pretrained(encoder_dir, dtype=dtype)
+    image_encoder = None if optional else CLIPVisionModelWithProjection.from_pretrained(encoder_dir, dtype=dtype)
     if m.adapter_init:
         load_ip_adapter(m.adapter_init, components.unet)
     else:
@@ -168,25 +182,26 @@ def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
     return components, image_encoder
 
 
-def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None):
+def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None, *, id_embeds: bool = False):
     """The data source ``cfg.data`` names (with ``tokenizer_2``, a family with
-    two text encoders, records carry ``input_ids_2`` too). What the sources refuse (a missing file or
-    folder, a malformed dataset) is raised as ``MissingFile`` / ``BadFile``."""
+    two text encoders, records carry ``input_ids_2`` too; ``clip_size`` 0: no
+    ``clip_pixels``; ``id_embeds``: records carry their face ID embedding).
+    What the sources refuse (a missing file or folder, a malformed dataset) is
+    raised as ``MissingFile`` / ``BadFile``."""
     d = cfg.data
     if d.kind not in CHOICES["data.kind"]:
         raise BadArgument(f"data.kind must be one of {list(CHOICES['data.kind'])}, got {d.kind!r}")
     condition = d.get("condition", "image")
-    if condition == "face" and d.kind == "tfds":
-        raise Unsupported("data.condition='face' needs face crops: json (face_image_file) or webdataset "
-                          "(KEY.face.jpg) data, not tfds")
+    if (condition == "face" or id_embeds) and d.kind == "tfds":
+        raise Unsupported("face crops (data.condition='face') and ID embeddings (FaceID) are read from json "
+                          "(face_image_file, id_embed_file) or webdataset (KEY.face.jpg, KEY.npy) data, not tfds")
+    options = dict(clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition, id_embeds=id_embeds)
     try:
         if d.kind == "json":
-            return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution,
-                                                clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition)
+            return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution, **options)
         if d.kind == "webdataset":
             index_dir = d.get("index_dir", "") or Path(cfg.workdir) / "shard_index"
-            return webdataset.WebDatasetSource(d.shards, tokenizer, d.resolution, index_dir=index_dir,
-                                               clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition)
+            return webdataset.WebDatasetSource(d.shards, tokenizer, d.resolution, index_dir=index_dir, **options)
         if d.kind == "tfds":
             return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
                                                 image_key=d.image_key, text_key=d.text_key, clip_size=clip_size,
@@ -258,7 +273,7 @@ def build_trainer(cfg, components: Components, image_encoder, optimizer, cached:
     as ``cfg.step`` / ``cfg.train`` say; without the encoders when training from
     cached features."""
     spec = components.unet.ip_adapters[0].spec
-    step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_input=spec.encoder_output,
+    step_cfg = StepConfig(prediction_type=cfg.step.prediction_type, image_input=spec.input_kind,
                           scaling_factor=components.vae.scaling_factor,
                           image_conditioning=cfg.step.image_conditioning,
                           noise_offset=float(cfg.step.get("noise_offset", 0.0)),
@@ -393,10 +408,15 @@ def train(cfg, evaluation=None) -> dict:
     unet, family = components.unet, components.family
     image_layers(cfg, unet)   # names checked before any data is read or cached
     tokenizers = components.tokenizers
-    source = build_source(cfg, tokenizers[0], image_encoder.config.image_size, *tokenizers[1:])
     spec = unet.ip_adapters[0].spec          # from the adapter itself (adapter_init may be any variant)
-    if spec.needs_face_id:
-        raise Unsupported("training FaceID adapters needs InsightFace embeddings in the data; not supported")
+    source = build_source(cfg, tokenizers[0], 0 if spec.encoder_output is None else image_encoder.config.image_size,
+                          *tokenizers[1:], id_embeds=spec.needs_face_id)
+    if spec.needs_face_id and (cfg.data.kind == "cached" or cfg.data.cache_dir):
+        raise Unsupported("feature caching (data.cache_dir / data.kind='cached') of FaceID variants is not "
+                          "supported yet: train from the images and ID embeddings (data.cache_dir='')")
+    if spec.needs_face_id and cfg.train.get("eval_every", 0):
+        raise Unsupported("live evaluation (train.eval_every) of FaceID variants needs ID embeddings of the "
+                          "held-out faces, which eval.cases does not carry yet: set train.eval_every=0")
     plus = spec.encoder_output == "hidden_states"
     if cfg.data.kind != "cached" and cfg.data.cache_dir:
         if cfg.data.kind == "webdataset" and jax.process_count() > 1:

@@ -59,7 +59,9 @@ class StepConfig:
     """Static settings of the step (resolved in Python before jit)."""
 
     prediction_type: str = "epsilon"          # or "v_prediction"
-    image_input: str = "image_embeds"         # what the adapter projects: "image_embeds" | "hidden_states"
+    # What the adapter projects (``variants.Variant.input_kind``): "image_embeds" | "hidden_states" |
+    # "face_id" (the batch's ``id_embeds``) | "face_id+hidden_states" (and the face crop's hidden states).
+    image_input: str = "image_embeds"
     image_drop_rate: float = 0.05
     text_drop_rate: float = 0.05
     both_drop_rate: float = 0.05
@@ -258,7 +260,9 @@ class Trainer:
 
         batch keys: ``pixels`` [B,H,W,3] in [-1,1] or ``latents`` (scaled);
         ``input_ids`` [B,77] or ``text_embeds``; ``clip_pixels`` (normalised) or
-        ``image_embeds``; ``empty_text`` (ids [77] or embedding [77,C] of "");
+        ``image_embeds``; ``id_embeds`` [B, 512] (FaceID; FaceID-Plus also takes
+        the face crop's ``clip_pixels`` and gets ``(ids, hidden states)`` back);
+        ``empty_text`` (ids [77] or embedding [77,C] of "");
         ``uncond_image`` (what a dropped image becomes: zeros for image_embeds,
         the encoder on zero pixels for hidden states; only needed with cached
         hidden states).
@@ -279,6 +283,13 @@ class Trainer:
         drop_image = draws["drop_image"]
         if not self.has_adapter:
             return latents, text, None
+        ids = None
+        if c.image_input.startswith("face_id"):
+            # FaceID (tutorial_train_faceid.py): a dropped image is a zero ID embedding.
+            ids = batch["id_embeds"].astype(jnp.float32)
+            ids = jnp.where(drop_image[:, None], 0.0, ids)
+            if c.image_input == "face_id":
+                return latents, text, ids
         if "image_embeds" in batch:
             embeds = batch["image_embeds"].astype(jnp.float32)
             uncond = batch.get("uncond_image", jnp.zeros_like(embeds[0]))
@@ -287,14 +298,14 @@ class Trainer:
         else:
             encoder = self._module("image_encoder", frozen)
             pixels = batch["clip_pixels"]
-            if c.image_input == "hidden_states":
+            if c.image_input.endswith("hidden_states"):
                 # Plus recipe: a dropped image is zero CLIP pixels through the encoder.
                 pixels = jnp.where(drop_image[:, None, None, None], 0.0, pixels)
                 embeds = encoder(pixels).hidden_states[-2].astype(jnp.float32)
             else:
                 out = encoder(pixels).image_embeds.astype(jnp.float32)
                 embeds = jnp.where(drop_image[:, None], 0.0, out)
-        return latents, text, embeds
+        return latents, text, embeds if ids is None else (ids, embeds)
 
     def loss(self, trainable, frozen, latents, text, image_embeds, noise, timesteps) -> jax.Array:
         """MSE (float32) of the UNet's prediction, given everything sampled.
@@ -309,7 +320,9 @@ class Trainer:
             pred = unet(noisy, timesteps, UNetConditioning(text, added_cond=added))
         else:
             adapter = unet.ip_adapters[0]
-            tokens = adapter.project(image_embeds)
+            # FaceID-Plus: (ID embeddings, the face crop's hidden states); PlusV2's shortcut at s_scale 1.
+            tokens = (adapter.project(*image_embeds) if isinstance(image_embeds, tuple)
+                      else adapter.project(image_embeds))
             if c.image_conditioning == "concat":
                 context = jnp.concatenate([text, tokens.astype(text.dtype)], axis=1)
                 pred = unet(noisy, timesteps, UNetConditioning(context, added_cond=added))

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from ipadapter_jax.io.errors import BadArgument, BadFile
-from ipadapter_jax.training.data import _ImageTextBase
+from ipadapter_jax.training.data import _ImageTextBase, read_id_embed
 from ipadapter_jax.training.shards import FACE_EXTENSIONS, TEXT_EXTENSION, load_indexes, shard_paths
 
 log = logging.getLogger(__name__)
@@ -145,6 +145,12 @@ class WebDatasetSource(_ImageTextBase):
                 return Image.open(io.BytesIO(self._read(shard, *found)))
         raise BadFile(f"{self._describe(index)} has no face crop ({' / '.join(FACE_EXTENSIONS)}), which "
                       "data.condition='face' conditions on")
+
+    def _id_embed(self, index):
+        raw = self.member(index, "npy")
+        if raw is None:
+            raise BadFile(f"{self._describe(index)} has no ID embedding (KEY.npy), which FaceID trains on")
+        return read_id_embed(raw)
 
     def _original_size(self, index: int, width: int, height: int) -> tuple[int, int]:
         raw = self.member(index, "json")
