@@ -207,20 +207,21 @@ def test_faceid_one_step_with_lora_matches_pytorch(tmp_path):
 
 
 def write_id(path: Path, vector: np.ndarray) -> str:
-    """An ID embedding file: .npy, or (odd records) a torch-saved tensor as the official scripts write."""
+    """An ID embedding file: .npy, or ``torch.save`` of InsightFace's numpy array, as the official
+    FaceID data is written (``tutorial_train_faceid.py`` reads it back with ``torch.load``)."""
     if path.suffix == ".npy":
         np.save(path, vector)
     else:
         import torch
 
-        torch.save(torch.from_numpy(vector), path)
+        torch.save(vector, path)
     return path.name
 
 
 @pytest.mark.parametrize("config, kind", [("sd15_ip_adapter_faceid", "json"),
                                           ("sd15_ip_adapter_faceid_plus", "webdataset")])
 def test_faceid_configs_train_and_export(data, tmp_path, config, kind):
-    """FaceID (json: id_embed_file as .npy and torch files; no image encoder) and FaceID-PlusV2
+    """FaceID (json: id_embed_file as .npy and official torch-saved files; no image encoder) and FaceID-PlusV2
     (webdataset: KEY.npy + KEY.face.png) train a few steps; the export, LoRA included, loads in
     diffusers' pipeline (its load_ip_adapter applies the FaceID LoRA through peft)."""
     from diffusers import StableDiffusionPipeline as TorchSD
@@ -259,6 +260,11 @@ def test_faceid_configs_train_and_export(data, tmp_path, config, kind):
     assert any(np.abs(state[k]).max() > 0 for k in lora if ".up." in k)     # the LoRA was trained
     if config.endswith("plus"):
         assert "image_proj.perceiver_resampler.proj_in.weight" in state
+        from ipadapter_jax.ip_adapter import load_ip_adapter
+        from ipadapter_jax.models import UNet2DConditionModel
+
+        # the file says PlusV2 (its metadata): reloaded, the shortcut is on whatever the file's name
+        assert load_ip_adapter(summary["export"], UNet2DConditionModel.from_pretrained(data["sd"] / "unet")).shortcut
 
     export = Path(summary["export"])
     pipe = TorchSD.from_pretrained(data["sd"], safety_checker=None, requires_safety_checker=False)
@@ -314,3 +320,28 @@ def test_sdxl_faceid_plus_config_trains_and_exports(data, tmp_path):
     pipe = TorchXL.from_pretrained(paths["sdxl"])
     pipe.load_ip_adapter(str(export.parent), subfolder="", weight_name=export.name, image_encoder_folder=None)
     assert "faceid_0" in pipe.unet.peft_config
+
+
+def test_id_embedding_files(tmp_path):
+    """ID embeddings: .npy, the official torch.save of a numpy array, a torch tensor, [1, D]; a
+    pickle of anything else, a wrong shape or a non-finite value is a BadFile naming the file."""
+    import pickle
+
+    import torch
+
+    from ipadapter_jax.io.errors import BadFile
+    from ipadapter_jax.training.data import read_id_embed
+
+    v = np.arange(512, dtype=np.float32) / 512
+    np.save(tmp_path / "a.npy", v[None])
+    torch.save(v.astype(np.float64), tmp_path / "b.bin")
+    torch.save(torch.from_numpy(v), tmp_path / "c.pt")
+    for name in ("a.npy", "b.bin", "c.pt"):
+        np.testing.assert_allclose(read_id_embed(tmp_path / name), v, rtol=1e-7)
+    (tmp_path / "evil.bin").write_bytes(pickle.dumps({"x": print}))
+    np.save(tmp_path / "square.npy", np.zeros((4, 4), np.float32))
+    np.save(tmp_path / "nan.npy", np.full(512, np.nan, np.float32))
+    for name, message in (("evil.bin", "not a readable ID embedding file"), ("square.npy", r"shape \(4, 4\)"),
+                          ("nan.npy", "finite")):
+        with pytest.raises(BadFile, match=message):
+            read_id_embed(tmp_path / name)

@@ -439,5 +439,5 @@ def test_sweep_runs_the_grid_and_gathers_a_table(setup, tmp_path):
         assert (root / name / "ip_adapter.safetensors").is_file()
     bad = subprocess.run([*sweep[:5], "--grid", "snr_gamma"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "ipadapter-train sweep: error: --grid 'snr_gamma': expected FIELD=V1,V2,... with a dotted config field, "
+        "ipadapter-train sweep: error: --grid 'snr_gamma': expected FIELD=V1,V2,... with a config field, "
         "e.g. model.num_tokens=1,4,16"], bad.stderr

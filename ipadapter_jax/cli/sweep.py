@@ -6,8 +6,8 @@ then one Markdown table of every run's final loss and evaluation.
         --workdir runs/tokens -- --config.train.eval_every=1300 --config.eval.cases=demo
     ipadapter-train sweep --config C --grid "step.snr_gamma=0,5" --grid "optimizer.lr=1e-4,3e-4" --print
 
-Each --grid "FIELD=V1,V2,..." is one axis; the runs are every combination (the
-product, in the order given). Run k of a sweep trains in ``WORKDIR/<name>``
+Each --grid "FIELD=V1,V2,..." is one axis (values holding commas: separate
+them with ";"); the runs are every combination (the product, in the order given). Run k of a sweep trains in ``WORKDIR/<name>``
 (``num_tokens=1``, ``snr_gamma=5,lr=3e-4``: the fields' last names and values)
 with ``--config.workdir`` set there and ``--config.train.export`` beside it;
 arguments after ``--`` (``--config.FIELD=VALUE`` overrides, train's flags) go
@@ -16,7 +16,8 @@ the unfinished ones and re-exports the finished. The table (``WORKDIR/sweep.md``
 also printed) has, per run, its overrides, final loss (``metrics.csv``),
 evaluation (``eval.json``: CLIP-I / CLIP-T when ``train.eval_every`` and
 ``eval.clip_model`` are set) and folder. A run that fails is marked in the
-table and the sweep goes on; the exit status is then 1.
+table and the sweep goes on (the exit status is then 1); a run preempted
+(SIGTERM: it saved a checkpoint) is marked so, and rerunning the sweep resumes it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 PROG = "ipadapter-train sweep"
@@ -54,13 +56,14 @@ def parser() -> argparse.ArgumentParser:
 
 
 def parse_axis(spec: str) -> tuple[str, list[str]]:
-    """``"model.num_tokens=1,4,16"`` -> ("model.num_tokens", ["1", "4", "16"])."""
+    """``"model.num_tokens=1,4,16"`` -> ("model.num_tokens", ["1", "4", "16"]); values that
+    hold commas are separated by ";" (``"model.image_layers=up;down,mid"``)."""
     field, sep, values = spec.partition("=")
     field = field.strip().removeprefix("--config.").removeprefix("config.")
-    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+", field) or not values.strip():
-        raise ValueError(f"--grid {spec!r}: expected FIELD=V1,V2,... with a dotted config field, e.g. "
+    if not sep or not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", field) or not values.strip():
+        raise ValueError(f"--grid {spec!r}: expected FIELD=V1,V2,... with a config field, e.g. "
                          "model.num_tokens=1,4,16")
-    parts = [v.strip() for v in values.split(",")]
+    parts = [v.strip() for v in values.split(";" if ";" in values else ",")]
     if any(not v for v in parts) or len(set(parts)) != len(parts):
         raise ValueError(f"--grid {spec!r}: values must be non-empty and distinct")
     return field, parts
@@ -132,13 +135,20 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], 0
     for k, (name, overrides) in enumerate(plan):
         workdir = root / name
-        status = "done"
-        if not args.table_only:
+        export = workdir / "ip_adapter.safetensors"
+        if args.table_only:
+            status = "exported" if export.is_file() else "not finished"
+        else:
             print(f"{PROG}: run {k + 1} of {len(plan)}: {name} -> {workdir}", file=sys.stderr, flush=True)
+            started = time.time()
             cmd = command(args.config, workdir, overrides, extra, [sys.executable, "-m", "ipadapter_jax.cli.train"])
             code = subprocess.run(cmd).returncode
             if code:
                 status, failed = f"failed (exit {code})", failed + 1
+            elif not export.is_file() or export.stat().st_mtime < started:
+                status = "preempted (rerun the sweep)"     # it saved a checkpoint and stopped
+            else:
+                status = "done"
         rows.append(result_row(name, overrides, workdir, status))
     table = markdown(rows)
     root.mkdir(parents=True, exist_ok=True)

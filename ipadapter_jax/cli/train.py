@@ -227,7 +227,8 @@ def _check_data(prog: str, args: list[str]) -> None:
 
     try:
         cfg = _config(args)
-        if cfg.get("task", "ip_adapter") == "ip_adapter" and cfg.data.get("kind") == "webdataset":
+        if (cfg.get("task", "ip_adapter") == "ip_adapter" and cfg.data.get("kind") == "webdataset"
+                and not _EXPORT_ONLY.value):    # exporting a checkpoint reads no data
             from ipadapter_jax.training.shards import shard_paths
 
             shard_paths(cfg.data.shards)

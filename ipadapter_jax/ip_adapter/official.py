@@ -113,6 +113,23 @@ def adapter_file(path: str | os.PathLike, subfolder: str | None = None, weight_n
     return hub.local_path(hub.join(path, subfolder, weight_name), kind="file", what="IP-Adapter file")
 
 
+# The safetensors metadata key that marks a FaceID-PlusV2 file written here (``save_ip_adapter``), whatever its name.
+SHORTCUT_METADATA = "ipadapter_jax.shortcut"
+
+
+def _saved_shortcut(path: Path) -> bool:
+    """Whether a ``.safetensors`` file's metadata says PlusV2 (``SHORTCUT_METADATA``)."""
+    if path.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "np") as f:
+            return (f.metadata() or {}).get(SHORTCUT_METADATA) == "true"
+    except Exception:  # noqa: BLE001 - read_ip_adapter has read it already; no metadata means none
+        return False
+
+
 def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, shortcut: bool | None = None,
                     subfolder: str | None = None, weight_name: str | None = None):
     """Load an official IP-Adapter file for ``unet`` and (by default) attach it.
@@ -123,8 +140,8 @@ def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, short
     with ``subfolder="models", weight_name="ip-adapter_sd15.safetensors"``).
     The variant (``IPAdapter.variant``) and token count come from the keys.
     ``shortcut`` (FaceID-PlusV2's ``out = id_tokens + s_scale * out``) defaults to
-    True when the file name says ``plusv2``: the keys of Plus and PlusV2 are the
-    same. Refuses, naming the reason: files that are not IP-Adapters, unknown
+    True when the file name says ``plusv2`` or its metadata does (files this
+    package exports): the keys of Plus and PlusV2 are the same. Refuses, naming the reason: files that are not IP-Adapters, unknown
     layouts, adapters for another base model (e.g. SDXL on SD 1.5), truncated
     files, any key that does not land or weight that is missing.
     """
@@ -140,7 +157,7 @@ def load_ip_adapter(path: str | os.PathLike, unet, *, attach: bool = True, short
         raise CheckpointError(f"{path}: LoRA keys (ip_adapter.N.to_*_lora) in a {variant.name!r} adapter; only "
                               f"the variants whose files carry LoRA ({with_lora}) may have them")
     if shortcut is None:
-        shortcut = "plusv2" in path.name.lower()
+        shortcut = "plusv2" in path.name.lower() or _saved_shortcut(path)
 
     def build():
         return modules.IPAdapter.for_unet(unet, variant.build(hparams, nnx.Rngs(0)), variant=variant.name,
@@ -174,7 +191,10 @@ def save_ip_adapter(adapter, path: str | os.PathLike) -> Path:
     path = Path(path)
     state = ip_adapter_state_dict(adapter)
     if path.suffix == ".safetensors":
-        return save_safetensors(state, path, metadata={"format": "pt"})
+        metadata = {"format": "pt"}
+        if getattr(adapter, "shortcut", False):   # PlusV2 and Plus have the same keys: say which it is
+            metadata[SHORTCUT_METADATA] = "true"
+        return save_safetensors(state, path, metadata=metadata)
     if path.suffix == ".bin":
         import torch
 

@@ -28,10 +28,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ipadapter_jax.families.text import token_ids
 from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile, Unsupported, UserError
@@ -91,15 +93,26 @@ def read_id_embed(source) -> np.ndarray:
         except ImportError:
             raise Unsupported(f"{source}: a PyTorch file needs torch (pip install -e '.[torch]'), or save the "
                               "embedding as .npy") from None
+        # The official scripts torch.save InsightFace's numpy array (a pickle of an ndarray): allow exactly
+        # the numpy reconstruction globals besides tensors, nothing else.
+        numpy_globals = [np.ndarray, np.dtype, *(type(np.dtype(t)) for t in ("float16", "float32", "float64"))]
+        if np.lib.NumpyVersion(np.__version__) < "2.0.0":   # the module path pickles name differs
+            from numpy.core.multiarray import _reconstruct
+        else:
+            from numpy._core.multiarray import _reconstruct
+        numpy_globals.append(_reconstruct)
         try:
-            array = torch.load(source, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(numpy_globals):
+                array = torch.load(source, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise MissingFile(f"{source} not found") from None
         except Exception as e:  # noqa: BLE001 - torch raises many kinds on a bad file; each is this file's fault
-            raise BadFile(f"{source}: not a readable PyTorch tensor file ({type(e).__name__}: {e})") from None
-        if not hasattr(array, "float"):
-            raise BadFile(f"{source}: expected one tensor (the ID embedding), got a {type(array).__name__}")
-        array = array.float().numpy()
+            raise BadFile(f"{source}: not a readable ID embedding file ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0]})") from None
+        if hasattr(array, "float"):
+            array = array.float().numpy()
+        elif not isinstance(array, np.ndarray):
+            raise BadFile(f"{source}: expected one tensor or array (the ID embedding), got a {type(array).__name__}")
     else:
         array = read_npy(source)
     array = np.asarray(array, np.float32)
@@ -157,23 +170,27 @@ class _ImageTextBase:
         for attempt in range(attempts):
             i = (index + attempt) % len(self)
             try:
-                image, text = self._raw(i)
-                rgb = load_rgb(image)
-                pixels = train_pixels(rgb, self.resolution)
-                extra = {}
-                if self.clip_size:
-                    condition = rgb if self.condition == "image" else load_rgb(self._face(i))
-                    extra["clip_pixels"] = preprocess([condition], self.clip_size, self.clip_size)[0]
-                if self.id_embeds:
-                    extra["id_embeds"] = self._id_embed(i)
-            except (UserError, OSError, ValueError, SyntaxError) as e:  # PIL raises all three on bad files
-                log.debug("skipping unreadable image (%s): %s", self._describe(i), e)
+                with warnings.catch_warnings():     # an image past Pillow's pixel limit is a bad record
+                    warnings.simplefilter("error", Image.DecompressionBombWarning)
+                    image, text = self._raw(i)
+                    rgb = load_rgb(image)
+                    pixels = train_pixels(rgb, self.resolution)
+                    extra = {}
+                    if self.clip_size:
+                        condition = rgb if self.condition == "image" else load_rgb(self._face(i))
+                        extra["clip_pixels"] = preprocess([condition], self.clip_size, self.clip_size)[0]
+                    if self.id_embeds:
+                        extra["id_embeds"] = self._id_embed(i)
+                    width, height = rgb.size
+                    original = np.array(self._original_size(i, width, height), np.int32)
+            except (UserError, OSError, ValueError, SyntaxError, OverflowError, Image.DecompressionBombError,
+                    Image.DecompressionBombWarning) as e:   # PIL raises all of these on bad files
+                log.debug("skipping unreadable record (%s): %s", self._describe(i), e)
                 skipped, last = skipped + 1, e
                 continue
-            width, height = rgb.size
             _, _, left, top = train_crop(width, height, self.resolution)
             record = {"pixels": pixels, **extra, "input_ids": token_ids(self.tokenizer, text, warn=False)[0],
-                      "original_size": np.array(self._original_size(i, width, height), np.int32),
+                      "original_size": original,
                       "crop_top_left": np.array([top, left], np.int32), "skipped": np.int32(skipped)}
             if self.tokenizer_2 is not None:
                 record["input_ids_2"] = token_ids(self.tokenizer_2, text, warn=False)[0]
@@ -230,7 +247,10 @@ class JsonImageTextSource(_ImageTextBase):
         return self.image_root / self.records[index]["face_image_file"]
 
     def _id_embed(self, index):
-        return read_id_embed(self.image_root / self.records[index]["id_embed_file"])
+        # Relative to the image root; as given (the official script's reading) when it is not there.
+        name = self.records[index]["id_embed_file"]
+        path = self.image_root / name
+        return read_id_embed(path if path.exists() or not Path(name).exists() else Path(name))
 
     def _describe(self, index):
         return str(self.image_root / self.records[index]["image_file"])

@@ -99,9 +99,10 @@ CHOICES = {"data.kind": ("json", "tfds", "webdataset", "cached"), "data.conditio
            "optimizer.schedule": ("constant", "cosine"), "train.remat": ("none", "full", "dots")}
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, *, evaluation: bool = True) -> None:
     """Refuse bad config values by name before anything is loaded: the fields
-    with a fixed set of values (``CHOICES``), sizes and step counts."""
+    with a fixed set of values (``CHOICES``), sizes and step counts; with
+    ``evaluation``, the live evaluation's (``check_eval_config``)."""
     for field, allowed in CHOICES.items():
         section, name = field.split(".")
         value = cfg[section].get(name, allowed[0])
@@ -128,6 +129,11 @@ def check_config(cfg) -> None:
     if not (isinstance(layers, str) and layers.strip()) and not (
             isinstance(layers, (list, tuple)) and layers and all(isinstance(n, str) for n in layers)):
         raise BadArgument(f"model.image_layers must be 'all', 'down', 'mid', 'up' or layer names, got {layers!r}")
+    new = variants.BY_NAME.get(cfg.model.get("variant", "base"))
+    if cfg.step.get("image_conditioning", "decoupled") == "concat" and not cfg.model.get("adapter_init") and (
+            new is not None and new.lora):
+        raise BadArgument(f"step.image_conditioning='concat' (the simple adapter) cannot train {new.name!r}: its "
+                          "LoRA acts through the image prompt, which concat does not pass; use 'decoupled'")
     if layers != "all" and cfg.step.get("image_conditioning", "decoupled") == "concat":
         raise BadArgument("model.image_layers selects image branches, which step.image_conditioning='concat' (the "
                           "simple adapter) does not have: leave it 'all'")
@@ -136,7 +142,8 @@ def check_config(cfg) -> None:
         raise BadArgument(f"step.image_drop_rate + step.text_drop_rate + step.both_drop_rate must be <= 1 (one "
                           f"uniform draw per sample picks at most one), got {' + '.join(map(str, rates))}")
     runner.check_train_config(cfg.train)
-    check_eval_config(cfg)
+    if evaluation:
+        check_eval_config(cfg)
 
 
 def check_eval_config(cfg) -> None:
@@ -176,7 +183,8 @@ def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
     components = load_components(root, dtype=dtype, remat=cfg.train.remat)
     image_encoder = None if optional else CLIPVisionModelWithProjection.from_pretrained(encoder_dir, dtype=dtype)
     if m.adapter_init:
-        load_ip_adapter(m.adapter_init, components.unet)
+        # PlusV2's shortcut: the config's when it asks for it, else what the file says.
+        load_ip_adapter(m.adapter_init, components.unet, shortcut=True if m.get("shortcut") else None)
     else:
         _new_adapter(cfg, components.unet, image_encoder)
     return components, image_encoder
@@ -387,6 +395,25 @@ def _trained_adapter(graphdef, state: dict, rest, mask: np.ndarray):
 
 # --------------------------------------------------------------------------- train
 
+def _on_every_process(fn, what: str):
+    """``fn()``, whose user errors may differ between processes (each reads its own
+    shards): every process learns whether any failed and raises, so none is left
+    waiting in a collective for one that stopped."""
+    error = None
+    try:
+        result = fn()
+    except UserError as e:
+        error = e
+    if jax.process_count() > 1:
+        failed = multihost_utils.process_allgather(np.int32(error is not None))
+        if error is None and np.any(failed):
+            raise BadFile(f"process(es) {np.flatnonzero(failed).tolist()} failed {what} (see their error); "
+                          "stopping every process")
+    if error is not None:
+        raise error
+    return result
+
+
 def train(cfg, evaluation=None) -> dict:
     """Train an IP-Adapter as ``cfg`` says; returns a summary. Resumes from the
     latest checkpoint in ``cfg.workdir`` when there is one. Raises ``Preempted``
@@ -409,8 +436,9 @@ def train(cfg, evaluation=None) -> dict:
     image_layers(cfg, unet)   # names checked before any data is read or cached
     tokenizers = components.tokenizers
     spec = unet.ip_adapters[0].spec          # from the adapter itself (adapter_init may be any variant)
-    source = build_source(cfg, tokenizers[0], 0 if spec.encoder_output is None else image_encoder.config.image_size,
-                          *tokenizers[1:], id_embeds=spec.needs_face_id)
+    source = _on_every_process(lambda: build_source(
+        cfg, tokenizers[0], 0 if spec.encoder_output is None else image_encoder.config.image_size, *tokenizers[1:],
+        id_embeds=spec.needs_face_id), "reading its data")
     if spec.needs_face_id and (cfg.data.kind == "cached" or cfg.data.cache_dir):
         raise Unsupported("feature caching (data.cache_dir / data.kind='cached') of FaceID variants is not "
                           "supported yet: train from the images and ID embeddings (data.cache_dir='')")
@@ -431,16 +459,20 @@ def train(cfg, evaluation=None) -> dict:
                                f"{family.title} model needs: it was made for a model without added "
                                "conditioning; use another data.cache_dir")
     mesh = _mesh(cfg)
-    try:
-        # A webdataset source holds this process's shards only: no further split, an own shuffle.
-        own = isinstance(source, webdataset.WebDatasetSource)
-        loader = data_lib.make_loader(source, batch_size=cfg.data.batch_size // jax.process_count(),
-                                      seed=cfg.seed + jax.process_index() * own, workers=cfg.data.workers,
-                                      shard_by_process=not own)
-    except UserError:
-        raise
-    except ValueError as e:   # a dataset smaller than one batch
-        raise Incompatible(f"data.batch_size={cfg.data.batch_size}: {e}") from e
+
+    def loader_of(source):
+        try:
+            # A webdataset source holds this process's shards only: no further split, an own shuffle.
+            own = isinstance(source, webdataset.WebDatasetSource)
+            return data_lib.make_loader(source, batch_size=cfg.data.batch_size // jax.process_count(),
+                                        seed=cfg.seed + jax.process_index() * own, workers=cfg.data.workers,
+                                        shard_by_process=not own)
+        except UserError:
+            raise
+        except ValueError as e:   # a dataset smaller than one batch
+            raise Incompatible(f"data.batch_size={cfg.data.batch_size}: {e}") from e
+
+    loader = _on_every_process(lambda: loader_of(source), "making its data loader")
     cached = isinstance(source, data_lib.CachedSource)
 
     # --- the step
@@ -477,7 +509,7 @@ def train(cfg, evaluation=None) -> dict:
 def export_checkpoint(cfg, step: int | None = None, out: str | os.PathLike | None = None) -> Path:
     """Export the adapter of any saved checkpoint (default: the latest) to the
     official ``.safetensors`` format."""
-    check_config(cfg)
+    check_config(cfg, evaluation=False)     # exporting samples nothing: the eval files may be gone
     manager = runner.checkpoint_manager(cfg.workdir, ITEMS)
     saved = manager.all_steps()
     if not saved:

@@ -198,11 +198,14 @@ class MetricsLog:
         elif not row.keys() <= set(self._writer.fieldnames):
             # A column the file has not had (a run resumed by a newer version): rewrite it with
             # the column added; earlier rows leave it empty.
+            self._file.flush()
+            with open(self._file.name, newline="") as f:
+                self.kept = list(csv.DictReader(f))
             self._file.seek(0)
             self._file.truncate()
             self._start(list(self._writer.fieldnames) + [k for k in row if k not in self._writer.fieldnames])
+            self.kept = []
         self._writer.writerow(row)
-        self.kept.append(row)
         self._file.flush()
 
     def close(self) -> None:
@@ -217,7 +220,8 @@ class TensorBoardLog:
     def __init__(self, folder: Path, resume_step: int):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1 if resume_step else None)
+        # Purge what a run that stopped without a checkpoint (or after ``resume_step``) wrote past it.
+        self.writer = SummaryWriter(str(folder), purge_step=resume_step + 1)
 
     def scalars(self, step: int, values: dict, prefix: str = "") -> None:
         for name, value in values.items():

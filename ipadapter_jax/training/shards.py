@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import re
+import socket
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
@@ -121,7 +122,8 @@ class ShardIndex:
                   "incomplete": np.int64(self.incomplete)}
         for ext in self.offsets:
             arrays[f"offset.{ext}"], arrays[f"size.{ext}"] = self.offsets[ext], self.sizes[ext]
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # Hosts may share the index folder: a temporary name of this host and process.
+        tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
         os.replace(tmp, path)      # never a half-written index under the real name
@@ -136,7 +138,7 @@ class ShardIndex:
                 exts = [k.split(".", 1)[1] for k in z.files if k.startswith("offset.")]
                 return cls(z["keys"], {e: z[f"offset.{e}"] for e in exts}, {e: z[f"size.{e}"] for e in exts},
                            int(z["incomplete"]))
-        except (OSError, ValueError, KeyError):
+        except Exception:  # noqa: BLE001 - a damaged index (empty, cut short, not a zip) is rebuilt
             return None
 
 

@@ -68,7 +68,8 @@ class WebDatasetSource(_ImageTextBase):
         if self.starts[-1] == 0:
             raise BadFile(f"data.shards: no complete record (image + txt) in the {len(self.paths)} shard(s) of "
                           f"process {process_index} ({self.paths[0]} ...)")
-        self._files: OrderedDict[int, int] = OrderedDict()
+        self._local = threading.local()     # each reader thread its own open shards (fds)
+        self._all_fds: set[int] = set()
         self._lock = threading.Lock()
         log.info("webdataset: process %d of %d reads %d of %d shards (%s ... %s), %d records", process_index,
                  process_count, len(self.paths), len(paths), self.paths[0].name, self.paths[-1].name, len(self))
@@ -76,15 +77,15 @@ class WebDatasetSource(_ImageTextBase):
     # grain pickles sources for its worker processes: file descriptors stay behind.
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_files"], state["_lock"] = OrderedDict(), None
+        state["_local"], state["_all_fds"], state["_lock"] = None, set(), None
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._local, self._lock = threading.local(), threading.Lock()
 
     def __del__(self):
-        for fd in getattr(self, "_files", {}).values():
+        for fd in getattr(self, "_all_fds", ()):
             try:
                 os.close(fd)
             except OSError:
@@ -96,7 +97,8 @@ class WebDatasetSource(_ImageTextBase):
     def __repr__(self) -> str:
         # grain checks the source on restore by its repr: stable across runs of the same data.
         condition = "" if self.condition == "image" else f", condition={self.condition}"
-        return (f"WebDatasetSource(shards={self.paths[0]}..{self.paths[-1].name}, {len(self.paths)} of "
+        # Shard names, not folders: a run resumes after its shards moved (the same data elsewhere).
+        return (f"WebDatasetSource(shards={self.paths[0].name}..{self.paths[-1].name}, {len(self.paths)} of "
                 f"{self.all_shards} shards for process {self.process_index} of {self.process_count}, "
                 f"records={len(self)}, resolution={self.resolution}{condition})")
 
@@ -105,16 +107,24 @@ class WebDatasetSource(_ImageTextBase):
         return shard, index - int(self.starts[shard])
 
     def _read(self, shard: int, offset: int, size: int) -> bytes:
-        """``size`` bytes at ``offset`` of a shard (``os.pread``: safe from grain's reader threads).
-        At most 32 shards are kept open."""
-        with self._lock:
-            fd = self._files.pop(shard, None)
-            if fd is None:
-                fd = os.open(self.paths[shard], os.O_RDONLY)
-                while len(self._files) >= 32:
-                    os.close(self._files.popitem(last=False)[1])
-            self._files[shard] = fd
-            data = os.pread(fd, size, offset)
+        """``size`` bytes at ``offset`` of a shard. Each of grain's reader threads keeps its own
+        few shards open (``os.pread`` needs no lock, so threads read in parallel, which a network
+        file system's latency needs)."""
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = OrderedDict()
+        fd = files.pop(shard, None)
+        if fd is None:
+            fd = os.open(self.paths[shard], os.O_RDONLY)
+            with self._lock:
+                self._all_fds.add(fd)
+            while len(files) >= 8:
+                old = files.popitem(last=False)[1]
+                with self._lock:
+                    self._all_fds.discard(old)
+                os.close(old)
+        files[shard] = fd
+        data = os.pread(fd, size, offset)
         if len(data) != size:
             raise BadFile(f"{self.paths[shard]}: cut short ({len(data)} of {size} bytes at offset {offset})")
         return data
@@ -158,9 +168,9 @@ class WebDatasetSource(_ImageTextBase):
             try:
                 meta = json.loads(raw)
                 size = int(meta["original_height"]), int(meta["original_width"])
-                if min(size) > 0:
+                if 0 < min(size) and max(size) < 2**31:
                     return size
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, OverflowError):
                 pass      # no original size recorded (or not a dict): the stored image's
         return height, width
 
