@@ -7,8 +7,8 @@ image projection + to_k_ip/to_v_ip), from one device to many hosts.
     python train.py --config ... --export_only [--step=N]   # export a checkpoint's adapter (official format)
     python train.py --config configs/demo/clip.py           # the demo recipe's stages: clip, vae, unet,
                                                             # ip_adapter (see configs/demo/__init__.py)
-    python train.py sweep --config C --grid "model.num_tokens=1,4,16" [--print]   # ablations: one run per
-                                                            # override set, one table (sweep --help)
+    python train.py sweep -h                                # ablations (the sweep command's own flags):
+                                                            # one run per override set, one results table
 
 Installed, the same command is `ipadapter-train` (the same flags).
 

@@ -307,10 +307,12 @@ class _Loop:
         self.loss = math.nan
         self.preempted_at: int | None = None
         self._last = time.perf_counter()
+        self._last_step = 0
         self._bar = None
 
     def run(self, state, start: int):
         steps = self.train.steps
+        self._last, self._last_step = time.perf_counter(), start
         self._bar = tqdm(range(start, steps), initial=start, total=steps, desc=self.task.desc,
                          disable=jax.process_index() != 0)
         eval_every = self.train.get("eval_every", 0) if self.task.evaluate is not None else 0
@@ -347,13 +349,15 @@ class _Loop:
         if not math.isfinite(self.loss):
             raise self._error(f"loss is {self.loss} at step {step + 1}")
         now = time.perf_counter()
-        steps_per_s = self.train.log_every / max(now - self._last, 1e-9)
-        self._last = now
+        # The steps since the last log: log_every, or fewer for the last one and the first after a resume.
+        steps = step + 1 - self._last_step
+        steps_per_s = steps / max(now - self._last, 1e-9)
+        self._last, self._last_step = now, step + 1
         self._total_counts()
         row = {"step": step + 1, **values, "lr": self.task.lr(step), "steps_per_s": steps_per_s}
         if self.task.samples_per_step:
             row["samples_per_s"] = steps_per_s * self.task.samples_per_step
-        row["data_wait_s"] = self.data_wait / self.train.log_every
+        row["data_wait_s"] = self.data_wait / steps
         self.data_wait = 0.0
         row.update(self.counts)
         if self.metrics is not None:
