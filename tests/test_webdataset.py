@@ -2,8 +2,8 @@
 (incomplete records, a shard cut short, a file that is not a tar, reuse),
 records as the other sources give them (SDXL's original size from the json),
 disjoint shares per process; then ``train.py`` on shards with a corrupt
-image: a run restarted from its checkpoint has exactly the losses of an
-uninterrupted one, with one process and with two (the first part of the
+image: a run killed or stopped and restarted from its checkpoint has exactly
+the losses of an uninterrupted one, with one process and with two (the first part of the
 two-process run started as a SLURM job step: ``--distributed``). A bad shard
 list is one line before JAX loads: tests/test_train_cli.py."""
 
@@ -14,8 +14,10 @@ import io
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,7 +196,7 @@ def run_all(cmds, env) -> list[str]:
     return [out + err for out, err in outputs]
 
 
-STEPS = 10
+STEPS = 16     # steps of ~30 ms: a kill after the first checkpoint (step 4) lands before the end
 
 
 def port_free(port: int) -> bool:
@@ -211,10 +213,10 @@ def port_free(port: int) -> bool:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_restart_from_checkpoint_matches_uninterrupted(model, shards, tmp_path, processes):
-    """An uninterrupted run, and a run stopped after its step-4 checkpoint and restarted:
-    the same losses (the data position is part of the checkpoint). Two processes read
-    disjoint shards. A SIGKILL mid-run resumes through the same checkpoint and data
-    state: tests/test_train.py kills the json path."""
+    """An uninterrupted run, and a run killed (one process: SIGKILL after its first checkpoint)
+    or stopped after its step-4 checkpoint (two processes) and restarted: the same losses (the
+    data position is part of the checkpoint). Two processes read
+    disjoint shards."""
     from test_train_multiprocess import free_port
 
     env = dict(cpu_env(), JAX_PLATFORMS="cpu")
@@ -265,9 +267,21 @@ def test_restart_from_checkpoint_matches_uninterrupted(model, shards, tmp_path, 
     restarted = tmp_path / "restarted"
     if processes == 2:    # the first part as a SLURM job step (--distributed), the rest with --coordinator
         slurm(restarted, 4)
-    else:
-        run_all(commands(restarted, 4), env)
+        last = 4
+    else:                 # killed (SIGKILL) once its first checkpoint is there
+        proc = subprocess.Popen(commands(restarted, STEPS)[0], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env, cwd=ROOT)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None and not (
+                (restarted / "checkpoints").is_dir() and any(p.name.isdigit()
+                                                            for p in (restarted / "checkpoints").iterdir())):
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+        last = max(int(p.name) for p in (restarted / "checkpoints").iterdir() if p.name.isdigit())
+        assert 4 <= last < STEPS
     out = run_all(commands(restarted, STEPS), env)
-    assert "'resumed_from': 4" in out[0], out[0][-2000:]
+    assert f"'resumed_from': {last}" in out[0], out[0][-2000:]
     assert [r["loss"] for r in rows(restarted)] == [r["loss"] for r in reference]
     assert [r["skipped_images"] for r in rows(restarted)] == [r["skipped_images"] for r in reference]
