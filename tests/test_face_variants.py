@@ -280,9 +280,11 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def test_sdxl_faceid_plus_config_trains_and_exports(data, tmp_path):
-    """The SDXL FaceID-PlusV2 config (both text encoders, time ids, ID + face crop, LoRA) trains
-    two steps on a small SDXL folder; diffusers' SDXL pipeline loads the export with its LoRA."""
+@pytest.mark.parametrize("config", ["sdxl_ip_adapter_faceid", "sdxl_ip_adapter_faceid_plus"])
+def test_sdxl_faceid_configs_train_and_export(data, tmp_path, config):
+    """The SDXL FaceID and FaceID-PlusV2 configs (both text encoders, time ids, the ID embedding,
+    the face crop for Plus, LoRA) train two steps on a small SDXL folder; diffusers' SDXL pipeline
+    loads the export with its LoRA."""
     from diffusers import StableDiffusionXLPipeline as TorchXL
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -303,10 +305,12 @@ def test_sdxl_faceid_plus_config_trains_and_exports(data, tmp_path):
                                                                                       "face_image_file"))
     (tmp_path / "faces.json").write_text(json.dumps(records))
 
-    cfg = importlib.import_module("configs.sdxl_ip_adapter_faceid_plus").get_config()
+    cfg = importlib.import_module(f"configs.{config}").get_config()
+    plus = config.endswith("plus")
     assert (cfg.model.variant, cfg.model.shortcut, cfg.model.lora_rank, cfg.data.condition) == (
-        "faceid-plus", True, 128, "face")
-    cfg.model.pretrained, cfg.model.image_encoder = str(paths["sdxl"]), str(tmp_path / "image_encoder")
+        ("faceid-plus", True, 128, "face") if plus else ("faceid", False, 128, "image"))
+    cfg.model.pretrained = str(paths["sdxl"])
+    cfg.model.image_encoder = str(tmp_path / "image_encoder") if plus else ""
     cfg.model.lora_rank = 4
     cfg.data.json_file, cfg.data.image_root = str(tmp_path / "faces.json"), str(tmp_path)
     cfg.data.resolution, cfg.data.batch_size, cfg.data.workers = 16, 2, 0
@@ -315,7 +319,7 @@ def test_sdxl_faceid_plus_config_trains_and_exports(data, tmp_path):
     summary = loop.train(cfg)
     assert np.isfinite(summary["final_loss"])
     state = read_ip_adapter(summary["export"])
-    assert "image_proj.perceiver_resampler.proj_in.weight" in state and any("_lora." in k for k in state)
+    assert ("image_proj.perceiver_resampler.proj_in.weight" in state) == plus and any("_lora." in k for k in state)
     export = Path(summary["export"])
     pipe = TorchXL.from_pretrained(paths["sdxl"])
     pipe.load_ip_adapter(str(export.parent), subfolder="", weight_name=export.name, image_encoder_folder=None)
