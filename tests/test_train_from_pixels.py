@@ -247,7 +247,7 @@ def our_step(cfg, draws: dict):
     source = task_lib.build_source(cfg, tokenizers[0], image_encoder.config.image_size, *tokenizers[1:])
     plus = components.unet.ip_adapters[0].spec.encoder_output == "hidden_states"
     trainer, trainable, frozen = task_lib.build_trainer(cfg, components, image_encoder, grad_capture(), False)
-    constants = task_lib._constants(tokenizers, components.text_encoders[0], image_encoder, False, plus)
+    constants = task_lib._constants(components, image_encoder, False, plus)
     records = [source[i] for i in range(B)]
     host = {k: np.stack([r[k] for r in records]) for k in records[0]}   # as grain.Batch stacks them
     opt_state = trainer.init_optimizer(trainable)
@@ -381,9 +381,9 @@ def test_feature_cache_from_pixels_matches_the_reference_encoders(variant, data,
     components, image_encoder = task_lib.build_models(cfg)
     text_encoder, tokenizer = components.text_encoders[0], components.tokenizers[0]
     source = task_lib.build_source(cfg, tokenizer, image_encoder.config.image_size)
-    cached = task_lib._cached_source(cfg, source, components.vae, text_encoder, image_encoder, plus)
+    cached = task_lib._cached_source(cfg, source, components, image_encoder, plus)
     assert isinstance(cached, data_lib.CachedSource) and len(cached) == B
-    constants = task_lib._constants([tokenizer], text_encoder, image_encoder, True, plus)
+    constants = task_lib._constants(components, image_encoder, True, plus)
 
     models = reference(folder, data["encoder"], data["sd15"][variant], sdxl=False)
     with torch.no_grad():   # no dropout: every item's r = 1

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,9 @@ def train_pixels(image, resolution: int) -> np.ndarray:
 CONDITIONS = ("image", "face")
 
 
+_TORCH_LOAD_LOCK = threading.Lock()
+
+
 def read_id_embed(source) -> np.ndarray:
     """A face ID embedding as float32 [D]: a ``.npy`` file (or its bytes), or a
     PyTorch tensor file (``.bin`` / ``.pt`` / ``.pth``, what the official
@@ -102,7 +106,8 @@ def read_id_embed(source) -> np.ndarray:
             from numpy._core.multiarray import _reconstruct
         numpy_globals.append(_reconstruct)
         try:
-            with torch.serialization.safe_globals(numpy_globals):
+            # safe_globals sets and restores one process-wide list: grain's reader threads take turns.
+            with _TORCH_LOAD_LOCK, torch.serialization.safe_globals(numpy_globals):
                 array = torch.load(source, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise MissingFile(f"{source} not found") from None
