@@ -349,3 +349,22 @@ def test_id_embedding_files(tmp_path):
                           ("nan.npy", "finite")):
         with pytest.raises(BadFile, match=message):
             read_id_embed(tmp_path / name)
+    # grain reads records from several threads: torch's allow-list of globals is process-wide
+    # (a race refused official files at random before the reads took turns).
+    import threading
+
+    errors = []
+
+    def read_many():
+        for _ in range(25):
+            try:
+                read_id_embed(tmp_path / "b.bin")
+            except BadFile as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=read_many) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]
