@@ -1,0 +1,232 @@
+"""IP-Adapters for FLUX transformers: modules, files, image tokens.
+
+XLabs' ``flux-ip-adapter`` (v1: 4 tokens, v2: 16), the layout diffusers'
+``FluxIPAdapterMixin`` loads: CLIP ViT-L/14 ``image_embeds`` -> ``image_proj``
+(Linear D -> N x C, LayerNorm; C = the transformer's ``joint_attention_dim``)
+-> per double-stream block ``to_k_ip`` / ``to_v_ip`` (C -> inner, with bias).
+In a block the image stream's queries, after their QK norm and before RoPE,
+attend the image tokens; the output, times the scale, is added to the image
+stream after the block's feed-forward.
+
+Files (``read_flux_ip_adapter``): XLabs' safetensors keys
+``ip_adapter_proj_model.{proj,norm}.*`` and
+``double_blocks.{i}.processor.ip_adapter_double_stream_{k,v}_proj.*``, or the
+same weights in diffusers' converted naming (``image_proj.*``,
+``ip_adapter.{i}.to_{k,v}_ip.*``, flat or a torch pickle of the two dicts).
+``save_flux_ip_adapter`` writes XLabs' layout.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ipadapter_jax.io.errors import BadArgument, Incompatible
+from ipadapter_jax.io.files import CheckpointError, read_state_dict, save_safetensors
+from ipadapter_jax.io.params import load_state_dict_into, module_state_dict
+from ipadapter_jax.ip_adapter.image_proj import ImageProjModel
+from ipadapter_jax.models import hoisting, layers
+from ipadapter_jax.models.attention import dot_product_attention
+from ipadapter_jax.models.conditioning import ImagePrompt
+
+XLABS = "xlabs"
+
+_XLABS_PROJ = "ip_adapter_proj_model."
+_XLABS_KV = re.compile(r"^double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)$")
+_DIFFUSERS_KV = re.compile(r"^ip_adapter\.(\d+)\.to_([kv])_ip\.(weight|bias)$")
+
+
+class FluxIPLayer(nnx.Module):
+    """One block's image keys and values: ``to_k_ip`` / ``to_v_ip`` (token width -> inner)."""
+
+    def __init__(self, token_dim: int, inner: int, *, bias: bool = True, rngs: nnx.Rngs):
+        self.to_k_ip = layers.linear(token_dim, inner, bias=bias, rngs=rngs)
+        self.to_v_ip = layers.linear(token_dim, inner, bias=bias, rngs=rngs)
+
+
+class FluxIPAdapter(nnx.Module):
+    """An image-prompt adapter of a FLUX transformer: ``image_proj`` (embeddings
+    -> tokens) and one ``FluxIPLayer`` per adapted block (XLabs: the double-stream
+    blocks, in order). Parameters are float32 whatever the transformer computes in."""
+
+    def __init__(self, image_proj: nnx.Module, ip_layers: list, *, heads: int, head_dim: int,
+                 layout: str = XLABS):
+        self.image_proj = image_proj
+        self.layers = nnx.List(ip_layers)
+        self.heads, self.head_dim, self.layout = heads, head_dim, layout
+
+    # ---- what the transformer asks
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.image_proj.num_tokens
+
+    @property
+    def input_dim(self) -> int:
+        return self.image_proj.input_dim
+
+    def has_layer(self, kind: str, index: int) -> bool:
+        return kind == "double" and index < len(self.layers)
+
+    def project(self, embeds) -> jax.Array:
+        """Image embeddings [N, D] -> tokens [N, T, C]."""
+        return self.image_proj(jnp.asarray(embeds, jnp.float32))
+
+    def attend(self, kind: str, index: int, q: jax.Array, prompt: ImagePrompt) -> jax.Array:
+        """scale x Attn(q, image keys, image values) for block ``index``: q [B, S, H, D]
+        -> [B, S, H x D]. Several images are one token sequence; with masks
+        ({S: [B, N, S]}) each image is attended alone and weighted by its mask."""
+        layer = self.layers[index]
+        b, n, t, c = prompt.tokens.shape
+        scale = prompt.scale[index].astype(q.dtype)
+
+        def project(tokens, i=None):   # the same at every denoising step: computed once per loop
+            tokens = tokens.astype(q.dtype)
+            tokens = tokens.reshape(b, n * t, c) if i is None else tokens[:, i]
+            split = (lambda x: x.reshape(b, -1, self.heads, self.head_dim))
+            return split(layer.to_k_ip(tokens)), split(layer.to_v_ip(tokens))
+
+        def attention(k, v):
+            out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5)
+            return out.reshape(*out.shape[:2], -1)
+
+        if prompt.masks is None:
+            return scale * attention(*hoisting.constant(layer, "kv", project, prompt.tokens))
+        masks = prompt.masks[q.shape[1]].astype(q.dtype)        # [B, N, S]
+        out = 0
+        for i in range(n):
+            kv = hoisting.constant(layer, f"kv{i}", lambda tokens, i=i: project(tokens, i), prompt.tokens)
+            out = out + attention(*kv) * masks[:, i, :, None]
+        return scale * out
+
+
+# --------------------------------------------------------------------------- building
+
+def new_flux_ip_adapter(transformer, image_embed_dim: int, num_tokens: int = 4, *,
+                        rngs: nnx.Rngs | None = None) -> FluxIPAdapter:
+    """A freshly initialised XLabs-layout adapter for ``transformer`` (training)."""
+    cfg = transformer.config
+    rngs = rngs or nnx.Rngs(0)
+    proj = ImageProjModel(image_embed_dim, cfg.joint_attention_dim, num_tokens, rngs=rngs)
+    ip_layers = [FluxIPLayer(cfg.joint_attention_dim, cfg.inner_dim, rngs=rngs) for _ in range(cfg.num_layers)]
+    return FluxIPAdapter(proj, ip_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim)
+
+
+def _canonical(state: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
+    """XLabs or diffusers key names -> ``image_proj.*`` / ``layers.{i}.to_{k,v}_ip.*``."""
+    out, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith(_XLABS_PROJ):
+            out["image_proj." + key[len(_XLABS_PROJ):]] = value
+        elif key.startswith("image_proj."):
+            out[key] = value
+        elif m := (_XLABS_KV.match(key) or _DIFFUSERS_KV.match(key)):
+            out[f"layers.{m.group(1)}.to_{m.group(2)}_ip.{m.group(3)}"] = value
+        else:
+            unknown.append(key)
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected keys for a FLUX IP-Adapter (XLabs layout): "
+                              f"{', '.join(sorted(unknown)[:6])}{' ...' if len(unknown) > 6 else ''}")
+    return out
+
+
+def describe_file(state: dict[str, np.ndarray]) -> str | None:
+    """What kind of IP-Adapter file a state dict is, by its keys: ``"flux"`` (XLabs
+    or its diffusers naming, with biases), ``"sd"`` (h94 layout) or None."""
+    keys = list(state)
+    if any(k.startswith(_XLABS_PROJ) or _XLABS_KV.match(k) for k in keys):
+        return "flux"
+    if any(_DIFFUSERS_KV.match(k) and k.endswith(".bias") for k in keys):
+        return "flux"
+    if any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys):
+        return "sd"
+    return None
+
+
+def read_flux_ip_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A FLUX adapter file -> canonical flat arrays; an SD (h94) file is refused naming the family."""
+    state = read_state_dict(Path(path))
+    kind = describe_file(state)
+    if kind == "sd":
+        raise Incompatible(f"{path} is a Stable Diffusion IP-Adapter (h94 layout: image_proj / ip_adapter keys "
+                           "without biases); this is a FLUX model: use a FLUX IP-Adapter (XLabs flux-ip-adapter)")
+    if kind is None:
+        raise CheckpointError(f"{path}: not an IP-Adapter file (no ip_adapter_proj_model.* / double_blocks.* "
+                              "or image_proj.* / ip_adapter.* keys)")
+    return _canonical(state, str(path))
+
+
+def flux_ip_adapter_from_state(state: dict[str, np.ndarray], transformer, source: str) -> FluxIPAdapter:
+    """Build an adapter from canonical arrays, checking them against ``transformer``."""
+    cfg = transformer.config
+    try:
+        rows, embed_dim = state["image_proj.proj.weight"].shape
+        token_dim = state["image_proj.norm.weight"].shape[0]
+    except KeyError as e:
+        raise CheckpointError(f"{source}: missing {e.args[0]} (FLUX IP-Adapter projection)") from None
+    if token_dim != cfg.joint_attention_dim or rows % token_dim:
+        raise Incompatible(f"{source}: image tokens {token_dim} wide (proj {rows} x {embed_dim}), but this FLUX "
+                           f"transformer's joint_attention_dim is {cfg.joint_attention_dim}: the adapter is for "
+                           "another model")
+    indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
+    if indices != list(range(cfg.num_layers)):
+        raise Incompatible(f"{source}: image key/value layers for blocks {indices[:3]}...{indices[-3:]} "
+                           f"({len(indices)}), but this transformer has {cfg.num_layers} double-stream blocks")
+    num_tokens = rows // token_dim
+
+    def build(rngs):
+        proj = ImageProjModel(embed_dim, token_dim, num_tokens, rngs=rngs)
+        ip_layers = [FluxIPLayer(token_dim, cfg.inner_dim, rngs=rngs) for _ in range(cfg.num_layers)]
+        return FluxIPAdapter(proj, ip_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim)
+
+    adapter, _ = load_state_dict_into(lambda: build(nnx.Rngs(0)), state, source=source)
+    return adapter
+
+
+def load_flux_ip_adapter(path: str | os.PathLike, transformer) -> FluxIPAdapter:
+    """Read an XLabs FLUX IP-Adapter file for ``transformer``."""
+    return flux_ip_adapter_from_state(read_flux_ip_adapter(path), transformer, str(path))
+
+
+def flux_ip_adapter_state_dict(adapter: FluxIPAdapter) -> dict[str, np.ndarray]:
+    """The adapter's weights under XLabs' key names."""
+    out = {}
+    for key, value in module_state_dict(adapter).items():
+        if key.startswith("image_proj."):
+            out[_XLABS_PROJ + key[len("image_proj."):]] = value
+        else:
+            _, i, name, leaf = key.split(".")
+            out[f"double_blocks.{i}.processor.ip_adapter_double_stream_{name[3]}_proj.{leaf}"] = value
+    return out
+
+
+def save_flux_ip_adapter(adapter: FluxIPAdapter, path: str | os.PathLike) -> Path:
+    """Write ``adapter`` as an XLabs-layout safetensors file (diffusers' ``load_ip_adapter`` reads it)."""
+    return save_safetensors(flux_ip_adapter_state_dict(adapter), path)
+
+
+# --------------------------------------------------------------------------- calls
+
+def flux_image_prompt(adapter: FluxIPAdapter, tokens, scale: Any = 1.0, *, masks: dict | None = None
+                      ) -> ImagePrompt:
+    """An ``ImagePrompt`` for ``adapter``: tokens [B, N, T, C]; ``scale`` a float
+    or one value per adapted block (diffusers' ``set_ip_adapter_scale`` list)."""
+    values = np.asarray(scale, np.float32)
+    if values.ndim == 0:
+        values = np.full((adapter.num_layers,), values, np.float32)
+    if values.shape != (adapter.num_layers,):
+        raise BadArgument(f"IP-Adapter scale: {values.size} values for {adapter.num_layers} adapted blocks; give one "
+                          "number or one per block")
+    if not np.all(np.isfinite(values)):
+        raise BadArgument("IP-Adapter scale must be finite")
+    return ImagePrompt(tokens=jnp.asarray(tokens), scale=jnp.asarray(values), masks=masks)

@@ -1,0 +1,259 @@
+"""FLUX.1 against diffusers / transformers (float32, CPU): the transformer with
+and without XLabs IP-Adapters, the T5 encoder, the flow-matching schedule,
+the latent packing, and whole sampling runs (dev with embedded guidance,
+true CFG, v1 and v2 adapters; schnell) on tiny random folders saved with
+diffusers' ``save_pretrained``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import flux_fixtures as ff
+from helpers import rel_err
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    ff.build_flux_folder(root, guidance=True)
+    ff.build_flux_folder(root, guidance=False, seed=1)
+    ff.build_image_encoder(root)
+    ff.write_xlabs(root / "ip_adapter_v1.safetensors", 4, seed=2)
+    ff.write_xlabs(root / "ip_adapter_v2.safetensors", 16, seed=3)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / "ref.png")
+    Image.fromarray(rng.integers(0, 255, (36, 36, 3), dtype=np.uint8)).save(root / "ref2.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def dev(root):
+    from ipadapter_jax.pipeline.flux import FluxPipeline
+
+    return FluxPipeline.from_pretrained(root / "flux-dev", image_encoder=root / "image_encoder")
+
+
+def _torch_transformer(folder):
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel.from_pretrained(folder / "transformer").eval()
+
+
+def _diffusers_ip_state(state: dict) -> dict:
+    """XLabs keys -> the {"image_proj", "ip_adapter"} dicts diffusers' loader builds."""
+    out = {"image_proj": {}, "ip_adapter": {}}
+    for key, value in state.items():
+        t = torch.from_numpy(value)
+        if key.startswith("ip_adapter_proj_model."):
+            out["image_proj"][key.split(".", 1)[1]] = t
+        else:
+            name = (key.split(".", 1)[1].replace("processor.", "").replace("ip_adapter_double_stream_k_proj", "to_k_ip")
+                    .replace("ip_adapter_double_stream_v_proj", "to_v_ip"))
+            out["ip_adapter"][name] = t
+    return out
+
+
+@pytest.mark.parametrize("with_ip", [False, True])
+def test_transformer_matches_diffusers(root, dev, with_ip):
+    from ipadapter_jax.ip_adapter.flux import flux_image_prompt, flux_ip_adapter_from_state, _canonical
+    from ipadapter_jax.pipeline.flux import latent_image_ids
+
+    ref = _torch_transformer(root / "flux-dev")
+    model = dev.transformer
+    rng = np.random.default_rng(1)
+    b, text, lat = 2, 7, 8
+    x = rng.standard_normal((b, (lat // 2) ** 2, 16)).astype(np.float32)
+    ctx = rng.standard_normal((b, text, ff.TOKEN_DIM)).astype(np.float32)
+    pooled = rng.standard_normal((b, 32)).astype(np.float32)
+    t = np.asarray([0.9, 0.31], np.float32)
+    g = np.asarray([3.5, 2.0], np.float32)
+    txt_ids = np.zeros((text, 3), np.float32)
+    txt_ids[:, 1] = np.arange(text)       # non-zero text ids exercise all three RoPE axes
+    img_ids = latent_image_ids(lat, lat)
+    kwargs = {}
+    ip = ()
+    if with_ip:
+        state = ff.xlabs_state(4, seed=5)
+        ref._load_ip_adapter_weights([_diffusers_ip_state(state)])
+        scales = [0.7, 1.3]
+        for block, s in zip(ref.transformer_blocks, scales):
+            block.attn.processor.scale = [s]
+        embeds = rng.standard_normal((b, 2, ff.IMAGE_EMBED)).astype(np.float32)   # two reference images
+        kwargs["joint_attention_kwargs"] = {"ip_adapter_image_embeds": [torch.from_numpy(embeds)]}
+        adapter = flux_ip_adapter_from_state(_canonical(state, "test"), model, "test")
+        tokens = np.stack([np.asarray(adapter.project(e)) for e in embeds])
+        ip = ((adapter, flux_image_prompt(adapter, tokens, scales)),)
+    with torch.no_grad():
+        expected = ref(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx),
+                       pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t),
+                       img_ids=torch.from_numpy(img_ids), txt_ids=torch.from_numpy(txt_ids),
+                       guidance=torch.from_numpy(g), return_dict=False, **kwargs)[0].numpy()
+    out = model(x, ctx, pooled, t, model.rope(txt_ids, img_ids), g, ip=ip)
+    assert rel_err(out, expected) <= 1e-5
+
+
+def test_transformer_without_guidance_embedding_matches(root):
+    from ipadapter_jax.models.flux import FluxTransformer2DModel
+    from ipadapter_jax.pipeline.flux import latent_image_ids
+
+    ref = _torch_transformer(root / "flux-schnell")
+    model = FluxTransformer2DModel.from_pretrained(root / "flux-schnell" / "transformer")
+    assert model.time_text_embed.guidance_embedder is None
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1, 16, 16)).astype(np.float32)
+    ctx = rng.standard_normal((1, 5, ff.TOKEN_DIM)).astype(np.float32)
+    pooled = rng.standard_normal((1, 32)).astype(np.float32)
+    t = np.asarray([0.5], np.float32)
+    txt, img = np.zeros((5, 3), np.float32), latent_image_ids(8, 8)
+    with torch.no_grad():
+        expected = ref(hidden_states=torch.from_numpy(x), encoder_hidden_states=torch.from_numpy(ctx),
+                       pooled_projections=torch.from_numpy(pooled), timestep=torch.from_numpy(t),
+                       img_ids=torch.from_numpy(img), txt_ids=torch.from_numpy(txt), return_dict=False)[0].numpy()
+    assert rel_err(model(x, ctx, pooled, t, model.rope(txt, img)), expected) <= 1e-5
+
+
+def test_t5_encoder_matches_transformers(root):
+    from transformers import T5EncoderModel as TorchT5
+
+    from ipadapter_jax.models.t5 import T5EncoderModel
+
+    folder = root / "flux-dev" / "text_encoder_2"
+    ref = TorchT5.from_pretrained(folder).eval()
+    model = T5EncoderModel.from_pretrained(folder)
+    ids = np.random.default_rng(3).integers(0, ref.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
+    assert rel_err(model(ids), expected) <= 1e-5
+
+
+def test_relative_position_buckets_match_transformers():
+    """Every bucket of a full-size T5 (32 buckets, distance 128) up to 512 tokens, boundaries included."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+
+    from ipadapter_jax.models.t5 import relative_position_buckets
+
+    n = 512
+    relative = torch.arange(n)[None, :] - torch.arange(n)[:, None]
+    expected = T5Attention._relative_position_bucket(relative, bidirectional=True, num_buckets=32,
+                                                     max_distance=128).numpy()
+    np.testing.assert_array_equal(relative_position_buckets(n, 32, 128), expected)
+
+
+@pytest.mark.parametrize("config", [ff.DEV_SCHEDULER, ff.SCHNELL_SCHEDULER])
+def test_flow_match_schedule_matches_diffusers(config):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    from ipadapter_jax.schedulers.flow_match import FlowMatchEuler
+
+    ref = FlowMatchEulerDiscreteScheduler(**config)
+    ours = FlowMatchEuler(dict(ref.config))
+    for steps, seq in ((4, 64), (28, 4096), (50, 1024), (1, 256)):
+        mu = calculate_shift(seq, 256, 4096, 0.5, 1.15)
+        ref.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
+        state = ours.set_timesteps(steps, seq)
+        np.testing.assert_array_equal(np.asarray(state.timesteps), ref.timesteps.numpy())
+        np.testing.assert_array_equal(np.asarray(state.tables["sigmas"]), ref.sigmas.numpy())
+
+
+def test_packing_matches_diffusers():
+    from diffusers import FluxPipeline as TorchFlux
+
+    from ipadapter_jax.pipeline.flux import latent_image_ids, pack_latents, unpack_latents
+
+    x = np.random.default_rng(4).standard_normal((2, 8, 12, 16)).astype(np.float32)
+    packed = TorchFlux._pack_latents(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), 2, 16, 8, 12).numpy()
+    np.testing.assert_array_equal(np.asarray(pack_latents(x)), packed)
+    np.testing.assert_array_equal(np.asarray(unpack_latents(packed, 8, 12)), x)
+    ids = TorchFlux._prepare_latent_image_ids(1, 4, 6, "cpu", torch.float32).numpy()
+    np.testing.assert_array_equal(latent_image_ids(8, 12), ids)
+
+
+def _reference_run(root, folder: str, *, adapter: str | None, **call):
+    from diffusers import FluxPipeline as TorchFlux
+
+    pipe = TorchFlux.from_pretrained(root / folder)
+    if adapter is not None:
+        pipe.load_ip_adapter(str(root), weight_name=adapter,
+                             image_encoder_pretrained_model_name_or_path=str(root / "image_encoder"),
+                             image_encoder_dtype=torch.float32)   # diffusers' FLUX default is float16
+    with torch.no_grad():
+        return pipe(output_type="latent", return_dict=False, **call)[0].numpy()
+
+
+def _noise(batch: int = 1):
+    lh = ff.HEIGHT // 2
+    return np.random.default_rng(7).standard_normal((batch, lh, lh, 4)).astype(np.float32)
+
+
+CASES = {
+    "v1": dict(adapter="ip_adapter_v1.safetensors", true_cfg=1.0),
+    "v1-true-cfg": dict(adapter="ip_adapter_v1.safetensors", true_cfg=2.5),
+    "v2-true-cfg": dict(adapter="ip_adapter_v2.safetensors", true_cfg=3.0),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sampling_matches_diffusers(root, dev, case):
+    from PIL import Image
+
+    from ipadapter_jax.pipeline import ImagePromptSpec
+    from ipadapter_jax.pipeline.flux import pack_latents
+
+    adapter, true_cfg = CASES[case]["adapter"], CASES[case]["true_cfg"]
+    noise = _noise()
+    ref_image = Image.open(root / "ref.png")
+    negative = "blue painting" if true_cfg > 1 else None
+    expected = _reference_run(
+        root, "flux-dev", adapter=adapter, prompt="a red cat sitting on grass", height=ff.HEIGHT, width=ff.WIDTH,
+        num_inference_steps=3, guidance_scale=3.5, true_cfg_scale=true_cfg, negative_prompt=negative,
+        latents=torch.from_numpy(np.asarray(pack_latents(noise))), ip_adapter_image=ref_image,
+        max_sequence_length=ff.MAX_SEQ)
+    dev.detach_ip_adapters()
+    dev.load_ip_adapter(root / adapter)
+    out = dev("a red cat sitting on grass", negative_prompt=negative, true_cfg_scale=true_cfg,
+              ip_adapter_prompts=[ImagePromptSpec(images=[ref_image])], num_inference_steps=3,
+              guidance_scale=3.5, height=ff.HEIGHT, width=ff.WIDTH, latents=noise, max_sequence_length=ff.MAX_SEQ)
+    assert out.latents.shape == (1, ff.HEIGHT // 2, ff.WIDTH // 2, 4)
+    assert rel_err(np.asarray(pack_latents(out.latents)), expected) <= 1e-4
+    assert out.images.shape == (1, ff.HEIGHT, ff.WIDTH, 3) and np.isfinite(out.images).all()
+
+
+def test_schnell_sampling_matches_diffusers(root):
+    from ipadapter_jax.pipeline.flux import FluxPipeline, pack_latents
+
+    noise = _noise(2)
+    expected = _reference_run(root, "flux-schnell", adapter=None, prompt=["a dog", "a photo of a cat"],
+                              height=ff.HEIGHT, width=ff.WIDTH, num_inference_steps=2, guidance_scale=0.0,
+                              latents=torch.from_numpy(np.asarray(pack_latents(noise))),
+                              max_sequence_length=ff.MAX_SEQ)
+    pipe = FluxPipeline.from_pretrained(root / "flux-schnell")
+    out = pipe(["a dog", "a photo of a cat"], num_inference_steps=2, height=ff.HEIGHT, width=ff.WIDTH,
+               latents=noise, max_sequence_length=ff.MAX_SEQ)
+    assert rel_err(np.asarray(pack_latents(out.latents)), expected) <= 1e-4
+
+
+def test_adapter_file_round_trip_and_family_errors(root, dev, tmp_path):
+    from ipadapter_jax.io.errors import Incompatible
+    from ipadapter_jax.ip_adapter.flux import load_flux_ip_adapter, save_flux_ip_adapter
+    from safetensors.numpy import load_file, save_file
+
+    adapter = load_flux_ip_adapter(root / "ip_adapter_v2.safetensors", dev.transformer)
+    assert adapter.num_tokens == 16 and adapter.num_layers == 2
+    out = save_flux_ip_adapter(adapter, tmp_path / "copy.safetensors")
+    original, copy = load_file(root / "ip_adapter_v2.safetensors"), load_file(out)
+    assert sorted(original) == sorted(copy)
+    for key in original:
+        np.testing.assert_array_equal(original[key], copy[key])
+    # An SD (h94) adapter on FLUX is one error naming both families.
+    sd = {"image_proj.proj.weight": np.zeros((4 * 768, 1024), np.float32),
+          "ip_adapter.1.to_k_ip.weight": np.zeros((320, 768), np.float32)}
+    save_file(sd, tmp_path / "ip-adapter_sd15.safetensors")
+    with pytest.raises(Incompatible, match="Stable Diffusion IP-Adapter.*FLUX"):
+        dev.load_ip_adapter(tmp_path / "ip-adapter_sd15.safetensors")
