@@ -15,17 +15,18 @@ from pathlib import Path
 import pytest
 
 from ipadapter_jax import families
-from ipadapter_jax.families import FAMILIES
+from ipadapter_jax.families import FAMILIES, UNET_FAMILIES
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "ipadapter_jax"
 
 
 def test_the_families():
-    assert list(FAMILIES) == ["sd1", "sd2", "sdxl"]
+    assert list(FAMILIES) == ["sd1", "sd2", "sdxl", "flux"]
+    assert [f.name for f in UNET_FAMILIES] == ["sd1", "sd2", "sdxl"]
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", [f.name for f in UNET_FAMILIES])
 def test_record_agrees_with_its_configs(name):
     family = FAMILIES[name]
     unet = family.configs["unet"]
@@ -44,7 +45,33 @@ def test_record_agrees_with_its_configs(name):
     assert families.of_unet_config(unet) is family
     assert families.of_token_dim(family.token_dim) is family
     assert family.text_conditioning in families_text().TEXT_CONDITIONING
-    assert family.comfy.counts in {f.comfy.counts for f in FAMILIES.values()}
+    assert family.comfy.counts in {f.comfy.counts for f in UNET_FAMILIES}
+
+
+def test_flux_record_agrees_with_its_configs():
+    """The DiT family: a transformer instead of a UNet, T5 tokens + CLIP pooled text, flow targets."""
+    from ipadapter_jax.models.flux import FluxConfig
+    from ipadapter_jax.models.t5 import T5Config
+    from ipadapter_jax.schedulers.flow_match import FlowMatchEuler
+
+    flux = FAMILIES["flux"]
+    transformer = flux.configs["transformer"]
+    assert flux.denoiser == "transformer" and flux.comfy is None and flux.prediction_type == "flow"
+    assert flux.token_dim == transformer["joint_attention_dim"] == flux.configs["text_encoder_2"]["d_model"]
+    assert transformer["pooled_projection_dim"] == flux.configs["text_encoder"]["hidden_size"]
+    assert flux.default_size == 1024
+    assert set(flux.components) == {"transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer",
+                                    "tokenizer_2"}
+    for slot in flux.text:
+        assert slot.model_class in flux.configs[slot.component]["architectures"]
+        assert flux.configs["model_index"][slot.component][1] == slot.model_class
+    assert flux.configs["model_index"]["_class_name"] in flux.pipeline_classes
+    assert families.of_configs(flux.configs) is flux
+    assert flux.text_conditioning in families_text().TEXT_CONDITIONING
+    # The standard configs parse: the models and the scheduler take them as they are.
+    assert FluxConfig.from_dict(transformer).inner_dim == 3072
+    assert T5Config.from_dict(flux.configs["text_encoder_2"]).gated
+    assert FlowMatchEuler(flux.configs["scheduler"]).config["use_dynamic_shifting"]
 
 
 def families_text():

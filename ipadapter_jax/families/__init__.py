@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from ipadapter_jax.families.configs import SD1_CONFIGS, SD2_CONFIGS, SDXL_CONFIGS
+from ipadapter_jax.families.configs import FLUX_CONFIGS, SD1_CONFIGS, SD2_CONFIGS, SDXL_CONFIGS
 from ipadapter_jax.io.errors import BadFile, MissingFile, Unsupported
 
 UNET_PREFIX = "model.diffusion_model."
@@ -115,8 +115,8 @@ class Family:
     text: tuple[TextSlot, ...]
     text_conditioning: str             # a key of ``families.text.TEXT_CONDITIONING``
     added_conditioning: str | None     # the UNet's ``addition_embed_type``
-    token_dim: int                     # the standard UNet's cross-attention width
-    comfy: ComfyLayout
+    token_dim: int                     # the standard denoiser's text-token width
+    comfy: ComfyLayout | None          # None: no UNet blocks for ComfyUI's weight types (FLUX)
     adapters: str                      # where its official IP-Adapter files are
     file_markers: tuple[str, ...]      # single-file key prefixes only this family has
     ignored: tuple[str, ...]           # single-file keys it ignores on purpose (named, not by pattern)
@@ -124,6 +124,8 @@ class Family:
     # UNet / VAE sample size of a single file of this family that says epsilon
     # prediction, when that marks a smaller base model (SD 2.x-base: 512 px).
     epsilon_sample_size: int | None = None
+    # The denoiser's diffusers component: ``unet`` (SD) or ``transformer`` (FLUX, a DiT).
+    denoiser: str = "unet"
 
     @property
     def tokenizers(self) -> tuple[str, ...]:
@@ -132,15 +134,21 @@ class Family:
     @property
     def components(self) -> tuple[str, ...]:
         """The component folders of its diffusers folder (scheduler/ is optional)."""
-        return ("unet", "vae", *(slot.component for slot in self.text), *self.tokenizers)
+        return (self.denoiser, "vae", *(slot.component for slot in self.text), *self.tokenizers)
 
     @property
     def default_size(self) -> int:
-        """Default image size in pixels of its standard UNet (sample size x the VAE's factor 8)."""
-        return self.configs["unet"]["sample_size"] * 8
+        """Default image size in pixels: its standard UNet's sample size x the VAE's factor 8
+        (FLUX: its VAE's sample size, 1024, as diffusers' 128 latent rows x 8)."""
+        if self.denoiser == "unet":
+            return self.configs["unet"]["sample_size"] * 8
+        return self.configs["vae"]["sample_size"]
 
     @property
     def prediction_type(self) -> str:
+        """``epsilon`` / ``v_prediction`` (SD), ``flow`` (FLUX: velocity noise - x0)."""
+        if self.denoiser == "transformer":
+            return "flow"
         return self.configs["scheduler"].get("prediction_type", "epsilon")
 
     def config(self, component: str) -> dict:
@@ -207,14 +215,28 @@ SDXL = Family(
              "conditioner.embedders.1.model.logit_scale"),
     configs=SDXL_CONFIGS)
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL)}
+FLUX = Family(
+    name="flux", title="FLUX.1", pipeline="FluxPipeline", pipeline_classes=("FluxPipeline", "FluxImg2ImgPipeline"),
+    text=(TextSlot("text_encoder", "CLIPTextModel", "text_encoders.clip_l.transformer.", "clip",
+                   "the first text encoder, CLIP ViT-L (pooled)",
+                   (HubTokenizer("black-forest-labs/FLUX.1-dev", "tokenizer"), HubTokenizer(_CLIP_L))),
+          TextSlot("text_encoder_2", "T5EncoderModel", "text_encoders.t5xxl.transformer.", "t5",
+                   "the second text encoder, T5 v1.1 XXL",
+                   (HubTokenizer("black-forest-labs/FLUX.1-dev", "tokenizer_2"),))),
+    text_conditioning="t5_tokens_clip_pooled", added_conditioning=None, token_dim=4096, comfy=None,
+    adapters="XLabs-AI/flux-ip-adapter (ip_adapter.safetensors, v1) and XLabs-AI/flux-ip-adapter-v2",
+    # BFL's single-file transformer (flux1-dev.safetensors): its blocks, by their names.
+    file_markers=("double_blocks.", "single_blocks."), ignored=(), configs=FLUX_CONFIGS, denoiser="transformer")
+
+FAMILIES: dict[str, Family] = {family.name: family for family in (SD1, SD2, SDXL, FLUX)}
+UNET_FAMILIES: tuple[Family, ...] = tuple(f for f in FAMILIES.values() if f.denoiser == "unet")
 
 
 # --------------------------------------------------------------------------- lookups
 
 def of_token_dim(dim: int) -> Family | None:
     """The first family whose standard UNet takes tokens of this width (None: none does)."""
-    return next((f for f in FAMILIES.values() if f.token_dim == dim), None)
+    return next((f for f in UNET_FAMILIES if f.token_dim == dim), None)
 
 
 def of_pipeline_class(class_name: str) -> list[Family]:
@@ -228,13 +250,13 @@ def of_unet_config(unet: Mapping) -> Family:
     get = unet.get if isinstance(unet, Mapping) else lambda k, d=None: getattr(unet, k, d)
     added = get("addition_embed_type")
     if added is not None:
-        found = [f for f in FAMILIES.values() if f.added_conditioning == added]
+        found = [f for f in UNET_FAMILIES if f.added_conditioning == added]
         if not found:
             raise Unsupported(f"a UNet with addition_embed_type={added!r} belongs to no supported family "
-                              f"({', '.join(f.title for f in FAMILIES.values())})")
+                              f"({', '.join(f.title for f in UNET_FAMILIES)})")
         return found[0]
     width = get("cross_attention_dim")
-    return next((f for f in FAMILIES.values() if f.added_conditioning is None and f.token_dim == width), SD1)
+    return next((f for f in UNET_FAMILIES if f.added_conditioning is None and f.token_dim == width), SD1)
 
 
 def of_configs(configs: Mapping[str, dict]) -> Family:
@@ -244,13 +266,15 @@ def of_configs(configs: Mapping[str, dict]) -> Family:
     unet = configs.get("unet", {})
     if unet.get("addition_embed_type") is not None:
         return of_unet_config(unet)
-    two = [f for f in FAMILIES.values() if len(f.text) > 1]
+    if "transformer" in configs:
+        return next(f for f in FAMILIES.values() if f.denoiser == "transformer")
+    two = [f for f in UNET_FAMILIES if len(f.text) > 1]
     if "text_encoder_2" in configs and two:
         return two[0]
     text = configs.get("text_encoder")
     if text is not None:
         act = text.get("hidden_act")
-        return next((f for f in FAMILIES.values() if len(f.text) == 1
+        return next((f for f in UNET_FAMILIES if len(f.text) == 1
                      and f.configs["text_encoder"].get("hidden_act") == act), SD1)
     return of_unet_config(unet)
 
@@ -271,7 +295,7 @@ def folder_configs(model_dir: Path) -> dict[str, dict]:
     found = {}
     if (model_dir / "model_index.json").is_file():
         found["model_index"] = _read_json(model_dir / "model_index.json")
-    for sub in ("unet", "text_encoder", "text_encoder_2"):
+    for sub in ("unet", "transformer", "text_encoder", "text_encoder_2"):
         if (model_dir / sub / "config.json").is_file():
             found[sub] = _read_json(model_dir / sub / "config.json")
     return found

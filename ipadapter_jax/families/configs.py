@@ -1,8 +1,8 @@
 """Each family's standard diffusers configuration, as data.
 
 The configurations mirror the official ``config.json`` files of
-``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-2-1`` and
-``stabilityai/stable-diffusion-xl-base-1.0`` (architecture fields only: the
+``runwayml/stable-diffusion-v1-5``, ``stabilityai/stable-diffusion-2-1``,
+``stabilityai/stable-diffusion-xl-base-1.0`` and ``black-forest-labs/FLUX.1-dev`` (architecture fields only: the
 provenance fields ``_diffusers_version``, ``_name_or_path``,
 ``transformers_version`` and ``torch_dtype`` are left out, the last because
 transformers 5 would load the weights in that dtype). A single file carries no
@@ -108,4 +108,28 @@ SDXL_CONFIGS = {
                                 text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
                                 tokenizer_2=["transformers", "CLIPTokenizer"],
                                 force_zeros_for_empty_prompt=True),
+}
+
+FLUX_CONFIGS = {
+    "transformer": {"_class_name": "FluxTransformer2DModel", "attention_head_dim": 128,
+                    "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
+                    "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
+                    "num_single_layers": 38, "out_channels": None, "patch_size": 1, "pooled_projection_dim": 768},
+    "vae": _vae(1024, force_upcast=True, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True),
+    "text_encoder": _clip_text(),
+    "text_encoder_2": {"architectures": ["T5EncoderModel"], "model_type": "t5", "d_ff": 10240, "d_kv": 64,
+                       "d_model": 4096, "dense_act_fn": "gelu_new", "feed_forward_proj": "gated-gelu",
+                       "is_gated_act": True, "layer_norm_epsilon": 1e-06, "num_heads": 64, "num_layers": 24,
+                       "relative_attention_max_distance": 128, "relative_attention_num_buckets": 32,
+                       "vocab_size": 32128},
+    "scheduler": {"_class_name": "FlowMatchEulerDiscreteScheduler", "base_image_seq_len": 256, "base_shift": 0.5,
+                  "max_image_seq_len": 4096, "max_shift": 1.15, "num_train_timesteps": 1000, "shift": 3.0,
+                  "use_dynamic_shifting": True},
+    "model_index": {"_class_name": "FluxPipeline", "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+                    "text_encoder_2": ["transformers", "T5EncoderModel"],
+                    "tokenizer_2": ["transformers", "T5TokenizerFast"],
+                    "transformer": ["diffusers", "FluxTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+                    "image_encoder": [None, None], "feature_extractor": [None, None]},
 }

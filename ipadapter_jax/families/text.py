@@ -66,10 +66,19 @@ def penultimate_pair_pooled(encoders: Sequence[Callable], ids: Sequence, *, laye
     return EncodedText(context, second.text_embeds)
 
 
+def t5_tokens_clip_pooled(encoders: Sequence[Callable], ids: Sequence, *, layer: int | None = None) -> EncodedText:
+    """FLUX: encoder 2's (T5) last hidden state as the token context and encoder
+    1's (CLIP) pooled output (``pooler_output``, not projected) as the pooled text."""
+    if layer is not None:
+        raise BadArgument("clip_skip is not supported for FLUX (it conditions on T5's last hidden state)")
+    return EncodedText(encoders[1](ids[1]), encoders[0](ids[0]).pooler_output)
+
+
 # ``Family.text_conditioning`` -> its function (encoders, ids, *, layer) -> EncodedText.
 TEXT_CONDITIONING: dict[str, Callable[..., EncodedText]] = {
     "last_hidden_state": last_hidden_state,
     "penultimate_pair_pooled": penultimate_pair_pooled,
+    "t5_tokens_clip_pooled": t5_tokens_clip_pooled,
 }
 
 

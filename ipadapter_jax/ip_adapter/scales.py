@@ -30,7 +30,8 @@ _KINDS = {"down": "input", "mid": "middle", "up": "output"}      # diffusers' bl
 
 # Keyed by the number of transformers in the (input, middle, output) blocks; the
 # layouts are the families' (``ipadapter_jax.families``: ``Family.comfy``).
-COMFY_LAYOUTS: dict[tuple[int, int, int], ComfyLayout] = {f.comfy.counts: f.comfy for f in FAMILIES.values()}
+COMFY_LAYOUTS: dict[tuple[int, int, int], ComfyLayout] = {f.comfy.counts: f.comfy for f in FAMILIES.values()
+                                                          if f.comfy is not None}
 
 
 def _transformers(unet) -> list[tuple[str, int, int]]:
