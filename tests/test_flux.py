@@ -257,3 +257,77 @@ def test_adapter_file_round_trip_and_family_errors(root, dev, tmp_path):
     save_file(sd, tmp_path / "ip-adapter_sd15.safetensors")
     with pytest.raises(Incompatible, match="Stable Diffusion IP-Adapter.*FLUX"):
         dev.load_ip_adapter(tmp_path / "ip-adapter_sd15.safetensors")
+
+
+# --------------------------------------------------------------------------- the command line
+
+def _sample(argv, capsys) -> tuple[int, str]:
+    from ipadapter_jax.cli import sample
+
+    try:
+        rc = sample.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+def _one_error_line(rc: int, err: str) -> str:
+    assert rc == 2 and "Traceback" not in err, (rc, err[-3000:])
+    errors = [line for line in err.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+    return errors[0]
+
+
+def test_sample_command_runs_flux(root, dev, tmp_path, capsys):
+    """``ipadapter-sample --model FLUX_FOLDER`` with an XLabs adapter, true CFG and a
+    negative image: the latents it saves are the pipeline's for the same call."""
+    from ipadapter_jax.pipeline import ImagePromptSpec
+
+    out, saved = tmp_path / "flux.png", tmp_path / "final.npy"
+    rc, err = _sample(["--model", root / "flux-dev", "--image-encoder", root / "image_encoder",
+                       "--ip-adapter", root / "ip_adapter_v1.safetensors", "--image", root / "ref.png",
+                       "--negative-image", root / "ref2.png", "--prompt", "a cat", "--negative-prompt", "a dog",
+                       "--true-cfg", 2.0, "--scale", 0.8, "--steps", 2, "--height", ff.HEIGHT, "--width", ff.WIDTH,
+                       "--max-sequence-length", ff.MAX_SEQ, "--seed", 3, "--no-progress", "--cache-dir", "",
+                       "--out", out, "--save-latents", saved], capsys)
+    assert rc == 0, err[-3000:]
+    assert out.is_file()
+    dev.detach_ip_adapters()
+    dev.load_ip_adapter(root / "ip_adapter_v1.safetensors")
+    expected = dev("a cat", negative_prompt="a dog", true_cfg_scale=2.0, num_inference_steps=2, height=ff.HEIGHT,
+                   width=ff.WIDTH, max_sequence_length=ff.MAX_SEQ, seed=3,
+                   ip_adapter_prompts=[ImagePromptSpec(images=[root / "ref.png"], scale=0.8,
+                                                       negative_images=[root / "ref2.png"])])
+    np.testing.assert_allclose(np.load(saved), expected.latents, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["sd-adapter-on-flux", "flux-adapter-on-sd", "sd-flag-on-flux",
+                                  "flux-flag-on-sd", "size-not-16"])
+def test_sample_command_refuses_the_other_family(root, tmp_path, capsys, case):
+    from safetensors.numpy import save_file
+
+    import sd_fixtures
+
+    sd_adapter = tmp_path / "ip-adapter_sd15.safetensors"
+    save_file({"image_proj.proj.weight": np.zeros((8, 4), np.float32),
+               "ip_adapter.1.to_k_ip.weight": np.zeros((4, 4), np.float32)}, sd_adapter)
+    flux = ["--model", root / "flux-dev", "--image-encoder", root / "image_encoder", "--image", root / "ref.png"]
+    if case.endswith("on-sd"):
+        sd = tmp_path / "sd"
+        sd_fixtures.build_pipeline_folder(sd)
+        base = ["--model", sd / "sd", "--image-encoder", sd / "image_encoder", "--image", root / "ref.png"]
+    args, mentions = {
+        "sd-adapter-on-flux": (flux + ["--ip-adapter", sd_adapter], ("Stable Diffusion IP-Adapter", "FLUX.1")),
+        "flux-adapter-on-sd": (["--ip-adapter", root / "ip_adapter_v1.safetensors"], ("FLUX IP-Adapter", "SD 1.x")),
+        "sd-flag-on-flux": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors", "--scheduler", "euler"],
+                            ("--scheduler", "Stable Diffusion (UNet) models only", "FLUX.1")),
+        "flux-flag-on-sd": (["--ip-adapter", sd_adapter, "--true-cfg", 2], ("--true-cfg", "FLUX models only")),
+        "size-not-16": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors", "--height", 40],
+                        ("--height", "multiple of 16")),
+    }[case]
+    if case.endswith("on-sd"):
+        args = base + args
+    line = _one_error_line(*_sample([*args, "--no-progress", "--cache-dir", "", "--out", tmp_path / "x.png"], capsys))
+    for mention in mentions:
+        assert mention in line, (mention, line)
+    assert not (tmp_path / "x.png").exists()

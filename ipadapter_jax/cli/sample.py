@@ -76,10 +76,11 @@ def _check_all(args) -> None:
     _check_numbers(args)
     _resolve_sources(args)
     _check_family_flags(args)
+    _family_defaults(args)
     _check_community_flags(args)
     _check_control_flags(args)
     _check_prompt_flags(args)
-    check_files([*args.image, *args.mask, *args.face_embeds, args.init_image, args.init_latents,
+    check_files([*args.image, *args.mask, *args.negative_image, *args.face_embeds, args.init_image, args.init_latents,
                  *args.control_image])
     if args.save_latents and not args.save_latents.endswith(".npy"):   # as np.save names it
         args.save_latents += ".npy"
@@ -110,7 +111,8 @@ def _resolve_defaults(args) -> None:
         args.scale = args.scale or [demo.DEFAULT_SCALE]
     else:
         # height / width stay None here: the model's size, once it is loaded.
-        defaults = dict(prompt="", steps=30, guidance=7.5, num_images=1, out="outputs/sample.png")
+        # steps, guidance, strength and the scheduler: the model family's defaults (_family_defaults).
+        defaults = dict(prompt="", num_images=1, out="outputs/sample.png")
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -123,7 +125,7 @@ def raise_bad(message: str):
 
 
 def _check_numbers(args) -> None:
-    if args.scheduler not in SCHEDULER_NAMES:
+    if args.scheduler is not None and args.scheduler not in SCHEDULER_NAMES:
         raise_bad(f"unknown scheduler {args.scheduler!r}; valid: {', '.join(SCHEDULER_NAMES)}")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and not (0 < value <= MAX_SIZE and value % 8 == 0):
@@ -132,21 +134,22 @@ def _check_numbers(args) -> None:
     if not SEED_RANGE[0] <= args.seed <= SEED_RANGE[1]:
         raise_bad(f"--seed must be an integer from {SEED_RANGE[0]} to 2**63 - 1, got {args.seed}"
                   + (" (-1 does not mean a random seed here: pick one)" if args.seed == -1 else ""))
-    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps)):
-        if value < 1:
+    for flag, value in (("--num-images", args.num_images), ("--steps", args.steps),
+                        ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None and value < 1:
             raise_bad(f"{flag} must be at least 1, got {value}")
     for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance]), ("--strength", [args.strength]),
                          ("--eta", [args.eta]), ("--guidance-rescale", [args.guidance_rescale]),
-                         ("--s-scale", [args.s_scale]), ("--lora-scale", [args.lora_scale])):
+                         ("--s-scale", [args.s_scale]), ("--lora-scale", [args.lora_scale]),
+                         ("--true-cfg", [args.true_cfg])):
         bad = [v for v in values if v is not None and not math.isfinite(v)]
         if bad:
             raise_bad(f"{flag} must be a finite number, got {bad[0]}")
     if args.strength is not None and not args.init_image:
         raise_bad("--strength applies to img2img: it needs --init-image")
-    args.strength = 0.8 if args.strength is None else args.strength
-    if not 0.0 < args.strength <= 1.0:
+    if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise_bad(f"--strength must be in (0, 1], got {args.strength}")
-    if args.eta is not None and args.scheduler != "ddim":
+    if args.eta is not None and args.scheduler not in (None, "ddim"):
         raise_bad("--eta applies to the ddim scheduler only")
     if Path(args.out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):   # io.outputs.IMAGE_FORMATS
         raise_bad(f"--out must name an image file (.png, .jpg, .webp), got {args.out!r}")
@@ -225,6 +228,71 @@ def _check_family_flags(args) -> None:
             raise_bad(f"{flag} takes {'non-negative' if name == 'crop' else 'positive'} numbers, got {value}")
 
 
+# Flags that mean something for one kind of denoiser only: (flag, attribute, value when not given).
+SD_ONLY = (("--scheduler", "scheduler", None), ("--eta", "eta", None), ("--guidance-rescale", "guidance_rescale", 0.0),
+           ("--face-embeds", "face_embeds", []), ("--s-scale", "s_scale", 1.0), ("--lora-scale", "lora_scale", 1.0),
+           ("--prompt-2", "prompt_2", None), ("--negative-prompt-2", "negative_prompt_2", None),
+           ("--controlnet", "controlnet", []), ("--lora", "lora", []), ("--embedding", "embedding", []))
+FLUX_ONLY = (("--true-cfg", "true_cfg", None), ("--max-sequence-length", "max_sequence_length", None))
+
+
+def _given(args, flags) -> list[str]:
+    return [flag for flag, name, unset in flags if getattr(args, name) != unset]
+
+
+def _family_defaults(args) -> None:
+    """Defaults and refusals that depend on the model's family: a FLUX folder
+    (a transformer denoiser) takes the FLUX flags and not the UNet ones, and
+    the other way round; IP-Adapter files must be made for the family."""
+    family = args.family
+    flux = family is not None and family.denoiser == "transformer"
+    refused = _given(args, SD_ONLY if flux else FLUX_ONLY)
+    if refused:
+        kind = "Stable Diffusion (UNet) models" if flux else "FLUX models"
+        raise_bad(f"{', '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} to {kind} only; "
+                  f"{args.model} is {family.title if family else 'a Stable Diffusion checkpoint'}")
+    if flux:
+        distilled = _flux_guidance_embeds(args.model)
+        defaults = dict(steps=28 if distilled else 4, guidance=3.5 if distilled else 0.0, strength=0.6,
+                        true_cfg=1.0, max_sequence_length=512)
+        for flag, value in (("--height", args.height), ("--width", args.width)):
+            if value is not None and value % 16:
+                raise_bad(f"{flag} must be a multiple of 16 for FLUX (the VAE's 8 x 2x2 latent packing), got {value}")
+    else:
+        defaults = dict(steps=30, guidance=7.5, strength=0.8, scheduler="ddim")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    _check_adapter_families(args, family)
+
+
+def _flux_guidance_embeds(model: str) -> bool:
+    """Whether a FLUX folder's transformer embeds guidance (dev) or not (schnell), from its config."""
+    import json
+
+    try:
+        return bool(json.loads((Path(model) / "transformer" / "config.json").read_text()).get("guidance_embeds"))
+    except (OSError, ValueError):
+        return True      # the loader names the missing or broken config
+
+
+def _check_adapter_families(args, family) -> None:
+    """An SD adapter on FLUX or a FLUX adapter on SD is one line naming both (safetensors keys, no JAX)."""
+    from ipadapter_jax.io.files import is_safetensors, read_safetensors_header
+
+    if family is None:
+        return
+    for path in args.ip_adapter:
+        if not is_safetensors(path):
+            continue
+        made_for = families.adapter_denoiser(read_safetensors_header(path)[0])
+        if made_for is not None and made_for != family.denoiser:
+            what = ("a FLUX IP-Adapter (XLabs layout)" if made_for == "transformer" else
+                    "a Stable Diffusion IP-Adapter (h94/IP-Adapter layout)")
+            raise_bad(f"--ip-adapter {path} is {what} but {args.model} is {family.title}: use an adapter made for "
+                      f"{family.title} ({family.adapters})")
+
+
 def _check_community_flags(args) -> None:
     """Single-file flags need a single file; --lora / --embedding specs parse and
     name existing files (or hub ids)."""
@@ -257,6 +325,11 @@ def _check_prompt_flags(args) -> None:
         raise_bad(f"give --scale once or once per adapter ({len(args.ip_adapter)}), got {len(args.scale)}")
     if len(args.ip_adapter) > 1 and len(args.image) != len(args.ip_adapter) and not args.face_embeds:
         raise_bad(f"with {len(args.ip_adapter)} adapters give one --image per adapter, got {len(args.image)}")
+    if args.negative_image and not args.ip_adapter:
+        raise_bad("--negative-image needs an --ip-adapter")
+    if len(args.negative_image) not in (0, 1, len(args.ip_adapter)):
+        raise_bad(f"give --negative-image once or once per adapter ({len(args.ip_adapter)}), "
+                  f"got {len(args.negative_image)}")
     if args.mask and len(args.mask) != len(args.image):
         raise_bad(f"{len(args.mask)} masks for {len(args.image)} images: give one --mask per --image")
 
@@ -290,8 +363,27 @@ def _image_prompts(args, pipe, spec_class) -> list:
                 masks = args.mask if len(adapters) == 1 else [args.mask[next_image]]
             next_image += 1
         face = np.load(next(face_ids)) if adapter.spec.needs_face_id else None
+        negative = None
+        if args.negative_image:
+            negative = [args.negative_image[i] if len(args.negative_image) > 1 else args.negative_image[0]]
         specs.append(spec_class(images=own or None, face_embeds=face, scale=scale, masks=masks,
-                                s_scale=args.s_scale, lora_scale=args.lora_scale))
+                                s_scale=args.s_scale, lora_scale=args.lora_scale, negative_images=negative))
+    return specs
+
+
+def _flux_image_prompts(args, pipe, spec_class) -> list:
+    """FLUX: load the adapters; each takes its --image (one adapter: all of them),
+    --scale, --mask and --negative-image (one for all or one per adapter)."""
+    adapters = [pipe.load_ip_adapter(path) for path in args.ip_adapter]
+    specs = []
+    for i, _ in enumerate(adapters):
+        scale = args.scale[i] if len(args.scale) > 1 else (args.scale[0] if args.scale else 1.0)
+        own = args.image if len(adapters) == 1 else [args.image[i]]
+        masks = (args.mask if len(adapters) == 1 else [args.mask[i]]) if args.mask else None
+        negative = None
+        if args.negative_image:
+            negative = [args.negative_image[i] if len(args.negative_image) > 1 else args.negative_image[0]]
+        specs.append(spec_class(images=own, scale=scale, masks=masks, negative_images=negative))
     return specs
 
 
@@ -391,7 +483,7 @@ def _generate(args, prog: str) -> int:
     import jax
     import jax.numpy as jnp
 
-    from ipadapter_jax.io.outputs import load_latents, save_images, save_latents
+    from ipadapter_jax.io.outputs import load_latents
     from ipadapter_jax.pipeline import ImagePromptSpec
 
     if args.cache_dir:
@@ -401,7 +493,8 @@ def _generate(args, prog: str) -> int:
     pipe = _load_model(args, jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32)
     args.height = pipe.default_size if args.height is None else args.height
     args.width = pipe.default_size if args.width is None else args.width
-    specs = _image_prompts(args, pipe, ImagePromptSpec)
+    flux = pipe.family.denoiser == "transformer"
+    specs = _flux_image_prompts(args, pipe, ImagePromptSpec) if flux else _image_prompts(args, pipe, ImagePromptSpec)
     controls = _controls(args, pipe)
     latents = None
     if args.init_latents:
@@ -409,6 +502,14 @@ def _generate(args, prog: str) -> int:
         if latents.shape[0] != args.num_images:
             print(f"{prog}: --init-latents holds {latents.shape[0]} samples; generating that many", file=sys.stderr)
             args.num_images = latents.shape[0]
+    if flux:
+        result = pipe(args.prompt, negative_prompt=args.negative_prompt, ip_adapter_prompts=specs,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance, true_cfg_scale=args.true_cfg,
+                      height=args.height, width=args.width, num_images=args.num_images, seed=args.seed,
+                      latents=latents, init_image=args.init_image, strength=args.strength,
+                      max_sequence_length=args.max_sequence_length, progress=not args.no_progress,
+                      allow_nonfinite=args.allow_nonfinite)
+        return _write_results(args, result, t_start)
     optional = {name: getattr(args, attr) for name, attr in _OPTIONAL if getattr(args, attr) is not None}
     result = pipe(args.prompt, ip_adapter_prompts=specs, **optional,
                   num_inference_steps=args.steps, guidance_scale=args.guidance,
@@ -418,6 +519,12 @@ def _generate(args, prog: str) -> int:
                   latents=latents, init_image=args.init_image, strength=args.strength,
                   controlnet_inputs=controls, guess_mode=args.guess_mode,
                   progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
+    return _write_results(args, result, t_start)
+
+
+def _write_results(args, result, t_start: float) -> int:
+    from ipadapter_jax.io.outputs import save_images, save_latents
+
     if args.save_latents:
         save_latents(result.latents, args.save_latents)
     paths = save_images(result.images, args.out)

@@ -19,6 +19,7 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
     _add_prompt_args(p)
     _add_community_args(p)
     _add_second_encoder_args(p)
+    _add_flux_args(p)
     _add_control_args(p)
     _add_sampling_args(p)
     _add_output_args(p)
@@ -26,9 +27,9 @@ def build_parser(prog: str, description: str) -> ArgumentParser:
 
 
 def _add_model_args(p) -> None:
-    p.add_argument("--model", help="diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, "
-                                   "scheduler/) of any supported family (SD 1.x/2.x, SDXL: model_index.json says "
-                                   "which), a single-file checkpoint (.safetensors / .ckpt in the LDM layout of "
+    p.add_argument("--model", help="diffusers model folder (unet/ or transformer/, vae/, text_encoder/, "
+                                   "tokenizer/, scheduler/) of any supported family (SD 1.x/2.x, SDXL, FLUX.1 dev "
+                                   "or schnell: model_index.json says which), a single-file checkpoint (.safetensors / .ckpt in the LDM layout of "
                                    "AUTOMATIC1111, ComfyUI and civitai; the family is detected from its keys; "
                                    "tokenizers from --model-config or the local Hugging Face cache), or a hub id "
                                    "(ORG/NAME, ORG/NAME:FILE); without it, the embedded demo model")
@@ -36,8 +37,8 @@ def _add_model_args(p) -> None:
                    help="use the embedded demo model, its adapter, image encoder and reference image (the default "
                         "when --model is not given)")
     p.add_argument("--ip-adapter", action="append", default=[], metavar="FILE",
-                   help="official IP-Adapter file (.safetensors or .bin; or ORG/NAME:FILE); repeat for several "
-                        "adapters")
+                   help="IP-Adapter file (.safetensors or .bin; or ORG/NAME:FILE): h94/IP-Adapter's for SD, "
+                        "XLabs' flux-ip-adapter(-v2) for FLUX; repeat for several adapters")
     p.add_argument("--image-encoder", help="CLIP image encoder folder (transformers layout), e.g. "
                                            "IP-Adapter/models/image_encoder or h94/IP-Adapter:models/image_encoder; "
                                            "needed to encode --image")
@@ -60,6 +61,9 @@ def _add_prompt_args(p) -> None:
                    help="IP-Adapter scale; once for all adapters or once per adapter (default 1.0; demo 0.5)")
     p.add_argument("--prompt", default=None, help="text prompt (default: empty, image-only prompting; demo: "
                    "a short shape prompt)")
+    p.add_argument("--negative-image", action="append", default=[], metavar="PATH",
+                   help="negative image prompt, one per adapter (FLUX: used with --true-cfg, default a black "
+                        "image as diffusers; SD: the unconditional side of classifier-free guidance)")
     p.add_argument("--negative-prompt", default=None,
                    help="negative text prompt (default: empty; SDXL: none, i.e. zero negative conditioning when "
                         "the model says force_zeros_for_empty_prompt, as diffusers)")
@@ -76,6 +80,15 @@ def _add_second_encoder_args(p) -> None:
                    help="micro-conditioning crop top-left (default: 0 0)")
     g.add_argument("--target-size", type=int, nargs=2, metavar=("H", "W"), default=None,
                    help="micro-conditioning target size (default: --height --width)")
+
+
+def _add_flux_args(p) -> None:
+    g = p.add_argument_group("FLUX only")
+    g.add_argument("--true-cfg", type=float, default=None, metavar="S",
+                   help="real classifier-free guidance with --negative-prompt when S > 1 (two transformer passes "
+                        "per step; diffusers' true_cfg_scale; default 1: off)")
+    g.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
+                   help="T5 tokens the prompt is padded / truncated to, 1-512 (default 512)")
 
 
 def _add_control_args(p) -> None:
@@ -104,23 +117,27 @@ def _add_control_args(p) -> None:
 
 
 def _add_sampling_args(p) -> None:
-    p.add_argument("--steps", type=int, default=None, help="denoising steps (default 30; demo 25)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="denoising steps (default 30; FLUX dev 28, schnell 4; demo 25)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default 7.5; demo 5)")
+                   help="classifier-free guidance scale (default 7.5; demo 5); FLUX: the embedded guidance of "
+                        "guidance-distilled models (dev, default 3.5; diffusers' guidance_scale)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="guidance rescale factor (default 0)")
-    p.add_argument("--scheduler", default="ddim", help=f"one of {', '.join(SCHEDULER_NAMES)} (default ddim)")
+    p.add_argument("--scheduler", default=None,
+                   help=f"one of {', '.join(SCHEDULER_NAMES)} (default ddim; FLUX: its flow-matching Euler)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (default 0)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--num-images", type=int, default=None, help="images to generate (default 1; demo 4)")
     p.add_argument("--height", type=int, default=None,
-                   help="image height, multiple of 8 (default: the model's size, its UNet's sample_size x 8: 512 "
-                        "for SD 1.x, 768 for SD 2.1, 1024 for SDXL; demo 64)")
+                   help="image height, multiple of 8 (FLUX: of 16) (default: the model's size, its UNet's "
+                        "sample_size x 8: 512 for SD 1.x, 768 for SD 2.1, 1024 for SDXL and FLUX; demo 64)")
     p.add_argument("--width", type=int, default=None,
                    help="image width, multiple of 8 (default: the model's size; demo 64)")
     p.add_argument("--init-image", help="img2img: start from this image")
     p.add_argument("--strength", type=float, default=None,
-                   help="img2img strength in (0, 1] (default 0.8; needs --init-image)")
-    p.add_argument("--init-latents", help="initial noise .npy [N, H/8, W/8, 4], unit variance; overrides --seed")
+                   help="img2img strength in (0, 1] (default 0.8; FLUX 0.6; needs --init-image)")
+    p.add_argument("--init-latents", help="initial noise .npy [N, H/8, W/8, C] (C = 4; FLUX 16, unpacked), unit "
+                                          "variance; overrides --seed")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="UNet/text-encoder compute dtype (default float32; bfloat16 on accelerators)")
 

@@ -239,6 +239,20 @@ def of_token_dim(dim: int) -> Family | None:
     return next((f for f in UNET_FAMILIES if f.token_dim == dim), None)
 
 
+def adapter_denoiser(keys) -> str | None:
+    """The denoiser an IP-Adapter file's keys are made for: ``"transformer"``
+    (FLUX: XLabs' ``ip_adapter_proj_model.*`` / ``double_blocks.*``, or diffusers'
+    naming of them, whose image keys have biases), ``"unet"`` (SD: h94's
+    ``image_proj.*`` / ``ip_adapter.*``), None (neither: the loader says what it is)."""
+    keys = list(keys)
+    if any(k.startswith(("ip_adapter_proj_model.", "double_blocks.")) for k in keys):
+        return "transformer"
+    if any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys):
+        biased = any(k.startswith("ip_adapter.") and k.endswith("to_k_ip.bias") for k in keys)
+        return "transformer" if biased else "unet"
+    return None
+
+
 def of_pipeline_class(class_name: str) -> list[Family]:
     """The families whose diffusers folders name ``class_name`` in ``model_index.json``."""
     return [f for f in FAMILIES.values() if class_name in f.pipeline_classes]

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ipadapter_jax import families
 from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported, require_finite
 from ipadapter_jax.io.files import read_json
 from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
@@ -88,10 +89,12 @@ class FluxModels(nnx.Module):
 
 def make_flux_loop(graphdef, scheduler: FlowMatchEuler, *, true_cfg: bool):
     """The jitted loop ``denoise(params, state, latents, context, pooled, rope,
-    guidance, prompts, gates, true_cfg_scale, start) -> latents`` over packed
-    latents; under ``true_cfg`` the conditioning batch is [negative; positive]."""
+    guidance, prompts, gates, true_cfg_scale, start, stop) -> latents`` over
+    packed latents, steps [start, stop) (traced: one executable runs the whole
+    loop or one step at a time, for a progress bar); under ``true_cfg`` the
+    conditioning batch is [negative; positive]."""
 
-    def denoise(params, state, latents, context, pooled, rope, guidance, prompts, gates, cfg_scale, start):
+    def denoise(params, state, latents, context, pooled, rope, guidance, prompts, gates, cfg_scale, start, stop):
         models = nnx.merge(graphdef, params)
 
         def body(i, x):
@@ -107,7 +110,7 @@ def make_flux_loop(graphdef, scheduler: FlowMatchEuler, *, true_cfg: bool):
             x, _ = scheduler.step(state, v, i, x)
             return x
 
-        return jax.lax.fori_loop(start, scheduler.num_steps(state), body, latents)
+        return jax.lax.fori_loop(start, stop, body, latents)
 
     return jax.jit(denoise)
 
@@ -158,6 +161,7 @@ class FluxPipeline:
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.mesh = data_mesh()
         self._loops: dict = {}
+        self.family = families.of_pipeline_class(type(self).__name__)[0]
 
     @property
     def default_size(self) -> int:
@@ -170,10 +174,11 @@ class FluxPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder=None, dtype=jnp.float32,
-                        attention_backend: str = "auto") -> "FluxPipeline":
+                        attention_backend: str = "auto", variant: str | None = None) -> "FluxPipeline":
         """Load a diffusers FLUX folder (a local path or a hub id) and optionally a
         CLIP image encoder folder (XLabs' adapters take CLIP ViT-L/14, e.g.
-        ``openai/clip-vit-large-patch14``)."""
+        ``openai/clip-vit-large-patch14``). ``variant`` ("fp16", "bf16") reads
+        ``*.{variant}.safetensors`` weights, into float32 parameters."""
         from transformers import AutoTokenizer, CLIPTokenizer
 
         folder = resolve(model_dir, kind="folder", what="FLUX model folder", allow_patterns=FLUX_FOLDER_PATTERNS)
@@ -184,10 +189,10 @@ class FluxPipeline:
             raise Unsupported(f"{folder} is {'a ' + name if name else 'not a'} FLUX folder (model_index.json); "
                               f"FluxPipeline runs {', '.join(PIPELINE_CLASSES)} folders")
         options = dict(dtype=dtype, attention_backend=attention_backend)
-        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", **options)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", attention_backend=attention_backend)
-        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **options)
-        t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **options)
+        transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", variant=variant, **options)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", variant=variant, attention_backend=attention_backend)
+        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", variant=variant, **options)
+        t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", variant=variant, **options)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         tokenizer_2 = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True)
         encoder = None
@@ -353,15 +358,16 @@ class FluxPipeline:
                             gates=gates, start=start, steps=steps, true_cfg_scale=true_cfg_scale,
                             latent_size=(lh, lw))
 
-    def denoise(self, request: FluxPrepared) -> tuple[jax.Array, dict]:
-        """Run the jitted loop -> (final packed latents, timings); compiled once per signature."""
+    def denoise(self, request: FluxPrepared, *, progress: bool = False) -> tuple[jax.Array, dict]:
+        """Run the jitted loop -> (final packed latents, timings); compiled once per
+        signature. ``progress``: one call per step, with a progress bar."""
         models = FluxModels(self.transformer, list(self.ip_adapters))
         graphdef, params = nnx.split(models)
         shard = lambda x: None if x is None else shard_batch(self.mesh, x)
         prompts = tuple(p.replace(tokens=shard(p.tokens)) for p in request.prompts)
         args = (params, request.state, shard(request.latents), shard(request.context), shard(request.pooled),
                 request.rope, shard(request.guidance), prompts, jnp.asarray(request.gates),
-                jnp.float32(request.true_cfg_scale), jnp.int32(request.start))
+                jnp.float32(request.true_cfg_scale), jnp.int32(request.start), jnp.int32(request.steps))
         leaves = jax.tree.leaves(args)
         key = (graphdef, self.scheduler.cache_key, request.true_cfg, jax.tree.structure(args),
                tuple((np.shape(a), str(getattr(a, "dtype", type(a)))) for a in leaves))
@@ -371,7 +377,16 @@ class FluxPipeline:
                 *args).compile()
         timings = {"compile_s": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        final = self._loops[key](*args)
+        loop = self._loops[key]
+        if progress:
+            from tqdm.auto import tqdm
+
+            final = args[2]
+            for i in tqdm(range(request.start, request.steps), desc="denoising", unit="step"):
+                final = loop(*args[:2], final, *args[3:10], jnp.int32(i), jnp.int32(i + 1))
+                final.block_until_ready()
+        else:
+            final = loop(*args)
         final.block_until_ready()
         run = request.steps - request.start
         timings.update(denoise_s=time.perf_counter() - t1, steps=run)
@@ -388,8 +403,8 @@ class FluxPipeline:
                  ip_adapter_prompts: Sequence[ImagePromptSpec] = (), num_inference_steps: int = 28,
                  guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, height: int | None = None,
                  width: int | None = None, num_images: int = 1, seed: int = 0, latents=None, init_image=None,
-                 strength: float = 0.6, max_sequence_length: int = 512, allow_nonfinite: bool = False
-                 ) -> SampleOutput:
+                 strength: float = 0.6, max_sequence_length: int = 512, progress: bool = False,
+                 allow_nonfinite: bool = False) -> SampleOutput:
         """Sample images.
 
         guidance_scale: embedded guidance (dev; ignored by models without a guidance embedding).
@@ -409,7 +424,7 @@ class FluxPipeline:
                                seed=seed, latents=latents, init_image=init_image, strength=strength,
                                max_sequence_length=max_sequence_length)
         timings = {"encode_s": time.perf_counter() - t0}
-        packed, loop_timings = self.denoise(request)
+        packed, loop_timings = self.denoise(request, progress=progress)
         timings.update(loop_timings)
         final = unpack_latents(packed, *request.latent_size)
         t1 = time.perf_counter()

@@ -16,12 +16,13 @@ import jax.numpy as jnp
 from ipadapter_jax.convert.components import load_components
 from ipadapter_jax.io.errors import MissingFile
 from ipadapter_jax.io.hub import CONFIG_PATTERNS, PIPELINE_FOLDER_PATTERNS, resolve
+from ipadapter_jax.pipeline.flux import FluxPipeline
 from ipadapter_jax.pipeline.stable_diffusion import StableDiffusionPipeline
 from ipadapter_jax.pipeline.stable_diffusion_xl import StableDiffusionXLPipeline
 
 # ``Family.pipeline`` -> the class.
-PIPELINES: dict[str, type[StableDiffusionPipeline]] = {
-    cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline)}
+PIPELINES: dict[str, type] = {
+    cls.__name__: cls for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline)}
 
 
 def load_pipeline_from_single_file(path: str | os.PathLike, *, config_dir: str | os.PathLike | None = None,
