@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+import flux_fixtures
 import ipadapter_fixtures as fx
 import sd_fixtures
 from ipadapter_jax.convert.single_file import folder_to_single_file
@@ -50,12 +51,18 @@ PATHS = {
     '"dreamshaper_8.safetensors"': "single_file",
     '"add_detail.safetensors"': "lora",
     '"easynegative.safetensors"': "embedding",
+    '"FLUX.1-dev"': "flux",
+    '"clip-vit-large-patch14"': "flux_image_encoder",
+    '"flux-ip-adapter-v2/ip_adapter.safetensors"': "flux_adapter",
 }
 # Literal text -> replacement. The fixture's VAE downsamples 2x and its UNet is sized for 8x8 latents
 # (16 px images), where SD 1.5's 512 px images have 64x64 latents.
 REWRITES = {
     "(1, 64, 64, 4)": "(1, 8, 8, 4)",
     "num_images=4, seed=0)": "num_images=4, seed=0, height=16, width=16)",   # the pipeline's default is 512 px
+    # The tiny FLUX transformer has 2 double-stream blocks (FLUX.1: 19) and a 2x VAE.
+    "scale=[0.5] * 19)": "scale=[0.5] * 2)",
+    "num_inference_steps=28)": "num_inference_steps=2, height=32, width=32, max_sequence_length=16)",
 }
 # Name a block reads but the README never defines -> code defining it (run in the shared namespace).
 # The IP-Adapter block runs the UNet on a CFG batch (uncond + cond) built from the latents and text of
@@ -125,6 +132,10 @@ def files(tmp_path_factory):
     paths["embedding"] = root / "easynegative.safetensors"
     save_file({"emb_params": rng.standard_normal((2, fx.UNET["cross_attention_dim"])).astype(np.float32)},
               paths["embedding"])
+    (root / "flux").mkdir()   # its own folder: the FLUX fixtures' file names are the SD ones'
+    paths["flux"] = flux_fixtures.build_flux_folder(root / "flux")
+    paths["flux_image_encoder"] = flux_fixtures.build_image_encoder(root / "flux")
+    paths["flux_adapter"] = flux_fixtures.write_xlabs(root / "flux" / "flux-ip-adapter-v2.safetensors", 16)
     return paths
 
 
