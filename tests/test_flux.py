@@ -331,3 +331,44 @@ def test_sample_command_refuses_the_other_family(root, tmp_path, capsys, case):
     for mention in mentions:
         assert mention in line, (mention, line)
     assert not (tmp_path / "x.png").exists()
+
+
+FSDP_SCRIPT = """
+import sys, numpy as np, jax
+jax.config.update("jax_default_matmul_precision", "highest")
+from ipadapter_jax.pipeline import ImagePromptSpec
+from ipadapter_jax.pipeline.flux import FluxPipeline
+root, out = sys.argv[1], sys.argv[2]
+assert len(jax.devices()) == 8
+results = {}
+for fsdp in (8, 4):
+    pipe = FluxPipeline.from_pretrained(root + "/flux-dev", image_encoder=root + "/image_encoder", fsdp=fsdp)
+    pipe.load_ip_adapter(root + "/ip_adapter_v1.safetensors")
+    r = pipe(["a cat", "a dog"], ip_adapter_prompts=[ImagePromptSpec(images=[root + "/ref.png"])],
+             num_inference_steps=2, height=32, width=32, max_sequence_length=16, seed=5)
+    kernel = pipe.transformer.context_embedder.kernel[...]     # 4096 x 32: big enough to split
+    assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.size * fsdp == kernel.size
+    results[f"fsdp{fsdp}"] = r.latents
+np.savez(out, **results)
+"""
+
+
+def test_fsdp_sampling_equals_one_device(root, dev, tmp_path):
+    """8 CPU devices: the transformer's weights split 8 ways (and 4 ways x 2 batch
+    shards) give the 1-device run's latents."""
+    import subprocess
+    import sys
+
+    from helpers import cpu_env
+    from ipadapter_jax.pipeline import ImagePromptSpec
+
+    out = tmp_path / "fsdp.npz"
+    run = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, str(root), str(out)], env=cpu_env(8),
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    dev.detach_ip_adapters()
+    dev.load_ip_adapter(root / "ip_adapter_v1.safetensors")
+    one = dev(["a cat", "a dog"], ip_adapter_prompts=[ImagePromptSpec(images=[root / "ref.png"])],
+              num_inference_steps=2, height=32, width=32, max_sequence_length=16, seed=5).latents
+    for name, latents in np.load(out).items():
+        assert rel_err(latents, one) <= 1e-5, name

@@ -135,7 +135,7 @@ def _check_numbers(args) -> None:
         raise_bad(f"--seed must be an integer from {SEED_RANGE[0]} to 2**63 - 1, got {args.seed}"
                   + (" (-1 does not mean a random seed here: pick one)" if args.seed == -1 else ""))
     for flag, value in (("--num-images", args.num_images), ("--steps", args.steps),
-                        ("--max-sequence-length", args.max_sequence_length)):
+                        ("--max-sequence-length", args.max_sequence_length), ("--fsdp", args.fsdp)):
         if value is not None and value < 1:
             raise_bad(f"{flag} must be at least 1, got {value}")
     for flag, values in (("--scale", args.scale), ("--guidance", [args.guidance]), ("--strength", [args.strength]),
@@ -233,7 +233,8 @@ SD_ONLY = (("--scheduler", "scheduler", None), ("--eta", "eta", None), ("--guida
            ("--face-embeds", "face_embeds", []), ("--s-scale", "s_scale", 1.0), ("--lora-scale", "lora_scale", 1.0),
            ("--prompt-2", "prompt_2", None), ("--negative-prompt-2", "negative_prompt_2", None),
            ("--controlnet", "controlnet", []), ("--lora", "lora", []), ("--embedding", "embedding", []))
-FLUX_ONLY = (("--true-cfg", "true_cfg", None), ("--max-sequence-length", "max_sequence_length", None))
+FLUX_ONLY = (("--true-cfg", "true_cfg", None), ("--max-sequence-length", "max_sequence_length", None),
+             ("--fsdp", "fsdp", None))
 
 
 def _given(args, flags) -> list[str]:
@@ -254,7 +255,7 @@ def _family_defaults(args) -> None:
     if flux:
         distilled = _flux_guidance_embeds(args.model)
         defaults = dict(steps=28 if distilled else 4, guidance=3.5 if distilled else 0.0, strength=0.6,
-                        true_cfg=1.0, max_sequence_length=512)
+                        true_cfg=1.0, max_sequence_length=512, fsdp=1)
         for flag, value in (("--height", args.height), ("--width", args.width)):
             if value is not None and value % 16:
                 raise_bad(f"{flag} must be a multiple of 16 for FLUX (the VAE's 8 x 2x2 latent packing), got {value}")
@@ -433,6 +434,8 @@ def _load_model(args, dtype):
 
     options = dict(config_dir=args.model_config, vae=args.vae, ema=bool(args.ema),
                    prediction_type=args.prediction_type) if args.single_file else {}
+    if args.fsdp is not None:      # FLUX only (_family_defaults)
+        options["fsdp"] = args.fsdp
     pipe = load_pipeline(args.model, image_encoder=args.image_encoder, dtype=dtype, **options)
     refuse_family_flags(pipe.family, args)   # a .ckpt: its family is known only now
     for report in apply_loras(pipe, args.lora, lenient=args.lora_lenient):

@@ -87,6 +87,9 @@ def _add_flux_args(p) -> None:
     g.add_argument("--true-cfg", type=float, default=None, metavar="S",
                    help="real classifier-free guidance with --negative-prompt when S > 1 (two transformer passes "
                         "per step; diffusers' true_cfg_scale; default 1: off)")
+    g.add_argument("--fsdp", type=int, default=None, metavar="N",
+                   help="split the transformer's weights over N of this host's devices (a 12B transformer on "
+                        "accelerators that hold only a slice of it); the batch splits over the rest (default 1)")
     g.add_argument("--max-sequence-length", type=int, default=None, metavar="N",
                    help="T5 tokens the prompt is padded / truncated to, 1-512 (default 512)")
 

@@ -39,7 +39,7 @@ from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWi
 from ipadapter_jax.models.flux import FluxTransformer2DModel
 from ipadapter_jax.models.t5 import T5EncoderModel
 from ipadapter_jax.pipeline.inputs import load_init_image, load_mask
-from ipadapter_jax.pipeline.jitted import JittedModule, data_mesh, shard_batch
+from ipadapter_jax.pipeline.jitted import JittedModule, data_fsdp_mesh, fsdp_shardings, shard_batch
 from ipadapter_jax.pipeline.prompts import ImagePromptSpec, check_spec
 from ipadapter_jax.pipeline.stable_diffusion import SampleOutput, refuse_nonfinite
 from ipadapter_jax.schedulers.core import SchedulerState, load_scheduler_config
@@ -141,11 +141,15 @@ class FluxPipeline:
     """FLUX.1 text-to-image and img2img with XLabs IP-Adapters, in JAX.
 
     ``dtype`` is the transformer's and text encoders' compute dtype; the VAE
-    and the scheduler arithmetic stay in float32."""
+    and the scheduler arithmetic stay in float32. ``fsdp`` > 1 spreads the
+    transformer's and the adapters' weights over that many of this process's
+    devices (a ``(data, fsdp)`` mesh; the batch splits over ``data``), so a
+    transformer larger than one device's memory runs; 1: every device holds
+    all weights and takes a share of the batch."""
 
     def __init__(self, transformer: FluxTransformer2DModel, vae: AutoencoderKL, text_encoder: CLIPTextModel,
                  tokenizer, text_encoder_2: T5EncoderModel, tokenizer_2, scheduler_config: dict,
-                 image_encoder: CLIPVisionModelWithProjection | None = None):
+                 image_encoder: CLIPVisionModelWithProjection | None = None, *, fsdp: int = 1):
         self.transformer, self.vae = transformer, vae
         self.text_encoder, self.tokenizer = text_encoder, tokenizer
         self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
@@ -159,7 +163,8 @@ class FluxPipeline:
         self._vae_encode = JittedModule(vae, "encode")
         self._vae_decode = JittedModule(vae, "decode")
         self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.mesh = data_mesh()
+        self.mesh = data_fsdp_mesh(fsdp)
+        self._shardings: dict = {}
         self._loops: dict = {}
         self.family = families.of_pipeline_class(type(self).__name__)[0]
 
@@ -174,7 +179,8 @@ class FluxPipeline:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, image_encoder=None, dtype=jnp.float32,
-                        attention_backend: str = "auto", variant: str | None = None) -> "FluxPipeline":
+                        attention_backend: str = "auto", variant: str | None = None, fsdp: int = 1
+                        ) -> "FluxPipeline":
         """Load a diffusers FLUX folder (a local path or a hub id) and optionally a
         CLIP image encoder folder (XLabs' adapters take CLIP ViT-L/14, e.g.
         ``openai/clip-vit-large-patch14``). ``variant`` ("fp16", "bf16") reads
@@ -201,7 +207,8 @@ class FluxPipeline:
         elif image_encoder is not None:
             enc_folder = resolve_model_folder(image_encoder, weights_name="model", what="CLIP image encoder folder")
             encoder = CLIPVisionModelWithProjection.from_pretrained(enc_folder, **options)
-        return cls(transformer, vae, clip, tokenizer, t5, tokenizer_2, load_scheduler_config(folder), encoder)
+        return cls(transformer, vae, clip, tokenizer, t5, tokenizer_2, load_scheduler_config(folder), encoder,
+                   fsdp=fsdp)
 
     # ------------------------------------------------------------------ adapters
 
@@ -363,6 +370,10 @@ class FluxPipeline:
         signature. ``progress``: one call per step, with a progress bar."""
         models = FluxModels(self.transformer, list(self.ip_adapters))
         graphdef, params = nnx.split(models)
+        if graphdef not in self._shardings:
+            self._shardings = {graphdef: fsdp_shardings(params, self.mesh)}
+        params = jax.device_put(params, self._shardings[graphdef])
+        nnx.update(models, params)   # the modules keep the placed weights: the next call moves nothing
         shard = lambda x: None if x is None else shard_batch(self.mesh, x)
         prompts = tuple(p.replace(tokens=shard(p.tokens)) for p in request.prompts)
         args = (params, request.state, shard(request.latents), shard(request.context), shard(request.pooled),

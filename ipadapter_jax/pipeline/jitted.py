@@ -31,6 +31,35 @@ def data_mesh() -> Mesh:
 
 def shard_batch(mesh: Mesh, x):
     """Batch-split over the ``data`` axis when it divides, else replicate."""
-    n = mesh.devices.size
+    n = mesh.shape["data"]
     spec = P("data") if n > 1 and np.ndim(x) and np.shape(x)[0] % n == 0 else P()
     return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def data_fsdp_mesh(fsdp: int) -> Mesh:
+    """This process's devices as a ``(data, fsdp)`` mesh: the batch splits over
+    ``data``, large weights over ``fsdp`` (``fsdp`` must divide the device count)."""
+    devices = np.asarray(jax.local_devices())
+    if fsdp < 1 or devices.size % fsdp:
+        from ipadapter_jax.io.errors import BadArgument
+
+        raise BadArgument(f"fsdp={fsdp} must divide the {devices.size} local devices")
+    return Mesh(devices.reshape(devices.size // fsdp, fsdp), ("data", "fsdp"))
+
+
+def fsdp_shardings(tree, mesh: Mesh, min_size: int = 1 << 14):
+    """A NamedSharding per leaf of a parameter tree: weights of at least
+    ``min_size`` elements split their largest dimension that the ``fsdp`` axis
+    divides (each device holds a slice; XLA gathers it where a matmul needs
+    it); everything else is replicated."""
+    n = mesh.shape.get("fsdp", 1)
+
+    def spec(leaf):
+        shape = np.shape(leaf)
+        if n > 1 and np.size(leaf) >= min_size:
+            for axis in sorted(range(len(shape)), key=lambda a: -shape[a]):
+                if shape[axis] % n == 0:
+                    return NamedSharding(mesh, P(*([None] * axis), "fsdp"))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(spec, tree)
