@@ -372,3 +372,119 @@ def test_fsdp_sampling_equals_one_device(root, dev, tmp_path):
               num_inference_steps=2, height=32, width=32, max_sequence_length=16, seed=5).latents
     for name, latents in np.load(out).items():
         assert rel_err(latents, one) <= 1e-5, name
+
+
+# --------------------------------------------------------------------------- BFL single files
+
+def to_bfl(state: dict, prefix: str = "") -> dict:
+    """diffusers' FLUX transformer names -> BFL's single-file names (the inverse map, written here)."""
+    plain = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+             "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+             "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+             "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+             "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+             "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+    double = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0",
+              "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+              "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+    norms = {"attn.norm_q.weight": "img_attn.norm.query_norm.scale", "attn.norm_k.weight": "img_attn.norm.key_norm.scale",
+             "attn.norm_added_q.weight": "txt_attn.norm.query_norm.scale",
+             "attn.norm_added_k.weight": "txt_attn.norm.key_norm.scale"}
+    out = {}
+    for name, bfl in plain.items():
+        for leaf in ("weight", "bias"):
+            if f"{name}.{leaf}" in state:
+                out[f"{bfl}.{leaf}"] = state[f"{name}.{leaf}"]
+    for leaf in ("weight", "bias"):
+        scale, shift = np.split(state[f"norm_out.linear.{leaf}"], 2)
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = np.concatenate([shift, scale])
+    blocks = {int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")}
+    for i in blocks:
+        src, dst = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        for name, bfl in double.items():
+            for leaf in ("weight", "bias"):
+                out[f"{dst}{bfl}.{leaf}"] = state[f"{src}{name}.{leaf}"]
+        for name, bfl in norms.items():
+            out[dst + bfl] = state[src + name]
+        for leaf in ("weight", "bias"):
+            out[f"{dst}img_attn.qkv.{leaf}"] = np.concatenate([state[f"{src}attn.to_{x}.{leaf}"] for x in "qkv"])
+            out[f"{dst}txt_attn.qkv.{leaf}"] = np.concatenate([state[f"{src}attn.add_{x}_proj.{leaf}"] for x in "qkv"])
+    singles = {int(k.split(".")[1]) for k in state if k.startswith("single_transformer_blocks.")}
+    for i in singles:
+        src, dst = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}modulation.lin.{leaf}"] = state[f"{src}norm.linear.{leaf}"]
+            out[f"{dst}linear2.{leaf}"] = state[f"{src}proj_out.{leaf}"]
+            out[f"{dst}linear1.{leaf}"] = np.concatenate([state[f"{src}attn.to_{x}.{leaf}"] for x in "qkv"]
+                                                         + [state[f"{src}proj_mlp.{leaf}"]])
+        out[f"{dst}norm.query_norm.scale"] = state[f"{src}attn.norm_q.weight"]
+        out[f"{dst}norm.key_norm.scale"] = state[f"{src}attn.norm_k.weight"]
+    assert len(out) == len(state) - 8 * len(blocks) - 6 * len(singles)   # fused: 12 -> 4 and 8 -> 2 per block
+    return {prefix + k: v for k, v in out.items()}
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16-comfy"])
+def test_bfl_single_file_reads_the_folders_weights(root, dev, tmp_path, storage):
+    import ml_dtypes
+    from safetensors.numpy import load_file, save_file
+
+    from ipadapter_jax.convert.flux_single_file import load_bfl_transformer
+    from ipadapter_jax.io.params import module_state_dict
+
+    state = load_file(root / "flux-dev" / "transformer" / "diffusion_pytorch_model.safetensors")
+    path = tmp_path / "flux1-dev.safetensors"
+    if storage == "float32":
+        save_file(to_bfl(state), path)
+        expected = state
+    else:   # bf16 storage, under ComfyUI's prefix (the raw bytes: numpy's safetensors writer has no bfloat16)
+        bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in to_bfl(state, "model.diffusion_model.").items()}
+        _save_bf16(bf16, path)
+        expected = {k: v.astype(ml_dtypes.bfloat16).astype(np.float32) for k, v in state.items()}
+    model = load_bfl_transformer(path, {"axes_dims_rope": [4, 6, 6]})
+    assert model.config.guidance_embeds and model.config.num_layers == 2
+    got = module_state_dict(model)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def _save_bf16(tensors: dict, path) -> None:
+    import json
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for key, value in tensors.items():
+        data = np.ascontiguousarray(value).tobytes()
+        header[key] = {"dtype": "BF16", "shape": list(value.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def test_pipeline_from_a_bfl_single_file_samples_as_the_folder(root, dev, tmp_path, capsys):
+    """``--model flux1-dev.safetensors --model-config FOLDER --vae FILE``: the folder's sampling, to the bit."""
+    from safetensors.numpy import load_file, save_file
+
+    from ipadapter_jax.pipeline.flux import FluxPipeline
+
+    state = load_file(root / "flux-dev" / "transformer" / "diffusion_pytorch_model.safetensors")
+    save_file(to_bfl(state), tmp_path / "flux1-dev.safetensors")
+    vae = tmp_path / "ae.safetensors"
+    save_file(load_file(root / "flux-dev" / "vae" / "diffusion_pytorch_model.safetensors"), vae)
+    pipe = FluxPipeline.from_single_file(tmp_path / "flux1-dev.safetensors", model_config=root / "flux-dev", vae=vae)
+    call = dict(num_inference_steps=2, height=ff.HEIGHT, width=ff.WIDTH, max_sequence_length=ff.MAX_SEQ, seed=1)
+    dev.detach_ip_adapters()
+    np.testing.assert_array_equal(pipe("a cat", **call).images, dev("a cat", **call).images)
+    # The command line reads it the same way; without --model-config it says what to give.
+    out = tmp_path / "x.png"
+    line = _one_error_line(*_sample(["--model", tmp_path / "flux1-dev.safetensors", "--no-progress",
+                                     "--cache-dir", "", "--out", out], capsys))
+    assert "--model-config" in line and "FLUX" in line, line
+    rc, err = _sample(["--model", tmp_path / "flux1-dev.safetensors", "--model-config", root / "flux-dev",
+                       "--vae", vae, "--prompt", "a cat", "--steps", 2, "--height", ff.HEIGHT, "--width", ff.WIDTH,
+                       "--max-sequence-length", ff.MAX_SEQ, "--no-progress", "--cache-dir", "", "--out", out], capsys)
+    assert rc == 0 and out.is_file(), err[-3000:]

@@ -232,7 +232,8 @@ def _check_family_flags(args) -> None:
 SD_ONLY = (("--scheduler", "scheduler", None), ("--eta", "eta", None), ("--guidance-rescale", "guidance_rescale", 0.0),
            ("--face-embeds", "face_embeds", []), ("--s-scale", "s_scale", 1.0), ("--lora-scale", "lora_scale", 1.0),
            ("--prompt-2", "prompt_2", None), ("--negative-prompt-2", "negative_prompt_2", None),
-           ("--controlnet", "controlnet", []), ("--lora", "lora", []), ("--embedding", "embedding", []))
+           ("--controlnet", "controlnet", []), ("--lora", "lora", []), ("--embedding", "embedding", []),
+           ("--ema", "ema", None), ("--prediction-type", "prediction_type", None))
 FLUX_ONLY = (("--true-cfg", "true_cfg", None), ("--max-sequence-length", "max_sequence_length", None),
              ("--fsdp", "fsdp", None))
 
@@ -252,6 +253,10 @@ def _family_defaults(args) -> None:
         kind = "Stable Diffusion (UNet) models" if flux else "FLUX models"
         raise_bad(f"{', '.join(refused)} {'applies' if len(refused) == 1 else 'apply'} to {kind} only; "
                   f"{args.model} is {family.title if family else 'a Stable Diffusion checkpoint'}")
+    if flux and args.single_file and not args.model_config:
+        raise_bad(f"{args.model} is a FLUX transformer file (BFL layout), which holds no text encoders, tokenizers "
+                  "or VAE: give --model-config FOLDER, a diffusers FLUX folder (its transformer weights are not "
+                  "read), and optionally --vae")
     if flux:
         distilled = _flux_guidance_embeds(args.model)
         defaults = dict(steps=28 if distilled else 4, guidance=3.5 if distilled else 0.0, strength=0.6,
@@ -268,9 +273,14 @@ def _family_defaults(args) -> None:
 
 
 def _flux_guidance_embeds(model: str) -> bool:
-    """Whether a FLUX folder's transformer embeds guidance (dev) or not (schnell), from its config."""
+    """Whether a FLUX transformer embeds guidance (dev) or not (schnell): a folder's
+    config says, a single file's ``guidance_in.*`` keys."""
     import json
 
+    from ipadapter_jax.io.files import read_safetensors_header
+
+    if Path(model).is_file():
+        return any("guidance_in." in key for key in read_safetensors_header(model)[0])
     try:
         return bool(json.loads((Path(model) / "transformer" / "config.json").read_text()).get("guidance_embeds"))
     except (OSError, ValueError):

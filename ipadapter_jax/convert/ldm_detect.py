@@ -99,21 +99,20 @@ def context_width(shapes: Mapping[str, tuple]) -> int | None:
 def detect_family(shapes: Mapping[str, tuple], source: str = "checkpoint") -> Family | None:
     """The family of a single file from its key names (and the UNet's context
     width when it has no text encoder; None when that says nothing either)."""
+    # A transformer family's single file (FLUX: BFL's layout, or ComfyUI's with the UNet prefix).
+    for family in FAMILIES.values():
+        if family.denoiser == "transformer" and any(_has(shapes, m) or _has(shapes, UNET_PREFIX + m)
+                                                    for m in family.file_markers):
+            return family
     if not _has(shapes, UNET_PREFIX):
         hint = ""
         if _has(shapes, "lora_") or any(".lora_" in k for k in shapes):
             hint = " (it looks like a LoRA file: those are applied to a model, not loaded as one)"
         elif _has(shapes, "control_model."):
             hint = " (it looks like a ControlNet)"
-        elif _has(shapes, "double_blocks.") or _has(shapes, "model.diffusion_model.double_blocks."):
-            hint = (" (it looks like a FLUX transformer in BFL's layout: single FLUX files are not read yet; use a "
-                    "diffusers FLUX folder)")
+
         raise BadFile(f"{source} is not a Stable Diffusion checkpoint in the single-file (LDM) layout: it has no "
                       f"{UNET_PREFIX}* keys{hint}; its keys include {list_some(sorted(shapes), 5)}")
-    if _has(shapes, UNET_PREFIX + "double_blocks."):
-        raise Unsupported(f"{source} is a FLUX transformer in the single-file layout (ComfyUI's "
-                          f"{UNET_PREFIX}double_blocks.*): single FLUX files are not read yet; use a diffusers "
-                          "FLUX folder")
     if _has(shapes, "conditioner.embedders.0.model.") and not _has(shapes, "conditioner.embedders.1."):
         raise Unsupported(f"{source} is an SDXL refiner (one OpenCLIP text encoder at conditioner.embedders.0.model); "
                           "only SDXL base models are supported")

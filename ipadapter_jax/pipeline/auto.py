@@ -10,6 +10,9 @@ from pathlib import Path
 from ipadapter_jax import families
 from ipadapter_jax.io.hub import pipeline_patterns, resolve
 from ipadapter_jax.io.errors import BadArgument
+from ipadapter_jax.convert.flux_single_file import is_bfl_transformer
+from ipadapter_jax.io.files import is_safetensors, read_safetensors_header
+from ipadapter_jax.pipeline.flux import FluxPipeline
 from ipadapter_jax.pipeline.single_file import PIPELINES, load_pipeline_from_single_file
 from ipadapter_jax.pipeline.stable_diffusion import StableDiffusionPipeline
 
@@ -34,6 +37,12 @@ def load_pipeline(model_dir: str | os.PathLike, **kwargs) -> StableDiffusionPipe
     source = resolve(model_dir, kind="any", what="model folder or single-file checkpoint",
                      allow_patterns=pipeline_patterns(kwargs.get("variant")))
     if source.is_file():
+        if is_safetensors(source) and is_bfl_transformer(read_safetensors_header(source)[0]):
+            if kwargs.get("config_dir") is None:
+                raise BadArgument(f"{source} is a FLUX transformer file (BFL layout), which holds no text encoders, "
+                                  "tokenizers or VAE: give config_dir= (--model-config), a diffusers FLUX folder")
+            options = {k: v for k, v in kwargs.items() if k not in ("config_dir", "ema", "prediction_type", "variant")}
+            return FluxPipeline.from_single_file(source, model_config=kwargs["config_dir"], **options)
         return load_pipeline_from_single_file(source, **kwargs)
     given = [k for k in _FILE_ONLY if kwargs.get(k) not in (None, False)]
     if given:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -28,6 +29,9 @@ import numpy as np
 from flax import nnx
 
 from ipadapter_jax import families
+from ipadapter_jax.convert.build import build_module
+from ipadapter_jax.convert.flux_single_file import load_bfl_transformer
+from ipadapter_jax.convert.single_file import read_vae
 from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported, require_finite
 from ipadapter_jax.io.files import read_json
 from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
@@ -50,6 +54,18 @@ log = logging.getLogger(__name__)
 PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
 # T5's SentencePiece model (tokenizer_2/spiece.model) beside the usual folder files.
 FLUX_FOLDER_PATTERNS = (*PIPELINE_FOLDER_PATTERNS, "*/*.model")
+
+
+def _flux_folder(model_dir) -> Path:
+    """A diffusers FLUX folder (local path or hub id), refused by name when it is another pipeline's."""
+    folder = resolve(model_dir, kind="folder", what="FLUX model folder", allow_patterns=FLUX_FOLDER_PATTERNS)
+    index_path = folder / "model_index.json"
+    index = read_json(index_path) if index_path.is_file() else {}
+    name = index.get("_class_name")
+    if name not in PIPELINE_CLASSES:
+        raise Unsupported(f"{folder} is {'a ' + name if name else 'not a'} FLUX folder (model_index.json); "
+                          f"FluxPipeline runs {', '.join(PIPELINE_CLASSES)} folders")
+    return folder
 
 
 # --------------------------------------------------------------------------- latent tokens
@@ -185,18 +201,41 @@ class FluxPipeline:
         CLIP image encoder folder (XLabs' adapters take CLIP ViT-L/14, e.g.
         ``openai/clip-vit-large-patch14``). ``variant`` ("fp16", "bf16") reads
         ``*.{variant}.safetensors`` weights, into float32 parameters."""
-        from transformers import AutoTokenizer, CLIPTokenizer
-
-        folder = resolve(model_dir, kind="folder", what="FLUX model folder", allow_patterns=FLUX_FOLDER_PATTERNS)
-        index_path = folder / "model_index.json"
-        index = read_json(index_path) if index_path.is_file() else {}
-        name = index.get("_class_name")
-        if name not in PIPELINE_CLASSES:
-            raise Unsupported(f"{folder} is {'a ' + name if name else 'not a'} FLUX folder (model_index.json); "
-                              f"FluxPipeline runs {', '.join(PIPELINE_CLASSES)} folders")
+        folder = _flux_folder(model_dir)
         options = dict(dtype=dtype, attention_backend=attention_backend)
         transformer = FluxTransformer2DModel.from_pretrained(folder / "transformer", variant=variant, **options)
-        vae = AutoencoderKL.from_pretrained(folder / "vae", variant=variant, attention_backend=attention_backend)
+        return cls._with(transformer, folder, image_encoder=image_encoder, variant=variant, fsdp=fsdp, **options)
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, *, model_config: str | os.PathLike,
+                         vae: str | os.PathLike | None = None, image_encoder=None, dtype=jnp.float32,
+                         attention_backend: str = "auto", fsdp: int = 1) -> "FluxPipeline":
+        """The transformer from a BFL single file (``flux1-dev.safetensors``; fp8,
+        bf16, fp16 or float32 storage; ComfyUI's ``model.diffusion_model.`` prefix
+        too), everything else from ``model_config``: a diffusers FLUX folder (its
+        transformer weights are not read). ``vae``: a VAE folder or file instead
+        of the folder's (``convert.single_file.read_vae``: diffusers or LDM names)."""
+        folder = _flux_folder(model_config)
+        config_path = folder / "transformer" / "config.json"
+        base = read_json(config_path) if config_path.is_file() else families.of_pipeline_class(
+            cls.__name__)[0].config("transformer")
+        options = dict(dtype=dtype, attention_backend=attention_backend)
+        transformer = load_bfl_transformer(path, base, **options)
+        vae_module = None
+        if vae is not None:
+            vae_module = build_module("vae", read_vae(vae, read_json(folder / "vae" / "config.json")),
+                                      attention_backend=attention_backend)
+        return cls._with(transformer, folder, image_encoder=image_encoder, vae=vae_module, fsdp=fsdp, **options)
+
+    @classmethod
+    def _with(cls, transformer, folder, *, image_encoder, dtype, attention_backend, variant=None, vae=None,
+              fsdp: int = 1) -> "FluxPipeline":
+        """The pipeline of ``transformer`` and the other components of a FLUX folder."""
+        from transformers import AutoTokenizer, CLIPTokenizer
+
+        options = dict(dtype=dtype, attention_backend=attention_backend)
+        if vae is None:
+            vae = AutoencoderKL.from_pretrained(folder / "vae", variant=variant, attention_backend=attention_backend)
         clip = CLIPTextModel.from_pretrained(folder / "text_encoder", variant=variant, **options)
         t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", variant=variant, **options)
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)

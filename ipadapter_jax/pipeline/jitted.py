@@ -8,6 +8,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ipadapter_jax.io.errors import BadArgument
+
 
 class JittedModule:
     """A frozen module called through one jitted pure function (split once):
@@ -41,8 +43,6 @@ def data_fsdp_mesh(fsdp: int) -> Mesh:
     ``data``, large weights over ``fsdp`` (``fsdp`` must divide the device count)."""
     devices = np.asarray(jax.local_devices())
     if fsdp < 1 or devices.size % fsdp:
-        from ipadapter_jax.io.errors import BadArgument
-
         raise BadArgument(f"fsdp={fsdp} must divide the {devices.size} local devices")
     return Mesh(devices.reshape(devices.size // fsdp, fsdp), ("data", "fsdp"))
 
