@@ -117,3 +117,63 @@ def test_sigmas_follow_the_configured_shift():
     np.testing.assert_allclose(np.asarray(shift_sigmas(u, FlowStepConfig(shift=1.0), 4096)), u, rtol=1e-7)
     np.testing.assert_allclose(np.asarray(shift_sigmas(u, FlowStepConfig(shift=3.0), 64)), 3 * u / (1 + 2 * u),
                                rtol=1e-6)
+
+
+def test_train_py_trains_and_exports_an_adapter_diffusers_loads(root, tmp_path):
+    """``train.py --config configs/flux_ip_adapter.py`` on a tiny FLUX folder: a few
+    steps on json data, resumed from its checkpoint, and an XLabs-layout file that
+    diffusers' FluxPipeline.load_ip_adapter reads (and this package samples with)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from helpers import cpu_env
+
+    repo = Path(__file__).resolve().parents[1]
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 36, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        records.append({"image_file": f"{i}.png", "text": ["a red cat", "a blue dog", "a photo", "grass"][i]})
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    encoder = ff.build_image_encoder(tmp_path)
+    workdir = tmp_path / "run"
+    cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "flux_ip_adapter.py"),
+           f"--config.workdir={workdir}", f"--config.model.pretrained={root / 'flux-dev'}",
+           f"--config.model.image_encoder={encoder}", f"--config.data.json_file={tmp_path / 'data.json'}",
+           f"--config.data.image_root={images}", "--config.data.resolution=32", "--config.data.batch_size=2",
+           "--config.data.workers=0", "--config.flow.max_sequence_length=16", "--config.step.compute_dtype=float32",
+           "--config.train.log_every=1", "--config.train.save_every=2", "--config.optimizer.lr=1e-3"]
+    first = subprocess.run(cmd + ["--config.train.steps=2"], capture_output=True, text=True, env=cpu_env(),
+                           timeout=600, cwd=repo)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(cmd + ["--config.train.steps=3"], capture_output=True, text=True, env=cpu_env(),
+                            timeout=600, cwd=repo)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "'resumed_from': 2" in second.stdout, second.stdout
+    losses = [float(row.split(",")[1]) for row in (workdir / "metrics.csv").read_text().splitlines()[1:]]
+    assert len(losses) == 3 and np.isfinite(losses).all()
+    # Resumed exactly: the same batches, draws and updates as one uninterrupted run.
+    whole = [c.replace(str(workdir), str(tmp_path / "whole")) for c in cmd] + ["--config.train.steps=3"]
+    run = subprocess.run(whole, capture_output=True, text=True, env=cpu_env(), timeout=600, cwd=repo)
+    assert run.returncode == 0, run.stderr[-3000:]
+    uninterrupted = [float(r.split(",")[1]) for r in (tmp_path / "whole" / "metrics.csv").read_text().splitlines()[1:]]
+    assert losses == uninterrupted
+    export = workdir / "ip_adapter.safetensors"
+
+    from diffusers import FluxPipeline as TorchFlux
+
+    pipe = TorchFlux.from_pretrained(root / "flux-dev")
+    pipe.load_ip_adapter(str(workdir), weight_name="ip_adapter.safetensors",
+                         image_encoder_pretrained_model_name_or_path=str(encoder), image_encoder_dtype=torch.float32)
+    assert pipe.transformer.encoder_hid_proj.num_ip_adapters == 1
+    from ipadapter_jax.ip_adapter.flux import load_flux_ip_adapter
+    from ipadapter_jax.models.flux import FluxTransformer2DModel
+
+    adapter = load_flux_ip_adapter(export, FluxTransformer2DModel.from_pretrained(root / "flux-dev" / "transformer"))
+    assert adapter.num_tokens == 4

@@ -227,7 +227,7 @@ def _check_data(prog: str, args: list[str]) -> None:
 
     try:
         cfg = _config(args)
-        if (cfg.get("task", "ip_adapter") == "ip_adapter" and cfg.data.get("kind") == "webdataset"
+        if (cfg.get("task", "ip_adapter") in ("ip_adapter", "flux_ip_adapter") and cfg.data.get("kind") == "webdataset"
                 and not _EXPORT_ONLY.value):    # exporting a checkpoint reads no data
             from ipadapter_jax.training.shards import shard_paths
 
@@ -244,6 +244,17 @@ def _train(prog: str, args: list[str], _argv) -> int:
     from ipadapter_jax.training import ip_adapter_task as task
 
     cfg = _config(args)
+    if cfg.get("task") == "flux_ip_adapter":
+        from ipadapter_jax.io.errors import Unsupported
+        from ipadapter_jax.training import flux_task
+
+        if _EXPORT_ONLY.value:
+            raise Unsupported("--export_only is not supported for FLUX adapters yet: the run exports at its end")
+        try:
+            print(f"done: {flux_task.train(cfg)}")
+        except flux_task.Preempted as e:
+            print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return 0
     try:
         if cfg.get("task", "ip_adapter") != "ip_adapter":   # the demo's base-model stages (configs/demo/)
             from ipadapter_jax.demo import recipe
