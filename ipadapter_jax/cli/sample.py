@@ -232,7 +232,8 @@ def _check_family_flags(args) -> None:
 SD_ONLY = (("--scheduler", "scheduler", None), ("--eta", "eta", None), ("--guidance-rescale", "guidance_rescale", 0.0),
            ("--face-embeds", "face_embeds", []), ("--s-scale", "s_scale", 1.0), ("--lora-scale", "lora_scale", 1.0),
            ("--prompt-2", "prompt_2", None), ("--negative-prompt-2", "negative_prompt_2", None),
-           ("--controlnet", "controlnet", []), ("--lora", "lora", []), ("--embedding", "embedding", []),
+           ("--controlnet", "controlnet", []), ("--lora-lenient", "lora_lenient", False),
+           ("--embedding", "embedding", []),
            ("--ema", "ema", None), ("--prediction-type", "prediction_type", None))
 FLUX_ONLY = (("--true-cfg", "true_cfg", None), ("--max-sequence-length", "max_sequence_length", None),
              ("--fsdp", "fsdp", None))
@@ -448,6 +449,10 @@ def _load_model(args, dtype):
         options["fsdp"] = args.fsdp
     pipe = load_pipeline(args.model, image_encoder=args.image_encoder, dtype=dtype, **options)
     refuse_family_flags(pipe.family, args)   # a .ckpt: its family is known only now
+    if pipe.family.denoiser == "transformer":    # FLUX: transformer LoRA (kohya, PEFT, BFL names)
+        for path, scale in map(parse_lora_spec, args.lora):
+            print(pipe.load_lora(path, scale), file=sys.stderr)
+        return pipe
     for report in apply_loras(pipe, args.lora, lenient=args.lora_lenient):
         print(report, file=sys.stderr)
     for tokens in load_embeddings(pipe, args.embedding):

@@ -57,6 +57,30 @@ _SINGLE_NORMS = [("norm.query_norm.scale", "attn.norm_q.weight"), ("norm.key_nor
 _BLOCK = re.compile(r"^(double|single)_blocks\.(\d+)\.")
 
 
+def module_map(num_layers: int, num_single_layers: int, inner: int, linear1_rows: int) -> dict[str, list]:
+    """BFL module name -> [(diffusers module name, (first, end) rows or None, swap halves)]:
+    where each BFL linear layer's output rows go (fused ones split; the final AdaLN's
+    halves swapped). Shared by the single-file reader and the LoRA merge."""
+    out = {bfl: [(ours, None, False)] for bfl, ours in _PLAIN}
+    out["final_layer.adaLN_modulation.1"] = [("norm_out.linear", None, True)]
+    d = inner
+    thirds = [(j * d, (j + 1) * d) for j in range(3)]
+    for i in range(num_layers):
+        src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        out.update({src + bfl: [(dst + ours, None, False)] for bfl, ours in _DOUBLE})
+        out[src + "img_attn.qkv"] = [(dst + f"attn.{n}", part, False) for n, part in zip(("to_q", "to_k", "to_v"),
+                                                                                       thirds)]
+        out[src + "txt_attn.qkv"] = [(dst + f"attn.{n}", part, False)
+                                     for n, part in zip(("add_q_proj", "add_k_proj", "add_v_proj"), thirds)]
+    for i in range(num_single_layers):
+        src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        out.update({src + bfl: [(dst + ours, None, False)] for bfl, ours in _SINGLE})
+        out[src + "linear1"] = [(dst + n, part, False) for n, part in
+                                zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"),
+                                    thirds + [(3 * d, linear1_rows)])]
+    return out
+
+
 def is_bfl_transformer(keys) -> bool:
     """Whether a file's keys are a FLUX transformer in BFL's (or ComfyUI's) layout."""
     return any(k.startswith(("double_blocks.", COMFY_PREFIX + "double_blocks.")) for k in keys)

@@ -30,6 +30,7 @@ from flax import nnx
 
 from ipadapter_jax import families
 from ipadapter_jax.convert.build import build_module
+from ipadapter_jax.convert.flux_lora import apply_flux_lora
 from ipadapter_jax.convert.flux_single_file import load_bfl_transformer
 from ipadapter_jax.convert.single_file import read_vae
 from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported, require_finite
@@ -257,6 +258,11 @@ class FluxPipeline:
         source = resolve(path, kind="file", what="FLUX IP-Adapter file")
         adapter = flux_adapter.load_flux_ip_adapter(source, self.transformer)
         return self.attach(adapter)
+
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0):
+        """Merge a FLUX LoRA file (kohya, diffusers / PEFT or BFL names; ``convert.flux_lora``)
+        into the transformer's weights; returns what was merged."""
+        return apply_flux_lora(self.transformer, resolve(path, kind="file", what="LoRA file"), scale)
 
     def attach(self, adapter: flux_adapter.FluxIPAdapter) -> flux_adapter.FluxIPAdapter:
         self.ip_adapters.append(adapter)
