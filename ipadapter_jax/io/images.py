@@ -184,3 +184,20 @@ def preprocess(images, size: int = 224, crop_size: int = 224) -> np.ndarray:
         pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
         out.append((pixels - CLIP_MEAN) / CLIP_STD)
     return np.stack(out)
+
+
+def preprocess_siglip(images, size: int = 384) -> np.ndarray:
+    """Images -> [N, size, size, 3] float32 pixels in [-1, 1], as ``SiglipImageProcessor``
+    computes them: a bicubic resize to the square (no crop), then (x / 255 - 0.5) / 0.5."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, np.ndarray)) or hasattr(images, "getbands"):
+        images = [images]
+    out = []
+    for image in images:
+        if isinstance(image, np.ndarray):
+            check_array_image(image)
+        pixels = np.asarray(load_rgb(image).resize((size, size), resample=Image.BICUBIC))
+        pixels = (pixels.astype(np.float64) * (1 / 255)).astype(np.float32)
+        out.append((pixels - np.float32(0.5)) / np.float32(0.5))
+    return np.stack(out)

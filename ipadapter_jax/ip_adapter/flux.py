@@ -37,10 +37,32 @@ from ipadapter_jax.models.attention import dot_product_attention
 from ipadapter_jax.models.conditioning import ImagePrompt
 
 XLABS = "xlabs"
+INSTANTX = "instantx"
+# InstantX's image keys and values: RMS-normed per head, no affine weight (its processor's norm_added_k / _v).
+INSTANTX_NORM_EPS = 1e-5
 
 _XLABS_PROJ = "ip_adapter_proj_model."
 _XLABS_KV = re.compile(r"^double_blocks\.(\d+)\.processor\.ip_adapter_double_stream_([kv])_proj\.(weight|bias)$")
 _DIFFUSERS_KV = re.compile(r"^ip_adapter\.(\d+)\.to_([kv])_ip\.(weight|bias)$")
+
+
+class MLPProjModel(nnx.Module):
+    """InstantX's projection: ``proj.0`` Linear(D, 2D) -> GELU -> ``proj.2`` Linear(2D, T x C),
+    then ``norm`` LayerNorm(C) per token (``proj.1`` is the GELU)."""
+
+    def __init__(self, embed_dim: int, hidden: int, token_dim: int, num_tokens: int, *, rngs: nnx.Rngs):
+        self.num_tokens, self.token_dim = num_tokens, token_dim
+        self.proj = nnx.List([layers.linear(embed_dim, hidden, rngs=rngs), layers.Identity(),
+                              layers.linear(hidden, num_tokens * token_dim, rngs=rngs)])
+        self.norm = layers.layer_norm(token_dim, rngs=rngs)
+
+    def __call__(self, embeds: jax.Array) -> jax.Array:
+        x = self.proj[2](layers.gelu(self.proj[0](embeds)))
+        return self.norm(x.reshape(-1, self.num_tokens, self.token_dim))
+
+    @property
+    def input_dim(self) -> int:
+        return self.proj[0].in_features
 
 
 class FluxIPLayer(nnx.Module):
@@ -57,10 +79,14 @@ class FluxIPAdapter(nnx.Module):
     blocks, in order). Parameters are float32 whatever the transformer computes in."""
 
     def __init__(self, image_proj: nnx.Module, ip_layers: list, *, heads: int, head_dim: int,
-                 layout: str = XLABS):
+                 layout: str = XLABS, num_double: int | None = None):
         self.image_proj = image_proj
         self.layers = nnx.List(ip_layers)
         self.heads, self.head_dim, self.layout = heads, head_dim, layout
+        # XLabs: the double-stream blocks only, its output after each block's feed-forward. InstantX: every
+        # block (double-stream first), into the attention output, with RMS-normed image keys and values.
+        self.num_double = len(ip_layers) if num_double is None else num_double
+        self.site = "attention" if layout == INSTANTX else "output"
 
     # ---- what the transformer asks
     @property
@@ -75,8 +101,13 @@ class FluxIPAdapter(nnx.Module):
     def input_dim(self) -> int:
         return self.image_proj.input_dim
 
+    def layer_index(self, kind: str, index: int) -> int:
+        return index if kind == "double" else self.num_double + index
+
     def has_layer(self, kind: str, index: int) -> bool:
-        return kind == "double" and index < len(self.layers)
+        if kind == "double":
+            return index < self.num_double
+        return self.layout == INSTANTX and self.num_double + index < len(self.layers)
 
     def project(self, embeds) -> jax.Array:
         """Image embeddings [N, D] -> tokens [N, T, C]."""
@@ -86,15 +117,18 @@ class FluxIPAdapter(nnx.Module):
         """scale x Attn(q, image keys, image values) for block ``index``: q [B, S, H, D]
         -> [B, S, H x D]. Several images are one token sequence; with masks
         ({S: [B, N, S]}) each image is attended alone and weighted by its mask."""
+        index = self.layer_index(kind, index)
         layer = self.layers[index]
         b, n, t, c = prompt.tokens.shape
         scale = prompt.scale[index].astype(q.dtype)
+        normed = self.layout == INSTANTX
 
         def project(tokens, i=None):   # the same at every denoising step: computed once per loop
             tokens = tokens.astype(q.dtype)
             tokens = tokens.reshape(b, n * t, c) if i is None else tokens[:, i]
             split = (lambda x: x.reshape(b, -1, self.heads, self.head_dim))
-            return split(layer.to_k_ip(tokens)), split(layer.to_v_ip(tokens))
+            k, v = split(layer.to_k_ip(tokens)), split(layer.to_v_ip(tokens))
+            return (_rms(k), _rms(v)) if normed else (k, v)
 
         def attention(k, v):
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5)
@@ -108,6 +142,11 @@ class FluxIPAdapter(nnx.Module):
             kv = hoisting.constant(layer, f"kv{i}", lambda tokens, i=i: project(tokens, i), prompt.tokens)
             out = out + attention(*kv) * masks[:, i, :, None]
         return scale * out
+
+
+def _rms(x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    return (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + INSTANTX_NORM_EPS)).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- building
@@ -142,9 +181,12 @@ def _canonical(state: dict[str, np.ndarray], source: str) -> dict[str, np.ndarra
 
 def describe_file(state: dict[str, np.ndarray]) -> str | None:
     """What kind of IP-Adapter file a state dict is, by its keys: ``"flux"`` (XLabs
-    or its diffusers naming, with biases), ``"sd"`` (h94 layout) or None."""
+    or its diffusers naming, with biases; InstantX's, its projection an MLP with a
+    ``norm``), ``"sd"`` (h94 layout) or None."""
     keys = list(state)
     if any(k.startswith(_XLABS_PROJ) or _XLABS_KV.match(k) for k in keys):
+        return "flux"
+    if "image_proj.proj.0.weight" in state and "image_proj.norm.weight" in state:   # InstantX's MLP projection
         return "flux"
     if any(_DIFFUSERS_KV.match(k) and k.endswith(".bias") for k in keys):
         return "flux"
@@ -167,27 +209,40 @@ def read_flux_ip_adapter(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def flux_ip_adapter_from_state(state: dict[str, np.ndarray], transformer, source: str) -> FluxIPAdapter:
-    """Build an adapter from canonical arrays, checking them against ``transformer``."""
+    """Build an adapter from canonical arrays (XLabs' or InstantX's layout, told
+    apart by the projection), checking them against ``transformer``."""
     cfg = transformer.config
+    instantx = "image_proj.proj.0.weight" in state
     try:
-        rows, embed_dim = state["image_proj.proj.weight"].shape
+        if instantx:
+            hidden, embed_dim = state["image_proj.proj.0.weight"].shape
+            rows = state["image_proj.proj.2.weight"].shape[0]
+        else:
+            rows, embed_dim = state["image_proj.proj.weight"].shape
         token_dim = state["image_proj.norm.weight"].shape[0]
     except KeyError as e:
         raise CheckpointError(f"{source}: missing {e.args[0]} (FLUX IP-Adapter projection)") from None
     if token_dim != cfg.joint_attention_dim or rows % token_dim:
-        raise Incompatible(f"{source}: image tokens {token_dim} wide (proj {rows} x {embed_dim}), but this FLUX "
+        raise Incompatible(f"{source}: image tokens {token_dim} wide (projection to {rows}), but this FLUX "
                            f"transformer's joint_attention_dim is {cfg.joint_attention_dim}: the adapter is for "
                            "another model")
     indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("layers.")})
-    if indices != list(range(cfg.num_layers)):
-        raise Incompatible(f"{source}: image key/value layers for blocks {indices[:3]}...{indices[-3:]} "
-                           f"({len(indices)}), but this transformer has {cfg.num_layers} double-stream blocks")
+    wanted = cfg.num_layers + cfg.num_single_layers if instantx else cfg.num_layers
+    if indices != list(range(wanted)):
+        what = "blocks" if instantx else "double-stream blocks"
+        raise Incompatible(f"{source}: image key/value layers {indices[:1]}..{indices[-1:]} ({len(indices)}), but "
+                           f"this transformer has {wanted} {what}")
+    bias = any(k.endswith("to_k_ip.bias") for k in state)
     num_tokens = rows // token_dim
 
     def build(rngs):
-        proj = ImageProjModel(embed_dim, token_dim, num_tokens, rngs=rngs)
-        ip_layers = [FluxIPLayer(token_dim, cfg.inner_dim, rngs=rngs) for _ in range(cfg.num_layers)]
-        return FluxIPAdapter(proj, ip_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim)
+        if instantx:
+            proj = MLPProjModel(embed_dim, hidden, token_dim, num_tokens, rngs=rngs)
+        else:
+            proj = ImageProjModel(embed_dim, token_dim, num_tokens, rngs=rngs)
+        ip_layers = [FluxIPLayer(token_dim, cfg.inner_dim, bias=bias, rngs=rngs) for _ in range(wanted)]
+        return FluxIPAdapter(proj, ip_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+                             layout=INSTANTX if instantx else XLABS, num_double=cfg.num_layers)
 
     adapter, _ = load_state_dict_into(lambda: build(nnx.Rngs(0)), state, source=source)
     return adapter
@@ -199,7 +254,11 @@ def load_flux_ip_adapter(path: str | os.PathLike, transformer) -> FluxIPAdapter:
 
 
 def flux_ip_adapter_state_dict(adapter: FluxIPAdapter) -> dict[str, np.ndarray]:
-    """The adapter's weights under XLabs' key names."""
+    """The adapter's weights under its layout's key names: XLabs', or InstantX's
+    (``image_proj.*``, ``ip_adapter.{i}.to_{k,v}_ip.weight``, its pickle's two dicts flattened)."""
+    if adapter.layout == INSTANTX:
+        return {(k if k.startswith("image_proj.") else "ip_adapter." + k[len("layers."):]): v
+                for k, v in module_state_dict(adapter).items()}
     out = {}
     for key, value in module_state_dict(adapter).items():
         if key.startswith("image_proj."):
@@ -211,7 +270,7 @@ def flux_ip_adapter_state_dict(adapter: FluxIPAdapter) -> dict[str, np.ndarray]:
 
 
 def save_flux_ip_adapter(adapter: FluxIPAdapter, path: str | os.PathLike) -> Path:
-    """Write ``adapter`` as an XLabs-layout safetensors file (diffusers' ``load_ip_adapter`` reads it)."""
+    """Write ``adapter`` as a safetensors file in its layout (XLabs': diffusers' ``load_ip_adapter`` reads it)."""
     return save_safetensors(flux_ip_adapter_state_dict(adapter), path)
 
 

@@ -10,9 +10,12 @@ only through rotary embeddings over 3 id axes (``rope_tables``), computed on
 the host in float64 as diffusers does.
 
 Image prompts: each block may carry adapter layers (``ip_adapter.flux``); a
-block hands its image stream's queries after their QK norm and before RoPE to
-``adapter.attend``, whose output is added to the image stream (XLabs: after
-the block's feed-forward, diffusers' ``FluxIPAdapterAttnProcessor``).
+block hands its queries after their QK norm and before RoPE to
+``adapter.attend``, whose output is added where the adapter's ``site`` says:
+"output", to the image stream after the block's feed-forward (XLabs,
+diffusers' ``FluxIPAdapterAttnProcessor``), or "attention", to the attention
+output before its projection (InstantX: the image stream's in double-stream
+blocks, every token's in single-stream ones).
 """
 
 from __future__ import annotations
@@ -223,8 +226,12 @@ class FluxAttention(nnx.Module):
         out = dot_product_attention(q, k, v.astype(q.dtype), scale=self.head_dim ** -0.5, backend=self.backend)
         return out.reshape(*out.shape[:2], -1)
 
-    def __call__(self, x, rope, context=None):
-        """-> (image-stream output, text-stream output or None, image queries before RoPE)."""
+    def __call__(self, x, rope, context=None, ip_attn=None):
+        """-> (image-stream output, text-stream output or None, image queries before RoPE).
+
+        ``ip_attn(queries)``: image-prompt attention added to this attention's
+        output before its projection (InstantX's adapters), from the queries of
+        ``x`` after their QK norm and before RoPE."""
         q, k, v = self.qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
         image_q = q
         if context is not None:
@@ -233,9 +240,14 @@ class FluxAttention(nnx.Module):
             q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
         h = self.attend(apply_rope(q, rope), apply_rope(k, rope), v)
         if context is None:
+            if ip_attn is not None:
+                h = h + ip_attn(image_q).astype(h.dtype)
             return h, None, image_q
         text = context.shape[1]
-        return self.to_out[0](h[:, text:]), self.to_add_out(h[:, :text]), image_q
+        image_h = h[:, text:]
+        if ip_attn is not None:
+            image_h = image_h + ip_attn(image_q).astype(h.dtype)
+        return self.to_out[0](image_h), self.to_add_out(h[:, :text]), image_q
 
 
 # --------------------------------------------------------------------------- blocks
@@ -253,12 +265,14 @@ class FluxTransformerBlock(nnx.Module):
         self.norm2_context = _plain_norm(dim, dtype=dtype, rngs=rngs)
         self.ff_context = FeedForward(dim, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, context, temb, rope, ip_out=None):
-        """``ip_out(image queries) -> [B, S_img, C]``: the image prompts' output, added last."""
+    def __call__(self, x, context, temb, rope, ip_out=None, ip_attn=None):
+        """``ip_out(image queries) -> [B, S_img, C]``: image prompts added to the image stream last
+        (XLabs); ``ip_attn``: added to the attention output before its projection (InstantX)."""
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1.modulation(temb)
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.modulation(temb)
         attn, context_attn, image_q = self.attn(modulate(self.norm1.norm(x), shift, scale), rope,
-                                                context=modulate(self.norm1_context.norm(context), c_shift, c_scale))
+                                                context=modulate(self.norm1_context.norm(context), c_shift, c_scale),
+                                                ip_attn=ip_attn)
         x = x + gate * attn
         x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
         if ip_out is not None:
@@ -280,16 +294,13 @@ class FluxSingleTransformerBlock(nnx.Module):
         self.attn = FluxAttention(dim, heads, head_dim, joint=False, pre_only=True, dtype=dtype,
                                   backend=backend, rngs=rngs)
 
-    def __call__(self, x, temb, rope, ip_out=None):
-        """x: [B, S_text + S_img, C]; ``ip_out`` as in the double block, over all tokens' queries."""
+    def __call__(self, x, temb, rope, ip_attn=None):
+        """x: [B, S_text + S_img, C]; ``ip_attn`` as in the double block, over every token's query."""
         shift, scale, gate = self.norm.modulation(temb)
         h = modulate(self.norm.norm(x), shift, scale)
-        attn, _, queries = self.attn(h, rope)
+        attn, _, _ = self.attn(h, rope, ip_attn=ip_attn)
         mlp = jax.nn.gelu(self.proj_mlp(h), approximate=True)
-        out = x + gate * self.proj_out(jnp.concatenate([attn, mlp], axis=-1))
-        if ip_out is not None:
-            out = out + ip_out(queries).astype(out.dtype)
-        return out
+        return x + gate * self.proj_out(jnp.concatenate([attn, mlp], axis=-1))
 
 
 # --------------------------------------------------------------------------- the model
@@ -349,27 +360,22 @@ class FluxTransformer2DModel(PretrainedMixin, nnx.Module):
         context = self.context_embedder(context.astype(dtype))
         rope = tuple(jnp.asarray(r, jnp.float32) for r in rope)
         for index, block in enumerate(self.transformer_blocks):
-            context, x = block(x, context, temb, rope, ip_out=_ip_output(ip, "double", index))
+            context, x = block(x, context, temb, rope, ip_out=_ip_terms(ip, "double", index, "output"),
+                               ip_attn=_ip_terms(ip, "double", index, "attention"))
         text = context.shape[1]
         h = jnp.concatenate([context, x], axis=1)
         for index, block in enumerate(self.single_transformer_blocks):
-            h = block(h, temb, rope, ip_out=_ip_output(ip, "single", index, text=text))
+            h = block(h, temb, rope, ip_attn=_ip_terms(ip, "single", index, "attention"))
         x = h[:, text:]
         scale, shift = self.norm_out.modulation(temb)
         return self.proj_out(modulate(self.norm_out.norm(x), shift, scale)).astype(jnp.float32)
 
 
-def _ip_output(ip: tuple, kind: str, index: int, text: int | None = None):
-    """The summed image-prompt outputs of one block as a function of its queries
-    (None when no adapter has a layer there). Single-stream blocks give the
-    queries of all tokens; the adapters attend from the image tokens only and
-    their output is zero over the text tokens (``text``)."""
-    active = [(adapter, prompt) for adapter, prompt in ip if adapter.has_layer(kind, index)]
+def _ip_terms(ip: tuple, kind: str, index: int, site: str):
+    """The summed image-prompt terms of one block at one ``site`` ("output": after
+    the block's feed-forward, XLabs; "attention": into the attention output,
+    InstantX) as a function of the queries; None when no adapter has one there."""
+    active = [(adapter, prompt) for adapter, prompt in ip if adapter.site == site and adapter.has_layer(kind, index)]
     if not active:
         return None
-
-    def output(queries):
-        q = queries if text is None else queries[:, text:]
-        out = sum(adapter.attend(kind, index, q, prompt) for adapter, prompt in active)
-        return out if text is None else jnp.pad(out, ((0, 0), (text, 0), (0, 0)))
-    return output
+    return lambda queries: sum(adapter.attend(kind, index, queries, prompt) for adapter, prompt in active)

@@ -36,12 +36,13 @@ from ipadapter_jax.convert.single_file import read_vae
 from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported, require_finite
 from ipadapter_jax.io.files import read_json
 from ipadapter_jax.io.hub import PIPELINE_FOLDER_PATTERNS, resolve, resolve_model_folder
-from ipadapter_jax.io.images import preprocess
+from ipadapter_jax.io.images import preprocess, preprocess_siglip
 from ipadapter_jax.ip_adapter import flux as flux_adapter
 from ipadapter_jax.ip_adapter.gates import schedule_gates
 from ipadapter_jax.ip_adapter.masks import resize_mask
 from ipadapter_jax.models import AutoencoderKL, CLIPTextModel, CLIPVisionModelWithProjection
 from ipadapter_jax.models.flux import FluxTransformer2DModel
+from ipadapter_jax.models.siglip import SiglipVisionModel
 from ipadapter_jax.models.t5 import T5EncoderModel
 from ipadapter_jax.pipeline.inputs import load_init_image, load_mask
 from ipadapter_jax.pipeline.jitted import JittedModule, data_fsdp_mesh, fsdp_shardings, shard_batch
@@ -242,11 +243,15 @@ class FluxPipeline:
         tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
         tokenizer_2 = AutoTokenizer.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True)
         encoder = None
-        if isinstance(image_encoder, CLIPVisionModelWithProjection):
+        if isinstance(image_encoder, (CLIPVisionModelWithProjection, SiglipVisionModel)):
             encoder = image_encoder
         elif image_encoder is not None:
-            enc_folder = resolve_model_folder(image_encoder, weights_name="model", what="CLIP image encoder folder")
-            encoder = CLIPVisionModelWithProjection.from_pretrained(enc_folder, **options)
+            enc_folder = resolve_model_folder(image_encoder, weights_name="model", what="image encoder folder")
+            config = read_json(enc_folder / "config.json") if (enc_folder / "config.json").is_file() else {}
+            siglip = "siglip" in str(config.get("model_type", "")) or "vision_config" in config and \
+                "siglip" in str(config["vision_config"].get("model_type", ""))
+            encoder = (SiglipVisionModel if siglip else CLIPVisionModelWithProjection).from_pretrained(
+                enc_folder, **options)
         return cls(transformer, vae, clip, tokenizer, t5, tokenizer_2, load_scheduler_config(folder), encoder,
                    fsdp=fsdp)
 
@@ -294,11 +299,15 @@ class FluxPipeline:
     # ------------------------------------------------------------------ image prompts
 
     def encode_images(self, images) -> np.ndarray:
-        """Reference images -> CLIP ``image_embeds`` [N, D] (the encoder's own resolution)."""
+        """Reference images -> CLIP ``image_embeds`` [N, D] (XLabs' adapters) or SigLIP
+        ``pooler_output`` [N, D] (InstantX's), at the encoder's own resolution."""
         if self._image is None:
             raise BadArgument("this pipeline has no image encoder: pass image_encoder= to from_pretrained "
-                              "(CLIP ViT-L/14 for XLabs' adapters), or give embeds")
+                              "(CLIP ViT-L/14 for XLabs' adapters, SigLIP so400m for InstantX's), or give embeds")
         size = self.image_encoder.config.image_size
+        if isinstance(self.image_encoder, SiglipVisionModel):
+            return np.asarray(self._image(jnp.asarray(preprocess_siglip(list(images), size))).pooler_output,
+                              np.float32)
         return np.asarray(self._image(jnp.asarray(preprocess(list(images), size, size))).image_embeds, np.float32)
 
     def _image_prompts(self, specs: Sequence[ImagePromptSpec], *, batch: int, true_cfg: bool, latent_size,
@@ -316,7 +325,8 @@ class FluxPipeline:
                 raise BadArgument(f"image prompt {k}: no reference images or embeds")
             if embeds.shape[-1] != adapter.input_dim:
                 raise Incompatible(f"image prompt {k}: embeddings are {embeds.shape[-1]} wide but the adapter takes "
-                                   f"{adapter.input_dim} (CLIP ViT-L/14 image_embeds for XLabs' adapters)")
+                                   f"{adapter.input_dim} (CLIP ViT-L/14 image_embeds for XLabs' adapters, SigLIP "
+                                   "so400m pooler_output for InstantX's): give its image encoder")
             tokens = np.asarray(adapter.project(embeds))[None]           # [1, N, T, C]
             tokens = np.repeat(tokens, batch, axis=0)
             if true_cfg:
