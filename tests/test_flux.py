@@ -488,3 +488,25 @@ def test_pipeline_from_a_bfl_single_file_samples_as_the_folder(root, dev, tmp_pa
                        "--vae", vae, "--prompt", "a cat", "--steps", 2, "--height", ff.HEIGHT, "--width", ff.WIDTH,
                        "--max-sequence-length", ff.MAX_SEQ, "--no-progress", "--cache-dir", "", "--out", out], capsys)
     assert rc == 0 and out.is_file(), err[-3000:]
+
+
+def test_parity_toolkit_on_a_flux_folder(root, tmp_path, capsys):
+    """``ipadapter-parity --model FLUX_FOLDER --ip-adapter XLABS``: every component, block and step within the
+    suite's bounds, the blocks named as diffusers names them, in the report's JSON."""
+    import json
+
+    from ipadapter_jax.cli import parity
+
+    out = tmp_path / "parity.json"
+    rc = parity.main(["--model", str(root / "flux-dev"), "--ip-adapter", str(root / "ip_adapter_v1.safetensors"),
+                      "--image-encoder", str(root / "image_encoder"), "--image", str(root / "ref.png"),
+                      "--prompt", "a red cat", "--steps", "2", "--height", str(ff.HEIGHT), "--width", str(ff.WIDTH),
+                      "--max-sequence-length", str(ff.MAX_SEQ), "--scale", "0.8", "--json", str(out),
+                      "--no-progress"])
+    printed = capsys.readouterr()
+    assert rc == 0, printed.out + printed.err[-3000:]
+    report = json.loads(out.read_text())
+    text = json.dumps(report)
+    for name in ("text_encoder_2 (T5)", "image_proj", "transformer_blocks.1", "single_transformer_blocks.1",
+                 "vae (decode)", '"step": 2', '"image": {"rel"'):
+        assert name in text, name

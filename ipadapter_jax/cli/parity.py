@@ -91,6 +91,8 @@ def build_parser(prog: str) -> ArgumentParser:
     r.add_argument("--height", type=int, default=None, help="pixels (default: the model's size; demo 64)")
     r.add_argument("--width", type=int, default=None, help="pixels (default: the model's size; demo 64)")
     r.add_argument("--seed", type=int, default=0, help="seed of every generated input (default 0)")
+    r.add_argument("--max-sequence-length", type=int, default=512, metavar="N",
+                   help="FLUX: T5 tokens of the prompt (default 512)")
     o = p.add_argument_group("what to compare and report")
     o.add_argument("--components", default=",".join(GROUPS),
                    help=f"comma-separated subset of {','.join(GROUPS)} (default: all that apply)")
@@ -113,6 +115,7 @@ def parse_args(argv=None, prog: str = PROG):
     p = build_parser(prog)
     args = p.parse_args(argv)
     args.prog = prog
+    args.argv = [str(a) for a in argv] if argv is not None else sys.argv[1:]
     # The sample command's checks read these; parity has no such flags.
     for name, value in dict(ema=None, prediction_type=None, lora_lenient=False, guess_mode=False, control_start=0.0,
                             control_end=1.0, control_preprocess="none", mask=[], s_scale=1.0, lora_scale=1.0,
@@ -177,6 +180,9 @@ def _check(args) -> None:
     if args.reference:
         args.reference = str(resolve_model("--reference", args.reference))
     sample_cli._check_family_flags(args)
+    if args.family is not None and args.family.denoiser == "transformer":
+        _check_flux(args)
+        return
     sample_cli._check_community_flags(args)
     sample_cli._check_control_flags(args)
     if args.image and not args.image_encoder:
@@ -196,6 +202,80 @@ def _check(args) -> None:
     for flag, path in (("--json", args.json), ("--plot", args.plot)):
         if path:
             check_writable(flag, Path(path))
+
+
+def _check_flux(args) -> None:
+    """FLUX: one XLabs adapter at most, its images; the UNet-only flags refused (before JAX loads)."""
+    given = [flag for flag, value in (("--controlnet", args.controlnet), ("--lora", args.lora),
+                                      ("--embedding", args.embedding), ("--face-embeds", args.face_embeds),
+                                      ("--negative-prompt", args.negative_prompt), ("--reference", args.reference))
+             if value]
+    if args.scheduler != "ddim":
+        given.append("--scheduler")
+    if given or Path(args.model).is_file():
+        raise BadArgument(f"{', '.join(given) or '--model FILE'}: not compared for FLUX yet (a diffusers FLUX folder, "
+                          "one XLabs IP-Adapter, its image encoder and images)")
+    if len(args.ip_adapter) > 1:
+        raise BadArgument("FLUX: give one --ip-adapter (the toolkit compares one XLabs adapter)")
+    if args.ip_adapter and (not args.image or not args.image_encoder):
+        raise BadArgument("FLUX: --ip-adapter needs --image and --image-encoder (CLIP ViT-L/14)")
+    if not 1 <= args.max_sequence_length <= 512:
+        raise BadArgument(f"--max-sequence-length must be in [1, 512], got {args.max_sequence_length}")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % 16:
+            raise BadArgument(f"{flag} must be a multiple of 16 for FLUX, got {value}")
+    if args.guidance == 7.5 and "--guidance" not in (args.argv or []):
+        args.guidance = 3.5
+    check_files(list(args.image))
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(flag, Path(path))
+
+
+def _check_flux_run(args) -> int:
+    """``compare_flux`` on a FLUX folder: the same report as for SD."""
+    import jax.numpy as jnp
+    import torch
+    from diffusers import FluxPipeline as TorchFlux
+
+    from ipadapter_jax.parity import report
+    from ipadapter_jax.parity.flux import FluxRequest, compare_flux
+    from ipadapter_jax.parity.run import over_bounds
+    from ipadapter_jax.pipeline.flux import FluxPipeline
+
+    def load_reference():
+        pipe = TorchFlux.from_pretrained(args.model, torch_dtype=torch.float32)
+        for path in args.ip_adapter:
+            pipe.load_ip_adapter(str(Path(path).parent), weight_name=Path(path).name,
+                                 image_encoder_pretrained_model_name_or_path=args.image_encoder,
+                                 image_encoder_dtype=torch.float32)
+        return pipe
+
+    def load_ours(dtype):
+        pipe = FluxPipeline.from_pretrained(args.model, image_encoder=args.image_encoder,
+                                            dtype=jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+        for path in args.ip_adapter:
+            pipe.load_ip_adapter(path)
+        return pipe
+
+    size = 1024
+    req = FluxRequest(prompt=args.prompt, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      scale=args.scale[0] if args.scale else 1.0, images=list(args.image) if args.ip_adapter else [],
+                      max_sequence_length=args.max_sequence_length)
+    dtypes = ("float32", "bfloat16") if args.dtype == "bfloat16" else ("float32",)
+    results = compare_flux(load_reference, load_ours, req, dtypes, height=args.height or size,
+                           width=args.width or size)
+    print(report.markdown(results, args.bound))
+    if args.json:
+        run_info = {"model": args.model, "family": "flux", "prompt": args.prompt, "steps": args.steps,
+                    "seed": args.seed, "peak_rss_gb": _peak_rss_gb()}
+        Path(args.json).write_text(json.dumps(report.to_json(results, bound=args.bound, run=run_info), indent=1))
+    if args.plot:
+        report.plot(results, args.plot, args.bound)
+    bad = over_bounds(results, args.bound)
+    print(f"peak memory {_peak_rss_gb():.2f} GB | " + (f"past the bound: {', '.join(bad)}" if bad
+                                                        else "every figure within its bound"), file=sys.stderr)
+    return 1 if bad else 0
 
 
 def _check_inputs(args) -> None:
@@ -297,6 +377,9 @@ def check(argv, prog: str = PROG) -> int:
 def _check_run(args) -> int:
     from ipadapter_jax.parity import report
     from ipadapter_jax.parity.run import Request, compare, over_bounds
+
+    if args.family is not None and args.family.denoiser == "transformer":
+        return _check_flux_run(args)
 
     _read_inputs(args)
     family = args.family

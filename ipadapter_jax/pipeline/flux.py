@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -420,9 +420,11 @@ class FluxPipeline:
                             gates=gates, start=start, steps=steps, true_cfg_scale=true_cfg_scale,
                             latent_size=(lh, lw))
 
-    def denoise(self, request: FluxPrepared, *, progress: bool = False) -> tuple[jax.Array, dict]:
+    def denoise(self, request: FluxPrepared, *, progress: bool = False,
+                on_step: Callable[[jax.Array], None] | None = None) -> tuple[jax.Array, dict]:
         """Run the jitted loop -> (final packed latents, timings); compiled once per
-        signature. ``progress``: one call per step, with a progress bar."""
+        signature. ``progress``: one call per step, with a progress bar;
+        ``on_step(packed latents)``: called after every step (the parity toolkit's trajectory)."""
         models = FluxModels(self.transformer, list(self.ip_adapters))
         graphdef, params = nnx.split(models)
         if graphdef not in self._shardings:
@@ -444,13 +446,15 @@ class FluxPipeline:
         timings = {"compile_s": time.perf_counter() - t0}
         t1 = time.perf_counter()
         loop = self._loops[key]
-        if progress:
+        if progress or on_step is not None:
             from tqdm.auto import tqdm
 
             final = args[2]
-            for i in tqdm(range(request.start, request.steps), desc="denoising", unit="step"):
+            for i in tqdm(range(request.start, request.steps), desc="denoising", unit="step", disable=not progress):
                 final = loop(*args[:2], final, *args[3:10], jnp.int32(i), jnp.int32(i + 1))
                 final.block_until_ready()
+                if on_step is not None:
+                    on_step(final)
         else:
             final = loop(*args)
         final.block_until_ready()
@@ -470,7 +474,8 @@ class FluxPipeline:
                  guidance_scale: float = 3.5, true_cfg_scale: float = 1.0, height: int | None = None,
                  width: int | None = None, num_images: int = 1, seed: int = 0, latents=None, init_image=None,
                  strength: float = 0.6, max_sequence_length: int = 512, progress: bool = False,
-                 allow_nonfinite: bool = False) -> SampleOutput:
+                 allow_nonfinite: bool = False, on_step: Callable[[jax.Array], None] | None = None
+                 ) -> SampleOutput:
         """Sample images.
 
         guidance_scale: embedded guidance (dev; ignored by models without a guidance embedding).
@@ -490,7 +495,7 @@ class FluxPipeline:
                                seed=seed, latents=latents, init_image=init_image, strength=strength,
                                max_sequence_length=max_sequence_length)
         timings = {"encode_s": time.perf_counter() - t0}
-        packed, loop_timings = self.denoise(request, progress=progress)
+        packed, loop_timings = self.denoise(request, progress=progress, on_step=on_step)
         timings.update(loop_timings)
         final = unpack_latents(packed, *request.latent_size)
         t1 = time.perf_counter()
