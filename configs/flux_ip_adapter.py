@@ -19,7 +19,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pretrained = ""          # diffusers FLUX folder, or a BFL single file (then model.model_config)
     c.model.model_config = ""        # a diffusers FLUX folder for a single file's other components
     c.model.image_encoder = ""       # CLIP ViT-L/14 (transformers CLIPVisionModelWithProjection folder)
-    c.model.num_tokens = 4           # image tokens: XLabs v1 4, v2 16
+    c.model.layout = "xlabs"         # xlabs (CLIP ViT-L image_embeds) | instantx (SigLIP pooler_output)
+    c.model.num_tokens = 4           # image tokens: XLabs v1 4, v2 16; InstantX 128
     c.model.adapter_init = ""        # optional XLabs-layout file to continue from
 
     c.data = ml_collections.ConfigDict()

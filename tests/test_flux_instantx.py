@@ -166,3 +166,37 @@ def test_pipeline_samples_with_instantx_and_exports_its_layout(root, tmp_path):
     for key, value in flat.items():
         np.testing.assert_array_equal(saved[key], value)
     save_flux_ip_adapter(adapter, tmp_path / "instantx.safetensors")
+
+
+def test_train_py_trains_an_instantx_layout_adapter(root, tmp_path):
+    """``configs/flux_ip_adapter_instantx.py``: SigLIP pixels and pooler_output, an MLP projection, every
+    block; the export reads back as an InstantX adapter of this transformer."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from helpers import cpu_env
+    from ipadapter_jax.ip_adapter.flux import INSTANTX, load_flux_ip_adapter
+    from ipadapter_jax.models.flux import FluxTransformer2DModel
+
+    repo = Path(__file__).resolve().parents[1]
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (36, 40, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+    (tmp_path / "data.json").write_text(json.dumps([{"image_file": f"{i}.png", "text": "a cat"} for i in range(2)]))
+    cmd = [sys.executable, str(repo / "train.py"), "--config", str(repo / "configs" / "flux_ip_adapter_instantx.py"),
+           f"--config.workdir={tmp_path / 'run'}", f"--config.model.pretrained={root / 'flux-dev'}",
+           f"--config.model.image_encoder={root / 'siglip'}", f"--config.data.json_file={tmp_path / 'data.json'}",
+           f"--config.data.image_root={tmp_path / 'images'}", "--config.data.resolution=32",
+           "--config.data.batch_size=2", "--config.data.workers=0", "--config.flow.max_sequence_length=16",
+           "--config.step.compute_dtype=float32", "--config.model.num_tokens=8", "--config.train.steps=2",
+           "--config.train.log_every=1", "--config.train.save_every=2"]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=cpu_env(), timeout=600, cwd=repo)
+    assert run.returncode == 0, run.stderr[-3000:]
+    adapter = load_flux_ip_adapter(tmp_path / "run" / "ip_adapter.safetensors",
+                                   FluxTransformer2DModel.from_pretrained(root / "flux-dev" / "transformer"))
+    assert adapter.layout == INSTANTX and adapter.num_tokens == 8 and adapter.num_layers == 4

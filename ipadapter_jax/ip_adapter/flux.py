@@ -152,13 +152,24 @@ def _rms(x: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------- building
 
 def new_flux_ip_adapter(transformer, image_embed_dim: int, num_tokens: int = 4, *,
-                        rngs: nnx.Rngs | None = None) -> FluxIPAdapter:
-    """A freshly initialised XLabs-layout adapter for ``transformer`` (training)."""
+                        rngs: nnx.Rngs | None = None, layout: str = XLABS) -> FluxIPAdapter:
+    """A freshly initialised adapter for ``transformer`` (training): XLabs' layout
+    (CLIP ``image_embeds``, the double-stream blocks, biased k/v) or InstantX's
+    (SigLIP ``pooler_output``, an MLP projection of width 2 x the embedding, every
+    block, bias-free k/v)."""
     cfg = transformer.config
     rngs = rngs or nnx.Rngs(0)
-    proj = ImageProjModel(image_embed_dim, cfg.joint_attention_dim, num_tokens, rngs=rngs)
-    ip_layers = [FluxIPLayer(cfg.joint_attention_dim, cfg.inner_dim, rngs=rngs) for _ in range(cfg.num_layers)]
-    return FluxIPAdapter(proj, ip_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim)
+    if layout not in (XLABS, INSTANTX):
+        raise BadArgument(f"FLUX adapter layout must be {XLABS!r} or {INSTANTX!r}, got {layout!r}")
+    if layout == INSTANTX:
+        proj = MLPProjModel(image_embed_dim, 2 * image_embed_dim, cfg.joint_attention_dim, num_tokens, rngs=rngs)
+        count, bias = cfg.num_layers + cfg.num_single_layers, False
+    else:
+        proj = ImageProjModel(image_embed_dim, cfg.joint_attention_dim, num_tokens, rngs=rngs)
+        count, bias = cfg.num_layers, True
+    ip_layers = [FluxIPLayer(cfg.joint_attention_dim, cfg.inner_dim, bias=bias, rngs=rngs) for _ in range(count)]
+    return FluxIPAdapter(proj, ip_layers, heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+                         layout=layout, num_double=cfg.num_layers)
 
 
 def _canonical(state: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:

@@ -39,7 +39,7 @@ from PIL import Image
 from ipadapter_jax.families.text import token_ids
 from ipadapter_jax.io.errors import BadArgument, BadFile, MissingFile, Unsupported, UserError
 from ipadapter_jax.io.files import read_json, read_npy
-from ipadapter_jax.io.images import load_rgb, preprocess, resize_crop
+from ipadapter_jax.io.images import load_rgb, preprocess, preprocess_siglip, resize_crop
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class _ImageTextBase:
     is the condition, the whole image the target)."""
 
     def __init__(self, tokenizer, resolution: int, clip_size: int = 224, max_retries: int = 16, tokenizer_2=None,
-                 condition: str = "image", id_embeds: bool = False):
+                 condition: str = "image", id_embeds: bool = False, pixels: str = "clip"):
         if condition not in CONDITIONS:
             raise BadArgument(f"data.condition must be one of {list(CONDITIONS)}, got {condition!r}")
         self.tokenizer = tokenizer
@@ -148,6 +148,11 @@ class _ImageTextBase:
         self.max_retries = max_retries
         self.condition = condition
         self.id_embeds = id_embeds
+        # How the image prompt's pixels are prepared: "clip" (CLIPImageProcessor: resize, centre crop, CLIP's
+        # mean / std) or "siglip" (SiglipImageProcessor: a square resize, [-1, 1]; InstantX's FLUX adapter).
+        if pixels not in ("clip", "siglip"):
+            raise BadArgument(f"image-prompt pixels must be 'clip' or 'siglip', got {pixels!r}")
+        self.pixels = pixels
 
     def _raw(self, index: int) -> tuple[Any, str]:
         raise NotImplementedError
@@ -183,7 +188,9 @@ class _ImageTextBase:
                     extra = {}
                     if self.clip_size:
                         condition = rgb if self.condition == "image" else load_rgb(self._face(i))
-                        extra["clip_pixels"] = preprocess([condition], self.clip_size, self.clip_size)[0]
+                        extra["clip_pixels"] = (preprocess_siglip([condition], self.clip_size)[0]
+                                                if self.pixels == "siglip" else
+                                                preprocess([condition], self.clip_size, self.clip_size)[0])
                     if self.id_embeds:
                         extra["id_embeds"] = self._id_embed(i)
                     width, height = rgb.size

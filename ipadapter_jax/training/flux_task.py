@@ -1,8 +1,9 @@
 """The FLUX IP-Adapter training task (``configs/flux_ip_adapter.py``, ``task =
-"flux_ip_adapter"``): a new XLabs-layout adapter on a frozen FLUX transformer,
+"flux_ip_adapter"``; ``configs/flux_ip_adapter_instantx.py``): a new adapter in
+XLabs' layout (CLIP ViT-L) or InstantX's (SigLIP) on a frozen FLUX transformer,
 trained with the rectified-flow step (``flux_step``) through the one runner
-(checkpoints, exact resume, metrics, TensorBoard, NaN stop), exported in
-XLabs' layout (diffusers' ``load_ip_adapter`` reads it).
+(checkpoints, exact resume, metrics, TensorBoard, NaN stop), exported in its
+layout (diffusers' ``load_ip_adapter`` reads XLabs').
 
 Each step encodes its batch with the frozen encoders inside the jitted step:
 the VAE's posterior sample (shifted and scaled, 2x2-packed), T5 tokens and
@@ -26,8 +27,9 @@ from jax.sharding import PartitionSpec as P
 
 from ipadapter_jax.io.errors import BadArgument, Incompatible
 from ipadapter_jax.io.hub import resolve
-from ipadapter_jax.ip_adapter.flux import FluxIPAdapter, load_flux_ip_adapter, new_flux_ip_adapter, \
-    save_flux_ip_adapter
+from ipadapter_jax.ip_adapter.flux import INSTANTX, XLABS, FluxIPAdapter, load_flux_ip_adapter, \
+    new_flux_ip_adapter, save_flux_ip_adapter
+from ipadapter_jax.models.siglip import SiglipVisionModel
 from ipadapter_jax.pipeline.flux import FluxPipeline, latent_image_ids, pack_latents
 from ipadapter_jax.training import data as data_lib
 from ipadapter_jax.training import runner
@@ -73,17 +75,23 @@ def build_pipeline(cfg) -> tuple[FluxPipeline, FluxIPAdapter]:
                           "required")
     dtype = jnp.bfloat16 if cfg.step.compute_dtype == "bfloat16" else jnp.float32
     source = resolve(m.pretrained, kind="any", what="FLUX model folder or file", flag="model.pretrained")
-    encoder = resolve(m.image_encoder, kind="folder", what="CLIP image encoder folder", flag="model.image_encoder")
+    encoder = resolve(m.image_encoder, kind="folder", what="image encoder folder", flag="model.image_encoder")
     if source.is_file():
         pipe = FluxPipeline.from_single_file(source, model_config=m.model_config, image_encoder=encoder,
                                              dtype=dtype)
     else:
         pipe = FluxPipeline.from_pretrained(source, image_encoder=encoder, dtype=dtype)
+    layout = m.get("layout", XLABS)
+    siglip = isinstance(pipe.image_encoder, SiglipVisionModel)
+    if (layout == INSTANTX) != siglip:
+        raise Incompatible(f"model.layout={layout!r} takes {'a SigLIP' if layout == INSTANTX else 'a CLIP'} image "
+                           f"encoder, but model.image_encoder is {'SigLIP' if siglip else 'CLIP'}")
     if m.adapter_init:
         adapter = load_flux_ip_adapter(m.adapter_init, pipe.transformer)
     else:
-        adapter = new_flux_ip_adapter(pipe.transformer, pipe.image_encoder.config.projection_dim,
-                                      int(m.num_tokens), rngs=nnx.Rngs(cfg.seed))
+        width = pipe.image_encoder.config.hidden_size if siglip else pipe.image_encoder.config.projection_dim
+        adapter = new_flux_ip_adapter(pipe.transformer, width, int(m.num_tokens), rngs=nnx.Rngs(cfg.seed),
+                                      layout=layout)
     return pipe, adapter
 
 
@@ -101,7 +109,9 @@ def train(cfg, evaluation=None) -> dict:
         raise Incompatible(f"data.resolution={res} must be a multiple of {2 * pipe.vae_scale} for FLUX")
     t5_len = int(cfg.flow.max_sequence_length)
     pipe.tokenizer_2.model_max_length = t5_len     # the data source pads T5 ids to it
-    source = build_source(cfg, pipe.tokenizer, pipe.image_encoder.config.image_size, pipe.tokenizer_2)
+    siglip = isinstance(pipe.image_encoder, SiglipVisionModel)
+    source = build_source(cfg, pipe.tokenizer, pipe.image_encoder.config.image_size, pipe.tokenizer_2,
+                          pixels="siglip" if siglip else "clip")
     mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     if cfg.data.batch_size % mesh.size or cfg.data.batch_size % jax.process_count():
         raise Incompatible(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh size "
@@ -138,7 +148,9 @@ def train(cfg, evaluation=None) -> dict:
         x0 = pack_latents((latents - shift_factor) * m.vae.scaling_factor)
         texts = {"context": m.t5(batch["input_ids_2"]), "pooled": m.clip(batch["input_ids"]).pooler_output,
                  "empty_context": m.t5(batch["empty_t5"]), "empty_pooled": m.clip(batch["empty_clip"]).pooler_output}
-        encoded = {"latents": x0, "image_embeds": m.image_encoder(batch["clip_pixels"]).image_embeds,
+        image_out = m.image_encoder(batch["clip_pixels"])
+        embeds = image_out.pooler_output if siglip else image_out.image_embeds
+        encoded = {"latents": x0, "image_embeds": embeds,
                    **jax.tree.map(jax.lax.stop_gradient, texts)}
         draws = draw(k_step, x0.shape[0], x0.shape, flow)
 

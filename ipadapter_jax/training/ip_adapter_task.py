@@ -190,7 +190,8 @@ def build_models(cfg) -> tuple[Components, CLIPVisionModelWithProjection]:
     return components, image_encoder
 
 
-def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None, *, id_embeds: bool = False):
+def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None, *, id_embeds: bool = False,
+                 pixels: str = "clip"):
     """The data source ``cfg.data`` names (with ``tokenizer_2``, a family with
     two text encoders, records carry ``input_ids_2`` too; ``clip_size`` 0: no
     ``clip_pixels``; ``id_embeds``: records carry their face ID embedding).
@@ -203,7 +204,8 @@ def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None, *, id_e
     if (condition == "face" or id_embeds) and d.kind == "tfds":
         raise Unsupported("face crops (data.condition='face') and ID embeddings (FaceID) are read from json "
                           "(face_image_file, id_embed_file) or webdataset (KEY.face.jpg, KEY.npy) data, not tfds")
-    options = dict(clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition, id_embeds=id_embeds)
+    options = dict(clip_size=clip_size, tokenizer_2=tokenizer_2, condition=condition, id_embeds=id_embeds,
+                   pixels=pixels)
     try:
         if d.kind == "json":
             return data_lib.JsonImageTextSource(d.json_file, d.image_root, tokenizer, d.resolution, **options)
@@ -213,7 +215,7 @@ def build_source(cfg, tokenizer, clip_size: int = 224, tokenizer_2=None, *, id_e
         if d.kind == "tfds":
             return data_lib.TFDSImageTextSource(d.tfds_name, d.tfds_dir, tokenizer, d.resolution, split=d.split,
                                                 image_key=d.image_key, text_key=d.text_key, clip_size=clip_size,
-                                                tokenizer_2=tokenizer_2)
+                                                tokenizer_2=tokenizer_2, pixels=pixels)
         return data_lib.CachedSource(d.cache_dir)
     except UserError:
         raise
