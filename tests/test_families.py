@@ -168,3 +168,20 @@ def test_the_name_check_can_fail(tmp_path):
     bad.write_text('"""sdxl in a docstring is fine."""\n# so is SDXL in a comment\n'
                    'def f(family):\n    return family.name == "sdxl" or is_sdxl(family)\n')
     assert [name for _, name in family_names_in_code(bad)] == ['"sdxl"', "is_sdxl"]
+
+
+def test_adapter_files_are_told_apart_by_their_keys():
+    """SD (h94) adapters, FaceID ones included (their projection has a norm, like InstantX's), against
+    FLUX ones (XLabs' names, diffusers' naming of them with biases, InstantX's image keys from block 0)."""
+    faceid = ["image_proj.proj.0.weight", "image_proj.proj.2.weight", "image_proj.norm.weight",
+              "ip_adapter.0.to_q_lora.down.weight", "ip_adapter.1.to_k_ip.weight", "ip_adapter.1.to_v_ip.weight"]
+    instantx = ["image_proj.proj.0.weight", "image_proj.proj.2.weight", "image_proj.norm.weight",
+                "ip_adapter.0.to_k_ip.weight", "ip_adapter.0.to_v_ip.weight"]
+    cases = {"unet": [["image_proj.proj.weight", "ip_adapter.1.to_k_ip.weight"], faceid],
+             "transformer": [["ip_adapter_proj_model.proj.weight", "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight"],
+                             ["image_proj.proj.weight", "ip_adapter.0.to_k_ip.weight", "ip_adapter.0.to_k_ip.bias"],
+                             instantx]}
+    for expected, key_sets in cases.items():
+        for keys in key_sets:
+            assert families.adapter_denoiser(keys) == expected, keys
+    assert families.adapter_denoiser(["unet.conv_in.weight"]) is None

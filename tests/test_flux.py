@@ -302,7 +302,7 @@ def test_sample_command_runs_flux(root, dev, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["sd-adapter-on-flux", "flux-adapter-on-sd", "sd-flag-on-flux",
-                                  "flux-flag-on-sd", "size-not-16"])
+                                  "flux-flag-on-sd", "size-not-16", "negative-without-true-cfg"])
 def test_sample_command_refuses_the_other_family(root, tmp_path, capsys, case):
     from safetensors.numpy import save_file
 
@@ -324,6 +324,8 @@ def test_sample_command_refuses_the_other_family(root, tmp_path, capsys, case):
         "flux-flag-on-sd": (["--ip-adapter", sd_adapter, "--true-cfg", 2], ("--true-cfg", "FLUX models only")),
         "size-not-16": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors", "--height", 40],
                         ("--height", "multiple of 16")),
+        "negative-without-true-cfg": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors",
+                                              "--negative-prompt", "blurry"], ("--negative-prompt", "--true-cfg")),
     }[case]
     if case.endswith("on-sd"):
         args = base + args
@@ -345,7 +347,8 @@ for fsdp in (8, 4):
     pipe = FluxPipeline.from_pretrained(root + "/flux-dev", image_encoder=root + "/image_encoder", fsdp=fsdp)
     pipe.load_ip_adapter(root + "/ip_adapter_v1.safetensors")
     r = pipe(["a cat", "a dog"], ip_adapter_prompts=[ImagePromptSpec(images=[root + "/ref.png"])],
-             num_inference_steps=2, height=32, width=32, max_sequence_length=16, seed=5)
+             num_inference_steps=2, height=32, width=32, max_sequence_length=16, seed=5,
+             progress=fsdp == 4)     # step by step (the command line's progress bar) on a sharded mesh too
     kernel = pipe.transformer.context_embedder.kernel[...]     # 4096 x 32: big enough to split
     assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.size * fsdp == kernel.size
     results[f"fsdp{fsdp}"] = r.latents
@@ -502,7 +505,7 @@ def test_parity_toolkit_on_a_flux_folder(root, tmp_path, capsys):
                       "--image-encoder", str(root / "image_encoder"), "--image", str(root / "ref.png"),
                       "--prompt", "a red cat", "--steps", "2", "--height", str(ff.HEIGHT), "--width", str(ff.WIDTH),
                       "--max-sequence-length", str(ff.MAX_SEQ), "--scale", "0.8", "--json", str(out),
-                      "--no-progress"])
+                      "--dtype", "bfloat16", "--no-progress"])
     printed = capsys.readouterr()
     assert rc == 0, printed.out + printed.err[-3000:]
     report = json.loads(out.read_text())
@@ -510,3 +513,26 @@ def test_parity_toolkit_on_a_flux_folder(root, tmp_path, capsys):
     for name in ("text_encoder_2 (T5)", "image_proj", "transformer_blocks.1", "single_transformer_blocks.1",
                  "vae (decode)", '"step": 2', '"image": {"rel"'):
         assert name in text, name
+    assert report["dtype"] == "bfloat16" and report["float32"]["dtype"] == "float32"   # each against its bounds
+
+
+def test_masks_weight_each_reference_over_the_image_tokens(root, dev):
+    """XLabs adapter masks over the packed image tokens: an all-ones mask is the unmasked prompt, an
+    all-zero mask is no image prompt (scale 0); a half mask lies between."""
+    from ipadapter_jax.pipeline import ImagePromptSpec
+
+    dev.detach_ip_adapters()
+    dev.load_ip_adapter(root / "ip_adapter_v1.safetensors")
+    call = dict(num_inference_steps=2, height=ff.HEIGHT, width=ff.WIDTH, max_sequence_length=ff.MAX_SEQ, seed=4)
+    ref = root / "ref.png"
+
+    def run(**spec):
+        return dev("a cat", ip_adapter_prompts=[ImagePromptSpec(images=[ref], **spec)], **call).latents
+    ones, zeros = np.ones((ff.HEIGHT, ff.WIDTH), np.float32), np.zeros((ff.HEIGHT, ff.WIDTH), np.float32)
+    half = zeros.copy()
+    half[:, : ff.WIDTH // 2] = 1
+    plain, off = run(), run(scale=0.0)
+    np.testing.assert_allclose(run(masks=[ones]), plain, atol=1e-5)
+    np.testing.assert_allclose(run(masks=[zeros]), off, atol=1e-5)
+    halfway = run(masks=[half])
+    assert not np.allclose(halfway, plain, atol=1e-4) and not np.allclose(halfway, off, atol=1e-4)

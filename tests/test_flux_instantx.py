@@ -2,9 +2,10 @@
 transformers, and the adapter on a tiny random FLUX transformer against a
 PyTorch reference written here from InstantX's published attention processor
 (``IPAFluxAttnProcessor2_0``: in every block, the queries after their QK norm
-and before RoPE attend RMS-normed image keys and values; the output, times the
-scale, joins the attention output before its projection; in single-stream
-blocks every token's). diffusers does not run this adapter."""
+and before RoPE attend RMS-normed image keys (``norm_added_k``; its value norm
+is commented out there) and the projected values; the output, times the scale,
+joins the attention output before its projection; in single-stream blocks
+every token's). diffusers does not run this adapter."""
 
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def test_siglip_matches_transformers(root):
 
 class InstantXProcessor:
     """The reference: FLUX attention with InstantX's image branch (scale x Attn(q before RoPE,
-    rms(to_k_ip(tokens)), rms(to_v_ip(tokens))) added before the output projection)."""
+    rms(to_k_ip(tokens)), to_v_ip(tokens)) added before the output projection)."""
 
     def __init__(self, to_k, to_v, tokens, scale):
         self.to_k, self.to_v, self.tokens, self.scale = to_k, to_v, tokens, scale
@@ -93,7 +94,7 @@ class InstantXProcessor:
         h = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         h = h.transpose(1, 2).flatten(2)
         ip_k = self.rms(self.to_k(self.tokens).view(b, -1, attn.heads, attn.head_dim)).transpose(1, 2)
-        ip_v = self.rms(self.to_v(self.tokens).view(b, -1, attn.heads, attn.head_dim)).transpose(1, 2)
+        ip_v = self.to_v(self.tokens).view(b, -1, attn.heads, attn.head_dim).transpose(1, 2)
         ip = F.scaled_dot_product_attention(ip_q.transpose(1, 2), ip_k, ip_v).transpose(1, 2).flatten(2)
         if encoder_hidden_states is None:
             return h + self.scale * ip

@@ -115,7 +115,6 @@ def parse_args(argv=None, prog: str = PROG):
     p = build_parser(prog)
     args = p.parse_args(argv)
     args.prog = prog
-    args.argv = [str(a) for a in argv] if argv is not None else sys.argv[1:]
     # The sample command's checks read these; parity has no such flags.
     for name, value in dict(ema=None, prediction_type=None, lora_lenient=False, guess_mode=False, control_start=0.0,
                             control_end=1.0, control_preprocess="none", mask=[], s_scale=1.0, lora_scale=1.0,
@@ -154,6 +153,7 @@ def _check(args) -> None:
             if getattr(args, name) is None:
                 setattr(args, name, value)
     args.prompt = "" if args.prompt is None else args.prompt
+    args.guidance_given = args.guidance is not None     # FLUX's default embedded guidance differs
     args.guidance = 7.5 if args.guidance is None else args.guidance
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.groups = [g.strip() for g in args.components.split(",") if g.strip()]
@@ -212,6 +212,8 @@ def _check_flux(args) -> None:
              if value]
     if args.scheduler != "ddim":
         given.append("--scheduler")
+    if args.components != ",".join(GROUPS) or args.depth != 1:
+        given.append("--components / --depth")
     if given or Path(args.model).is_file():
         raise BadArgument(f"{', '.join(given) or '--model FILE'}: not compared for FLUX yet (a diffusers FLUX folder, "
                           "one XLabs IP-Adapter, its image encoder and images)")
@@ -219,12 +221,23 @@ def _check_flux(args) -> None:
         raise BadArgument("FLUX: give one --ip-adapter (the toolkit compares one XLabs adapter)")
     if args.ip_adapter and (not args.image or not args.image_encoder):
         raise BadArgument("FLUX: --ip-adapter needs --image and --image-encoder (CLIP ViT-L/14)")
+    if args.image and not args.ip_adapter:
+        raise BadArgument("FLUX: --image is an IP-Adapter's reference: give the --ip-adapter")
+    if len(args.scale) > 1:
+        raise BadArgument("FLUX: give one --scale (the toolkit compares one adapter)")
+    from ipadapter_jax.io.files import is_safetensors, read_safetensors_header
+
+    for path in args.ip_adapter:
+        keys = read_safetensors_header(path)[0] if is_safetensors(path) else {}
+        if not any(k.startswith(("ip_adapter_proj_model.", "double_blocks.")) for k in keys):
+            raise BadArgument(f"--ip-adapter {path}: the FLUX toolkit compares XLabs adapters (.safetensors with "
+                              "ip_adapter_proj_model.* / double_blocks.* keys), which diffusers runs")
     if not 1 <= args.max_sequence_length <= 512:
         raise BadArgument(f"--max-sequence-length must be in [1, 512], got {args.max_sequence_length}")
     for flag, value in (("--height", args.height), ("--width", args.width)):
         if value is not None and value % 16:
             raise BadArgument(f"{flag} must be a multiple of 16 for FLUX, got {value}")
-    if args.guidance == 7.5 and "--guidance" not in (args.argv or []):
+    if not args.guidance_given:
         args.guidance = 3.5
     check_files(list(args.image))
     for flag, path in (("--json", args.json), ("--plot", args.plot)):

@@ -259,6 +259,13 @@ def _family_defaults(args) -> None:
                   "or VAE: give --model-config FOLDER, a diffusers FLUX folder (its transformer weights are not "
                   "read), and optionally --vae")
     if flux:
+        true_cfg = args.true_cfg is not None and args.true_cfg > 1
+        if true_cfg and args.negative_prompt is None:
+            raise_bad("--true-cfg needs a --negative-prompt (FLUX's real classifier-free guidance runs against it)")
+        if not true_cfg and (args.negative_prompt is not None or args.negative_image):
+            given = "--negative-prompt" if args.negative_prompt is not None else "--negative-image"
+            raise_bad(f"{given} applies to FLUX with --true-cfg S > 1 (real classifier-free guidance); the embedded "
+                      "guidance (--guidance) takes no negative")
         distilled = _flux_guidance_embeds(args.model)
         defaults = dict(steps=28 if distilled else 4, guidance=3.5 if distilled else 0.0, strength=0.6,
                         true_cfg=1.0, max_sequence_length=512, fsdp=1)
@@ -445,7 +452,7 @@ def _load_model(args, dtype):
 
     options = dict(config_dir=args.model_config, vae=args.vae, ema=bool(args.ema),
                    prediction_type=args.prediction_type) if args.single_file else {}
-    if args.fsdp is not None:      # FLUX only (_family_defaults)
+    if getattr(args, "fsdp", None) is not None:      # FLUX only (_family_defaults); the parity CLI has none
         options["fsdp"] = args.fsdp
     pipe = load_pipeline(args.model, image_encoder=args.image_encoder, dtype=dtype, **options)
     refuse_family_flags(pipe.family, args)   # a .ckpt: its family is known only now

@@ -247,7 +247,9 @@ def adapter_denoiser(keys) -> str | None:
     keys = list(keys)
     if any(k.startswith(("ip_adapter_proj_model.", "double_blocks.")) for k in keys):
         return "transformer"
-    if "image_proj.proj.0.weight" in keys and "image_proj.norm.weight" in keys:   # InstantX's FLUX adapter
+    # InstantX's FLUX adapter: an MLP projection with a norm (h94's FaceID ones too) and image keys in
+    # processor 0 (h94's sit at odd indices).
+    if {"image_proj.proj.0.weight", "image_proj.norm.weight", "ip_adapter.0.to_k_ip.weight"} <= set(keys):
         return "transformer"
     if any(k.startswith("image_proj.") for k in keys) and any(k.startswith("ip_adapter.") for k in keys):
         biased = any(k.startswith("ip_adapter.") and k.endswith("to_k_ip.bias") for k in keys)

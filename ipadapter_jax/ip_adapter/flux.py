@@ -38,7 +38,8 @@ from ipadapter_jax.models.conditioning import ImagePrompt
 
 XLABS = "xlabs"
 INSTANTX = "instantx"
-# InstantX's image keys and values: RMS-normed per head, no affine weight (its processor's norm_added_k / _v).
+# InstantX's image keys: RMS-normed per head, no affine weight (its processor's norm_added_k; its
+# norm_added_v is commented out there, and the values stay as projected).
 INSTANTX_NORM_EPS = 1e-5
 
 _XLABS_PROJ = "ip_adapter_proj_model."
@@ -84,7 +85,7 @@ class FluxIPAdapter(nnx.Module):
         self.layers = nnx.List(ip_layers)
         self.heads, self.head_dim, self.layout = heads, head_dim, layout
         # XLabs: the double-stream blocks only, its output after each block's feed-forward. InstantX: every
-        # block (double-stream first), into the attention output, with RMS-normed image keys and values.
+        # block (double-stream first), into the attention output, with RMS-normed image keys.
         self.num_double = len(ip_layers) if num_double is None else num_double
         self.site = "attention" if layout == INSTANTX else "output"
 
@@ -128,7 +129,7 @@ class FluxIPAdapter(nnx.Module):
             tokens = tokens.reshape(b, n * t, c) if i is None else tokens[:, i]
             split = (lambda x: x.reshape(b, -1, self.heads, self.head_dim))
             k, v = split(layer.to_k_ip(tokens)), split(layer.to_v_ip(tokens))
-            return (_rms(k), _rms(v)) if normed else (k, v)
+            return (_rms(k), v) if normed else (k, v)
 
         def attention(k, v):
             out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=self.head_dim ** -0.5)
@@ -142,6 +143,13 @@ class FluxIPAdapter(nnx.Module):
             kv = hoisting.constant(layer, f"kv{i}", lambda tokens, i=i: project(tokens, i), prompt.tokens)
             out = out + attention(*kv) * masks[:, i, :, None]
         return scale * out
+
+
+def is_instantx(keys) -> bool:
+    """InstantX's file: an MLP projection with a ``norm`` and image keys from block 0 on (h94's FaceID
+    projections have the same projection keys, but their image keys sit at odd processor indices)."""
+    keys = set(keys)
+    return {"image_proj.proj.0.weight", "image_proj.norm.weight", "ip_adapter.0.to_k_ip.weight"} <= keys
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -197,7 +205,7 @@ def describe_file(state: dict[str, np.ndarray]) -> str | None:
     keys = list(state)
     if any(k.startswith(_XLABS_PROJ) or _XLABS_KV.match(k) for k in keys):
         return "flux"
-    if "image_proj.proj.0.weight" in state and "image_proj.norm.weight" in state:   # InstantX's MLP projection
+    if is_instantx(state):
         return "flux"
     if any(_DIFFUSERS_KV.match(k) and k.endswith(".bias") for k in keys):
         return "flux"
@@ -223,7 +231,7 @@ def flux_ip_adapter_from_state(state: dict[str, np.ndarray], transformer, source
     """Build an adapter from canonical arrays (XLabs' or InstantX's layout, told
     apart by the projection), checking them against ``transformer``."""
     cfg = transformer.config
-    instantx = "image_proj.proj.0.weight" in state
+    instantx = "image_proj.proj.0.weight" in state and "layers.0.to_k_ip.weight" in state
     try:
         if instantx:
             hidden, embed_dim = state["image_proj.proj.0.weight"].shape

@@ -58,6 +58,15 @@ PIPELINE_CLASSES = ("FluxPipeline", "FluxImg2ImgPipeline")
 FLUX_FOLDER_PATTERNS = (*PIPELINE_FOLDER_PATTERNS, "*/*.model")
 
 
+def _embeds(value, adapter, what: str) -> np.ndarray:
+    """Given embeddings as [N, D] (or [D]), their width checked against the adapter's input."""
+    x = np.asarray(value, np.float32)
+    if x.ndim not in (1, 2) or x.shape[-1] != adapter.input_dim:
+        raise Incompatible(f"{what} have shape {x.shape}; this adapter takes [N, {adapter.input_dim}] (CLIP ViT-L/14 "
+                           "image_embeds for XLabs' adapters, SigLIP so400m pooler_output for InstantX's)")
+    return x.reshape(-1, adapter.input_dim)
+
+
 def _flux_folder(model_dir) -> Path:
     """A diffusers FLUX folder (local path or hub id), refused by name when it is another pipeline's."""
     folder = resolve(model_dir, kind="folder", what="FLUX model folder", allow_patterns=FLUX_FOLDER_PATTERNS)
@@ -319,7 +328,7 @@ class FluxPipeline:
             if spec.face_embeds is not None or spec.weight_type is not None or spec.combine != "concat":
                 raise Unsupported(f"image prompt {k}: face_embeds, weight_type and combine modes are for SD "
                                   "adapters; a FLUX (XLabs) adapter takes images or embeds, scale, masks, start/end")
-            embeds = (np.asarray(spec.embeds, np.float32).reshape(-1, adapter.input_dim) if spec.embeds is not None
+            embeds = (_embeds(spec.embeds, adapter, f"image prompt {k}: embeds") if spec.embeds is not None
                       else self.encode_images(spec.images if spec.images is not None else []))
             if embeds.shape[0] == 0:
                 raise BadArgument(f"image prompt {k}: no reference images or embeds")
@@ -331,7 +340,7 @@ class FluxPipeline:
             tokens = np.repeat(tokens, batch, axis=0)
             if true_cfg:
                 if spec.negative_embeds is not None:
-                    neg = np.asarray(spec.negative_embeds, np.float32).reshape(-1, adapter.input_dim)
+                    neg = _embeds(spec.negative_embeds, adapter, f"image prompt {k}: negative_embeds")
                 else:    # diffusers' default negative image prompt: a black image
                     neg = self.encode_images(spec.negative_images or [np.zeros((height, width, 3), np.uint8)])
                 neg_tokens = np.asarray(adapter.project(neg))[None]
@@ -342,6 +351,9 @@ class FluxPipeline:
                                       f"{tokens.shape[1]} reference images")
                 tokens = np.concatenate([np.repeat(neg_tokens, batch, axis=0), tokens])
             masks = None
+            if spec.masks is not None and adapter.layout == flux_adapter.INSTANTX:
+                raise Unsupported(f"image prompt {k}: masks with InstantX's adapter (its single-stream blocks "
+                                  "give every text token an image prompt too): use an XLabs adapter for masks")
             if spec.masks is not None:
                 if len(spec.masks) != tokens.shape[1]:
                     raise BadArgument(f"image prompt {k}: {len(spec.masks)} masks for {tokens.shape[1]} images")
@@ -451,7 +463,8 @@ class FluxPipeline:
 
             final = args[2]
             for i in tqdm(range(request.start, request.steps), desc="denoising", unit="step", disable=not progress):
-                final = loop(*args[:2], final, *args[3:10], jnp.int32(i), jnp.int32(i + 1))
+                final = loop(*args[:2], jax.device_put(final, args[2].sharding), *args[3:10], jnp.int32(i),
+                             jnp.int32(i + 1))
                 final.block_until_ready()
                 if on_step is not None:
                     on_step(final)

@@ -14,8 +14,7 @@ the next ``both_drop_rate`` does both.
 
 Only the adapter (its projection and every ``to_k_ip`` / ``to_v_ip``) is
 differentiated; the transformer's weights are frozen input (sharded FSDP by
-the task). ``remat``: each transformer block is rematerialised in the
-backward pass (``nnx.remat``), trading compute for activation memory.
+the task).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from ipadapter_jax.io.errors import BadArgument, Incompatible
+from ipadapter_jax.io.errors import BadArgument, Incompatible, Unsupported
 from ipadapter_jax.io.hub import resolve
 from ipadapter_jax.ip_adapter.flux import INSTANTX, XLABS, FluxIPAdapter, load_flux_ip_adapter, \
     new_flux_ip_adapter, save_flux_ip_adapter
@@ -54,6 +54,8 @@ def _flow_config(cfg, scheduler_config: dict) -> FlowStepConfig:
     shift = f.get("shift", "resolution")
     if shift != "resolution" and not (isinstance(shift, (int, float)) and shift > 0):
         raise BadArgument(f"flow.shift must be 'resolution' or a positive number, got {shift!r}")
+    if shift == "resolution" and not scheduler_config.get("use_dynamic_shifting", False):
+        shift = float(scheduler_config.get("shift", 1.0))   # schnell: its schedule's fixed shift (1: none)
     return FlowStepConfig(
         logit_mean=float(f.logit_mean), logit_std=float(f.logit_std),
         shift=None if shift == "resolution" else float(shift),
@@ -100,6 +102,9 @@ def train(cfg, evaluation=None) -> dict:
     latest checkpoint); returns a summary and writes the XLabs-layout file."""
     if evaluation is not None and cfg.train.get("eval_every", 0):
         log.warning("live evaluation of FLUX adapters is not wired yet: train.eval_every is ignored")
+    if cfg.data.kind == "cached" or cfg.data.get("cache_dir"):
+        raise Unsupported("a feature cache (data.kind='cached' / data.cache_dir) is not supported for FLUX adapters "
+                          "yet: train from the images (json, webdataset or tfds data)")
     workdir = Path(cfg.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     pipe, adapter = build_pipeline(cfg)
