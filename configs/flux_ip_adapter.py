@@ -72,6 +72,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.save_every = 2000
     c.train.keep = 3
     c.train.export = ""                  # default: <workdir>/ip_adapter.safetensors
+    c.train.remat = True                 # gradient checkpointing per transformer block (memory for compute)
     c.train.tensorboard = True
     c.train.eval_every = 0
 

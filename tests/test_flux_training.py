@@ -177,3 +177,44 @@ def test_train_py_trains_and_exports_an_adapter_diffusers_loads(root, tmp_path):
 
     adapter = load_flux_ip_adapter(export, FluxTransformer2DModel.from_pretrained(root / "flux-dev" / "transformer"))
     assert adapter.num_tokens == 4
+
+
+def test_remat_per_block_gives_the_same_gradients(root):
+    """Gradient checkpointing per transformer block (``remat=True``): the same loss and adapter
+    gradients as keeping every activation."""
+    import jax
+    from flax import nnx
+
+    from ipadapter_jax.ip_adapter.flux import new_flux_ip_adapter
+    from ipadapter_jax.models.flux import FluxTransformer2DModel
+    from ipadapter_jax.pipeline.flux import latent_image_ids
+    from ipadapter_jax.training.flux_step import ADAPTER, FlowStepConfig, FluxTrainModels, draw, flow_loss
+
+    rng = np.random.default_rng(5)
+    batch = {"latents": rng.standard_normal((2, 16, 16)).astype(np.float32),
+             "context": rng.standard_normal((2, 4, ff.TOKEN_DIM)).astype(np.float32),
+             "pooled": rng.standard_normal((2, 32)).astype(np.float32),
+             "empty_context": np.zeros((1, 4, ff.TOKEN_DIM), np.float32),
+             "empty_pooled": np.zeros((1, 32), np.float32),
+             "image_embeds": rng.standard_normal((2, ff.IMAGE_EMBED)).astype(np.float32)}
+    cfg = FlowStepConfig()
+    draws = draw(jax.random.key(1), 2, batch["latents"].shape, cfg)
+    results = []
+    for remat in (False, True):
+        transformer = FluxTransformer2DModel.from_pretrained(root / "flux-dev" / "transformer", remat=remat)
+        adapter = new_flux_ip_adapter(transformer, ff.IMAGE_EMBED, rngs=nnx.Rngs(7))
+        rope = transformer.rope(np.zeros((4, 3), np.float32), latent_image_ids(8, 8))
+        graphdef, trainable, frozen = nnx.split(FluxTrainModels(transformer, adapter), ADAPTER, ...)
+        loss, grads = jax.jit(jax.value_and_grad(
+            lambda p: flow_loss(nnx.merge(graphdef, p, frozen), batch, draws, rope, cfg)))(trainable)
+        results.append((float(loss), jax.tree.leaves(grads)))
+    (loss0, g0), (loss1, g1) = results
+    assert abs(loss0 - loss1) <= 1e-6 * abs(loss0)
+    flat0, flat1 = (np.concatenate([np.ravel(np.asarray(g)) for g in gs]) for gs in (g0, g1))
+    assert rel_err(flat1, flat0) <= 1e-6
+    biggest = max(np.linalg.norm(np.asarray(a)) for a in g0)
+    for a, b in zip(g0, g1):
+        # The image keys' biases have a zero gradient by math (softmax ignores a shift shared by all
+        # logits): rounding noise there has no relative size to compare.
+        if np.linalg.norm(np.asarray(a)) > 1e-4 * biggest:
+            assert rel_err(np.asarray(b), np.asarray(a)) <= 1e-6

@@ -319,11 +319,14 @@ class FluxTransformer2DModel(PretrainedMixin, nnx.Module):
     weights_name = "diffusion_pytorch_model"
 
     def __init__(self, config: FluxConfig | dict, *, dtype=jnp.float32, attention_backend: str = "auto",
-                 rngs: nnx.Rngs):
+                 remat: bool = False, rngs: nnx.Rngs):
         cfg = config if isinstance(config, FluxConfig) else FluxConfig.from_dict(config)
         self.config = cfg
         self.config_json = json.dumps(dataclasses.asdict(cfg))
         self.dtype = dtype
+        # Gradient checkpointing per block: a backward pass recomputes each block's activations
+        # instead of keeping them (training a FLUX adapter at 1024 px).
+        self.remat = remat
         dim, heads, head_dim = cfg.inner_dim, cfg.num_attention_heads, cfg.attention_head_dim
         kw = dict(dtype=dtype, backend=attention_backend, rngs=rngs)
         self.time_text_embed = TimeTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds,
@@ -340,6 +343,9 @@ class FluxTransformer2DModel(PretrainedMixin, nnx.Module):
     @classmethod
     def parse_config(cls, config: dict) -> FluxConfig:
         return FluxConfig.from_dict(config)
+
+    def _call(self, block, terms: dict, *args):
+        return _remat_call(block, terms, *args) if self.remat else block(*args, **terms)
 
     def rope(self, txt_ids: np.ndarray, img_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The rotary tables of [text; image] positions (host-side, numpy)."""
@@ -360,15 +366,24 @@ class FluxTransformer2DModel(PretrainedMixin, nnx.Module):
         context = self.context_embedder(context.astype(dtype))
         rope = tuple(jnp.asarray(r, jnp.float32) for r in rope)
         for index, block in enumerate(self.transformer_blocks):
-            context, x = block(x, context, temb, rope, ip_out=_ip_terms(ip, "double", index, "output"),
-                               ip_attn=_ip_terms(ip, "double", index, "attention"))
+            terms = dict(ip_out=_ip_terms(ip, "double", index, "output"),
+                         ip_attn=_ip_terms(ip, "double", index, "attention"))
+            context, x = self._call(block, terms, x, context, temb, rope)
         text = context.shape[1]
         h = jnp.concatenate([context, x], axis=1)
         for index, block in enumerate(self.single_transformer_blocks):
-            h = block(h, temb, rope, ip_attn=_ip_terms(ip, "single", index, "attention"))
+            h = self._call(block, dict(ip_attn=_ip_terms(ip, "single", index, "attention")), h, temb, rope)
         x = h[:, text:]
         scale, shift = self.norm_out.modulation(temb)
         return self.proj_out(modulate(self.norm_out.norm(x), shift, scale)).astype(jnp.float32)
+
+
+def _remat_call(block, terms: dict, *args):
+    """``block(*args, **terms)`` under ``jax.checkpoint``: the block's weights and inputs
+    are the rematerialised function's arguments (the image-prompt terms close over
+    their adapters' arrays, which JAX differentiates through the closure)."""
+    graphdef, state = nnx.split(block)
+    return jax.checkpoint(lambda st, *a: nnx.merge(graphdef, st)(*a, **terms))(state, *args)
 
 
 def _ip_terms(ip: tuple, kind: str, index: int, site: str):

@@ -88,6 +88,8 @@ def build_pipeline(cfg) -> tuple[FluxPipeline, FluxIPAdapter]:
     if (layout == INSTANTX) != siglip:
         raise Incompatible(f"model.layout={layout!r} takes {'a SigLIP' if layout == INSTANTX else 'a CLIP'} image "
                            f"encoder, but model.image_encoder is {'SigLIP' if siglip else 'CLIP'}")
+    # Gradient checkpointing per block (train.remat): the backward pass recomputes each block's activations.
+    pipe.transformer.remat = bool(cfg.train.get("remat", False))
     if m.adapter_init:
         adapter = load_flux_ip_adapter(m.adapter_init, pipe.transformer)
     else:
