@@ -251,9 +251,7 @@ def _check_flux_run(args) -> int:
     import torch
     from diffusers import FluxPipeline as TorchFlux
 
-    from ipadapter_jax.parity import report
     from ipadapter_jax.parity.flux import FluxRequest, compare_flux
-    from ipadapter_jax.parity.run import over_bounds
     from ipadapter_jax.pipeline.flux import FluxPipeline
 
     def load_reference():
@@ -278,17 +276,8 @@ def _check_flux_run(args) -> int:
     dtypes = ("float32", "bfloat16") if args.dtype == "bfloat16" else ("float32",)
     results = compare_flux(load_reference, load_ours, req, dtypes, height=args.height or size,
                            width=args.width or size)
-    print(report.markdown(results, args.bound))
-    if args.json:
-        run_info = {"model": args.model, "family": "flux", "prompt": args.prompt, "steps": args.steps,
-                    "seed": args.seed, "peak_rss_gb": _peak_rss_gb()}
-        Path(args.json).write_text(json.dumps(report.to_json(results, bound=args.bound, run=run_info), indent=1))
-    if args.plot:
-        report.plot(results, args.plot, args.bound)
-    bad = over_bounds(results, args.bound)
-    print(f"peak memory {_peak_rss_gb():.2f} GB | " + (f"past the bound: {', '.join(bad)}" if bad
-                                                        else "every figure within its bound"), file=sys.stderr)
-    return 1 if bad else 0
+    return _report(args, results, {"model": args.model, "family": "flux", "prompt": args.prompt,
+                                   "steps": args.steps, "seed": args.seed})
 
 
 def _check_inputs(args) -> None:
@@ -388,8 +377,7 @@ def check(argv, prog: str = PROG) -> int:
 
 
 def _check_run(args) -> int:
-    from ipadapter_jax.parity import report
-    from ipadapter_jax.parity.run import Request, compare, over_bounds
+    from ipadapter_jax.parity.run import Request, compare
 
     if args.family is not None and args.family.denoiser == "transformer":
         return _check_flux_run(args)
@@ -413,11 +401,19 @@ def _check_run(args) -> int:
     if not any(r.components or r.trajectory for r in results):
         raise BadArgument(f"nothing was compared ({'; '.join(results[0].notes) or 'no component applies'}): "
                           "check --components and the models given")
+    return _report(args, results, {"model": args.model, "reference": args.reference or args.model,
+                                   "family": family.name, "prompt": args.prompt, "steps": args.steps,
+                                   "scheduler": args.scheduler, "seed": args.seed, "depth": args.depth})
+
+
+def _report(args, results, run_info: dict) -> int:
+    """Print the table, write --json / --plot; exit status 1 when a figure is past its bound."""
+    from ipadapter_jax.parity import report
+    from ipadapter_jax.parity.run import over_bounds
+
     print(report.markdown(results, args.bound))
     if args.json:
-        run_info = {"model": args.model, "reference": args.reference or args.model, "family": family.name,
-                    "prompt": args.prompt, "steps": args.steps, "scheduler": args.scheduler, "seed": args.seed,
-                    "depth": args.depth, "peak_rss_gb": _peak_rss_gb()}
+        run_info = {**run_info, "peak_rss_gb": _peak_rss_gb()}
         Path(args.json).write_text(json.dumps(report.to_json(results, bound=args.bound, run=run_info), indent=1))
     if args.plot:
         report.plot(results, args.plot, args.bound)
