@@ -276,7 +276,7 @@ def _check_flux_run(args) -> int:
     dtypes = ("float32", "bfloat16") if args.dtype == "bfloat16" else ("float32",)
     results = compare_flux(load_reference, load_ours, req, dtypes, height=args.height or size,
                            width=args.width or size)
-    return _report(args, results, {"model": args.model, "family": "flux", "prompt": args.prompt,
+    return _report(args, results, {"model": args.model, "family": args.family.name, "prompt": args.prompt,
                                    "steps": args.steps, "seed": args.seed})
 
 

@@ -118,39 +118,19 @@ class BFLTransformerWeights(Mapping):
             raise BadFile(f"{self.path} is not a FLUX transformer file (no {self._prefix}img_in.weight)")
         self.inner = self.shapes["img_in.weight"][0]
         self.guidance = "guidance_in.in_layer.weight" in self.shapes
-        for bfl, ours in _PLAIN:
+        rows = self.shapes.get("single_blocks.0.linear1.weight", (7 * self.inner,))[0]
+        for bfl, targets in module_map(self.num_layers, self.num_single_layers, self.inner, rows).items():
             if bfl.startswith("guidance_in") and not self.guidance:
                 continue
-            for leaf in ("weight", "bias"):
-                self._add(f"{ours}.{leaf}", f"{bfl}.{leaf}")
-        for leaf in ("weight", "bias"):
-            self._add(f"norm_out.linear.{leaf}", f"final_layer.adaLN_modulation.1.{leaf}", swap=True)
-        d = self.inner
-        for i in range(self.num_layers):
-            src, dst = f"double_blocks.{i}.", f"transformer_blocks.{i}."
-            for bfl, ours in _DOUBLE:
+            for ours, part, swap in targets:
                 for leaf in ("weight", "bias"):
-                    self._add(f"{dst}{ours}.{leaf}", f"{src}{bfl}.{leaf}")
-            for bfl, ours in _DOUBLE_NORMS:
-                self._add(dst + ours, src + bfl)
-            for stream, names in (("img", ("to_q", "to_k", "to_v")), ("txt", ("add_q_proj", "add_k_proj",
-                                                                              "add_v_proj"))):
-                for j, name in enumerate(names):
-                    for leaf in ("weight", "bias"):
-                        self._add(f"{dst}attn.{name}.{leaf}", f"{src}{stream}_attn.qkv.{leaf}", (j * d, (j + 1) * d))
-        for i in range(self.num_single_layers):
-            src, dst = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
-            for bfl, ours in _SINGLE:
-                for leaf in ("weight", "bias"):
-                    self._add(f"{dst}{ours}.{leaf}", f"{src}{bfl}.{leaf}")
-            for bfl, ours in _SINGLE_NORMS:
-                self._add(dst + ours, src + bfl)
-            rows = self.shapes[f"{src}linear1.weight"][0]
-            for j, name in enumerate(("attn.to_q", "attn.to_k", "attn.to_v")):
-                for leaf in ("weight", "bias"):
-                    self._add(f"{dst}{name}.{leaf}", f"{src}linear1.{leaf}", (j * d, (j + 1) * d))
-            for leaf in ("weight", "bias"):
-                self._add(f"{dst}proj_mlp.{leaf}", f"{src}linear1.{leaf}", (3 * d, rows))
+                    self._add(f"{ours}.{leaf}", f"{bfl}.{leaf}", part, swap)
+        for count, src, dst, norms in ((self.num_layers, "double_blocks", "transformer_blocks", _DOUBLE_NORMS),
+                                       (self.num_single_layers, "single_blocks", "single_transformer_blocks",
+                                        _SINGLE_NORMS)):
+            for i in range(count):
+                for bfl, ours in norms:
+                    self._add(f"{dst}.{i}.{ours}", f"{src}.{i}.{bfl}")
         used = {source for source, _, _ in self._sources.values()}
         left = sorted(set(self.shapes) - used)
         if left:

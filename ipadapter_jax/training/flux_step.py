@@ -29,6 +29,7 @@ from flax import nnx
 
 from ipadapter_jax.ip_adapter.flux import FluxIPAdapter, flux_image_prompt
 from ipadapter_jax.models.flux import FluxTransformer2DModel
+from ipadapter_jax.schedulers.flow_match import calculate_shift
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ ADAPTER = nnx.All(nnx.Param, lambda path, _: path[0] == "adapter")
 def shift_sigmas(u: jax.Array, cfg: FlowStepConfig, image_seq_len: int) -> jax.Array:
     """The noise levels of uniform-in-(0, 1) draws ``u`` after the configured shift."""
     if cfg.shift is None:
-        m = (cfg.max_shift - cfg.base_shift) / (cfg.max_image_seq_len - cfg.base_image_seq_len)
-        mu = image_seq_len * m + (cfg.base_shift - m * cfg.base_image_seq_len)
+        mu = calculate_shift(image_seq_len, cfg.base_image_seq_len, cfg.max_image_seq_len, cfg.base_shift,
+                             cfg.max_shift)
         return math.exp(mu) / (math.exp(mu) + (1 / u - 1))
     return cfg.shift * u / (1 + (cfg.shift - 1) * u)
 
