@@ -302,7 +302,8 @@ def test_sample_command_runs_flux(root, dev, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["sd-adapter-on-flux", "flux-adapter-on-sd", "sd-flag-on-flux",
-                                  "flux-flag-on-sd", "size-not-16", "negative-without-true-cfg"])
+                                  "flux-flag-on-sd", "size-not-16", "negative-without-true-cfg",
+                                  "sequence-too-long", "fsdp-zero"])
 def test_sample_command_refuses_the_other_family(root, tmp_path, capsys, case):
     from safetensors.numpy import save_file
 
@@ -324,6 +325,10 @@ def test_sample_command_refuses_the_other_family(root, tmp_path, capsys, case):
         "flux-flag-on-sd": (["--ip-adapter", sd_adapter, "--true-cfg", 2], ("--true-cfg", "FLUX models only")),
         "size-not-16": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors", "--height", 40],
                         ("--height", "multiple of 16")),
+        "sequence-too-long": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors",
+                                      "--max-sequence-length", 600], ("--max-sequence-length", "512")),
+        "fsdp-zero": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors", "--fsdp", 0],
+                      ("--fsdp", "at least 1")),
         "negative-without-true-cfg": (flux + ["--ip-adapter", root / "ip_adapter_v1.safetensors",
                                               "--negative-prompt", "blurry"], ("--negative-prompt", "--true-cfg")),
     }[case]

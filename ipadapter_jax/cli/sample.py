@@ -269,6 +269,8 @@ def _family_defaults(args) -> None:
         distilled = _flux_guidance_embeds(args.model)
         defaults = dict(steps=28 if distilled else 4, guidance=3.5 if distilled else 0.0, strength=0.6,
                         true_cfg=1.0, max_sequence_length=512, fsdp=1)
+        if args.max_sequence_length is not None and args.max_sequence_length > 512:
+            raise_bad(f"--max-sequence-length must be from 1 to 512 (T5 tokens), got {args.max_sequence_length}")
         for flag, value in (("--height", args.height), ("--width", args.width)):
             if value is not None and value % 16:
                 raise_bad(f"{flag} must be a multiple of 16 for FLUX (the VAE's 8 x 2x2 latent packing), got {value}")
